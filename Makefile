@@ -1,0 +1,49 @@
+# clipdistill — `make demo` runs the main job, `make test` runs the tests; both install first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := fonts-noto-color-emoji unicode-cldr-core libfribidi0
+# torch/torchvision: the newest pair this workplace's pip accepts; installed first and exactly,
+# so the package's version ranges never pull another (multi-GB) build.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install system-deps test test-slow lint demo clean
+
+install: system-deps $(STAMP)
+
+# Debian packages the emoji dataset needs; installed only when missing and only as root.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null || { echo "apt-get install$$missing failed"; exit 1; }; \
+	  else \
+	    echo "missing Debian packages:$$missing — run: sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q $(TORCH_PINS)
+	@$(BIN)/python -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	@touch $(STAMP)
+	@echo "installed clipdistill into $(VENV)"
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+test: install lint
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+demo: install
+	$(BIN)/clipdistill demo --preset quick --out runs/demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

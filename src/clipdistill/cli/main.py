@@ -1,0 +1,206 @@
+"""``clipdistill`` command line: one typer app, one sub-command per pipeline stage.
+
+Commands only parse flags, build typed configs and call library functions; no library code
+takes an ``args`` namespace. Known user errors (bad data, bad spec, missing packages) print
+one clear line and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="clipdistill",
+    help="Distil a large image-text model into a small dual-encoder student, evaluate it and serve it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Build and convert datasets.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Train the offline teacher.", no_args_is_help=True)
+student_app = typer.Typer(help="Create student models from presets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(student_app, name="student")
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from clipdistill.data.dataset import DatasetError
+    from clipdistill.device import DeviceError
+    from clipdistill.models.spec import ModelSpecError
+    from clipdistill.models.students import StudentConfigError
+    from clipdistill.models.text_minilm import TextModelMissingError
+
+    return (DatasetError, ModelSpecError, StudentConfigError, TextModelMissingError, DeviceError, FileNotFoundError)
+
+
+def reports_user_errors(command: F) -> F:
+    """Turn the user errors we raise on purpose into ``error: ...`` and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except _user_errors() as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            raise typer.Exit(code=2) from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    table = Table(title=title)
+    for key in metrics:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{value:.2f}" for value in metrics.values()))
+    Console().print(table)
+
+
+DataOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data", help="Dataset: a folder with dataset.json, a Karpathy JSON, a CSV/TSV or an image+txt folder."
+    ),
+]
+ImagesOpt = Annotated[
+    Path | None, typer.Option("--images", help="Image root for a Karpathy JSON or CSV (default: its folder).")
+]
+
+
+@data_app.command("build")
+@reports_user_errors
+def data_build(
+    name: Annotated[str, typer.Argument(help="Builtin dataset to build: 'emoji'.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (dataset.json + images/).")],
+    size: Annotated[int, typer.Option("--size", min=16, max=512, help="Image side in pixels.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the concept split and captions.")] = 0,
+) -> None:
+    """Build a builtin dataset (Karpathy JSON + PNGs)."""
+    from clipdistill.data.dataset import DatasetError
+
+    if name != "emoji":
+        raise DatasetError(f"unknown builtin dataset {name!r}; available: emoji")
+    from clipdistill.data.emoji import build_emoji_dataset
+
+    dataset = build_emoji_dataset(out, size=size, seed=seed)
+    counts = dataset.split_counts()
+    console.print(f"emoji dataset: {len(dataset)} images, {dataset.n_texts()} captions, splits {counts} -> {out}")
+
+
+@teacher_app.command("train")
+@reports_user_errors
+def teacher_train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Run folder for the teacher.")] = Path("runs/teacher"),
+    images: ImagesOpt = None,
+    image_model: Annotated[str, typer.Option("--image-model", help="timm name of the image tower.")] = "resnet18d",
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 128,
+    lr: Annotated[float, typer.Option("--lr")] = 2e-3,
+    image_size: Annotated[int, typer.Option("--image-size", min=16)] = 64,
+    text_proj: Annotated[str, typer.Option("--text-proj", help="'none' (keep MiniLM space) or 'linear'.")] = "none",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_seconds: Annotated[
+        float | None, typer.Option("--max-seconds", help="Stop after the epoch that passes this.")
+    ] = None,
+) -> None:
+    """Train the LiT teacher: timm image tower vs frozen all-MiniLM-L6-v2 text tower."""
+    from clipdistill.data.loading import load_dataset
+    from clipdistill.models.lit import LiTConfig
+    from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
+
+    dataset = load_dataset(data, images)
+    config = TeacherTrainConfig(
+        model=LiTConfig(image_model=image_model, image_size=image_size, text_proj=text_proj),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        max_seconds=max_seconds,
+    )
+    summary = train_lit_teacher(dataset, out, config)
+    console.print(f"teacher saved to {out} (best epoch {summary['best_epoch']}, {summary['train_seconds']} s)")
+    _print_metrics("teacher, val split", summary["val"])
+    if "test" in summary:
+        _print_metrics("teacher, test split", summary["test"])
+
+
+@student_app.command("create")
+@reports_user_errors
+def student_create(
+    out: Annotated[Path, typer.Option("--out", help="Output open_clip folder.")],
+    preset: Annotated[str, typer.Option("--preset", help="tiny | small | base")] = "tiny",
+    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+) -> None:
+    """Write a randomly initialised student as an open_clip folder."""
+    from clipdistill.models.students import build_student, save_student, student_config
+
+    student = build_student(student_config(preset, image_size=image_size))
+    save_student(student, out)
+    params = sum(p.numel() for p in student.parameters())
+    console.print(f"student {preset!r} ({params / 1e6:.2f}M params) -> {out}  (load: local-dir:{out})")
+
+
+@app.command("eval")
+@reports_user_errors
+def eval_command(
+    model: Annotated[str, typer.Option("--model", help="Model spec, e.g. run:runs/teacher or local-dir:PATH.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="metrics.json to write.")],
+    images: ImagesOpt = None,
+    split: Annotated[str, typer.Option("--split")] = "test",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    efficiency: Annotated[
+        bool, typer.Option("--efficiency/--no-efficiency", help="Also measure params, FLOPs, latency, memory.")
+    ] = True,
+) -> None:
+    """Recall@K both directions (+ efficiency) of a model on a dataset split."""
+    from clipdistill.eval.evaluate import evaluate_model
+
+    result = evaluate_model(model, data, split=split, images=images, device=device, efficiency=efficiency)
+    from clipdistill.io import atomic_write_json
+
+    atomic_write_json(out, result)
+    metric_keys = [k for k in result if "_R@" in k or k == "rsum"]
+    _print_metrics(
+        f"{model} on {result['dataset']}:{split} ({result['n_images']} images, {result['n_texts']} captions)",
+        {k: result[k] for k in metric_keys},
+    )
+    console.print(f"wrote {out}")
+
+
+@app.command("demo")
+@reports_user_errors
+def demo_command(
+    out: Annotated[Path, typer.Option("--out")] = Path("runs/demo"),
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Karpathy JSON or dataset folder (default: builtin emoji).")
+    ] = None,
+    images: ImagesOpt = None,
+    preset: Annotated[str, typer.Option("--preset", help="quick | full")] = "quick",
+) -> None:
+    """Run the pipeline stages that exist so far, skipping the ones already finished."""
+    from clipdistill.demo import run_demo
+
+    report = run_demo(out, data=data, images=images, preset=preset)
+    console.print(json.dumps(report, indent=2)[:2000])
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="clipdistill")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

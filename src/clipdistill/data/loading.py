@@ -1,0 +1,104 @@
+"""The one entry point that turns a user's ``--data`` argument into a :class:`PairedDataset`.
+
+Every CLI command and library stage loads data through :func:`load_dataset`, so format
+detection, error messages and the missing-file check are the same everywhere, and a missing
+image is reported before a teacher is loaded or a step is trained rather than mid-epoch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from clipdistill.data.csv import read_csv
+from clipdistill.data.dataset import DatasetError, PairedDataset
+from clipdistill.data.folder import IMAGE_SUFFIXES, find_images, read_folder
+from clipdistill.data.karpathy import read_karpathy
+
+__all__ = ["FORMATS", "detect_format", "load_dataset"]
+
+FORMATS = ("auto", "karpathy", "csv", "folder")
+KARPATHY_FILE = "dataset.json"  # the name the Karpathy splits and our emoji builder use
+_TABLE_SUFFIXES = (".csv", ".tsv")
+_READERS: dict[str, Callable[..., PairedDataset]] = {
+    "karpathy": read_karpathy,
+    "csv": read_csv,
+    "folder": read_folder,
+}
+
+
+def detect_format(data: Path) -> str:
+    """Guess the format of an existing path; raise listing what was looked for."""
+    if data.is_dir():
+        if (data / KARPATHY_FILE).is_file():
+            return "karpathy"
+        if find_images(data):
+            return "folder"
+    elif data.suffix.lower() == ".json":
+        return "karpathy"
+    elif data.suffix.lower() in _TABLE_SUFFIXES:
+        return "csv"
+    raise DatasetError(
+        f"cannot tell the dataset format of {data}: looked for a directory containing {KARPATHY_FILE} "
+        f"(Karpathy), a .json file (Karpathy), a .csv/.tsv file (CSV), or a directory of images "
+        f"({', '.join(IMAGE_SUFFIXES)}) with .txt captions (folder); pass fmt= one of "
+        f"{', '.join(FORMATS[1:])} to choose"
+    )
+
+
+def _check_kwargs(fmt: str, reader: Callable[..., PairedDataset], kwargs: dict[str, Any]) -> None:
+    """Name a reader option that does not exist, instead of a bare TypeError from deep inside."""
+    # The first parameter (the path) and image_root come from load_dataset's own arguments.
+    accepted = [p for p in list(inspect.signature(reader).parameters)[1:] if p != "image_root"]
+    for key in kwargs:
+        if key not in accepted:
+            raise DatasetError(
+                f"option {key!r} is not accepted by the {fmt} reader (options: {', '.join(accepted)})"
+            )
+
+
+def _read(fmt: str, data: Path, images: Path | None, kwargs: dict[str, Any]) -> PairedDataset:
+    reader = _READERS[fmt]
+    _check_kwargs(fmt, reader, kwargs)
+    if fmt == "karpathy":
+        json_path = data / KARPATHY_FILE if data.is_dir() else data
+        return read_karpathy(json_path, image_root=images, **kwargs)
+    if fmt == "csv":
+        if data.is_dir():
+            raise DatasetError(f"{data}: is a directory; the csv format needs a .csv or .tsv file")
+        return read_csv(data, image_root=images, **kwargs)
+    if images is not None:
+        raise DatasetError(f"images={images} does not apply to the folder format (images live in {data})")
+    return read_folder(data, **kwargs)
+
+
+def load_dataset(
+    data: str | Path,
+    images: str | Path | None = None,
+    *,
+    fmt: str = "auto",
+    check_files: bool = True,
+    **reader_kwargs: Any,
+) -> PairedDataset:
+    """Load a dataset from a Karpathy JSON, a CSV/TSV, or an image+caption folder.
+
+    ``fmt="auto"`` detects the format: a directory containing ``dataset.json`` or a ``.json``
+    file → Karpathy; ``.csv``/``.tsv`` → CSV; a directory of images → folder. ``images`` is the
+    image root for Karpathy and CSV (default: the file's folder). ``reader_kwargs`` go to the
+    reader (e.g. ``img_key``/``caption_key`` for CSV, ``split`` for a folder, ``name``). With
+    ``check_files`` every image path is checked up front (:class:`MissingImagesError`).
+    """
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    data = Path(data)
+    if not data.exists():
+        raise DatasetError(f"dataset path {data} does not exist")
+    image_root = Path(images) if images is not None else None
+    if check_files and image_root is not None and not image_root.is_dir():
+        raise DatasetError(f"image folder {image_root} does not exist or is not a directory")
+    dataset = _read(detect_format(data) if fmt == "auto" else fmt, data, image_root, reader_kwargs)
+    if check_files:
+        dataset.check_files()
+    return dataset

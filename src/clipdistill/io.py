@@ -1,0 +1,98 @@
+"""Atomic file writes: every artifact goes to a temp file, is fsynced, then renamed.
+
+A crash mid-write must leave the previous version readable, so no writer in clipdistill
+opens its final path for writing directly. ``os.replace`` is atomic on POSIX within one
+filesystem, which is why the temp file is created beside the target, not in /tmp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on success fsync it and rename it over ``target``.
+
+    For writers that insist on a file name (safetensors, torch.save, matplotlib, faiss).
+    On any exception the temp file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(target: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(handle)`` on a temp file beside ``target``, then fsync and rename."""
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+
+
+def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
+    atomic_write(target, lambda handle: handle.write(data))
+
+
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def append_jsonl(target: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it: logs are append-only, so a torn last line is the
+    worst a crash can do, and readers skip it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSON-lines log, skipping a torn final line left by a crash."""
+    records: list[dict[str, Any]] = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON") from None
+    return records

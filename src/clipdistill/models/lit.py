@@ -1,0 +1,170 @@
+"""The offline teacher: LiT-style ("locked text") dual encoder.
+
+No pretrained CLIP weights are reachable here, so the teacher is built from the one
+pretrained model we have: all-MiniLM-L6-v2 as a frozen text tower, and a timm image tower
+trained from scratch to land in MiniLM's sentence space. Because the text space is already
+semantic, the image tower generalises to concepts whose images it never saw, which is what
+makes the unseen-concept test split meaningful.
+
+A saved teacher is a folder with ``clipdistill_model.json`` and ``model.safetensors``
+holding only the trained parameters; the frozen MiniLM weights come from the installed
+package (its checksum is recorded and checked so a different MiniLM is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.models.base import DualEncoder
+from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
+
+MODEL_FILE = "clipdistill_model.json"
+WEIGHTS_FILE = "model.safetensors"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class LiTConfig:
+    """Architecture of the LiT teacher. ``text_proj='none'`` keeps MiniLM's space untouched
+    (best zero-shot transfer); ``'linear'`` adds a trainable map into ``embed_dim``."""
+
+    image_model: str = "resnet18d"
+    image_size: int = 64
+    embed_dim: int = MINILM_DIM
+    text_proj: str = "none"
+    context_length: int = 32
+    init_logit_scale: float = math.log(1 / 0.07)
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.text_proj not in ("none", "linear"):
+            raise ValueError(f"LiTConfig.text_proj must be 'none' or 'linear', got {self.text_proj!r}")
+        if self.text_proj == "none" and self.embed_dim != MINILM_DIM:
+            raise ValueError(f"LiTConfig.embed_dim must be {MINILM_DIM} when text_proj='none', got {self.embed_dim}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> LiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown LiT config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = dict(raw)
+        for key in ("image_mean", "image_std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LiTModel(DualEncoder):
+    """timm image trunk + linear head, frozen MiniLM text tower (+ optional projection)."""
+
+    def __init__(self, config: LiTConfig, spec: str = "") -> None:
+        super().__init__()
+        import timm
+
+        self.config = config
+        self.spec = spec
+        self.image_size = (config.image_size, config.image_size)
+        self.image_mean = config.image_mean
+        self.image_std = config.image_std
+        self.embed_dim = config.embed_dim
+        self.trunk = timm.create_model(config.image_model, pretrained=False, num_classes=0)
+        self.image_proj = nn.Linear(self.trunk.num_features, config.embed_dim)
+        self.text = MiniLMTextEncoder(context_length=config.context_length)
+        self.text.requires_grad_(False)
+        self.text_proj: nn.Module = (
+            nn.Linear(MINILM_DIM, config.embed_dim, bias=False) if config.text_proj == "linear" else nn.Identity()
+        )
+        if isinstance(self.text_proj, nn.Linear):
+            with torch.no_grad():  # start as the identity map so training begins in MiniLM's space
+                self.text_proj.weight.copy_(torch.eye(config.embed_dim, MINILM_DIM))
+        self.log_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+
+    def train(self, mode: bool = True) -> LiTModel:
+        super().train(mode)
+        self.text.eval()  # the locked tower never leaves eval mode (dropout stays off)
+        return self
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.trunk(pixels))
+
+    def minilm_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen MiniLM sentence features (before ``text_proj``); cacheable during training."""
+        with torch.no_grad():
+            return self.text(tokens)
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.minilm_features(tokens))
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.text.tokenize(texts)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale
+
+    def is_image_parameter(self, name: str) -> bool:
+        return name.startswith(("trunk.", "image_proj."))
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen MiniLM weights (they come from the installed package)."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("text.")}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``clipdistill_model.json`` + ``model.safetensors`` atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(self.trained_state(), str(tmp))
+        config = asdict(self.config)
+        meta = {
+            "kind": "lit",
+            "config": config,
+            "text_model": {"name": "all-MiniLM-L6-v2", "sha256": _file_sha256(minilm_path() / "model.safetensors")},
+        }
+        atomic_write_json(directory / MODEL_FILE, meta)
+        return directory
+
+
+def load_lit(directory: str | Path, spec: str = "") -> LiTModel:
+    """Load a saved LiT teacher; refuses a folder whose MiniLM checksum differs from ours."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / MODEL_FILE).read_text(encoding="utf-8"))
+    if meta.get("kind") != "lit":
+        raise ValueError(f"{directory / MODEL_FILE}: field 'kind' is {meta.get('kind')!r}, expected 'lit'")
+    expected = meta.get("text_model", {}).get("sha256")
+    actual = _file_sha256(minilm_path() / "model.safetensors")
+    if expected and expected != actual:
+        raise ValueError(
+            f"{directory}: trained against a different MiniLM (sha256 {expected[:12]}…, installed {actual[:12]}…)"
+        )
+    model = LiTModel(LiTConfig.from_dict(meta["config"]), spec=spec)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("text.")]
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    return model.eval()

@@ -1,0 +1,140 @@
+"""Students: a timm image trunk + a small text transformer, as plain open_clip configs.
+
+Expressing students as open_clip model configs (``vision_cfg.timm_model_name``) means a
+trained student is an ordinary open_clip folder that loads with
+``open_clip.create_model_and_transforms("local-dir:PATH")`` and no clipdistill at all.
+
+Measured fact (DESIGN.md): open_clip 3.3's timm wrapper breaks on trunks whose conv head
+widens the pooled features (mobilenetv3/v4); the presets use trunks that build fine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.models.openclip_model import OpenCLIPDualEncoder
+from clipdistill.models.spec import close_matches
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _config(trunk: str, embed_dim: int, width: int, heads: int, layers: int, image_size: int) -> dict[str, Any]:
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "timm_model_name": trunk,
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": image_size,
+        },
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": width, "heads": heads, "layers": layers},
+    }
+
+
+# Sizes at 64 px (measured with open_clip 3.3): tiny image tower 2.2M, small 3.4M, base 10.8M.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _config("efficientvit_m0", embed_dim=256, width=128, heads=4, layers=3, image_size=64),
+    "small": _config("fastvit_t8", embed_dim=256, width=256, heads=4, layers=4, image_size=64),
+    "base": _config("fastvit_sa12", embed_dim=384, width=384, heads=6, layers=6, image_size=64),
+}
+
+
+class StudentConfigError(ValueError):
+    """An unknown preset or a student config open_clip cannot build."""
+
+
+def student_config(preset: str, *, image_size: int | None = None, **text_overrides: int) -> dict[str, Any]:
+    """A deep copy of a preset's open_clip model config, optionally resized."""
+    if preset not in PRESETS:
+        hint = close_matches(preset, list(PRESETS))
+        raise StudentConfigError(
+            f"unknown student preset {preset!r}; valid: {', '.join(PRESETS)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    config = copy.deepcopy(PRESETS[preset])
+    if image_size is not None:
+        config["vision_cfg"]["image_size"] = image_size
+    for key, value in text_overrides.items():
+        if key not in config["text_cfg"]:
+            raise StudentConfigError(f"unknown text_cfg key {key!r}; known: {', '.join(config['text_cfg'])}")
+        config["text_cfg"][key] = value
+    return config
+
+
+def _preprocess_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}
+
+
+def build_student(model_cfg: dict[str, Any] | str, *, spec: str = "") -> OpenCLIPDualEncoder:
+    """Build a randomly initialised student from a preset name or an open_clip model config.
+
+    Built through open_clip itself (a temporary ``local-dir`` folder) so that what trains is
+    exactly what ``open_clip.create_model("local-dir:...")`` rebuilds from the saved folder.
+    """
+    import tempfile
+
+    config = student_config(model_cfg) if isinstance(model_cfg, str) else copy.deepcopy(model_cfg)
+    with tempfile.TemporaryDirectory(prefix="clipdistill-student-") as tmp:
+        atomic_write_json(Path(tmp) / CONFIG_FILE, {"model_cfg": config, "preprocess_cfg": _preprocess_cfg(config)})
+        try:
+            return load_student(tmp, spec=spec or "student")
+        except (RuntimeError, ValueError) as error:
+            trunk = config.get("vision_cfg", {}).get("timm_model_name")
+            raise StudentConfigError(
+                f"open_clip could not build the student (timm trunk {trunk!r}): {error}"
+            ) from error
+
+
+def load_student(directory: str | Path, *, spec: str = "") -> OpenCLIPDualEncoder:
+    """Load an open_clip folder (config + optional safetensors weights) as a DualEncoder."""
+    import logging
+
+    import open_clip
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not an open_clip folder: {CONFIG_FILE} is missing")
+    name = f"local-dir:{directory}"
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" for fresh students
+    try:
+        model = open_clip.create_model(name)
+    finally:
+        root_logger.setLevel(level)
+    student = OpenCLIPDualEncoder(model, open_clip.get_tokenizer(name), spec=spec or f"local-dir:{directory}")
+    student.model_cfg = read_model_cfg(directory)
+    return student
+
+
+def save_student(student: OpenCLIPDualEncoder, directory: str | Path) -> Path:
+    """Write an open_clip folder: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+
+    The config is the one open_clip built the model from (kept on the wrapper), so
+    ``open_clip.create_model_and_transforms("local-dir:DIR")`` reproduces the same network.
+    """
+    from safetensors.torch import save_file
+
+    model_cfg = getattr(student, "model_cfg", None)
+    if model_cfg is None:
+        raise ValueError("student has no model_cfg; build it with build_student() or load_student()")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in student.model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(directory / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(model_cfg)})
+    return directory
+
+
+def read_model_cfg(directory: str | Path) -> dict[str, Any]:
+    raw = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+    return raw.get("model_cfg", raw)

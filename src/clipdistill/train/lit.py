@@ -1,0 +1,158 @@
+"""Train the offline LiT teacher: a timm image tower against frozen MiniLM text features.
+
+Because the text tower is locked, every caption's MiniLM feature is computed once before
+training; a step then costs one image-tower forward/backward, which is what lets a useful
+teacher train in a few minutes on two CPU cores. Each step pairs every image with one of its
+captions drawn at random, so all captions are used over the epochs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clipdistill.data.augment import random_scale_translate
+from clipdistill.data.dataset import PairedDataset
+from clipdistill.data.images import load_image_tensor, to_unit
+from clipdistill.distill.losses import clip_loss
+from clipdistill.eval.embed import embed_images
+from clipdistill.eval.retrieval import recall_at_k
+from clipdistill.io import append_jsonl, atomic_write_json
+from clipdistill.models.lit import LiTConfig, LiTModel
+from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """Budget and optimiser of the LiT teacher run (defaults: measured on the emoji set)."""
+
+    model: LiTConfig = field(default_factory=LiTConfig)
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    augment: bool = True
+    seed: int = 0
+    max_seconds: float | None = None  # stop early (after a full epoch) when the budget is spent
+
+
+@torch.no_grad()
+def _minilm_features(model: LiTModel, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+    chunks = [
+        model.minilm_features(model.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _evaluate(model: LiTModel, pixels: torch.Tensor, text_features: torch.Tensor, text_to_image: list[int]) -> dict:
+    model.eval()
+    image_emb = embed_images(model, pixels)
+    text_emb = F.normalize(model.text_proj(text_features), dim=-1)
+    return recall_at_k(image_emb, text_emb, text_to_image)
+
+
+def train_lit_teacher(
+    dataset: PairedDataset, out: str | Path, config: TeacherTrainConfig | None = None, *, progress: bool = True
+) -> dict[str, Any]:
+    """Train on ``train``, select the best epoch by val rsum, save it to ``out``.
+
+    Writes ``out/log.jsonl`` (one line per epoch), ``out/train_config.json`` and the model
+    (``clipdistill_model.json`` + ``model.safetensors``); returns the final summary, which
+    includes the test-split metrics of the selected epoch when the dataset has a test split.
+    """
+    config = config or TeacherTrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = seed_everything(config.seed)
+    started = time.perf_counter()
+
+    train, val = dataset.split("train"), dataset.split("val")
+    model = LiTModel(config.model, spec=f"run:{out}")
+    size = config.model.image_size
+    train_pixels = load_image_tensor(train.image_paths(), size, progress=progress)
+    val_pixels = load_image_tensor(val.image_paths(), size, progress=progress)
+
+    # Frozen text tower: every caption's MiniLM feature once, grouped per image.
+    train_features = _minilm_features(model, train.texts())
+    owner = torch.tensor(train.text_to_image())
+    counts = torch.bincount(owner, minlength=len(train))
+    first = torch.cumsum(counts, 0) - counts
+    val_features = _minilm_features(model, val.texts())
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(train) // config.batch_size)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    atomic_write_json(out / "train_config.json", asdict(config))
+    log_path = out / "log.jsonl"
+    log_path.unlink(missing_ok=True)
+
+    best: dict[str, Any] = {"rsum": -1.0}
+    best_state: dict[str, torch.Tensor] | None = None
+    epoch_bar = range(config.epochs)
+    if progress:
+        from tqdm import tqdm
+
+        epoch_bar = tqdm(epoch_bar, desc="teacher", unit="epoch")
+    for epoch in epoch_bar:
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        losses = []
+        for step in range(steps_per_epoch):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            pick = first[index] + (torch.rand(len(index), generator=generator) * counts[index]).long()
+            pixels = to_unit(train_pixels[index])
+            if config.augment:
+                pixels = random_scale_translate(pixels, generator=generator)
+            image = model.encode_image(model.prepare_pixels(pixels))
+            text = F.normalize(model.text_proj(train_features[pick]), dim=-1)
+            loss = clip_loss(image, text, model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.log_scale.clamp_(0, 4.6052)
+            losses.append(float(loss))
+        metrics = _evaluate(model, val_pixels, val_features, val.text_to_image())
+        elapsed = time.perf_counter() - started
+        record = {
+            "epoch": epoch + 1,
+            "loss": sum(losses) / len(losses),
+            "val": metrics,
+            "seconds": round(elapsed, 2),
+            "logit_scale": float(model.log_scale.exp()),
+        }
+        append_jsonl(log_path, record)
+        if progress:
+            epoch_bar.set_postfix(loss=f"{record['loss']:.3f}", val_rsum=f"{metrics['rsum']:.1f}")
+        if metrics["rsum"] > best["rsum"]:
+            best = {"epoch": epoch + 1, **metrics}
+            best_state = {k: v.detach().clone() for k, v in model.trained_state().items()}
+        if config.max_seconds is not None and elapsed > config.max_seconds:
+            break
+
+    assert best_state is not None  # at least one epoch ran
+    model.load_state_dict(best_state, strict=False)
+    model.eval()
+    model.save(out)
+    summary: dict[str, Any] = {
+        "best_epoch": best["epoch"],
+        "val": {k: v for k, v in best.items() if k != "epoch"},
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    if "test" in dataset.split_counts():
+        test = dataset.split("test")
+        test_pixels = load_image_tensor(test.image_paths(), size)
+        summary["test"] = _evaluate(model, test_pixels, _minilm_features(model, test.texts()), test.text_to_image())
+    atomic_write_json(out / "train_summary.json", summary)
+    return summary
