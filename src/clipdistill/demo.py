@@ -13,8 +13,8 @@ from typing import Any
 from clipdistill.io import atomic_write_json
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"teacher_epochs": 20, "teacher_max_seconds": 360.0},
-    "full": {"teacher_epochs": 40, "teacher_max_seconds": None},
+    "quick": {"teacher_max_seconds": 360.0},
+    "full": {"teacher_max_seconds": None},  # the full budget of TeacherTrainConfig
 }
 
 
@@ -27,7 +27,7 @@ def run_demo(
     from clipdistill.data.dataset import DatasetError
     from clipdistill.data.loading import load_dataset
     from clipdistill.eval.evaluate import evaluate_loaded
-    from clipdistill.models.lit import MODEL_FILE, LiTConfig
+    from clipdistill.models.lit import MODEL_FILE
     from clipdistill.models.teachers import load_model
     from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
 
@@ -47,9 +47,7 @@ def run_demo(
         train_lit_teacher(
             dataset,
             teacher_dir,
-            TeacherTrainConfig(
-                epochs=settings["teacher_epochs"], max_seconds=settings["teacher_max_seconds"], model=LiTConfig()
-            ),
+            TeacherTrainConfig(max_seconds=settings["teacher_max_seconds"]),
         )
     summary = json.loads((teacher_dir / "train_summary.json").read_text(encoding="utf-8"))
 

@@ -105,30 +105,37 @@ def teacher_train(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder for the teacher.")] = Path("runs/teacher"),
     images: ImagesOpt = None,
-    image_model: Annotated[str, typer.Option("--image-model", help="timm name of the image tower.")] = "resnet18d",
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 128,
-    lr: Annotated[float, typer.Option("--lr")] = 2e-3,
-    image_size: Annotated[int, typer.Option("--image-size", min=16)] = 64,
-    text_proj: Annotated[str, typer.Option("--text-proj", help="'none' (keep MiniLM space) or 'linear'.")] = "none",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    image_model: Annotated[str | None, typer.Option("--image-model", help="timm name of the image tower.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=2)] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", min=16)] = None,
+    text_proj: Annotated[str | None, typer.Option("--text-proj", help="none (keep MiniLM space) | linear")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
     max_seconds: Annotated[
         float | None, typer.Option("--max-seconds", help="Stop after the epoch that passes this.")
     ] = None,
 ) -> None:
-    """Train the LiT teacher: timm image tower vs frozen all-MiniLM-L6-v2 text tower."""
+    """Train the LiT teacher: timm image tower vs frozen all-MiniLM-L6-v2 text tower.
+
+    Options left out keep the defaults of ``TeacherTrainConfig`` / ``LiTConfig`` (measured
+    on the emoji set), so the CLI and the library never disagree.
+    """
+    from dataclasses import replace
+
     from clipdistill.data.loading import load_dataset
-    from clipdistill.models.lit import LiTConfig
     from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
 
+    def given(**values: Any) -> dict[str, Any]:
+        return {key: value for key, value in values.items() if value is not None}
+
     dataset = load_dataset(data, images)
-    config = TeacherTrainConfig(
-        model=LiTConfig(image_model=image_model, image_size=image_size, text_proj=text_proj),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        max_seconds=max_seconds,
+    defaults = TeacherTrainConfig()
+    model_config = replace(defaults.model, **given(image_model=image_model, image_size=image_size, text_proj=text_proj))
+    config = replace(
+        defaults,
+        model=model_config,
+        **given(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds),
     )
     summary = train_lit_teacher(dataset, out, config)
     console.print(f"teacher saved to {out} (best epoch {summary['best_epoch']}, {summary['train_seconds']} s)")

@@ -46,7 +46,7 @@ def load_image_tensor(paths: Sequence[str | Path], size: int, progress: bool = F
 
         iterator = tqdm(paths, desc="decode images", unit="img", leave=False)
     for index, path in enumerate(iterator):
-        array = np.asarray(open_rgb(path, size), dtype=np.uint8)
+        array = np.array(open_rgb(path, size), dtype=np.uint8)  # a writable copy for torch
         out[index] = torch.from_numpy(array).permute(2, 0, 1)
     return out
 

@@ -39,16 +39,41 @@ class TeacherTrainConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     augment: bool = True
+    aug_scale: tuple[float, float] = (0.8, 1.0)  # zoom range of random_scale_translate (<1 zooms in)
+    aug_shift: float = 0.1  # largest shift, as a fraction of the image size
+    channels_last: bool = True  # NHWC convolutions are ~12% faster on CPU for the ResNet towers
+    multi_positive: bool = True  # identical captions of different images in a batch are all positives
     seed: int = 0
     max_seconds: float | None = None  # stop early (after a full epoch) when the budget is spent
 
 
 @torch.no_grad()
 def _minilm_features(model: LiTModel, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+    """MiniLM features of ``texts`` (row-aligned). Each distinct caption is encoded once, and
+    captions are batched in length order so padding-to-longest wastes almost nothing: this
+    pass is a fixed cost inside the teacher's time budget."""
+    unique = sorted(set(texts), key=lambda text: (len(text), text))
     chunks = [
-        model.minilm_features(model.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
+        model.minilm_features(model.tokenize(unique[i : i + batch_size])) for i in range(0, len(unique), batch_size)
     ]
-    return torch.cat(chunks)
+    features = torch.cat(chunks)
+    row = {text: i for i, text in enumerate(unique)}
+    return features[torch.tensor([row[text] for text in texts], dtype=torch.long)]
+
+
+def _multi_positive_clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, caption_ids: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE where rows with the same caption are all positives of each other.
+
+    Generic captions ("a flag emoji") belong to many images; with one-hot targets a batch
+    holding two of them pushes each image away from its own caption. Targets here spread the
+    mass uniformly over all identical captions, which reduces to ``clip_loss`` without repeats.
+    """
+    logits = logit_scale.exp().clamp(max=100.0) * image @ text.t()
+    same = (caption_ids[:, None] == caption_ids[None, :]).to(logits.dtype)
+    targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
 
 @torch.no_grad()
@@ -81,11 +106,19 @@ def train_lit_teacher(
     val_pixels = load_image_tensor(val.image_paths(), size, progress=progress)
 
     # Frozen text tower: every caption's MiniLM feature once, grouped per image.
-    train_features = _minilm_features(model, train.texts())
+    train_texts = train.texts()
+    train_features = _minilm_features(model, train_texts)
+    caption_row = {text: i for i, text in enumerate(dict.fromkeys(train_texts))}
+    caption_ids = torch.tensor([caption_row[text] for text in train_texts], dtype=torch.long)
     owner = torch.tensor(train.text_to_image())
     counts = torch.bincount(owner, minlength=len(train))
     first = torch.cumsum(counts, 0) - counts
     val_features = _minilm_features(model, val.texts())
+
+    if config.channels_last:
+        model.trunk.to(memory_format=torch.channels_last)
+        train_pixels = train_pixels.contiguous(memory_format=torch.channels_last)
+        val_pixels = val_pixels.contiguous(memory_format=torch.channels_last)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -111,10 +144,17 @@ def train_lit_teacher(
             pick = first[index] + (torch.rand(len(index), generator=generator) * counts[index]).long()
             pixels = to_unit(train_pixels[index])
             if config.augment:
-                pixels = random_scale_translate(pixels, generator=generator)
+                pixels = random_scale_translate(
+                    pixels, scale=config.aug_scale, max_shift=config.aug_shift, generator=generator
+                )
+            if config.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
             image = model.encode_image(model.prepare_pixels(pixels))
             text = F.normalize(model.text_proj(train_features[pick]), dim=-1)
-            loss = clip_loss(image, text, model.logit_scale)
+            if config.multi_positive:
+                loss = _multi_positive_clip_loss(image, text, model.logit_scale, caption_ids[pick])
+            else:
+                loss = clip_loss(image, text, model.logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
