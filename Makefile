@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	@echo "installed clipdistill into $(VENV)"
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
 
 test: install lint
 	$(BIN)/pytest -q

@@ -1,0 +1,1 @@
+"""Every distillation method, one file each; importing this package registers them all."""

@@ -1,0 +1,218 @@
+"""Training configuration: frozen dataclasses loaded from YAML with ``key=value`` overrides.
+
+Like nanoGPT's config, every knob lives in one typed place; unlike a loose dict, an unknown
+or mistyped key is an error that names the dotted key (``optim.lr``) and a close match.
+Several YAML files may be given and are deep-merged in order (a base file plus a method
+file), then ``--set`` overrides apply. The resolved config is saved with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key that is unknown, mistyped, or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""
+    images: str | None = None
+    image_size: int = 64  # pixels the data is decoded at; each model resizes to its own size
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    preset: str = "tiny"
+    model_config: str | None = None  # an open_clip model-config JSON file; overrides `preset`
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    spec: str | None = None  # model spec, e.g. run:runs/teacher or openclip:ViT-B-32@laion2b_s34b_b79k
+    cache: str | None = None  # folder built by `clipdistill cache build`; online teacher when absent
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    amp: bool = True  # mixed precision on GPU only; ignored on CPU
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    k: int = 1  # fixed augmentations per image (id 0 = the plain image); the cache replays them
+    scale: tuple[float, float] = (0.8, 1.0)
+    max_shift: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    method: str = "clip"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Validate ``value`` against a (resolved) type annotation; return it, normalised."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check_value(key, value, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"key {key!r}: invalid value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"key {key!r} must be a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(annotation, value, prefix=f"{key}.")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"key {key!r} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"key {key!r} must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"key {key!r} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"key {key!r} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"key {key!r} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"key {key!r} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is Any:
+        return value
+    raise ConfigError(f"key {key!r}: unsupported config type {_type_name(annotation)}")
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types name the dotted key."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            raise ConfigError(
+                f"unknown config key {prefix + str(key)!r}"
+                + (f" (did you mean {prefix + hint[0]!r}?)" if hint else f"; valid: {', '.join(sorted(known))}")
+            )
+        values[key] = _check_value(prefix + key, value, hints[key])
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_override(raw: dict[str, Any], override: str) -> dict[str, Any]:
+    """Apply ``a.b.c=value``; the value is parsed as YAML (so ``1e-3``, ``true``, ``[1, 2]`` work)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value (e.g. optim.lr=1e-3)")
+    dotted, _, text = override.partition("=")
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {override!r} has an empty key segment")
+    value = yaml.safe_load(text) if text.strip() else ""
+    nested: dict[str, Any] = value
+    for key in reversed(keys):
+        nested = {key: nested}
+    return _deep_merge(raw, nested)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(paths: list[str | Path] | str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Deep-merge the YAML files in order, apply overrides, validate into a :class:`TrainConfig`."""
+    raw: dict[str, Any] = {}
+    for path in [paths] if isinstance(paths, str | Path) else paths:
+        raw = _deep_merge(raw, read_yaml(path))
+    for override in overrides or []:
+        raw = apply_override(raw, override)
+    config = from_dict(TrainConfig, raw)
+    if not config.data.path:
+        raise ConfigError("key 'data.path' is required (a dataset folder, Karpathy JSON or CSV)")
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    from clipdistill.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
