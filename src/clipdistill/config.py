@@ -58,6 +58,7 @@ class AugmentConfig:
     k: int = 1  # fixed augmentations per image (id 0 = the plain image); the cache replays them
     scale: tuple[float, float] = (0.8, 1.0)
     max_shift: float = 0.1
+    seed: int = 0  # seeds the fixed augmentations, not the run: runs with other seeds share a cache
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class TrainConfig:
     method_args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
-    log_every: int = 10
+    log_every: int = 10  # steps between log.jsonl lines
+    save_every: int = 0  # steps between `latest` checkpoints; 0 = at the end of each epoch only
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -120,6 +122,11 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"key {key!r} must be an integer, got {type(value).__name__} {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"key {key!r} must be a number, got {type(value).__name__} {value!r}")
         return float(value)

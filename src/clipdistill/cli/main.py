@@ -37,13 +37,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from clipdistill.config import ConfigError
     from clipdistill.data.dataset import DatasetError
     from clipdistill.device import DeviceError
+    from clipdistill.distill.base import MethodConfigError
+    from clipdistill.distill.cache import CacheError
     from clipdistill.models.spec import ModelSpecError
     from clipdistill.models.students import StudentConfigError
     from clipdistill.models.text_minilm import TextModelMissingError
+    from clipdistill.train.checkpoint import CheckpointError
 
-    return (DatasetError, ModelSpecError, StudentConfigError, TextModelMissingError, DeviceError, FileNotFoundError)
+    return (
+        DatasetError,
+        ModelSpecError,
+        StudentConfigError,
+        TextModelMissingError,
+        DeviceError,
+        ConfigError,
+        MethodConfigError,
+        CheckpointError,
+        CacheError,
+        FileNotFoundError,
+    )
 
 
 def reports_user_errors(command: F) -> F:
@@ -60,7 +75,7 @@ def reports_user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+def print_metrics(title: str, metrics: dict[str, float]) -> None:
     table = Table(title=title)
     for key in metrics:
         table.add_column(key, justify="right")
@@ -139,9 +154,9 @@ def teacher_train(
     )
     summary = train_lit_teacher(dataset, out, config)
     console.print(f"teacher saved to {out} (best epoch {summary['best_epoch']}, {summary['train_seconds']} s)")
-    _print_metrics("teacher, val split", summary["val"])
+    print_metrics("teacher, val split", summary["val"])
     if "test" in summary:
-        _print_metrics("teacher, test split", summary["test"])
+        print_metrics("teacher, test split", summary["test"])
 
 
 @student_app.command("create")
@@ -181,7 +196,7 @@ def eval_command(
 
     atomic_write_json(out, result)
     metric_keys = [k for k in result if "_R@" in k or k == "rsum"]
-    _print_metrics(
+    print_metrics(
         f"{model} on {result['dataset']}:{split} ({result['n_images']} images, {result['n_texts']} captions)",
         {k: result[k] for k in metric_keys},
     )
@@ -203,6 +218,18 @@ def demo_command(
 
     report = run_demo(out, data=data, images=images, preset=preset)
     console.print(json.dumps(report, indent=2)[:2000])
+
+
+def _register_commands() -> None:
+    """Commands that live in their own modules (kept small: one job each)."""
+    from clipdistill.cli.cache_cmd import cache_app
+    from clipdistill.cli.train_cmd import train_command
+
+    app.command("train")(reports_user_errors(train_command))
+    app.add_typer(cache_app, name="cache")
+
+
+_register_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

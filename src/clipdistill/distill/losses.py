@@ -2,17 +2,30 @@
 
 Methods in ``distill/methods`` compose these; keeping them pure makes each one testable
 against a naive reference on hand-built tensors.
+
+Conventions used throughout:
+
+- Embeddings are L2-normalised rows (B, D); row i of the image set matches row i of the text set.
+- A *log* scale (``logit_scale``, as stored by CLIP models) is exponentiated and clamped at 100
+  by :func:`contrastive_logits`; functions that mirror open_clip's loss modules take the
+  already-exponentiated scale instead, exactly as open_clip does, and say so.
+- Distribution losses take ``(teacher_logits, student_logits)`` in that order and reduce by the
+  mean over rows (PyTorch's ``batchmean``), the reduction open_clip and CLIP-KD use.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+MAX_SCALE = 100.0  # CLIP clamps κ = exp(logit_scale) at 100
 
 
 def contrastive_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Image-to-text logits κ·V·Tᵀ with κ = exp(logit_scale) clamped at 100 (as CLIP does)."""
-    return logit_scale.exp().clamp(max=100.0) * image @ text.t()
+    return logit_scale.exp().clamp(max=MAX_SCALE) * image @ text.t()
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -20,3 +33,143 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     logits = contrastive_logits(image, text, logit_scale)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """CE(softmax(teacher), log_softmax(student)) = −Σ_j p^T_ij log p^S_ij, mean over rows i.
+
+    This is open_clip's ``DistillClipLoss.dist_loss``. It differs from the KL divergence by the
+    teacher's entropy, a constant w.r.t. the student: same gradients, different value."""
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(z^T/T) ‖ softmax(z^S/T)) per row, mean over rows, times T².
+
+    This is Hinton's KD term as CLIP-KD implements it (``DistillKL``: ``kl_div(..., 'batchmean')
+    * T**2``); the T² keeps gradient magnitudes independent of T."""
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1).mean()
+    return kl * temperature**2
+
+
+def bidirectional_kl(
+    teacher_logits_i2t: torch.Tensor, student_logits_i2t: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """½[KL(L^T_i2t ‖ L^S_i2t) + KL(L^T_t2i ‖ L^S_t2i)] on row softmaxes (t2i = transpose).
+
+    CLIP-KD's CKD term: the paper says "both directions"; its code averages the two, as here."""
+    return 0.5 * (
+        kl_divergence(teacher_logits_i2t, student_logits_i2t, temperature)
+        + kl_divergence(teacher_logits_i2t.t(), student_logits_i2t.t(), temperature)
+    )
+
+
+def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all B·D elements (``F.mse_loss``, mean reduction).
+
+    For unit vectors this is 2(1 − cos)/D per row, which is why feature distillation needs a
+    large weight (CLIP-KD uses 2000) to be comparable with contrastive losses."""
+    return F.mse_loss(student, teacher)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE between two embedding sets, matched index = positive:
+    ½[CE(a·bᵀ/τ, I) + CE(b·aᵀ/τ, I)]. ``temperature`` is τ itself (not a log scale); pass a
+    tensor to learn it. With τ = 1/κ this equals :func:`clip_loss`."""
+    logits = a @ b.t() / temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def cross_contrastive_loss(
+    student_image: torch.Tensor,
+    student_text: torch.Tensor,
+    teacher_image: torch.Tensor,
+    teacher_text: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """CLIP-KD's interactive contrastive learning (ICL):
+    ½[CE(κ·v^S·t^Tᵀ, I) + CE(κ·t^S·v^Tᵀ, I)] — student queries against teacher keys only.
+
+    ``logit_scale`` is a log scale (κ = exp, clamped at 100). CLIP-KD's released code
+    multiplies by the raw parameter ``log(1/0.07)`` without exponentiating; the paper describes a
+    learnable temperature, so we exponentiate as CLIP does."""
+    labels = torch.arange(student_image.shape[0], device=student_image.device)
+    image_to_text = contrastive_logits(student_image, teacher_text, logit_scale)
+    text_to_image = contrastive_logits(student_text, teacher_image, logit_scale)
+    return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels))
+
+
+def similarity_distance(
+    student_sim: torch.Tensor,
+    teacher_sim: torch.Tensor,
+    distance: Literal["kl", "mse"] = "kl",
+    tau: float = 0.07,
+    mask_diagonal: bool = False,
+) -> torch.Tensor:
+    """Distance between a student similarity matrix and the teacher's counterpart (both raw
+    cosines, B×B).
+
+    - ``"kl"``: KL(softmax(S^T/τ) ‖ softmax(S^S/τ)) per row, mean over rows. No τ² factor: τ here
+      turns cosines into logits, it does not soften existing logits.
+    - ``"mse"``: mean squared difference of the raw cosine matrices.
+
+    ``mask_diagonal`` drops the diagonal from both matrices first (each row keeps B−1 entries).
+    For self-similarity matrices (Sim(X, X)) the diagonal is 1 on both sides and carries no
+    information; at small τ it would also absorb almost all the softmax mass."""
+    if mask_diagonal:
+        n = student_sim.shape[0]
+        keep = ~torch.eye(n, dtype=torch.bool, device=student_sim.device)
+        student_sim = student_sim[keep].view(n, n - 1)
+        teacher_sim = teacher_sim[keep].view(n, n - 1)
+    if distance == "kl":
+        return kl_divergence(teacher_sim / tau, student_sim / tau)
+    if distance == "mse":
+        return F.mse_loss(student_sim, teacher_sim)
+    raise ValueError(f"unknown similarity distance {distance!r}; valid: 'kl', 'mse'")
+
+
+def openclip_distill_terms(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    dist_image_features: torch.Tensor,
+    dist_text_features: torch.Tensor,
+    dist_logit_scale: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of open_clip's ``DistillClipLoss`` (single process): ``(contrastive, distill)``.
+
+    contrastive = ½[CE(κ·V·Tᵀ, I) + CE(κ·T·Vᵀ, I)] on the student;
+    distill = ½[CE(softmax(L^T_i2t), log_softmax(L^S_i2t)) + same for t2i], with the teacher
+    ("dist") logits at the teacher's own scale. As in open_clip, ``logit_scale`` and
+    ``dist_logit_scale`` are the **already-exponentiated** scales κ (no clamp here)."""
+    logits_per_image = logit_scale * image_features @ text_features.t()
+    logits_per_text = logit_scale * text_features @ image_features.t()
+    dist_logits_per_image = dist_logit_scale * dist_image_features @ dist_text_features.t()
+    dist_logits_per_text = dist_logit_scale * dist_text_features @ dist_image_features.t()
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    contrastive = 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    distill = 0.5 * (
+        soft_cross_entropy(dist_logits_per_image, logits_per_image)
+        + soft_cross_entropy(dist_logits_per_text, logits_per_text)
+    )
+    return contrastive, distill
+
+
+def openclip_distill_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    dist_image_features: torch.Tensor,
+    dist_text_features: torch.Tensor,
+    dist_logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """open_clip's ``DistillClipLoss`` summed: contrastive + distillation (see
+    :func:`openclip_distill_terms`). Same argument order and convention as open_clip:
+    student first, teacher ("dist") second, scales already exponentiated."""
+    contrastive, distill = openclip_distill_terms(
+        image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale
+    )
+    return contrastive + distill

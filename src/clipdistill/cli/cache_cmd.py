@@ -1,0 +1,111 @@
+"""``clipdistill cache``: build a teacher cache and show what an existing one was built for.
+
+Kept out of ``cli/main.py`` so the cache stage owns its flags. It imports ``cli.main`` only
+inside functions, so registering ``cache_app`` from ``main`` (at any point of that module)
+cannot create an import cycle.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+cache_app = typer.Typer(help="Compute teacher outputs once and store them for training.", no_args_is_help=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@cache_app.callback()
+def _cache_group() -> None:
+    """Compute teacher outputs once and store them for training."""
+
+
+def _reports_errors(command: F) -> F:
+    """The shared user-error handling of ``cli.main`` plus the cache's own errors (exit 2)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from clipdistill.cli.main import console, reports_user_errors
+        from clipdistill.distill.cache import CacheError
+
+        try:
+            return reports_user_errors(command)(*args, **kwargs)
+        except CacheError as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(code=2) from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _summary(out: Path) -> str:
+    from clipdistill.distill.cache import read_manifest
+
+    manifest = read_manifest(out)
+    counts, prep, teacher = manifest["counts"], manifest["preprocessing"], manifest["teacher"]
+    tokens = " + token features" if manifest.get("token_features") else ""
+    return (
+        f"teacher cache: {teacher['spec']} (dim {teacher['embed_dim']}) on {manifest['dataset']['name']}: "
+        f"{counts['images']} images x k={prep['k_augmentations']} ({counts['image_rows']} rows), "
+        f"{counts['captions']} captions, image size {prep['image_size']}, seed {prep['seed']}{tokens} -> {out}"
+    )
+
+
+@cache_app.command("build")
+@_reports_errors
+def cache_build(
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher spec, e.g. run:runs/teacher.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset: folder with dataset.json, Karpathy JSON, CSV/TSV.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache folder (shards + manifest.json).")],
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Image root for a Karpathy JSON or CSV (default: its folder).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split")] = "train",
+    k_aug: Annotated[int, typer.Option("--k-aug", min=1, help="Fixed augmentations per image (0 = plain).")] = 1,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", min=8, help="Decode size (default: the teacher's input size).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the replayed augmentations.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    token_features: Annotated[
+        bool, typer.Option("--token-features", help="Also store token features (teachers that provide them).")
+    ] = False,
+) -> None:
+    """Compute the teacher's embeddings for every image x augmentation and caption of a split.
+
+    Resumes an interrupted build and does nothing when the cache is already complete.
+    """
+    from clipdistill.cli.main import console
+    from clipdistill.data.loading import load_dataset
+    from clipdistill.device import resolve_device
+    from clipdistill.distill.cache import build_cache
+    from clipdistill.models.spec import parse_spec
+
+    parse_spec(teacher)  # a typo in the spec fails before the dataset is read
+    resolved = resolve_device(device)
+    dataset = load_dataset(data, images)
+    build_cache(
+        teacher,
+        dataset,
+        out,
+        split=split,
+        k_augmentations=k_aug,
+        image_size=image_size,
+        seed=seed,
+        batch_size=batch_size,
+        device=resolved,
+        token_features=token_features,
+    )
+    console.print(_summary(out), highlight=False, markup=False, soft_wrap=True)
+
+
+@cache_app.command("info")
+@_reports_errors
+def cache_info(out: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
+    """Print what a cache was built for (teacher, dataset, preprocessing, counts)."""
+    from clipdistill.cli.main import console
+
+    console.print(_summary(out), highlight=False, markup=False, soft_wrap=True)

@@ -1,0 +1,66 @@
+"""Training checkpoints: atomic writes, safe loads, ``latest`` and ``best``.
+
+A checkpoint holds everything an exact resume needs: model, method extras, optimiser,
+scheduler, grad scaler, RNG states and the data position. It is written to a temp file,
+fsynced and renamed, so a crash mid-write leaves the previous checkpoint readable; it is read
+with ``torch.load(weights_only=True)``, so a checkpoint file can never execute code.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipdistill.io import atomic_path
+
+LATEST = "latest.pt"
+BEST = "best.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or from a different run."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states in types ``weights_only`` loading accepts."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *[float(v) for v in np_state[2:]]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save`` through a temp file + fsync + rename."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load with ``weights_only=True`` (no pickle code execution); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt/unsafe files
+        raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error

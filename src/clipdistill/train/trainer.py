@@ -1,0 +1,397 @@
+"""One training loop for every distillation method.
+
+Per step: take the epoch plan's next images, replay their fixed augmentation, pick one
+caption each, encode with the student, hand both to the method, sum its ``*_loss`` terms,
+step. The method owns teacher access and its trainable extras; the loop knows nothing about
+any particular method.
+
+Determinism: each epoch's plan (image order, caption picks, augmentation ids) is drawn from a
+generator seeded by (seed, epoch) alone, so a resumed run rebuilds the exact plan from the
+checkpoint's (epoch, step) without replaying anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipdistill.config import ConfigError, TrainConfig, read_yaml, save_config, to_dict
+from clipdistill.data.augment import replay_augmentation
+from clipdistill.data.dataset import PairedDataset
+from clipdistill.data.images import load_image_tensor, to_unit
+from clipdistill.distill.base import (
+    Batch,
+    DistillMethod,
+    StudentFeatures,
+    TeacherSource,
+    build_method_args,
+    get_method,
+)
+from clipdistill.eval.embed import embed_images, embed_texts
+from clipdistill.eval.retrieval import recall_at_k
+from clipdistill.io import append_jsonl, atomic_write_json, read_jsonl
+from clipdistill.models.openclip_model import OpenCLIPDualEncoder
+from clipdistill.train.checkpoint import (
+    BEST,
+    LATEST,
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+
+MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
+
+
+@dataclass
+class EpochPlan:
+    """Image order, per-image caption pick (index within the image) and augmentation id."""
+
+    order: torch.Tensor
+    caption_pick: torch.Tensor
+    aug_ids: torch.Tensor
+
+
+def epoch_plan(caption_counts: torch.Tensor, k_augmentations: int, seed: int, epoch: int) -> EpochPlan:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    n = len(caption_counts)
+    order = torch.randperm(n, generator=generator)
+    caption_pick = (torch.rand(n, generator=generator) * caption_counts).long()
+    aug_ids = torch.randint(0, max(1, k_augmentations), (n,), generator=generator)
+    return EpochPlan(order, caption_pick, aug_ids)
+
+
+def build_teacher_source(config: TrainConfig, dataset: PairedDataset, device: torch.device) -> TeacherSource | None:
+    """Cached teacher when ``teacher.cache`` is set, the online teacher when only ``teacher.spec`` is."""
+    if config.teacher.cache:
+        from clipdistill.distill.cache import CachedTeacher
+
+        if not config.teacher.spec:
+            raise ConfigError("key 'teacher.spec' is required with 'teacher.cache' (the cache is checked against it)")
+        source = CachedTeacher.open(
+            config.teacher.cache,
+            teacher_spec=config.teacher.spec,
+            dataset=dataset,
+            split="train",
+            image_size=config.data.image_size,
+            k_augmentations=config.augment.k,
+            seed=config.augment.seed,
+            aug_scale=config.augment.scale,
+            aug_max_shift=config.augment.max_shift,
+        )
+        source.device = device
+        return source
+    if config.teacher.spec:
+        from clipdistill.distill.teacher_source import OnlineTeacher
+        from clipdistill.models.teachers import load_teacher
+
+        return OnlineTeacher(load_teacher(config.teacher.spec, device=device))
+    return None
+
+
+def check_needs(config: TrainConfig, method_cls: type[DistillMethod]) -> None:
+    """Refuse a config that lacks what the method needs, naming the missing key."""
+    needs = set(method_cls.needs)
+    if needs & {"teacher_embeddings", "teacher_tokens"} and not config.teacher.spec:
+        raise ConfigError(f"method {method_cls.name!r} needs a teacher: set key 'teacher.spec' (e.g. run:runs/teacher)")
+    fusion = sorted(needs & {"fusion_scores", "fusion_features"})
+    if fusion:
+        raise ConfigError(
+            f"method {method_cls.name!r} needs {', '.join(fusion)}, which this config does not provide "
+            "(key 'teacher.fusion': fusion teachers are not available in this version)"
+        )
+
+
+def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
+    import json
+
+    from clipdistill.models.students import build_student, student_config
+
+    if config.student.model_config:
+        path = Path(config.student.model_config)
+        if not path.is_file():
+            raise ConfigError(f"key 'student.model_config': file {path} does not exist")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return build_student(raw.get("model_cfg", raw))
+    return build_student(student_config(config.student.preset))
+
+
+def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's rule: no weight decay on gains, biases and scalars (ndim < 2)."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in modules:
+        for param in module.parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _truncate_log(path: Path, key: str, limit: int) -> None:
+    """After a resume, drop log lines written after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    import json
+
+    from clipdistill.io import atomic_write_text
+
+    kept = [record for record in read_jsonl(path) if record.get(key, 0) <= limit]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`fit` runs it."""
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        from clipdistill.data.loading import load_dataset
+        from clipdistill.device import resolve_device
+
+        self.config = config
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.run_dir = config.run_dir
+        method_cls = get_method(config.method)
+        method_args = build_method_args(method_cls, config.method_args)
+        check_needs(config, method_cls)
+
+        seed_everything(config.seed)
+        self.dataset = load_dataset(config.data.path, config.data.images)
+        self.train_split = self.dataset.split("train")
+        self.val_split = self.dataset.split("val")
+        self.student = build_student_model(config).to(self.device)
+        self.teacher = build_teacher_source(config, self.dataset, self.device)
+        self.method = method_cls(self.student.embed_dim, self.teacher, method_args).to(self.device)
+
+        size = config.data.image_size
+        self.train_pixels = load_image_tensor(self.train_split.image_paths(), size, progress=progress)
+        self.val_pixels = load_image_tensor(self.val_split.image_paths(), size, progress=progress)
+        self.train_texts = self.train_split.texts()
+        self.train_caption_ids = self.train_split.caption_ids()
+        self.train_image_ids = [record.image_id for record in self.train_split.images]
+        self.train_tokens = self.student.tokenize(self.train_texts)  # once: captions never change
+        counts = torch.tensor([len(record.captions) for record in self.train_split.images])
+        self.caption_counts = counts
+        self.first_caption = torch.cumsum(counts, 0) - counts
+
+        optim = config.optim
+        self.batch_size = min(optim.batch_size, len(self.train_split))
+        self.steps_per_epoch = max(1, len(self.train_split) // self.batch_size)
+        self.total_steps = self.steps_per_epoch * optim.epochs
+        self.optimizer = torch.optim.AdamW(
+            _param_groups([self.student, self.method], optim.weight_decay),
+            lr=optim.lr,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+            fused=True,  # one kernel for all parameters: the per-tensor loop dominated small-batch CPU steps
+        )
+        self.scheduler = cosine_with_warmup(self.optimizer, optim.warmup_steps, self.total_steps)
+        self.use_amp = optim.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_rsum = float("-inf")
+        self.seconds = 0.0
+
+    # --- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step},
+            "best_rsum": self.best_rsum,
+            "seconds": self.seconds,
+            "config": to_dict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        position = state["position"]
+        self.epoch, self.step_in_epoch, self.global_step = (
+            position["epoch"],
+            position["step_in_epoch"],
+            position["global_step"],
+        )
+        self.best_rsum = float(state["best_rsum"])
+        self.seconds = float(state["seconds"])
+
+    def _prepare_run_dir(self, resume: str | None) -> None:
+        checkpoints = self.run_dir / "checkpoints"
+        if resume is None:
+            if (checkpoints / LATEST).exists():
+                raise ConfigError(
+                    f"run folder {self.run_dir} already holds a run ({checkpoints / LATEST}); "
+                    "pass --resume latest to continue it, or choose another 'name'"
+                )
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ("log.jsonl", "results.jsonl"):
+                (self.run_dir / stale).unlink(missing_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+            return
+        path = checkpoints / LATEST if resume == "latest" else Path(resume)
+        state = load_checkpoint(path)
+        saved = state.get("config", {})
+        current = to_dict(self.config)
+        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differing:
+            raise CheckpointError(f"cannot resume from {path}: config differs in key(s) {', '.join(differing)}")
+        self.load_state_dict(state)
+        _truncate_log(self.run_dir / "log.jsonl", "step", self.global_step)
+        _truncate_log(self.run_dir / "results.jsonl", "epoch", self.epoch)
+
+    # --- one step -------------------------------------------------------------------------
+    def _batch(self, plan: EpochPlan, step: int) -> tuple[Batch, torch.Tensor]:
+        index = plan.order[step * self.batch_size : (step + 1) * self.batch_size]
+        captions = self.first_caption[index] + plan.caption_pick[index]
+        aug_ids = plan.aug_ids[index]
+        image_ids = [self.train_image_ids[i] for i in index.tolist()]
+        augment = self.config.augment
+        pixels = replay_augmentation(
+            to_unit(self.train_pixels[index]),
+            image_ids,
+            aug_ids,
+            seed=augment.seed,
+            scale=augment.scale,
+            max_shift=augment.max_shift,
+        )
+        batch = Batch(
+            unit_pixels=pixels.to(self.device),
+            texts=[self.train_texts[c] for c in captions.tolist()],
+            image_ids=image_ids,
+            caption_ids=[self.train_caption_ids[c] for c in captions.tolist()],
+            aug_ids=aug_ids,
+        )
+        return batch, self.train_tokens[captions].to(self.device)
+
+    def train_step(self, batch: Batch, tokens: torch.Tensor) -> dict[str, float]:
+        self.student.train()
+        self.method.train()
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            features = StudentFeatures(
+                image=self.student.encode_image(self.student.prepare_pixels(batch.unit_pixels)),
+                text=self.student.encode_text(tokens),
+                logit_scale=self.student.logit_scale,
+            )
+            output = self.method(batch, features)
+            total = output.total()
+        if not torch.isfinite(total):
+            terms = {k: float(v) for k, v in output.losses.items()}
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {terms}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        record = {k: float(v.detach()) for k, v in output.losses.items()}
+        record.update({"total_loss": float(total.detach()), "grad_norm": float(grad_norm)})
+        record.update(output.report)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.student.eval()
+        image_emb = embed_images(self.student, self.val_pixels)
+        text_emb = embed_texts(self.student, self.val_split.texts())
+        return recall_at_k(image_emb, text_emb, self.val_split.text_to_image())
+
+    def _save(self, name: str) -> None:
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
+
+    # --- the loop -------------------------------------------------------------------------
+    def fit(self, resume: str | None = None) -> dict[str, Any]:
+        """Train to the configured budget; returns the summary also written to ``summary.json``."""
+        from clipdistill.models.students import save_student
+
+        self._prepare_run_dir(resume)
+        config = self.config
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.global_step, desc=config.name, unit="step")
+        while self.epoch < config.optim.epochs:
+            plan = epoch_plan(self.caption_counts, config.augment.k, config.seed, self.epoch)
+            while self.step_in_epoch < self.steps_per_epoch:
+                started = time.perf_counter()
+                batch, tokens = self._batch(plan, self.step_in_epoch)
+                record = self.train_step(batch, tokens)
+                self.seconds += time.perf_counter() - started
+                self.step_in_epoch += 1
+                self.global_step += 1
+                if self.global_step % config.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    line = {"step": self.global_step, "epoch": self.epoch + 1, "lr": lr, **record}
+                    append_jsonl(self.run_dir / "log.jsonl", {**line, "seconds": round(self.seconds, 3)})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['total_loss']:.3f}")
+                if config.save_every and self.global_step % config.save_every == 0:
+                    self._save(LATEST)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            metrics = self.evaluate()
+            improved = metrics["rsum"] > self.best_rsum
+            if improved:
+                self.best_rsum = metrics["rsum"]
+            append_jsonl(
+                self.run_dir / "results.jsonl",
+                {
+                    "epoch": self.epoch,
+                    "step": self.global_step,
+                    "val": metrics,
+                    "train_seconds": round(self.seconds, 3),
+                },
+            )
+            if improved:
+                self._save(BEST)
+            self._save(LATEST)
+        if bar is not None:
+            bar.close()
+        best = load_checkpoint(self.run_dir / "checkpoints" / BEST)
+        self.student.load_state_dict(best["student"])
+        save_student(self.student.eval(), self.run_dir / "model")
+        results = read_jsonl(self.run_dir / "results.jsonl")
+        best_epoch = max(results, key=lambda r: r["val"]["rsum"])
+        summary = {
+            "name": config.name,
+            "method": config.method,
+            "seed": config.seed,
+            "best_epoch": best_epoch["epoch"],
+            "val": best_epoch["val"],
+            "train_seconds": round(self.seconds, 2),
+            "steps": self.global_step,
+            "model": f"local-dir:{self.run_dir / 'model'}",
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def train(config: TrainConfig, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build a :class:`Trainer` and fit it (the library entry point behind ``clipdistill train``)."""
+    return Trainer(config, progress=progress).fit(resume=resume)
+
+
+def saved_config(run_dir: str | Path) -> dict[str, Any]:
+    return read_yaml(Path(run_dir) / "config.yaml")

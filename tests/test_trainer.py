@@ -1,0 +1,149 @@
+"""The trainer on a tiny dataset: outputs, exact resume, refusals that name the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from clipdistill.config import ConfigError, TrainConfig, from_dict
+from clipdistill.distill.base import MethodConfigError
+from clipdistill.models.lit import LiTConfig, LiTModel
+from clipdistill.train.checkpoint import CheckpointError
+from clipdistill.train.trainer import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher")
+    LiTModel(LiTConfig(image_model="test_convnext", image_size=32)).save(folder)
+    return f"run:{folder}"
+
+
+def _config(tmp_path: Path, data: Path, **overrides: object) -> TrainConfig:
+    raw: dict = {
+        "name": "t",
+        "out_dir": str(tmp_path / "runs"),
+        "method": "clip",
+        "data": {"path": str(data), "image_size": 32},
+        "optim": {"epochs": 2, "batch_size": 3, "lr": 1e-3, "warmup_steps": 1},
+        "log_every": 1,
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            raw.setdefault(section, {})[leaf] = value
+        else:
+            raw[key] = value
+    return from_dict(TrainConfig, raw)
+
+
+def test_clip_run_writes_every_artifact(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    config = _config(tmp_path, shapes_dataset_dir)
+    summary = train(config, progress=False)
+    run = config.run_dir
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "results.jsonl",
+        "summary.json",
+        "checkpoints/latest.pt",
+        "checkpoints/best.pt",
+        "model/open_clip_config.json",
+        "model/open_clip_model.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 6 train images / batch 3 = 2 steps x 2 epochs
+    assert {"task_loss", "total_loss", "lr", "grad_norm", "seconds"} <= set(steps[0])
+    results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in results] == [1, 2] and "rsum" in results[0]["val"]
+    assert summary["best_epoch"] in (1, 2) and summary["model"] == f"local-dir:{run / 'model'}"
+    plain = open_clip.create_model(f"local-dir:{run / 'model'}")  # loads with plain open_clip
+    assert sum(p.numel() for p in plain.parameters()) > 0
+
+
+def test_resume_after_interruption_is_bitwise_identical(
+    shapes_dataset_dir: Path, tmp_path: Path, tiny_teacher: str
+) -> None:
+    straight = _config(tmp_path / "a", shapes_dataset_dir, method="openclip", teacher__spec=tiny_teacher)
+    train(straight, progress=False)
+    expected = torch.load(straight.run_dir / "checkpoints" / "latest.pt", weights_only=True)["student"]
+
+    interrupted = _config(
+        tmp_path / "b", shapes_dataset_dir, method="openclip", teacher__spec=tiny_teacher, save_every=1
+    )
+    trainer = Trainer(interrupted, progress=False)
+    original_step = trainer.train_step
+
+    def crash_after_three_steps(*args: object) -> dict[str, float]:
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt
+        return original_step(*args)
+
+    trainer.train_step = crash_after_three_steps  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    with pytest.raises(ConfigError, match=r"already holds a run.*--resume latest"):
+        Trainer(interrupted, progress=False).fit()
+    Trainer(interrupted, progress=False).fit(resume="latest")
+    resumed = torch.load(interrupted.run_dir / "checkpoints" / "latest.pt", weights_only=True)["student"]
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+    steps = [json.loads(line)["step"] for line in (interrupted.run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # no duplicated lines after the resume
+
+
+def test_resume_with_a_different_config_is_refused(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    train(_config(tmp_path, shapes_dataset_dir, optim={"epochs": 1, "batch_size": 3}), progress=False)
+    changed = _config(tmp_path, shapes_dataset_dir, optim={"epochs": 1, "batch_size": 3, "lr": 0.5})
+    with pytest.raises(CheckpointError, match=r"config differs in key.*optim"):
+        Trainer(changed, progress=False).fit(resume="latest")
+
+
+def test_method_needs_are_checked_before_work(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"needs a teacher: set key 'teacher.spec'"):
+        Trainer(_config(tmp_path, shapes_dataset_dir, method="openclip"), progress=False)
+    with pytest.raises(MethodConfigError, match=r"unknown method 'clipp'.*did you mean 'clip'"):
+        Trainer(_config(tmp_path, shapes_dataset_dir, method="clipp"), progress=False)
+    with pytest.raises(MethodConfigError, match=r"method_args\.nope"):
+        Trainer(_config(tmp_path, shapes_dataset_dir, method_args={"nope": 1}), progress=False)
+
+
+def test_cli_train_and_python_module_entry(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from clipdistill.cli.main import app
+
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(shapes_dataset_dir), "image_size": 32},
+                "out_dir": str(tmp_path / "runs"),
+                "optim": {"epochs": 1, "batch_size": 3},
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["train", str(config_path), "--set", "name=cli", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "cli" / "model" / "open_clip_config.json").is_file()
+    bad = CliRunner().invoke(app, ["train", str(config_path), "--set", "optim.lrr=1"])
+    assert bad.exit_code == 2 and "unknown config key 'optim.lrr'" in bad.output
+    module = subprocess.run(
+        [sys.executable, "-m", "clipdistill.train", str(config_path), "--set", "name=mod", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert module.returncode == 0, module.stderr[-2000:]
+    assert (tmp_path / "runs" / "mod" / "summary.json").is_file()
