@@ -147,3 +147,35 @@ def test_cli_train_and_python_module_entry(shapes_dataset_dir: Path, tmp_path: P
     )
     assert module.returncode == 0, module.stderr[-2000:]
     assert (tmp_path / "runs" / "mod" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["openclip", "clipkd", "conaclip"])
+def test_cached_and_online_teacher_give_the_same_losses(
+    shapes_dataset_dir: Path, tmp_path: Path, tiny_teacher: str, method: str
+) -> None:
+    from clipdistill.data.loading import load_dataset
+    from clipdistill.distill.cache import build_cache
+    from clipdistill.train.trainer import epoch_plan
+
+    cache = build_cache(
+        tiny_teacher,
+        load_dataset(shapes_dataset_dir),
+        tmp_path / "cache",
+        k_augmentations=3,
+        image_size=32,
+        progress=False,
+    )
+    common = {"method": method, "teacher__spec": tiny_teacher, "augment": {"k": 3}}
+    online = Trainer(_config(tmp_path / "on", shapes_dataset_dir, **common), progress=False)
+    cached = Trainer(_config(tmp_path / "off", shapes_dataset_dir, **common, teacher__cache=str(cache)), progress=False)
+    cached.student.load_state_dict(online.student.state_dict())
+    cached.method.load_state_dict(online.method.state_dict())
+    plan = epoch_plan(online.caption_counts, 3, 0, 0)
+    assert len(set(plan.aug_ids.tolist())) > 1  # the batch really replays several augmentations
+    batch, tokens = online._batch(plan, 0)
+    first = online.train_step(batch, tokens)
+    second = cached.train_step(*cached._batch(plan, 0))
+    loss_terms = [key for key in first if key.endswith("_loss")]
+    assert loss_terms == [key for key in second if key.endswith("_loss")]
+    for key in loss_terms:
+        assert second[key] == pytest.approx(first[key], rel=1e-5, abs=1e-6), key

@@ -162,7 +162,7 @@ def train_lit_teacher(
             scheduler.step()
             with torch.no_grad():
                 model.log_scale.clamp_(0, 4.6052)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         metrics = _evaluate(model, val_pixels, val_features, val.text_to_image())
         elapsed = time.perf_counter() - started
         record = {
