@@ -1,0 +1,162 @@
+"""Compare distillation methods on the emoji test split: same student, same budget, 3 seeds.
+
+1. Sweep each method's main weight on the **val** split (seed 0) and keep the best value.
+2. Train every method with its chosen weight for each seed; evaluate on the **test** split
+   (unseen concepts); report mean ± std of R@1/5/10 both directions and rsum.
+3. ``--ablation``: ConaCLIP's full graph and each edge type removed in turn.
+
+    .venv/bin/python benchmarks/methods.py --data data/emoji --teacher run:runs/teacher --cache runs/bench/cache
+
+Every run is a normal ``clipdistill train`` run under ``runs/bench/methods`` (reused when its
+summary exists, so an interrupted benchmark resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+from typing import Any
+
+import torch
+
+from clipdistill.config import TrainConfig, from_dict
+from clipdistill.data.loading import load_dataset
+from clipdistill.eval.evaluate import evaluate_loaded
+from clipdistill.io import atomic_write_json
+from clipdistill.models.teachers import load_model
+from clipdistill.train.trainer import train
+
+METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+# The main weight of each method and the values swept on val (the first is the paper default).
+SWEEPS: dict[str, tuple[str, list[Any]]] = {
+    "openclip": ("w_distill", [1.0, 3.0]),
+    "clipkd": ("w_fd", [2000.0, 500.0]),
+    "conaclip": ("tau_sd", [0.07, 0.2]),
+}
+EDGES = ("ITS", "ISS", "CTS", "CSS")
+
+
+def run(base: dict[str, Any], name: str, method: str, seed: int, method_args: dict[str, Any]) -> dict[str, Any]:
+    config = from_dict(TrainConfig, {**base, "name": name, "method": method, "seed": seed, "method_args": method_args})
+    summary_path = config.run_dir / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    if config.run_dir.exists():  # an interrupted run: resume it rather than refuse
+        return train(config, resume="latest", progress=False)
+    return train(config, progress=False)
+
+
+def test_metrics(summary: dict[str, Any], test_split: Any) -> dict[str, float]:
+    model = load_model(summary["model"])
+    return {k: v for k, v in evaluate_loaded(model, test_split, efficiency=False).items() if k in METRICS}
+
+
+def aggregate(rows: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    return {k: (statistics.mean(r[k] for r in rows), statistics.pstdev(r[k] for r in rows)) for k in METRICS}
+
+
+def print_table(title: str, table: dict[str, dict[str, tuple[float, float]]], notes: dict[str, str]) -> None:
+    print(f"\n{title}")
+    print(f"{'method':26s}" + "".join(f"{k:>14s}" for k in METRICS) + "  note")
+    for label, stats in table.items():
+        cells = "".join(f"{m:8.1f} ±{s:4.1f}" for m, s in (stats[k] for k in METRICS))
+        print(f"{label:26s}{cells}  {notes.get(label, '')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/emoji")
+    parser.add_argument("--teacher", default="run:runs/teacher")
+    parser.add_argument("--cache", default="runs/bench/cache")
+    parser.add_argument("--methods", default="clip,openclip,clipkd,conaclip")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--k-aug", type=int, default=2)
+    parser.add_argument("--no-sweep", action="store_true", help="use each method's default weight")
+    parser.add_argument("--ablation", action="store_true", help="also run ConaCLIP's edge ablation")
+    parser.add_argument("--out", default="benchmarks/results/methods.json")
+    args = parser.parse_args()
+
+    dataset = load_dataset(args.data)
+    test_split = dataset.split("test")
+    base = {
+        "out_dir": "runs/bench/methods",
+        "data": {"path": args.data, "image_size": 64},
+        "teacher": {"spec": args.teacher, "cache": args.cache},
+        "augment": {"k": args.k_aug},
+        "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+    }
+    methods = args.methods.split(",")
+    chosen: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    sweep_log: dict[str, list[dict[str, Any]]] = {}
+    if not args.no_sweep:
+        for method in methods:
+            if method not in SWEEPS:
+                continue
+            key, values = SWEEPS[method]
+            trials = []
+            for value in values:
+                summary = run(base, f"sweep-{method}-{key}{value}", method, 0, {key: value})
+                trials.append({"value": value, "val_rsum": summary["val"]["rsum"]})
+            sweep_log[method] = trials
+            chosen[method] = {key: max(trials, key=lambda t: t["val_rsum"])["value"]}
+
+    per_method: dict[str, list[dict[str, float]]] = {}
+    seconds: dict[str, list[float]] = {}
+    for method in methods:
+        for seed in range(args.seeds):
+            suffix = "-".join(f"{k}{v}" for k, v in chosen[method].items())
+            summary = run(base, f"{method}{'-' + suffix if suffix else ''}-s{seed}", method, seed, chosen[method])
+            per_method.setdefault(method, []).append(test_metrics(summary, test_split))
+            seconds.setdefault(method, []).append(summary["train_seconds"])
+
+    teacher_metrics = test_metrics({"model": args.teacher}, test_split)
+    table = {"teacher (LiT)": {k: (v, 0.0) for k, v in teacher_metrics.items()}}
+    table.update({m: aggregate(rows) for m, rows in per_method.items()})
+    notes = {
+        m: f"{', '.join(f'{k}={v}' for k, v in chosen[m].items()) or 'defaults'}; "
+        f"{statistics.mean(seconds[m]):.0f} s/run"
+        for m in methods
+    }
+    notes.update({m: notes[m] + f" (swept on val: {sweep_log[m]})" for m in sweep_log})
+    print_table(f"emoji test split, {args.seeds} seeds, tiny student, {args.epochs} epochs", table, notes)
+
+    result: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "budget": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "k_aug": args.k_aug},
+        "teacher": {"spec": args.teacher, "test": teacher_metrics},
+        "chosen_weights": chosen,
+        "sweeps_on_val": sweep_log,
+        "methods": {
+            m: {"runs": per_method[m], "mean_std": aggregate(per_method[m]), "train_seconds": seconds[m]}
+            for m in methods
+        },
+    }
+    if args.ablation:
+        from clipdistill.distill.methods.conaclip import default_edges
+
+        full = default_edges()
+        ablation = {}
+        for removed in (None, *EDGES):
+            edges = {edge: losses for edge, losses in full.items() if edge != removed}
+            label = "full graph" if removed is None else f"without {removed}"
+            summary = run(base, f"ablation-conaclip-{removed or 'full'}", "conaclip", 0, {"edges": edges})
+            ablation[label] = test_metrics(summary, test_split)
+        print_table(
+            "ConaCLIP edge ablation (seed 0, test split)",
+            {k: {m: (v[m], 0.0) for m in METRICS} for k, v in ablation.items()},
+            {},
+        )
+        result["conaclip_ablation"] = ablation
+    atomic_write_json(args.out, result)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
