@@ -32,7 +32,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(student_app, name="student")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break paths or values inside error messages
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -223,10 +223,15 @@ def demo_command(
 def _register_commands() -> None:
     """Commands that live in their own modules (kept small: one job each)."""
     from clipdistill.cli.cache_cmd import cache_app
+    from clipdistill.cli.deploy_cmd import embed_command, export_command, index_command, search_command
     from clipdistill.cli.train_cmd import train_command
 
     app.command("train")(reports_user_errors(train_command))
     app.add_typer(cache_app, name="cache")
+    app.command("export")(export_command)
+    app.command("embed")(embed_command)
+    app.command("index")(index_command)
+    app.command("search")(search_command)
 
 
 _register_commands()

@@ -170,7 +170,7 @@ def train_lit_teacher(
             "loss": sum(losses) / len(losses),
             "val": metrics,
             "seconds": round(elapsed, 2),
-            "logit_scale": float(model.log_scale.exp()),
+            "logit_scale": float(model.log_scale.detach().exp()),
         }
         append_jsonl(log_path, record)
         if progress:

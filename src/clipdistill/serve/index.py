@@ -1,0 +1,296 @@
+"""``clipdistill index``: a self-contained FAISS index folder with a manifest.
+
+An index folder holds everything a query needs, so it can be copied to a server as one unit::
+
+    INDEX_DIR/index.faiss        inner-product FAISS index over unit image embeddings
+    INDEX_DIR/metadata.parquet   id, image_path, caption, captions, split, thumbnail (row = FAISS id)
+    INDEX_DIR/thumbs/*.jpg       small display copies of the images (the originals may move)
+    INDEX_DIR/encoders/          a copy of the export folder (ONNX graphs, tokenizer, preprocessing)
+    INDEX_DIR/manifest.json      model identity + checksums, dim, count, factory, build params
+
+How an index finds its encoders: ``clipdistill index`` copies the export folder into
+``INDEX_DIR/encoders`` (self-contained beats a path that breaks when either folder moves).
+The manifest records the source weights' checksum and each graph's sha256; :func:`check_encoders`
+refuses any other encoder (a different model, a re-export, another dimension) with the reason,
+because a query embedded by a different model returns confident nonsense, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.serve.checksums import file_sha256
+from clipdistill.serve.embed import EMBED_MANIFEST, read_embeddings
+from clipdistill.serve.encoders import EXPORT_CONFIG, TOWER_FILES, read_export_config
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+ENCODERS_DIR = "encoders"
+THUMBS_DIR = "thumbs"
+FORMAT = "clipdistill-index/1"
+
+
+class IndexBuildError(ValueError):
+    """Bad index input: unknown factory, too few vectors to train, missing files."""
+
+
+class IndexMismatchError(IndexBuildError):
+    """An encoder (or query vector) that does not belong to this index; the message says why."""
+
+
+def _normalised(vectors: np.ndarray) -> tuple[np.ndarray, float]:
+    """Unit rows (float32) and the largest deviation of an input norm from 1."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise IndexBuildError(f"{int((norms == 0).sum())} embedding(s) are all zeros; cannot index them")
+    return np.ascontiguousarray(vectors / norms, dtype=np.float32), float(np.abs(norms - 1).max())
+
+
+def build_faiss(
+    vectors: np.ndarray,
+    factory: str,
+    *,
+    ef_construction: int = 80,
+    ef_search: int = 64,
+    nprobe: int = 16,
+    seed: int = 0,
+) -> tuple[Any, dict[str, Any]]:
+    """A trained, filled inner-product index and the parameters it was built with."""
+    import faiss
+
+    dim = vectors.shape[1]
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise IndexBuildError(
+            f"FAISS cannot build factory {factory!r} for dim {dim}: {str(error).strip()[-300:]}"
+        ) from None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexBuildError(f"factory {factory!r} gave metric {index.metric_type}, expected inner product")
+    params: dict[str, Any] = {}
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        hnsw.efConstruction = ef_construction
+        params["efConstruction"] = ef_construction
+    started = time.perf_counter()
+    if not index.is_trained:
+        ivf = _ivf_of(index)
+        if ivf is not None and len(vectors) < ivf.nlist:
+            raise IndexBuildError(
+                f"factory {factory!r} needs at least {ivf.nlist} vectors to train, got {len(vectors)}"
+            )
+        rng = np.random.default_rng(seed)
+        sample = vectors if len(vectors) <= 256 * 1024 else vectors[rng.choice(len(vectors), 256 * 1024, replace=False)]
+        try:
+            index.train(sample)
+        except RuntimeError as error:  # e.g. PQ needs >= 2**nbits training points
+            message = str(error).strip().splitlines()[-1]
+            raise IndexBuildError(f"cannot train {factory!r} on {len(sample)} vectors: {message}") from None
+        params["train_size"] = len(sample)
+    index.add(vectors)
+    params["build_seconds"] = round(time.perf_counter() - started, 3)
+    params |= apply_search_params(index, ef_search=ef_search, nprobe=nprobe)
+    return index, params
+
+
+def _hnsw_of(index: Any) -> Any:
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    return inner.hnsw if hasattr(inner, "hnsw") else None
+
+
+def _ivf_of(index: Any) -> Any:
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def apply_search_params(index: Any, *, ef_search: int | None = None, nprobe: int | None = None) -> dict[str, int]:
+    """Set efSearch (HNSW) / nprobe (IVF) where the index has them; return what was set."""
+    applied: dict[str, int] = {}
+    hnsw = _hnsw_of(index)
+    if hnsw is not None and ef_search is not None:
+        hnsw.efSearch = int(ef_search)
+        applied["efSearch"] = int(ef_search)
+    ivf = _ivf_of(index)
+    if ivf is not None and nprobe is not None:
+        ivf.nprobe = min(int(nprobe), ivf.nlist)
+        applied["nprobe"] = int(ivf.nprobe)
+    return applied
+
+
+def _copy_encoders(export_dir: Path, target: Path) -> None:
+    """Copy an export folder's serving files (not parity.json's inputs) into the index."""
+    config = read_export_config(export_dir)
+    names = [*config["files"], EXPORT_CONFIG, "preprocess_config.json", "tokenizer_config.json"]
+    tokenizer = json.loads((export_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    names.append(tokenizer["file"])
+    if (export_dir / "parity.json").is_file():
+        names.append("parity.json")
+    for name in names:
+        with atomic_path(target / name) as tmp:
+            shutil.copyfile(export_dir / name, tmp)
+
+
+def _write_thumbnails(paths: list[str], out: Path, size: int) -> list[str | None]:
+    from PIL import Image
+
+    from clipdistill.serve.preprocess import ImageInputError, open_image
+
+    names: list[str | None] = []
+    for row, path in enumerate(paths):
+        name = f"{THUMBS_DIR}/{row:07d}.jpg"
+        target = out / name
+        if not target.is_file():
+            try:
+                image = open_image(path)
+            except ImageInputError:
+                names.append(None)
+                continue
+            image.thumbnail((size, size), Image.Resampling.BICUBIC)
+            with atomic_path(target) as tmp:
+                image.save(tmp, format="JPEG", quality=88)
+        names.append(name)
+    return names
+
+
+def encoder_identity(export_config: dict[str, Any], variant: str) -> dict[str, Any]:
+    return {
+        "spec": export_config["source"]["spec"],
+        "weights_sha256": export_config["source"]["weights_sha256"],
+        "embed_dim": int(export_config["embed_dim"]),
+        "encoder_sha256": {
+            tower: export_config["files"][name]["sha256"]
+            for tower, name in TOWER_FILES[variant].items()
+            if name in export_config["files"]
+        },
+    }
+
+
+def check_encoders(manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse encoders that are not the ones this index was built for, saying why."""
+    expected = manifest["model"]
+    if int(identity["embed_dim"]) != int(manifest["dim"]):
+        raise IndexMismatchError(
+            f"encoder dim {identity['embed_dim']} does not match the index dim {manifest['dim']} "
+            f"(index built with {expected['spec']})"
+        )
+    if identity["weights_sha256"] != expected["weights_sha256"]:
+        raise IndexMismatchError(
+            f"encoder weights checksum {identity['weights_sha256'][:12]}… ({identity['spec']}) does not match the "
+            f"index's {expected['weights_sha256'][:12]}… ({expected['spec']}): embeddings from different models "
+            "are not comparable; rebuild the index with this model"
+        )
+    known = expected.get("encoders", {})
+    for tower, digest in identity.get("encoder_sha256", {}).items():
+        allowed = {variant_sums.get(tower) for variant_sums in known.values()}
+        if known and digest not in allowed:
+            raise IndexMismatchError(
+                f"{tower} encoder checksum {digest[:12]}… is none of the index's encoders "
+                f"({', '.join(sorted(str(a)[:12] + '…' for a in allowed))}); re-export or rebuild the index"
+            )
+
+
+def build_index(
+    emb_dir: str | Path,
+    out: str | Path,
+    *,
+    factory: str = "HNSW32",
+    encoders: str | Path | None = None,
+    ef_construction: int = 80,
+    ef_search: int = 64,
+    nprobe: int = 16,
+    thumb_size: int = 128,
+) -> dict[str, Any]:
+    """Build INDEX_DIR from an embedding folder; returns the manifest.
+
+    ``encoders`` is the export folder to bundle; by default the one the embeddings were made
+    with (``embed --model EXPORT_DIR``). Embeddings made with torch need ``encoders`` given,
+    and it must come from the same weights.
+    """
+    import faiss
+
+    emb_dir, out = Path(emb_dir), Path(out)
+    emb_manifest, image_emb, _text_emb, metadata = read_embeddings(emb_dir)
+    model = emb_manifest["model"]
+    if encoders is None:
+        if model.get("backend") != "onnx":
+            raise IndexMismatchError(
+                f"{emb_dir} was embedded with torch ({model['spec']}); pass --encoders EXPORT_DIR "
+                f"(from `clipdistill export --model {model['spec']}`) so the index can serve queries"
+            )
+        encoders = model["export_dir"]
+    export_dir = Path(encoders)
+    export_config = read_export_config(export_dir)
+    variants = [v for v in export_config["variants"] if v in TOWER_FILES]
+    identities = {variant: encoder_identity(export_config, variant) for variant in variants}
+    fp32 = identities["fp32"]
+    draft = {"dim": int(image_emb.shape[1]), "model": {**model, "encoders": {}}}
+    check_encoders(draft, fp32)
+
+    vectors, norm_deviation = _normalised(image_emb)
+    index, params = build_faiss(vectors, factory, ef_construction=ef_construction, ef_search=ef_search, nprobe=nprobe)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # written last: its absence marks an unfinished index
+    with atomic_path(out / INDEX_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    _copy_encoders(export_dir, out / ENCODERS_DIR)
+    metadata = metadata.copy()
+    metadata["thumbnail"] = _write_thumbnails(list(metadata["image_path"]), out, thumb_size)
+    with atomic_path(out / "metadata.parquet") as tmp:
+        metadata.to_parquet(tmp, index=False)
+    manifest = {
+        "format": FORMAT,
+        "model": {
+            "spec": fp32["spec"],
+            "weights_sha256": fp32["weights_sha256"],
+            "embed_dim": fp32["embed_dim"],
+            "encoders": {variant: identity["encoder_sha256"] for variant, identity in identities.items()},
+            "embedded_with": model.get("backend"),
+        },
+        "dim": int(vectors.shape[1]),
+        "count": int(index.ntotal),
+        "factory": factory,
+        "metric": "inner_product",
+        "vectors": "image embeddings, L2-normalised (cosine similarity = inner product)",
+        "max_input_norm_deviation": norm_deviation,
+        "build_params": params,
+        "search_params": {k: v for k, v in params.items() if k in ("efSearch", "nprobe")},
+        "data": {
+            "source": str(emb_dir.resolve()),
+            "dataset": emb_manifest["dataset"],
+            "dataset_sha256": emb_manifest["dataset_sha256"],
+            "embeddings_sha256": file_sha256(emb_dir / EMBED_MANIFEST),
+            "metadata_sha256": file_sha256(out / "metadata.parquet"),
+            "index_sha256": file_sha256(out / INDEX_FILE),
+        },
+        "faiss_version": faiss.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def read_manifest(index_dir: str | Path) -> dict[str, Any]:
+    path = Path(index_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise IndexBuildError(
+            f"{index_dir} is not a finished index: {MANIFEST_FILE} is missing (run clipdistill index)"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise IndexBuildError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("metric") != "inner_product":
+        raise IndexBuildError(f"{path}: metric {manifest.get('metric')!r}; only inner_product indexes are served")
+    return manifest
