@@ -38,7 +38,7 @@ class LiTConfig:
     """Architecture of the LiT teacher. ``text_proj='none'`` keeps MiniLM's space untouched
     (best zero-shot transfer); ``'linear'`` adds a trainable map into ``embed_dim``."""
 
-    image_model: str = "resnet18d"
+    image_model: str = "resnet10t"  # measured: best recall per CPU-second of the timm trunks tried (docs/results.md)
     image_size: int = 64
     embed_dim: int = MINILM_DIM
     text_proj: str = "none"
@@ -117,6 +117,51 @@ class LiTModel(DualEncoder):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text.tokenize(texts)
+
+    # --- token features (the fusion teacher and the token cache read these) ---------------------
+    def encode_image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The trunk's last feature map as tokens (B, N, C) from model-normalised pixels.
+
+        timm's ``forward_features`` is the trunk before pooling, so these are exactly the
+        features the image embedding pools: a CNN map (B, C, h, w) becomes h·w tokens in
+        row-major order; a transformer trunk already returns (B, N, C)."""
+        features = self.trunk.forward_features(pixels)
+        if features.dim() == 4:
+            return features.flatten(2).transpose(1, 2)
+        if features.dim() != 3:
+            raise ValueError(f"{self.config.image_model}.forward_features gave shape {tuple(features.shape)}")
+        return features
+
+    def text_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, context_length) bool: which positions of :meth:`encode_text_tokens` are real tokens."""
+        mask = tokens != self.text.pad_token_id
+        return torch.nn.functional.pad(mask, (0, self.config.context_length - mask.shape[1]), value=False)
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """MiniLM's last hidden state (B, context_length, 384), zero at padding.
+
+        Always padded to ``context_length`` (whatever padding ``tokens`` has), so features of
+        batches tokenised to different lengths can be stacked (the token cache does); the
+        padding rows are exactly 0, and :meth:`text_token_mask` gives the real positions."""
+        return self.encode_text_and_tokens(tokens)[1]
+
+    def encode_text_and_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embedding, token_features, mask)`` from one MiniLM pass: the unit text embedding
+        (as :meth:`encode_text`), :meth:`encode_text_tokens` and :meth:`text_token_mask`.
+
+        MiniLM is the expensive part of the text side, so the fusion teacher, which needs the
+        sentence embedding and the tokens, gets both for the price of one forward."""
+        if tokens.shape[1] > self.config.context_length:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed context_length {self.config.context_length}")
+        mask = tokens != self.text.pad_token_id
+        with torch.no_grad():
+            hidden = self.text.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        hidden = hidden * weights
+        pooled = hidden.sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # MiniLMTextEncoder.forward's pooling
+        embedding = torch.nn.functional.normalize(self.text_proj(pooled), dim=-1)
+        pad = self.config.context_length - tokens.shape[1]
+        return embedding, torch.nn.functional.pad(hidden, (0, 0, 0, pad)), self.text_token_mask(tokens)
 
     @property
     def logit_scale(self) -> torch.Tensor:

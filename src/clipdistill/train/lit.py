@@ -32,9 +32,9 @@ class TeacherTrainConfig:
     """Budget and optimiser of the LiT teacher run (defaults: measured on the emoji set)."""
 
     model: LiTConfig = field(default_factory=LiTConfig)
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
     grad_clip: float = 1.0
