@@ -256,9 +256,16 @@ def test_rebuild_with_other_settings_replaces_the_cache(
 
 
 # --- token features ------------------------------------------------------------------------------
+def _without_token_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LiT teacher provides token features; remove them to stand for a teacher that does not."""
+    for name in ("encode_image_tokens", "encode_text_tokens"):
+        monkeypatch.delattr(LiTModel, name)
+
+
 def test_token_features_from_a_teacher_without_them_is_a_clear_error(
-    teacher_spec: str, dataset: PairedDataset, tmp_path: Path
+    teacher_spec: str, dataset: PairedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _without_token_features(monkeypatch)
     with pytest.raises(TokenFeaturesUnavailableError, match="does not provide token features"):
         build_cache(teacher_spec, dataset, tmp_path / "c", token_features=True, progress=False, **BUILD)
     assert not (tmp_path / "c").exists()
@@ -326,7 +333,10 @@ def test_cli_bad_teacher_is_one_clear_error(
     assert "Traceback" not in result.output
 
 
-def test_cli_cache_errors_exit_cleanly(teacher_spec: str, shapes_dataset_dir: Path, tmp_path: Path) -> None:
+def test_cli_cache_errors_exit_cleanly(
+    teacher_spec: str, shapes_dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _without_token_features(monkeypatch)
     args = ["build", "--teacher", teacher_spec, "--data", str(shapes_dataset_dir), "--out", str(tmp_path / "c")]
     result = runner.invoke(cache_app, [*args, "--token-features"])
     assert result.exit_code == 2 and "does not provide token features" in _flat(result.output)
