@@ -40,6 +40,9 @@ class StudentConfig:
 class TeacherConfig:
     spec: str | None = None  # model spec, e.g. run:runs/teacher or openclip:ViT-B-32@laion2b_s34b_b79k
     cache: str | None = None  # folder built by `clipdistill cache build`; online teacher when absent
+    # Single-stream fusion teacher (fusion:PATH or blip-itm:ID) for methods that use one (mcad, dcd).
+    # With `cache`, the cache must hold its states (`clipdistill cache build --fusion SPEC`).
+    fusion: str | None = None
 
 
 @dataclass(frozen=True)

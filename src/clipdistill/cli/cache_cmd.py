@@ -46,6 +46,8 @@ def _summary(out: Path) -> str:
     manifest = read_manifest(out)
     counts, prep, teacher = manifest["counts"], manifest["preprocessing"], manifest["teacher"]
     tokens = " + token features" if manifest.get("token_features") else ""
+    if manifest.get("fusion"):
+        tokens += f" + fusion states of {manifest['fusion']['spec']}"
     return (
         f"teacher cache: {teacher['spec']} (dim {teacher['embed_dim']}) on {manifest['dataset']['name']}: "
         f"{counts['images']} images x k={prep['k_augmentations']} ({counts['image_rows']} rows), "
@@ -73,6 +75,10 @@ def cache_build(
     token_features: Annotated[
         bool, typer.Option("--token-features", help="Also store token features (teachers that provide them).")
     ] = False,
+    fusion: Annotated[
+        str | None,
+        typer.Option("--fusion", help="Also store this fusion teacher's per-item states (fusion:PATH, blip-itm:ID)."),
+    ] = None,
 ) -> None:
     """Compute the teacher's embeddings for every image x augmentation and caption of a split.
 
@@ -85,6 +91,10 @@ def cache_build(
     from clipdistill.models.spec import parse_spec
 
     parse_spec(teacher)  # a typo in the spec fails before the dataset is read
+    if fusion:
+        from clipdistill.models.spec import parse_fusion_spec
+
+        parse_fusion_spec(fusion)
     resolved = resolve_device(device)
     dataset = load_dataset(data, images)
     build_cache(
@@ -98,6 +108,7 @@ def cache_build(
         batch_size=batch_size,
         device=resolved,
         token_features=token_features,
+        fusion=fusion,
     )
     console.print(_summary(out), highlight=False, markup=False, soft_wrap=True)
 

@@ -224,9 +224,11 @@ def _register_commands() -> None:
     """Commands that live in their own modules (kept small: one job each)."""
     from clipdistill.cli.cache_cmd import cache_app
     from clipdistill.cli.deploy_cmd import embed_command, export_command, index_command, search_command
+    from clipdistill.cli.fusion_cmd import train_fusion_command
     from clipdistill.cli.train_cmd import train_command
 
     app.command("train")(reports_user_errors(train_command))
+    teacher_app.command("train-fusion")(reports_user_errors(train_fusion_command))
     app.add_typer(cache_app, name="cache")
     app.command("export")(export_command)
     app.command("embed")(embed_command)

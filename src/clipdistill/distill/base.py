@@ -13,10 +13,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from clipdistill.models.fusion import FusionStates, FusionTeacher
 
 NEEDS = ("teacher_embeddings", "teacher_tokens", "fusion_scores", "fusion_features")
 
@@ -55,14 +58,21 @@ class TeacherOutputs:
     logit_scale: torch.Tensor
     image_tokens: torch.Tensor | None = None
     text_tokens: torch.Tensor | None = None
+    fusion: FusionStates | None = None  # the fusion teacher's per-item states, when one is configured
 
 
 class TeacherSource:
     """Gives teacher outputs for a batch: :class:`OnlineTeacher` runs the frozen teacher,
-    ``distill.cache.CachedTeacher`` reads them from disk. Both give the same numbers."""
+    ``distill.cache.CachedTeacher`` reads them from disk. Both give the same numbers.
+
+    ``fusion`` is the frozen fusion teacher when one is configured (key ``teacher.fusion``):
+    the source then also fills :attr:`TeacherOutputs.fusion` with its per-item states, and a
+    method scores the pairs it needs with ``fusion.pair_logits(states, ...)`` (cheap: the pair
+    head only), whether the states were computed now or read from the cache."""
 
     embed_dim: int
     spec: str
+    fusion: FusionTeacher | None = None
 
     def __call__(self, batch: Batch) -> TeacherOutputs:
         raise NotImplementedError
@@ -104,6 +114,9 @@ class DistillMethod(nn.Module):
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: What the method uses when it is configured but can do without (DCD's fusion scores fall
+    #: back to the dual teacher's); the trainer refuses a configured input no method uses.
+    optional_needs: ClassVar[frozenset[str]] = frozenset()
     Args: ClassVar[type[MethodArgs]] = MethodArgs
 
     def __init__(self, student_dim: int, teacher: TeacherSource | None, args: MethodArgs) -> None:
@@ -130,7 +143,7 @@ def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
     """Class decorator: adding a method = one file + this decorator (+ one import line)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no 'name'")
-    unknown = set(cls.needs) - set(NEEDS)
+    unknown = (set(cls.needs) | set(cls.optional_needs)) - set(NEEDS)
     if unknown:
         raise ValueError(f"{cls.__name__}.needs has unknown entries {sorted(unknown)}; valid: {NEEDS}")
     _REGISTRY[cls.name] = cls

@@ -18,11 +18,30 @@ Layout of a cache folder::
     images-00000.safetensors   embeddings (n, D) float32, aug_ids (n,) int64; metadata keys = image ids
     texts-00000.safetensors    embeddings (m, D) float32;                    metadata keys = caption ids
     image_tokens-00000.safetensors, text_tokens-00000.safetensors   tokens (optional, same rows)
+    fusion_images-00000.safetensors   fusion teacher states (rows, N, ...), global (rows, G)   (optional)
+    fusion_texts-00000.safetensors    fusion states ragged (tokens, ...), lengths (m,), global (m, G)
     manifest.json              written last, atomically: a cache without it is unfinished
 
 Image rows are image-major: global row ``r`` holds augmentation ``r % k`` of image
 ``image_ids[r // k]``; text rows follow ``caption_ids``. Shard ``s`` holds rows
 ``[start, start + rows)`` as listed in the manifest.
+
+**Fusion teacher outputs** (``build_cache(..., fusion=SPEC)``, ``cache build --fusion SPEC``).
+MCAD and DCD need fusion match logits for pairs *inside a training batch* (all B² of them, or
+each row's dual top-k, or each query's mined candidates), and which pairs share a batch is
+decided by the run's epoch plan (seed, epoch, batch size). A pair table is therefore either all
+N_images·k × N_captions pairs (about 42M for the emoji train split, quadratic in the data) or
+tied to one (seed, batch size, epochs) plan and useless to every other run. So we cache what is
+exact for any plan instead: the fusion teacher's **per-item states** (see
+:mod:`clipdistill.models.fusion`: everything that depends on one image row or one caption,
+i.e. the dual towers' tokens after the fusion teacher's input projections, and its dual-stage
+embeddings), keyed exactly like the embeddings. Per step, :class:`CachedTeacher` gathers the
+batch's states and the method runs only the fusion **pair head** on the pairs it needs (for
+``fusion:`` one cross-attention layer each way on a few tokens plus an MLP, about 0.2 MFLOP per
+pair); the towers, which are the expensive part, never run during training. Scores, pooled pair
+features and the heads g, h are then the same function of the same inputs online and cached, so
+losses agree to float rounding. The fusion shards carry their own headers (fusion spec and
+weights fingerprint added), so adding a fusion teacher to a cache reuses its embedding shards.
 """
 
 from __future__ import annotations
@@ -46,6 +65,7 @@ from clipdistill.io import atomic_path, atomic_write_json
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "FUSION_KINDS",
     "MANIFEST_FILE",
     "CacheCorruptError",
     "CacheError",
@@ -67,7 +87,17 @@ MANIFEST_FILE = "manifest.json"
 # to_unit) or replay_augmentation changes its output, so old caches are refused, not misread.
 PIPELINE = "load_image_tensor(bicubic, rgb on white) > to_unit > replay_augmentation/v1"
 KINDS = ("images", "texts", "image_tokens", "text_tokens")
-_SHARD_RE = re.compile(r"^(images|texts|image_tokens|text_tokens)-\d{5}\.safetensors$")
+FUSION_KINDS = ("fusion_images", "fusion_texts")
+_SHARD_RE = re.compile(r"^(images|texts|image_tokens|text_tokens|fusion_images|fusion_texts)-\d{5}\.safetensors$")
+#: Which header (and which row keys) each kind of shard is checked against.
+_HEADER_OF = {
+    "images": "images",
+    "image_tokens": "images",
+    "texts": "texts",
+    "text_tokens": "texts",
+    "fusion_images": "fusion_images",
+    "fusion_texts": "fusion_texts",
+}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -154,6 +184,11 @@ def _teacher_files(spec: str) -> list[Path] | None:
     from clipdistill.models.spec import parse_spec
 
     parsed = parse_spec(spec)
+    if parsed.schema == "fusion":
+        from clipdistill.models import fusion
+
+        directory = Path(parsed.name)
+        return [directory / name for name in (fusion.CONFIG_FILE, fusion.WEIGHTS_FILE) if (directory / name).is_file()]
     if parsed.schema == "run":
         from clipdistill.models import lit, students
         from clipdistill.models.teachers import resolve_run_dir
@@ -161,7 +196,7 @@ def _teacher_files(spec: str) -> list[Path] | None:
         kind, directory = resolve_run_dir(parsed.name)
         names = (lit.MODEL_FILE, lit.WEIGHTS_FILE) if kind == "lit" else (students.CONFIG_FILE, students.WEIGHTS_FILE)
         return [directory / name for name in names if (directory / name).is_file()]
-    if parsed.schema in ("local-dir", "hf") and Path(parsed.name).is_dir():
+    if parsed.schema in ("local-dir", "hf", "blip-itm") and Path(parsed.name).is_dir():
         directory = Path(parsed.name)
         return sorted(
             p
@@ -328,9 +363,13 @@ def build_cache(
     device: str | torch.device = "cpu",
     progress: bool = True,
     token_features: bool = False,
+    fusion: str | None = None,
 ) -> Path:
     """Compute the teacher's outputs for every image × augmentation 0..k-1 and every caption of
     ``split``, and write them to ``out`` (see the module docstring for the layout).
+
+    ``fusion`` (a ``fusion:``/``blip-itm:`` spec) also stores that fusion teacher's per-item
+    states for the same rows (see the module docstring for why states, not pair scores).
 
     Pixels are produced exactly as the trainer produces them: decode at ``image_size``
     (default: the teacher's input size), :func:`to_unit`, :func:`replay_augmentation` with
@@ -341,7 +380,7 @@ def build_cache(
     untouched. ``manifest.json`` is written last, so a folder without it is never read.
     """
     from clipdistill.device import resolve_device
-    from clipdistill.models.spec import parse_spec
+    from clipdistill.models.spec import parse_fusion_spec, parse_spec
 
     if k_augmentations < 1:
         raise CacheError(f"k_augmentations must be >= 1, got {k_augmentations}")
@@ -349,6 +388,7 @@ def build_cache(
         raise CacheError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     out = Path(out)
     spec = str(parse_spec(teacher_spec))  # a typo fails before any work
+    fusion_spec = str(parse_fusion_spec(fusion)) if fusion else None
     torch_device = resolve_device(str(device))
     fingerprint = teacher_fingerprint(spec)
     subset = dataset.split(split)
@@ -365,6 +405,16 @@ def build_cache(
             if token_features:
                 _check_token_features(teacher.model, spec)
         return teacher
+
+    fusion_teacher = None
+
+    def get_fusion() -> Any:
+        nonlocal fusion_teacher
+        if fusion_teacher is None:
+            from clipdistill.models.teachers import load_fusion_teacher
+
+            fusion_teacher = load_fusion_teacher(str(fusion_spec), device=torch_device)
+        return fusion_teacher
 
     if token_features:
         get_teacher()  # refuse a teacher without token features before anything else
@@ -388,9 +438,15 @@ def build_cache(
     header_hash = _canonical_hash(header)
     # Caption embeddings do not depend on pixels, so text shards carry a header without the
     # preprocessing: changing k or the augmentation reuses them instead of re-encoding text.
-    text_header_hash = _canonical_hash({key: value for key, value in header.items() if key != "preprocessing"})
-    shard_headers = {"images": header_hash, "texts": text_header_hash}
-    if _manifest_matches(out, header_hash):
+    text_header = {key: value for key, value in header.items() if key != "preprocessing"}
+    shard_headers = {"images": header_hash, "texts": _canonical_hash(text_header)}
+    fusion_info = None
+    request_hash = header_hash
+    if fusion_spec is not None:
+        fusion_info = {"spec": fusion_spec, "fingerprint": teacher_fingerprint(fusion_spec)}
+        shard_headers["fusion_images"] = request_hash = _canonical_hash({**header, "fusion": fusion_info})
+        shard_headers["fusion_texts"] = _canonical_hash({**text_header, "fusion": fusion_info})
+    if _manifest_matches(out, request_hash):
         return out
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rebuilt folder must never look finished
@@ -402,15 +458,30 @@ def build_cache(
     image_plan = _shards("images", len(image_ids) * k, shard_size)
     text_plan = _shards("texts", len(caption_ids), shard_size)
     entries: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS[: 4 if token_features else 2]}
+    if fusion_info is not None:
+        entries.update({kind: [] for kind in FUSION_KINDS})
 
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(image_ids) * k + len(caption_ids), desc="teacher cache", unit="row", leave=False)
+        passes = 2 if fusion_info is not None else 1
+        total = passes * (len(image_ids) * k + len(caption_ids))
+        bar = tqdm(total=total, desc="teacher cache", unit="row", leave=False)
 
     def entry(shard: _Shard, sha: str) -> dict[str, Any]:
         return {"file": shard.file, "sha256": sha, "start": shard.start, "rows": shard.stop - shard.start}
+
+    def replayed_pixels(first: int, last: int) -> torch.Tensor:
+        """Unit pixels of image rows [first, last), exactly as the trainer replays them."""
+        batch_keys, batch_augs = _image_row_keys(image_ids, k, first, last)
+        unique = sorted({r // k for r in range(first, last)})
+        decoded = to_unit(load_image_tensor([paths[i] for i in unique], image_size))
+        where = {index: row for row, index in enumerate(unique)}
+        unit_pixels = decoded[[where[r // k] for r in range(first, last)]]
+        return replay_augmentation(
+            unit_pixels, batch_keys, batch_augs, seed=seed, scale=aug_scale, max_shift=aug_max_shift
+        ).to(torch_device)
 
     for plan, kind in ((image_plan, "images"), (text_plan, "texts")):
         for shard in plan:
@@ -433,14 +504,7 @@ def build_cache(
             for first, last in _batches(shard.start, shard.stop, batch_size):
                 with torch.no_grad():
                     if kind == "images":
-                        batch_keys, batch_augs = _image_row_keys(image_ids, k, first, last)
-                        unique = sorted({r // k for r in range(first, last)})
-                        decoded = to_unit(load_image_tensor([paths[i] for i in unique], image_size))
-                        where = {index: row for row, index in enumerate(unique)}
-                        unit_pixels = decoded[[where[r // k] for r in range(first, last)]]
-                        pixels = replay_augmentation(
-                            unit_pixels, batch_keys, batch_augs, seed=seed, scale=aug_scale, max_shift=aug_max_shift
-                        ).to(torch_device)
+                        pixels = replayed_pixels(first, last)
                         embeddings.append(model.embed_images(pixels).float().cpu())
                         if token_features:
                             tokens.append(model.encode_image_tokens(model.prepare_pixels(pixels)).float().cpu())
@@ -460,6 +524,26 @@ def build_cache(
             for unit, unit_tensors in written:
                 meta = _shard_metadata(shard_headers[kind], unit, keys, _content_sha256(unit_tensors, keys))
                 entries[unit.kind].append(entry(unit, _write_shard(out / unit.file, unit_tensors, meta)))
+
+    if fusion_info is not None:  # the fusion teacher's per-item states, same rows and keys
+        for plan, kind in ((image_plan, "images"), (text_plan, "texts")):
+            fusion_kind = f"fusion_{kind}"
+            for shard in plan:
+                unit = _Shard(fusion_kind, shard.index, shard.start, shard.stop)
+                if kind == "images":
+                    keys = _image_row_keys(image_ids, k, shard.start, shard.stop)[0]
+                else:
+                    keys = caption_ids[shard.start : shard.stop]
+                sha = _reusable(out / unit.file, shard_headers[fusion_kind], unit, keys)
+                if sha is None:
+                    unit_tensors = _fusion_states_shard(
+                        get_fusion(), kind, shard, batch_size, replayed_pixels, texts, bar
+                    )
+                    meta = _shard_metadata(shard_headers[fusion_kind], unit, keys, _content_sha256(unit_tensors, keys))
+                    sha = _write_shard(out / unit.file, unit_tensors, meta)
+                elif bar is not None:
+                    bar.update(len(keys))
+                entries[fusion_kind].append(entry(unit, sha))
     if bar is not None:
         bar.close()
 
@@ -473,7 +557,7 @@ def build_cache(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "header_hash": header_hash,
+        "header_hash": request_hash,
         "shard_headers": shard_headers,
         "teacher": {
             "spec": spec,
@@ -504,8 +588,56 @@ def build_cache(
         "caption_ids": caption_ids,
         "shards": entries,
     }
+    if fusion_info is not None:
+        loaded = get_fusion()
+        manifest["fusion"] = {
+            **fusion_info,
+            "kind": loaded.kind,
+            "global_dim": loaded.global_dim,
+            "pooled_dim": loaded.pooled_dim,
+            "dual_spec": loaded.dual_spec,
+        }
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return out
+
+
+def _fusion_states_shard(
+    fusion: Any,
+    kind: str,
+    shard: _Shard,
+    batch_size: int,
+    replayed_pixels: Any,
+    texts: Sequence[str],
+    bar: Any,
+) -> dict[str, torch.Tensor]:
+    """The fusion teacher's per-item states for one shard's rows. Caption states are stored
+    ragged (only real tokens, plus ``lengths``): captions are short and padding them all to the
+    longest would multiply the text shards' size."""
+    from clipdistill.models.fusion import unpad_texts
+
+    def host(tensor: torch.Tensor) -> torch.Tensor:
+        return (tensor.float() if tensor.is_floating_point() else tensor).cpu()
+
+    states: list[torch.Tensor] = []
+    globals_: list[torch.Tensor] = []
+    lengths: list[int] = []
+    for first, last in _batches(shard.start, shard.stop, batch_size):
+        if kind == "images":
+            image, image_global = fusion.image_states(replayed_pixels(first, last))
+            states.append(host(image))
+            globals_.append(host(image_global))
+        else:
+            text, mask, text_global = fusion.text_states(texts[first:last])
+            rows = unpad_texts(host(text), mask.cpu())
+            states.extend(rows)
+            lengths.extend(len(row) for row in rows)
+            globals_.append(host(text_global))
+        if bar is not None:
+            bar.update(last - first)
+    tensors = {"states": torch.cat(states), "global": torch.cat(globals_)}
+    if kind == "texts":
+        tensors["lengths"] = torch.tensor(lengths, dtype=torch.int64)
+    return tensors
 
 
 def _check_token_features(model: Any, spec: str) -> None:
@@ -527,12 +659,14 @@ def _rebuild_hint(
     split: str,
     prep: dict[str, Any],
     token_features: bool,
+    fusion: str | None = None,
 ) -> str:
     scale = prep["aug_scale"]
     command = (
         f"clipdistill cache build --teacher {spec} --data {dataset.source or 'DATA'} --out {path} --split {split} "
         f"--k-aug {prep['k_augmentations']} --image-size {prep['image_size']} --seed {prep['seed']}"
         + (" --token-features" if token_features else "")
+        + (f" --fusion {fusion}" if fusion else "")
     )
     if scale != [0.8, 1.0] or prep["aug_max_shift"] != 0.1:
         command += f"  (with aug_scale={scale}, aug_max_shift={prep['aug_max_shift']} through the Python API)"
@@ -558,6 +692,8 @@ class CachedTeacher(TeacherSource):
         image_tokens: torch.Tensor | None = None,
         text_tokens: torch.Tensor | None = None,
         device: str | torch.device = "cpu",
+        fusion_tables: dict[str, torch.Tensor] | None = None,
+        fusion: Any = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -573,6 +709,10 @@ class CachedTeacher(TeacherSource):
             "text_tokens": text_tokens,
             "logit_scale": torch.tensor(float(manifest["teacher"]["logit_scale"]), dtype=torch.float32),
         }
+        # Fusion states: image rows (rows, N, ...) and globals; captions ragged: ``text_flat``
+        # rows [text_offsets[j], text_offsets[j] + text_lengths[j]) are caption j's tokens.
+        self._fusion_tables: dict[str, torch.Tensor] = dict(fusion_tables or {})
+        self.fusion = fusion  # the frozen fusion teacher whose pair head scores the states
         self._device = torch.device("cpu")
         self.device = device
 
@@ -586,6 +726,9 @@ class CachedTeacher(TeacherSource):
         ``index_select`` and nothing is copied host-to-device per step."""
         self._device = torch.device(value)
         self._tables = {name: None if t is None else t.to(self._device) for name, t in self._tables.items()}
+        self._fusion_tables = {name: t.to(self._device) for name, t in self._fusion_tables.items()}
+        if self.fusion is not None:
+            self.fusion.to(self._device)
 
     def to(self, device: str | torch.device) -> CachedTeacher:
         self.device = device
@@ -613,24 +756,30 @@ class CachedTeacher(TeacherSource):
         aug_max_shift: float,
         token_features: bool = False,
         device: str | torch.device = "cpu",
+        fusion: str | None = None,
     ) -> CachedTeacher:
         """Open a cache after checking it was built for exactly this request.
 
         Each field the trainer depends on is compared and a difference is a
         :class:`CacheMismatchError` naming the field, both values and the rebuild command; a
         missing or altered shard is a :class:`CacheCorruptError` naming the file.
+
+        ``fusion`` (a fusion teacher spec) also serves that teacher's per-item states
+        (:attr:`TeacherOutputs.fusion`) and loads its pair head (``self.fusion``); the cache must
+        have been built with the same fusion teacher (same weights).
         """
-        from clipdistill.models.spec import parse_spec
+        from clipdistill.models.spec import parse_fusion_spec, parse_spec
 
         path = Path(path)
         manifest = read_manifest(path)
         spec = str(parse_spec(teacher_spec))
+        fusion_spec = str(parse_fusion_spec(fusion)) if fusion else None
         try:
             fingerprint = teacher_fingerprint(spec)
         except (OSError, ValueError):  # the teacher folder may be gone: the cache is all we need
             fingerprint = None
         prep = _preprocessing(image_size, k_augmentations, seed, aug_scale, aug_max_shift)
-        hint = _rebuild_hint(path, spec, dataset, split, prep, token_features)
+        hint = _rebuild_hint(path, spec, dataset, split, prep, token_features, fusion_spec)
         subset = dataset.split(split)
         cached_prep = manifest["preprocessing"]
 
@@ -660,10 +809,36 @@ class CachedTeacher(TeacherSource):
             raise refuse("preprocessing_hash", cached_prep.get("hash"), prep["hash"])
         if token_features and not manifest.get("token_features"):
             raise refuse("token_features", False, True)
-        return cls._load(path, manifest, token_features=token_features, device=device)
+        fusion_teacher = None
+        if fusion_spec is not None:
+            cached_fusion = manifest.get("fusion")
+            if not cached_fusion:
+                raise refuse("fusion", None, fusion_spec)
+            try:
+                fusion_fingerprint = teacher_fingerprint(fusion_spec)
+            except (OSError, ValueError):
+                fusion_fingerprint = None
+            if not _same_teacher(cached_fusion, fusion_spec, fusion_fingerprint):
+                raise refuse("fusion", cached_fusion["spec"], fusion_spec)
+            from clipdistill.models.teachers import load_fusion_teacher
+
+            # Only the pair head is needed: the states it scores come from the cache.
+            fusion_teacher = load_fusion_teacher(fusion_spec, with_encoders=False)
+        loaded = cls._load(path, manifest, token_features=token_features, device="cpu", fusion=fusion_spec is not None)
+        loaded.fusion = fusion_teacher
+        loaded.device = device
+        return loaded
 
     @classmethod
-    def _load(cls, path: Path, manifest: dict[str, Any], *, token_features: bool, device: str | torch.device) -> Any:
+    def _load(
+        cls,
+        path: Path,
+        manifest: dict[str, Any],
+        *,
+        token_features: bool,
+        device: str | torch.device,
+        fusion: bool = False,
+    ) -> Any:
         from safetensors import safe_open
 
         k = int(manifest["preprocessing"]["k_augmentations"])
@@ -672,6 +847,7 @@ class CachedTeacher(TeacherSource):
 
         def load(kind: str, tensor: str) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
             parts, keys, augs = [], [], []
+            extra: dict[str, list[torch.Tensor]] = {}
             for entry in manifest["shards"][kind]:
                 file = path / entry["file"]
                 if not file.is_file():
@@ -685,19 +861,27 @@ class CachedTeacher(TeacherSource):
                     meta = handle.metadata() or {}
                     shard_keys = json.loads(meta.get("keys", "[]"))
                     start, rows = int(entry["start"]), int(entry["rows"])
+                    header_kind = _HEADER_OF[kind]
                     expected = (
                         _image_row_keys(image_ids, k, start, start + rows)[0]
-                        if kind in ("images", "image_tokens")
+                        if header_kind in ("images", "fusion_images")
                         else caption_ids[start : start + rows]
                     )
-                    header = manifest["shard_headers"]["images" if kind in ("images", "image_tokens") else "texts"]
+                    header = manifest["shard_headers"][header_kind]
                     if meta.get("header") != header or shard_keys != expected:
                         raise CacheCorruptError(f"teacher cache shard {file} belongs to another build; rebuild")
                     parts.append(handle.get_tensor(tensor))
                     if kind == "images":
                         augs.append(handle.get_tensor("aug_ids"))
+                    if kind in FUSION_KINDS:
+                        names = [name for name in handle.keys() if name != tensor]  # noqa: SIM118 (not a dict)
+                        for name in names:
+                            extra.setdefault(name, []).append(handle.get_tensor(name))
                 keys.extend(shard_keys)
+            loaded_extra[kind] = {name: torch.cat(values) for name, values in extra.items()}
             return torch.cat(parts), keys, torch.cat(augs) if augs else None
+
+        loaded_extra: dict[str, dict[str, torch.Tensor]] = {}
 
         image_table, image_keys, aug_ids = load("images", "embeddings")
         text_table, text_keys, _ = load("texts", "embeddings")
@@ -706,7 +890,27 @@ class CachedTeacher(TeacherSource):
         text_rows = {key: row for row, key in enumerate(text_keys)}
         image_tokens = load("image_tokens", "tokens")[0] if token_features else None
         text_tokens = load("text_tokens", "tokens")[0] if token_features else None
-        return cls(path, manifest, image_table, image_rows, text_table, text_rows, image_tokens, text_tokens, device)
+        fusion_tables: dict[str, torch.Tensor] = {}
+        if fusion:
+            fusion_tables["image"] = load("fusion_images", "states")[0]
+            fusion_tables["image_global"] = loaded_extra["fusion_images"]["global"]
+            fusion_tables["text_flat"] = load("fusion_texts", "states")[0]
+            lengths = loaded_extra["fusion_texts"]["lengths"]
+            fusion_tables["text_lengths"] = lengths
+            fusion_tables["text_offsets"] = torch.cumsum(lengths, 0) - lengths
+            fusion_tables["text_global"] = loaded_extra["fusion_texts"]["global"]
+        return cls(
+            path,
+            manifest,
+            image_table,
+            image_rows,
+            text_table,
+            text_rows,
+            image_tokens,
+            text_tokens,
+            device,
+            fusion_tables=fusion_tables,
+        )
 
     def _rows_for_images(self, batch: Batch) -> torch.Tensor:
         augs = [int(a) for a in batch.aug_ids.tolist()]
@@ -746,4 +950,26 @@ class CachedTeacher(TeacherSource):
             logit_scale=self.logit_scale,
             image_tokens=None if image_tokens is None else image_tokens.index_select(0, image_rows),
             text_tokens=None if text_tokens is None else text_tokens.index_select(0, text_rows),
+            fusion=self._fusion_states(image_rows, text_rows) if self._fusion_tables else None,
+        )
+
+    def _fusion_states(self, image_rows: torch.Tensor, text_rows: torch.Tensor) -> Any:
+        """The batch's fusion states: image rows gathered, captions re-padded to the batch's
+        longest (zeros + mask, as the fusion teacher pads them online)."""
+        from clipdistill.models.fusion import FusionStates
+
+        tables = self._fusion_tables
+        lengths = tables["text_lengths"].index_select(0, text_rows)
+        starts = tables["text_offsets"].index_select(0, text_rows)
+        positions = torch.arange(int(lengths.max()), device=self._device)
+        mask = positions[None, :] < lengths[:, None]
+        flat_index = (starts[:, None] + positions[None, :]).clamp(max=tables["text_flat"].shape[0] - 1)
+        text = tables["text_flat"][flat_index]
+        text = torch.where(mask.view(*mask.shape, *([1] * (text.dim() - 2))), text, torch.zeros_like(text))
+        return FusionStates(
+            image=tables["image"].index_select(0, image_rows),
+            image_global=tables["image_global"].index_select(0, image_rows),
+            text=text,
+            text_mask=mask,
+            text_global=tables["text_global"].index_select(0, text_rows),
         )

@@ -173,3 +173,118 @@ def openclip_distill_loss(
         image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale
     )
     return contrastive + distill
+
+
+# --- MCAD ------------------------------------------------------------------------------------------
+def topk_pair_mask(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """(B_i, B_t) bool: each row's top-``k`` columns ∪ each column's top-``k`` rows.
+
+    MCAD's ``fusion_pairs: topk`` scores only these pairs with the fusion teacher: a row's top-k
+    are the captions its image distribution is decided on (i2t), a column's top-k the images
+    of that caption's (t2i), so both distillation directions see fused scores where they matter."""
+    rows = similarity.topk(min(k, similarity.shape[1]), dim=1).indices
+    cols = similarity.topk(min(k, similarity.shape[0]), dim=0).indices
+    mask = torch.zeros_like(similarity, dtype=torch.bool)
+    mask.scatter_(1, rows, True)
+    mask.scatter_(0, cols, True)
+    return mask
+
+
+def fused_similarity(
+    dual_similarity: torch.Tensor,
+    fusion_logits: torch.Tensor,
+    mask: torch.Tensor,
+    mu: float,
+    standardise: Literal["dual", "unit"] = "dual",
+) -> torch.Tensor:
+    """MCAD's modified similarity Ŝ = S + μ·z(F) on the entries in ``mask`` (S elsewhere).
+
+    z standardises the fusion logits over the masked entries of the batch (mean 0, then divided
+    by their standard deviation, population form): ``"unit"`` stops there (std 1); ``"dual"``
+    multiplies by the standard deviation of S over the same entries, so μ is a fraction of the
+    dual similarities' own spread and the two terms are on one scale whatever the fusion
+    teacher's logit range. A constant F (std 0) adds nothing. Entries of ``fusion_logits``
+    outside ``mask`` are ignored."""
+    if standardise not in ("dual", "unit"):
+        raise ValueError(f"unknown standardise {standardise!r}; valid: 'dual', 'unit'")
+    values = fusion_logits[mask]
+    if values.numel() == 0:
+        return dual_similarity
+    spread = values.std(unbiased=False)
+    if float(spread) == 0.0:
+        return dual_similarity
+    z = (fusion_logits - values.mean()) / spread
+    if standardise == "dual":
+        z = z * dual_similarity[mask].std(unbiased=False)
+    return dual_similarity + mu * torch.where(mask, z, torch.zeros_like(z))
+
+
+# --- DCD -------------------------------------------------------------------------------------------
+def entropy_shares(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DCD's weights e_b = (Σ_k p_bk log p_bk) / Σ_b' Σ_k p_b'k log p_b'k, p_b = softmax(z_b):
+    each query's share of the batch's teacher entropy (they sum to 1; an uncertain teacher row
+    weighs more). When every row is one-hot (total entropy 0) all shares are equal, the limit
+    of equal certainty."""
+    log_p = F.log_softmax(teacher_logits.float(), dim=1)
+    negative_entropy = (log_p.exp() * log_p).sum(dim=1)
+    total = negative_entropy.sum()
+    if float(total) == 0.0:
+        return torch.full_like(negative_entropy, 1.0 / negative_entropy.numel())
+    return negative_entropy / total
+
+
+def dcd_loss(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    alpha: float = 0.2,
+    temperature: float = 1.0,
+    per_sample_kd_weight: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One direction of DCD on mined candidates; column 0 is each query's positive.
+
+    ``teacher_logits``, ``student_logits``: (B, K) scores of each query's K candidates.
+    Returns ``{"loss", "distill", "self", "shares", "kd_weights"}``:
+
+    - shares e_b: :func:`entropy_shares` of the teacher logits;
+    - distillation d = T²·MSE(z/T, s/T). With ``per_sample_kd_weight`` (the paper): per-query
+      MSE (mean over the K slots) weighted by r_b = softmax_b((1 − e_b)²) and summed. Without
+      (the released code): the batch-mean MSE; the code multiplies that already batch-reduced
+      value by per-sample weights that sum to 1, so the weights do nothing (r_b = 1/B here);
+    - self-learning n = Σ_b e_b · BCEWithLogits(s_b, [1, 0, …, 0]) (mean over the K slots);
+    - loss = α·d + (1 − α)·n."""
+    if teacher_logits.shape != student_logits.shape or teacher_logits.dim() != 2:
+        raise ValueError(f"teacher and student candidate logits differ: {teacher_logits.shape}, {student_logits.shape}")
+    shares = entropy_shares(teacher_logits).to(student_logits.dtype)
+    per_query = ((teacher_logits / temperature - student_logits / temperature) ** 2).mean(dim=1) * temperature**2
+    if per_sample_kd_weight:
+        kd_weights = torch.softmax((1.0 - shares) ** 2, dim=0)
+    else:
+        kd_weights = torch.full_like(shares, 1.0 / shares.numel())
+    distill = (kd_weights * per_query).sum()
+    targets = torch.zeros_like(student_logits)
+    targets[:, 0] = 1.0
+    bce = F.binary_cross_entropy_with_logits(student_logits, targets, reduction="none").mean(dim=1)
+    self_learning = (shares * bce).sum()
+    return {
+        "loss": alpha * distill + (1.0 - alpha) * self_learning,
+        "distill": distill,
+        "self": self_learning,
+        "shares": shares,
+        "kd_weights": kd_weights,
+    }
+
+
+# --- ComKD -----------------------------------------------------------------------------------------
+def moment_alignment(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ComKD's IFAlign: Σ_d |μ_d(x) − μ_d(y)| + |σ²_d(x) − σ²_d(y)|, mean and (population)
+    variance of each feature dimension d over the batch, summed over dimensions."""
+    if features.shape[1] != target.shape[1]:
+        raise ValueError(f"feature dims differ: {features.shape[1]} vs {target.shape[1]}")
+    mean_gap = (features.mean(dim=0) - target.mean(dim=0)).abs()
+    var_gap = (features.var(dim=0, unbiased=False) - target.var(dim=0, unbiased=False)).abs()
+    return (mean_gap + var_gap).sum()
+
+
+def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(Q·Kᵀ / scale)·V: ComKD's EduAttention read-out (scale C, default √d)."""
+    return torch.softmax(queries @ keys.t() / scale, dim=1) @ values

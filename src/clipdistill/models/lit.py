@@ -124,10 +124,14 @@ class LiTModel(DualEncoder):
 
         timm's ``forward_features`` is the trunk before pooling, so these are exactly the
         features the image embedding pools: a CNN map (B, C, h, w) becomes h·w tokens in
-        row-major order; a transformer trunk already returns (B, N, C)."""
+        row-major order (channels-last maps (B, h, w, C), e.g. MambaOut's, too); a
+        transformer trunk already returns (B, N, C)."""
         features = self.trunk.forward_features(pixels)
-        if features.dim() == 4:
+        channels = int(self.trunk.num_features)
+        if features.dim() == 4 and features.shape[1] == channels:
             return features.flatten(2).transpose(1, 2)
+        if features.dim() == 4 and features.shape[-1] == channels:
+            return features.flatten(1, 2)
         if features.dim() != 3:
             raise ValueError(f"{self.config.image_model}.forward_features gave shape {tuple(features.shape)}")
         return features

@@ -17,7 +17,12 @@ SCHEMAS: dict[str, str] = {
     "local-dir": "local-dir:PATH  (an open_clip folder: open_clip_config.json + weights)",
     "hf": "hf:ID_OR_PATH  (a transformers CLIPModel, e.g. hf:openai/clip-vit-base-patch32)",
     "run": "run:PATH  (a clipdistill checkpoint or run folder)",
+    "blip-itm": "blip-itm:ID_OR_PATH  (fusion teacher: BLIP ITM, e.g. blip-itm:Salesforce/blip-itm-base-coco)",
+    "fusion": "fusion:PATH  (fusion teacher: a folder written by `clipdistill teacher train-fusion`)",
 }
+#: Schemas naming a single-stream fusion teacher (scores an image-caption pair jointly), not a
+#: dual encoder: they go in the ``teacher.fusion`` key, never where a dual encoder is expected.
+FUSION_SCHEMAS = ("blip-itm", "fusion")
 
 
 class ModelSpecError(ValueError):
@@ -78,3 +83,14 @@ def parse_spec(spec: str | ModelSpec) -> ModelSpec:
     if schema == "hf-hub" and identifier.count("/") != 1:
         raise ModelSpecError(f"model spec {spec!r}: hf-hub needs exactly ORG/REPO, got {identifier!r}")
     return ModelSpec(schema, identifier)
+
+
+def parse_fusion_spec(spec: str | ModelSpec) -> ModelSpec:
+    """Parse a fusion-teacher spec; a dual-encoder spec here is an error naming the valid ones."""
+    parsed = parse_spec(spec)
+    if parsed.schema not in FUSION_SCHEMAS:
+        valid = "\n  ".join(SCHEMAS[s] for s in FUSION_SCHEMAS)
+        raise ModelSpecError(
+            f"{str(parsed)!r} names a dual encoder, not a fusion teacher; a fusion teacher spec is one of:\n  {valid}"
+        )
+    return parsed

@@ -68,7 +68,10 @@ def epoch_plan(caption_counts: torch.Tensor, k_augmentations: int, seed: int, ep
 
 
 def build_teacher_source(config: TrainConfig, dataset: PairedDataset, device: torch.device) -> TeacherSource | None:
-    """Cached teacher when ``teacher.cache`` is set, the online teacher when only ``teacher.spec`` is."""
+    """Cached teacher when ``teacher.cache`` is set, the online teacher when only ``teacher.spec`` is.
+
+    With ``teacher.fusion`` the source also gives that fusion teacher's per-item states: from
+    the cache (which must hold them) or computed online."""
     if config.teacher.cache:
         from clipdistill.distill.cache import CachedTeacher
 
@@ -84,14 +87,20 @@ def build_teacher_source(config: TrainConfig, dataset: PairedDataset, device: to
             seed=config.augment.seed,
             aug_scale=config.augment.scale,
             aug_max_shift=config.augment.max_shift,
+            fusion=config.teacher.fusion,
         )
         source.device = device
         return source
     if config.teacher.spec:
         from clipdistill.distill.teacher_source import OnlineTeacher
-        from clipdistill.models.teachers import load_teacher
+        from clipdistill.models.teachers import load_fusion_teacher, load_teacher
 
-        return OnlineTeacher(load_teacher(config.teacher.spec, device=device))
+        online: TeacherSource = OnlineTeacher(load_teacher(config.teacher.spec, device=device))
+        if config.teacher.fusion:
+            from clipdistill.distill.fusion_source import OnlineFusion
+
+            online = OnlineFusion(online, load_fusion_teacher(config.teacher.fusion, device=device))
+        return online
     return None
 
 
@@ -101,11 +110,32 @@ def check_needs(config: TrainConfig, method_cls: type[DistillMethod]) -> None:
     if needs & {"teacher_embeddings", "teacher_tokens"} and not config.teacher.spec:
         raise ConfigError(f"method {method_cls.name!r} needs a teacher: set key 'teacher.spec' (e.g. run:runs/teacher)")
     fusion = sorted(needs & {"fusion_scores", "fusion_features"})
-    if fusion:
+    if fusion and not config.teacher.fusion:
         raise ConfigError(
-            f"method {method_cls.name!r} needs {', '.join(fusion)}, which this config does not provide "
-            "(key 'teacher.fusion': fusion teachers are not available in this version)"
+            f"method {method_cls.name!r} needs {', '.join(fusion)}: set key 'teacher.fusion' to a fusion teacher "
+            "(fusion:PATH from `clipdistill teacher train-fusion`, or blip-itm:ID)"
         )
+    if config.teacher.fusion:
+        from clipdistill.distill.base import list_methods
+        from clipdistill.models.spec import ModelSpecError, parse_fusion_spec
+
+        try:
+            parse_fusion_spec(config.teacher.fusion)  # a dual-encoder spec here fails before any work
+        except ModelSpecError as error:
+            raise ConfigError(f"key 'teacher.fusion': {error}") from error
+        if not _uses_fusion(method_cls):
+            users = [name for name in list_methods() if _uses_fusion(get_method(name))]
+            raise ConfigError(
+                f"key 'teacher.fusion' is set but method {method_cls.name!r} does not use a fusion teacher; "
+                f"remove the key (methods that use one: {', '.join(users)})"
+            )
+        if not config.teacher.spec:
+            raise ConfigError("key 'teacher.spec' is required with 'teacher.fusion' (the dual teacher)")
+
+
+def _uses_fusion(method_cls: type[DistillMethod]) -> bool:
+    declared = set(method_cls.needs) | set(method_cls.optional_needs)
+    return bool(declared & {"fusion_scores", "fusion_features"})
 
 
 def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:

@@ -1,0 +1,133 @@
+"""``comkd``: ComKD-CLIP (arXiv 2408.04145), adapted from classification to retrieval.
+
+The paper distils a prompted CLIP classifier with two mechanisms: IFAlign (align the
+statistics of projected student image features with the teacher's) and EduAttention (the
+student's image feature attends to the teacher's text features, and the refined feature is
+distilled against the teacher's logits). Both are carried over to image–text retrieval here.
+Neither exists at inference: the projectors and the attention are submodules of the method,
+not of the student, so the exported student is a plain dual encoder, identical in graph and
+state-dict keys to one trained with the clip loss alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdistill.distill.base import (
+    Batch,
+    DistillMethod,
+    MethodArgs,
+    MethodConfigError,
+    MethodOutput,
+    StudentFeatures,
+    TeacherSource,
+    register_method,
+)
+from clipdistill.distill.losses import (
+    MAX_SCALE,
+    attend,
+    bidirectional_kl,
+    clip_loss,
+    contrastive_logits,
+    moment_alignment,
+)
+from clipdistill.distill.methods.clip import check_non_negative, check_positive, scale_value
+from clipdistill.distill.methods.openclip import frozen_teacher, require_teacher
+
+
+@register_method
+class ComKDMethod(DistillMethod):
+    """ComKD-CLIP: task loss + w_align · IFAlign + w_ref · refinement KL.
+
+    - P: learnable linear projectors student dim → teacher dim (``image_proj``, and
+      ``text_proj`` with ``text_align``), always present (the paper's P is learnable even when
+      dims agree); p = norm(P(v^S)) *[ours: re-normalised so it lives on the teacher's sphere]*.
+    - IFAlign (``align_loss``): Σ_d |μ_d(p) − μ_d(v^T)| + |σ²_d(p) − σ²_d(v^T)|, per feature
+      dimension over the batch *[ours: the axis is not given]*; ``text_align`` (true, *[ours]*)
+      adds the same for norm(P_t(t^S)) against t^T.
+    - EduAttention: a = softmax(p·t^Tᵀ / C)·t^T (the student image feature queries the batch's
+      teacher text features), f = norm(p + α·FC(a)) *[ours: re-normalised for a cosine logit]*,
+      α a learnable scalar initialised to ``alpha_init`` (0), C = ``attention_c`` (default √d).
+      Training only: it shapes p through the refinement loss below.
+    - Refinement (``ref_loss``): ½[KL(softmax(q^T/τ) ‖ softmax(q^S/τ)) + the same on the
+      transposes (caption → image)], q^T = κ_T·v^T·t^Tᵀ, q^S = κ_S·f·t^Tᵀ, τ = 1 (τ² factor).
+      *[ours]* κ_S is the student's own scale (clamped at 100).
+    - ``task_loss``: w_task · clip loss of the student.
+
+    Defaults: w_task 1, w_align 1, w_ref 1. Report: ``logit_scale``, ``edu_alpha`` (α)."""
+
+    name = "comkd"
+    needs = frozenset({"teacher_embeddings"})
+
+    @dataclass(frozen=True)
+    class Args(MethodArgs):
+        """Defaults: w_task 1, w_align 1, w_ref 1, text_align true, τ 1, α init 0, C = √d."""
+
+        w_task: float = 1.0
+        w_align: float = 1.0
+        w_ref: float = 1.0
+        text_align: bool = True
+        temperature: float = 1.0
+        alpha_init: float = 0.0
+        attention_c: float | None = None  # None: √(teacher dim)
+
+        def __post_init__(self) -> None:
+            check_non_negative(self, "w_task", "w_align", "w_ref")
+            check_positive(self, "temperature")
+            if not math.isfinite(self.alpha_init):
+                raise MethodConfigError(
+                    f"key 'method_args.alpha_init' must be a finite number, got {self.alpha_init!r}"
+                )
+            if self.attention_c is not None:
+                if isinstance(self.attention_c, bool) or not isinstance(self.attention_c, int | float):
+                    raise MethodConfigError(
+                        f"key 'method_args.attention_c' must be a number or null, got {self.attention_c!r}"
+                    )
+                if not math.isfinite(self.attention_c) or self.attention_c <= 0:
+                    raise MethodConfigError(f"key 'method_args.attention_c' must be > 0, got {self.attention_c!r}")
+            if self.w_task == self.w_align == self.w_ref == 0:
+                raise MethodConfigError("keys 'method_args.w_*' are all 0: nothing to train")
+
+    def __init__(self, student_dim: int, teacher: TeacherSource | None, args: Args) -> None:
+        super().__init__(student_dim, require_teacher(self.name, teacher), args)
+        self.args: ComKDMethod.Args = args
+        teacher_dim = int(self.teacher.embed_dim)
+        self.image_proj = nn.Linear(student_dim, teacher_dim)
+        self.text_proj = nn.Linear(student_dim, teacher_dim) if args.text_align and args.w_align > 0 else None
+        uses_attention = args.w_ref > 0
+        self.attention_fc = nn.Linear(teacher_dim, teacher_dim) if uses_attention else None
+        self.edu_alpha = nn.Parameter(torch.tensor(float(args.alpha_init))) if uses_attention else None
+        self.attention_c = float(args.attention_c) if args.attention_c is not None else math.sqrt(teacher_dim)
+
+    def refined(self, projected: torch.Tensor, teacher_text: torch.Tensor) -> torch.Tensor:
+        """EduAttention: f = norm(p + α·FC(softmax(p·t^Tᵀ / C)·t^T))."""
+        assert self.attention_fc is not None and self.edu_alpha is not None
+        read = attend(projected, teacher_text, teacher_text, self.attention_c)
+        return F.normalize(projected + self.edu_alpha * self.attention_fc(read), dim=-1)
+
+    def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
+        args = self.args
+        teacher = frozen_teacher(self.teacher_outputs(batch), like=student.image)
+        losses: dict[str, torch.Tensor] = {}
+        report = {"logit_scale": scale_value(student.logit_scale)}
+        if args.w_task > 0:
+            losses["task_loss"] = args.w_task * clip_loss(student.image, student.text, student.logit_scale)
+        projected = F.normalize(self.image_proj(student.image), dim=-1)
+        if args.w_align > 0:
+            align = moment_alignment(projected, teacher.image)
+            if self.text_proj is not None:
+                align = align + moment_alignment(F.normalize(self.text_proj(student.text), dim=-1), teacher.text)
+            losses["align_loss"] = args.w_align * align
+        if args.w_ref > 0:
+            assert self.edu_alpha is not None
+            refined = self.refined(projected, teacher.text)
+            teacher_logits = contrastive_logits(teacher.image, teacher.text, teacher.logit_scale)
+            student_logits = student.logit_scale.exp().clamp(max=MAX_SCALE) * refined @ teacher.text.t()
+            losses["ref_loss"] = args.w_ref * bidirectional_kl(teacher_logits, student_logits, args.temperature)
+            report["edu_alpha"] = float(self.edu_alpha.detach())
+        return MethodOutput(losses=losses, report=report)

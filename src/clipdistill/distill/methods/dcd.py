@@ -1,0 +1,178 @@
+"""``dcd``: DCD (Rao et al., IEEE TMM 2023) — dynamic contrastive distillation.
+
+The teacher is a (slow) pair scorer; for every query it picks the hard negatives, and the
+student learns the teacher's scores on exactly those candidates. Queries where the teacher is
+less certain weigh more in the student's own (self-learning) loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from clipdistill.distill.base import (
+    Batch,
+    DistillMethod,
+    MethodArgs,
+    MethodConfigError,
+    MethodOutput,
+    StudentFeatures,
+    TeacherSource,
+    register_method,
+)
+from clipdistill.distill.losses import clip_loss, contrastive_logits, dcd_loss
+from clipdistill.distill.methods.clip import check_non_negative, check_positive, scale_value
+from clipdistill.distill.methods.mcad import fusion_of, fusion_states
+from clipdistill.distill.methods.openclip import frozen_teacher, require_teacher
+
+if TYPE_CHECKING:
+    from clipdistill.models.fusion import FusionStates, FusionTeacher
+
+
+def draw_negatives(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, c) columns per row drawn uniformly without replacement from the row's ``valid``
+    columns; c = ``count`` clipped to the fewest valid columns of any row, so every row gets
+    the same number. Uses the global torch generator (seeded and checkpointed by the trainer)."""
+    drawn = min(count, int(valid.sum(dim=1).min()))
+    keys = torch.rand(valid.shape).to(valid.device).masked_fill(~valid, float("inf"))
+    return keys.topk(drawn, dim=1, largest=False).indices
+
+
+def keep_hard(teacher_scores: torch.Tensor, drawn: torch.Tensor, hard_negatives: int) -> torch.Tensor:
+    """(B, 1 + H) candidates: the positive (column = row) first, then the H drawn columns the
+    teacher scores highest (H = ``hard_negatives`` clipped to the number drawn). Only the
+    diagonal and the drawn entries of ``teacher_scores`` are read."""
+    positives = torch.arange(drawn.shape[0], device=drawn.device)[:, None]
+    hard = min(hard_negatives, drawn.shape[1])
+    if hard == 0:
+        return positives
+    by_teacher = teacher_scores.gather(1, drawn).topk(hard, dim=1).indices
+    return torch.cat([positives, drawn.gather(1, by_teacher)], dim=1)
+
+
+def fusion_scores(fusion: FusionTeacher, states: FusionStates, drawn: list[torch.Tensor]) -> torch.Tensor:
+    """(images, texts) fusion logits at the pairs DCD reads (positives and every drawn
+    negative of both directions, in one call of the pair head); NaN elsewhere."""
+    n = drawn[0].shape[0]
+    device = drawn[0].device
+    needed = torch.eye(n, dtype=torch.bool, device=device)
+    rows = torch.arange(n, device=device)[:, None]
+    needed[rows.expand_as(drawn[0]), drawn[0]] = True  # image → text draws
+    if len(drawn) > 1:
+        needed[drawn[1], rows.expand_as(drawn[1])] = True  # text → image draws
+    image_index, text_index = needed.nonzero(as_tuple=True)
+    logits = torch.full((n, n), float("nan"), device=device)
+    logits[image_index, text_index] = fusion.pair_logits(states, image_index, text_index).float()
+    return logits
+
+
+@register_method
+class DCDMethod(DistillMethod):
+    """DCD on teacher-mined candidates, both retrieval directions, plus the task loss.
+
+    - Candidates: for each image, its own caption plus ``random_negatives`` (63, the paper's
+      Flickr setting) captions drawn at random from the batch, of which the teacher keeps the
+      ``hard_negatives`` (7) it scores highest: 8 candidates. *[ours]* Negatives come from the
+      batch only (the student must score every candidate, and only the batch's captions are
+      encoded), so they are clipped to B − 1; captions with the same text as the query's own
+      are not negatives (``exclude_same_text``, true). ``symmetric`` (true, *[ours]*: the
+      paper's code is image→text) does the same caption→image and averages the directions.
+    - Teacher score z: the fusion teacher's match logit when key ``teacher.fusion`` is set,
+      else the dual teacher's κ_T·cos (report ``fusion`` 1/0). Student score s: κ_S·cos.
+    - Per direction (:func:`~clipdistill.distill.losses.dcd_loss`): entropy shares e_b,
+      d = T²·MSE(z/T, s/T), n = Σ_b e_b·BCEWithLogits(s_b, [1, 0, …, 0]), loss = α·d + (1−α)·n,
+      α 0.2, T 1. ``per_sample_kd_weight: false`` is the released code (its KD weights are a
+      no-op); ``true`` the paper's per-sample r_b = softmax_b((1 − e_b)²) on the distillation.
+    - Terms: ``dcd_distill_loss`` = w_dcd·α·d, ``dcd_self_loss`` = w_dcd·(1−α)·n (their sum is
+      the DCD loss), ``task_loss`` = w_task · the student's clip loss on the whole batch.
+
+    Report: ``logit_scale``, ``fusion``, ``candidates`` (1 + negatives kept), ``max_share``."""
+
+    name = "dcd"
+    needs = frozenset({"teacher_embeddings"})
+    optional_needs = frozenset({"fusion_scores"})
+
+    @dataclass(frozen=True)
+    class Args(MethodArgs):
+        """Defaults (the paper's): α 0.2, T 1, 63 random → 7 hard negatives, released KD
+        weighting (``per_sample_kd_weight`` false); ours: w_task 1, w_dcd 1, symmetric, exclude_same_text."""
+
+        w_task: float = 1.0
+        w_dcd: float = 1.0
+        alpha: float = 0.2
+        temperature: float = 1.0
+        random_negatives: int = 63
+        hard_negatives: int = 7
+        per_sample_kd_weight: bool = False
+        symmetric: bool = True
+        exclude_same_text: bool = True
+
+        def __post_init__(self) -> None:
+            check_non_negative(self, "w_task", "w_dcd")
+            check_positive(self, "temperature")
+            if not 0.0 <= self.alpha <= 1.0:
+                raise MethodConfigError(f"key 'method_args.alpha' must be in [0, 1], got {self.alpha!r}")
+            for key in ("random_negatives", "hard_negatives"):
+                if getattr(self, key) < 1:
+                    raise MethodConfigError(f"key 'method_args.{key}' must be >= 1, got {getattr(self, key)!r}")
+            if self.hard_negatives > self.random_negatives:
+                raise MethodConfigError(
+                    f"key 'method_args.hard_negatives' ({self.hard_negatives}) must not exceed "
+                    f"'method_args.random_negatives' ({self.random_negatives}): hard negatives are kept from them"
+                )
+            if self.w_task == self.w_dcd == 0:
+                raise MethodConfigError("keys 'method_args.w_task' and 'method_args.w_dcd' are both 0")
+
+    def __init__(self, student_dim: int, teacher: TeacherSource | None, args: Args) -> None:
+        super().__init__(student_dim, require_teacher(self.name, teacher), args)
+        self.args: DCDMethod.Args = args
+
+    def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
+        args = self.args
+        losses: dict[str, torch.Tensor] = {}
+        fusion = fusion_of(self.teacher)
+        report = {"logit_scale": scale_value(student.logit_scale), "fusion": float(fusion is not None)}
+        if args.w_task > 0:
+            losses["task_loss"] = args.w_task * clip_loss(student.image, student.text, student.logit_scale)
+        if args.w_dcd == 0:
+            return MethodOutput(losses=losses, report=report)
+
+        raw = self.teacher_outputs(batch)
+        teacher = frozen_teacher(raw, like=student.image)
+        n = student.image.shape[0]
+        device = student.image.device
+        valid = ~torch.eye(n, dtype=torch.bool, device=device)
+        if args.exclude_same_text:
+            same = torch.tensor([[a == b for b in batch.texts] for a in batch.texts], dtype=torch.bool, device=device)
+            valid &= ~same
+        student_logits = contrastive_logits(student.image, student.text, student.logit_scale)
+        masks = [valid, valid.t()] if args.symmetric else [valid]
+        drawn = [draw_negatives(mask, args.random_negatives) for mask in masks]
+        if fusion is None:
+            z = contrastive_logits(teacher.image, teacher.text, teacher.logit_scale)  # κ_T·cos
+        else:
+            z = fusion_scores(fusion, fusion_states(self.name, raw), drawn).to(student_logits)
+        directions = [(z, student_logits, drawn[0])]
+        if args.symmetric:
+            directions.append((z.t(), student_logits.t(), drawn[1]))
+        mined = [keep_hard(scores, columns, args.hard_negatives) for scores, _, columns in directions]
+        results = []
+        for (scores, logits, _), candidates in zip(directions, mined, strict=True):
+            results.append(
+                dcd_loss(
+                    scores.gather(1, candidates),
+                    logits.gather(1, candidates),
+                    alpha=args.alpha,
+                    temperature=args.temperature,
+                    per_sample_kd_weight=args.per_sample_kd_weight,
+                )
+            )
+        distill = torch.stack([r["distill"] for r in results]).mean()
+        self_learning = torch.stack([r["self"] for r in results]).mean()
+        losses["dcd_distill_loss"] = args.w_dcd * args.alpha * distill
+        losses["dcd_self_loss"] = args.w_dcd * (1.0 - args.alpha) * self_learning
+        report["candidates"] = float(mined[0].shape[1])
+        report["max_share"] = float(max(float(r["shares"].max()) for r in results))
+        return MethodOutput(losses=losses, report=report)

@@ -1,0 +1,688 @@
+"""The single-stream fusion teacher: scores an (image, caption) pair jointly.
+
+A dual encoder scores a pair with one dot product of two vectors computed apart, so it cannot
+check that the caption's words refer to what is in *this* image. A fusion (single-stream)
+model lets the caption's tokens attend to the image's tokens before it decides: it ranks hard
+candidates better, but runs once per pair, so it is too slow to index. It is the right tool for
+a teacher (MCAD, DCD) and for re-ranking a dual encoder's short list.
+
+Every backend splits its work in two, which is what lets the teacher cache serve it exactly:
+
+* **per-item states** (:class:`FusionStates`): everything that depends on one image or one
+  caption alone: image tokens, caption tokens, and the backend's own dual-stage embeddings
+  (``image_global``/``text_global``, the space the first retrieval stage ranks in). These
+  need the expensive towers and are computed once per item; the cache stores them.
+* **the pair head** (:meth:`FusionTeacher.pair_logits`): cross-attention between one caption's
+  tokens and one image's tokens, run per pair on the states.
+
+Backends (the spec parser in :mod:`clipdistill.models.spec` names them):
+
+* ``fusion:PATH`` (:class:`FusionEncoder`): ours, trained by ``clipdistill teacher
+  train-fusion`` on top of a dual teacher (any :class:`DualEncoder` with token features, e.g.
+  the LiT teacher). States are the dual teacher's trunk tokens and MiniLM tokens projected to a
+  small width; the head is one cross-attention layer each way (caption→image and image→caption),
+  pooled, an MLP giving the pooled pair feature f, and a logit that adds a learned correction to
+  the dual teacher's own cosine (so re-ranking starts from the dual order and learns what the
+  dot product misses). Its fixed heads g, h map f into the dual teacher's space (MCAD uses them).
+* ``blip-itm:ID`` (:class:`BlipItmBackend`): transformers' ``BlipForImageTextRetrieval``. States
+  are the ViT's patch embeddings and the caption's token ids; the head is BLIP's text encoder with
+  cross-attention plus its ITM head. Its dual stage is BLIP's own ITC projections; it has no heads
+  into another teacher's space, so it gives no pooled features for MCAD.
+
+The match logit is the log-odds that the pair matches (BLIP: logit[match] − logit[no match]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.models.base import DualEncoder
+from clipdistill.models.spec import ModelSpec, ModelSpecError, parse_fusion_spec
+
+CONFIG_FILE = "fusion_config.json"
+WEIGHTS_FILE = "fusion.safetensors"
+#: Pairs scored per forward of the pair head: bounds the (pairs × tokens × width) scratch.
+PAIR_CHUNK = 4096
+
+
+class FusionError(ValueError):
+    """A fusion teacher that cannot be built, loaded or used as asked."""
+
+
+# --- per-item states ---------------------------------------------------------------------------
+@dataclass
+class FusionStates:
+    """Per-item inputs of a fusion teacher's pair head for a set of images and captions.
+
+    ``image`` (B_i, N, ...) and ``text`` (B_t, L, ...) are the backend's token states (float
+    features, or token ids for BLIP), ``text_mask`` (B_t, L) marks real caption tokens (text is
+    padded with zeros to the longest caption of the set), ``*_global`` are unit embeddings of the
+    backend's dual stage. Nothing here depends on how images and captions are paired."""
+
+    image: torch.Tensor
+    image_global: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    text_global: torch.Tensor
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def n_texts(self) -> int:
+        return int(self.text.shape[0])
+
+    def to(self, device: str | torch.device) -> FusionStates:
+        return FusionStates(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def pad_texts(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length caption states (L_j, ...) into (B, L_max, ...) zero-padded + mask."""
+    if not rows:
+        raise ValueError("no caption states to pad")
+    longest = max(int(row.shape[0]) for row in rows)
+    out = rows[0].new_zeros((len(rows), longest, *rows[0].shape[1:]))
+    mask = torch.zeros((len(rows), longest), dtype=torch.bool, device=rows[0].device)
+    for index, row in enumerate(rows):
+        out[index, : row.shape[0]] = row
+        mask[index, : row.shape[0]] = True
+    return out, mask
+
+
+def unpad_texts(text: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of :func:`pad_texts`: each caption's real token states (masks are prefixes)."""
+    lengths = mask.sum(dim=1).tolist()
+    return [text[index, : int(length)] for index, length in enumerate(lengths)]
+
+
+def _prepare_pixels(
+    unit_pixels: torch.Tensor, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Resize unit pixels to ``size`` and normalise (the same recipe as ``DualEncoder.prepare_pixels``)."""
+    if tuple(unit_pixels.shape[-2:]) != tuple(size):
+        unit_pixels = F.interpolate(unit_pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+        unit_pixels = unit_pixels.clamp(0.0, 1.0)
+    mean_t = torch.tensor(mean, dtype=unit_pixels.dtype, device=unit_pixels.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=unit_pixels.dtype, device=unit_pixels.device).view(1, 3, 1, 1)
+    return (unit_pixels - mean_t) / std_t
+
+
+# --- the backend interface ---------------------------------------------------------------------
+class FusionBackend(nn.Module):
+    """What a fusion backend implements. ``pooled_dim`` is the dim of its heads into a dual
+    teacher's space (``None``: it has none); ``dual_spec`` names that teacher."""
+
+    kind: str = ""
+    global_dim: int
+    pooled_dim: int | None = None
+    dual_spec: str | None = None
+    dual_fingerprint: str | None = None
+
+    def image_states(self, unit_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens (B, N, ...), unit global embedding (B, G))`` from unit pixels."""
+        raise NotImplementedError
+
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tokens (B, L, ...), mask (B, L) bool, unit global embedding (B, G))``."""
+        raise NotImplementedError
+
+    def prepare_pairs(self, states: FusionStates) -> Any:
+        """Per-item work of the pair head, done once for all pairs of a call."""
+        return states
+
+    def pair_forward(
+        self, prepared: Any, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(match logits (P,), pooled pair features (P, d))`` for pairs (image_index[p], text_index[p])."""
+        raise NotImplementedError
+
+    def dual_heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(f), h(f))``: pooled pair features mapped into the dual teacher's space."""
+        raise FusionError(f"the {self.kind} fusion teacher has no heads into a dual teacher's space")
+
+
+def score_pairs(
+    backend: FusionBackend,
+    states: FusionStates,
+    image_index: torch.Tensor,
+    text_index: torch.Tensor,
+    *,
+    pooled: bool = False,
+    chunk: int = PAIR_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Match logits (and pooled features) for the given pairs, in chunks of ``chunk`` pairs.
+    Gradients flow when called outside ``no_grad`` (fusion training uses it that way)."""
+    if image_index.shape != text_index.shape or image_index.dim() != 1:
+        raise ValueError(
+            f"pair indices must be two 1-D tensors of one length, got {tuple(image_index.shape)}, "
+            f"{tuple(text_index.shape)}"
+        )
+    prepared = backend.prepare_pairs(states)
+    logits, features = [], []
+    for start in range(0, int(image_index.numel()), chunk):
+        part = slice(start, start + chunk)
+        logit, feature = backend.pair_forward(prepared, image_index[part], text_index[part])
+        logits.append(logit)
+        if pooled:
+            features.append(feature)
+    if not logits:
+        empty = states.image_global.new_zeros(0)
+        return empty, (states.image_global.new_zeros(0, 0) if pooled else None)
+    return torch.cat(logits), (torch.cat(features) if pooled else None)
+
+
+class FusionTeacher(nn.Module):
+    """A frozen fusion backend: eval mode pinned, no gradients, no autograd graph.
+
+    ``score_matrix`` scores every image against every caption of a :class:`FusionStates`;
+    ``pair_logits`` only the listed pairs (what MCAD's top-k and DCD's candidates need)."""
+
+    def __init__(self, backend: FusionBackend, spec: str) -> None:
+        super().__init__()
+        self.backend = backend
+        self.spec = spec
+        backend.eval()
+        backend.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FusionTeacher:
+        super().train(False)
+        self.backend.eval()
+        return self
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def global_dim(self) -> int:
+        return int(self.backend.global_dim)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.backend.pooled_dim
+
+    @property
+    def dual_spec(self) -> str | None:
+        return self.backend.dual_spec
+
+    @property
+    def dual_fingerprint(self) -> str | None:
+        return self.backend.dual_fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backend.parameters()).device
+
+    @torch.no_grad()
+    def image_states(self, unit_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backend.image_states(unit_pixels.to(self.device))
+
+    @torch.no_grad()
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.backend.text_states(list(texts))
+
+    @torch.no_grad()
+    def states(self, unit_pixels: torch.Tensor, texts: Sequence[str], batch_size: int = 256) -> FusionStates:
+        """States of a set of images and captions, ``batch_size`` items per forward."""
+        if len(unit_pixels) == 0 or len(texts) == 0:
+            raise FusionError(f"states() needs images and captions, got {len(unit_pixels)} and {len(texts)}")
+        images = [self.image_states(unit_pixels[i : i + batch_size]) for i in range(0, len(unit_pixels), batch_size)]
+        captions = [self.text_states(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        text, mask = pad_texts([row for tokens, masks, _ in captions for row in unpad_texts(tokens, masks)])
+        return FusionStates(
+            image=torch.cat([tokens for tokens, _ in images]),
+            image_global=torch.cat([embedding for _, embedding in images]),
+            text=text,
+            text_mask=mask,
+            text_global=torch.cat([embedding for _, _, embedding in captions]),
+        )
+
+    @torch.no_grad()
+    def pair_logits(self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        return score_pairs(self.backend, states, image_index, text_index)[0]
+
+    @torch.no_grad()
+    def pair_features(
+        self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, pooled = score_pairs(self.backend, states, image_index, text_index, pooled=True)
+        assert pooled is not None
+        return logits, pooled
+
+    @torch.no_grad()
+    def score_matrix(self, states: FusionStates) -> torch.Tensor:
+        """(B_images, B_texts) match logits of every pair."""
+        rows = torch.arange(states.n_images, device=states.image.device)
+        cols = torch.arange(states.n_texts, device=states.image.device)
+        image_index = rows.repeat_interleave(states.n_texts)
+        text_index = cols.repeat(states.n_images)
+        return self.pair_logits(states, image_index, text_index).view(states.n_images, states.n_texts)
+
+    @torch.no_grad()
+    def matched_dual_features(self, states: FusionStates) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(f_ii), h(f_ii))`` for the matched pairs (image i, caption i) of a batch."""
+        if self.pooled_dim is None:
+            raise FusionError(f"fusion teacher {self.spec} gives no pooled features in a dual teacher's space")
+        index = torch.arange(states.n_images, device=states.image.device)
+        _, pooled = self.pair_features(states, index, index)
+        return self.backend.dual_heads(pooled)
+
+
+# --- ours: a small cross-attention encoder over a dual teacher's tokens -----------------------------
+@dataclass(frozen=True)
+class FusionConfig:
+    """Architecture of a ``fusion:`` teacher. The token geometry (``image_tokens``,
+    ``*_token_dim``) and ``embed_dim`` are read off the dual teacher it was trained on."""
+
+    dual_spec: str
+    image_token_dim: int
+    image_tokens: int
+    text_token_dim: int
+    embed_dim: int
+    dual_logit_scale: float = 1 / 0.07  # κ of the dual teacher: the initial weight of its cosine
+    width: int = 128
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dual_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.heads < 1 or self.width % self.heads:
+            raise FusionError(f"fusion width {self.width} must be a positive multiple of heads {self.heads}")
+        if self.mlp_ratio <= 0:
+            raise FusionError(f"fusion mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FusionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise FusionError(f"unknown fusion config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**raw)
+
+
+class CrossAttention(nn.Module):
+    """Tokens of one side (queries) attend to the other side's tokens, residual + LayerNorm.
+
+    Built for scoring many pairs: queries, keys and the values *already passed through each
+    head's slice of the output projection* are computed once per item (:meth:`queries`,
+    :meth:`keys_values`); a pair then costs only the attention itself (:meth:`forward`), not
+    an output projection per token per pair. ``out(concat_h a_h·V_h) = Σ_h a_h·(V_h W_hᵀ)``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x).unflatten(-1, (self.heads, self.head_dim))  # (B, L, h, e)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.k(x).unflatten(-1, (self.heads, self.head_dim))  # (B, N, h, e)
+        values = self.v(x).unflatten(-1, (self.heads, self.head_dim))
+        weight = self.out.weight.view(-1, self.heads, self.head_dim)  # (d, h, e)
+        return keys, torch.einsum("bnhe,dhe->bnhd", values, weight)  # (B, N, h, d)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values_out: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        scores = torch.einsum("plhe,pnhe->phln", queries, keys) / math.sqrt(self.head_dim)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        attention = scores.softmax(dim=-1)
+        update = torch.einsum("phln,pnhd->pld", attention, values_out) + self.out.bias
+        return self.norm(x + update)
+
+
+class FusionEncoder(FusionBackend):
+    """``fusion:PATH``: the trainable cross-attention encoder (see the module docstring).
+
+    ``dual`` is the frozen dual teacher that produces the tokens; it is ``None`` when only
+    the head was loaded (states then come from the teacher cache). Its weights are never saved
+    with the fusion teacher: :meth:`head_state` holds everything else."""
+
+    kind = "fusion"
+
+    def __init__(self, config: FusionConfig, dual: DualEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.global_dim = config.embed_dim
+        self.pooled_dim = config.embed_dim
+        self.dual_spec = config.dual_spec
+        self.dual_fingerprint = config.dual_fingerprint
+        self.image_in = nn.Sequential(nn.LayerNorm(config.image_token_dim), nn.Linear(config.image_token_dim, width))
+        self.image_pos = nn.Parameter(torch.randn(config.image_tokens, width) * 0.02)
+        self.text_in = nn.Sequential(nn.LayerNorm(config.text_token_dim), nn.Linear(config.text_token_dim, width))
+        self.text_to_image = CrossAttention(width, config.heads)
+        self.image_to_text = CrossAttention(width, config.heads)
+        hidden = max(1, round(width * config.mlp_ratio))
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(3 * width), nn.Linear(3 * width, hidden), nn.GELU(), nn.Linear(hidden, width)
+        )
+        self.itm = nn.Linear(width, 1)
+        nn.init.zeros_(self.itm.weight)  # untrained, the logit is the dual teacher's own score
+        nn.init.zeros_(self.itm.bias)
+        self.dual_weight = nn.Parameter(torch.tensor(float(config.dual_logit_scale)))
+        self.dual_bias = nn.Parameter(torch.tensor(0.0))
+        self.image_head = nn.Linear(width, config.embed_dim, bias=False)  # g
+        self.text_head = nn.Linear(width, config.embed_dim, bias=False)  # h
+        self.dual = dual
+        if dual is not None:
+            dual.eval()
+            dual.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FusionEncoder:
+        super().train(mode)
+        if self.dual is not None:
+            self.dual.eval()  # the dual teacher is frozen, whatever the head does
+        return self
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("dual.")}
+
+    def _require_dual(self) -> DualEncoder:
+        if self.dual is None:
+            raise FusionError(
+                f"fusion teacher (dual teacher {self.dual_spec}) was loaded without its dual teacher, "
+                "so it can score pairs of cached states but cannot encode images or captions"
+            )
+        return self.dual
+
+    # per-item projections (trained) of the dual teacher's raw tokens
+    def project_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] != self.config.image_tokens:
+            raise FusionError(
+                f"the dual teacher gave {tokens.shape[1]} image tokens but this fusion teacher was trained on "
+                f"{self.config.image_tokens} (a different image size or trunk?)"
+            )
+        return self.image_in(tokens) + self.image_pos
+
+    def project_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text_in(hidden) * mask.unsqueeze(-1).to(hidden.dtype)
+
+    def image_states(self, unit_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dual = self._require_dual()
+        pixels = dual.prepare_pixels(unit_pixels)
+        with torch.no_grad():
+            tokens = dual.encode_image_tokens(pixels)  # type: ignore[attr-defined]
+            embedding = dual.encode_image(pixels)
+        return self.project_image(tokens), embedding
+
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dual = self._require_dual()
+        device = next(self.parameters()).device
+        ids = dual.tokenize(texts).to(device)
+        with torch.no_grad():
+            embedding, hidden, mask = dual.encode_text_and_tokens(ids)  # type: ignore[attr-defined]
+        longest = max(1, int(mask.sum(dim=1).max()))
+        hidden, mask = hidden[:, :longest], mask[:, :longest]
+        return self.project_text(hidden, mask), mask, embedding
+
+    def prepare_pairs(self, states: FusionStates) -> dict[str, torch.Tensor]:
+        image, text = states.image, states.text
+        image_keys, image_values = self.text_to_image.keys_values(image)
+        text_keys, text_values = self.image_to_text.keys_values(text)
+        return {
+            "image": image,
+            "text": text,
+            "mask": states.text_mask,
+            "image_global": states.image_global,
+            "text_global": states.text_global,
+            "text_queries": self.text_to_image.queries(text),
+            "image_keys": image_keys,
+            "image_values": image_values,
+            "image_queries": self.image_to_text.queries(image),
+            "text_keys": text_keys,
+            "text_values": text_values,
+        }
+
+    def pair_forward(
+        self, prepared: dict[str, torch.Tensor], image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p = prepared
+        mask = p["mask"][text_index]
+        text_out = self.text_to_image(
+            p["text"][text_index],
+            p["text_queries"][text_index],
+            p["image_keys"][image_index],
+            p["image_values"][image_index],
+        )
+        image_out = self.image_to_text(
+            p["image"][image_index],
+            p["image_queries"][image_index],
+            p["text_keys"][text_index],
+            p["text_values"][text_index],
+            key_mask=mask,
+        )
+        weights = mask.unsqueeze(-1).to(text_out.dtype)
+        pooled_text = (text_out * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        pooled_image = image_out.mean(dim=1)
+        pooled = self.mlp(torch.cat([pooled_text, pooled_image, pooled_text * pooled_image], dim=-1))
+        cosine = (p["image_global"][image_index] * p["text_global"][text_index]).sum(dim=-1)
+        logits = self.itm(pooled).squeeze(-1) + self.dual_weight * cosine + self.dual_bias
+        return logits, pooled
+
+    def dual_heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_head(pooled), self.text_head(pooled)
+
+
+def dual_token_geometry(dual: DualEncoder) -> dict[str, int]:
+    """Token shapes of a dual teacher, read by running it once on a blank image and caption;
+    a dual encoder without token features is an error naming what is missing."""
+    missing = [
+        name for name in ("encode_image_tokens", "encode_text_and_tokens") if not callable(getattr(dual, name, None))
+    ]
+    if missing:
+        raise FusionError(
+            f"dual teacher {dual.spec or type(dual).__name__} has no token features ({', '.join(missing)} missing); "
+            "a fusion: teacher is trained on a dual teacher that provides them (the LiT teacher, run:PATH)"
+        )
+    device = next(dual.parameters()).device
+    with torch.no_grad():
+        pixels = dual.prepare_pixels(torch.ones(1, 3, *dual.image_size, device=device))
+        image_tokens = dual.encode_image_tokens(pixels)  # type: ignore[attr-defined]
+        _, text_tokens, _ = dual.encode_text_and_tokens(dual.tokenize(["a"]).to(device))  # type: ignore[attr-defined]
+    return {
+        "image_tokens": int(image_tokens.shape[1]),
+        "image_token_dim": int(image_tokens.shape[2]),
+        "text_token_dim": int(text_tokens.shape[2]),
+        "embed_dim": int(dual.embed_dim),
+    }
+
+
+def save_fusion_encoder(encoder: FusionEncoder, directory: str | Path) -> Path:
+    """Write ``fusion_config.json`` + ``fusion.safetensors`` (head only) atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(encoder.head_state(), str(tmp))
+    atomic_write_json(directory / CONFIG_FILE, {"kind": "fusion", "config": asdict(encoder.config)})
+    return directory
+
+
+def read_fusion_config(directory: str | Path) -> FusionConfig:
+    directory = Path(directory)
+    file = directory / CONFIG_FILE
+    if not file.is_file():
+        if not directory.exists():
+            raise ModelSpecError(f"fusion:{directory}: folder does not exist")
+        raise ModelSpecError(
+            f"fusion:{directory}: no {CONFIG_FILE} (a fusion teacher folder is written by "
+            "`clipdistill teacher train-fusion`)"
+        )
+    meta = json.loads(file.read_text(encoding="utf-8"))
+    if meta.get("kind") != "fusion":
+        raise FusionError(f"{file}: field 'kind' is {meta.get('kind')!r}, expected 'fusion'")
+    return FusionConfig.from_dict(meta["config"])
+
+
+def load_fusion_encoder(directory: str | Path, *, with_dual: bool = True) -> FusionEncoder:
+    """Load a ``fusion:`` folder; with its dual teacher, checked to be the one it was trained on."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = read_fusion_config(directory)
+    dual = None
+    if with_dual:
+        from clipdistill.distill.cache import teacher_fingerprint
+        from clipdistill.models.teachers import load_model
+
+        current = teacher_fingerprint(config.dual_spec)
+        if config.dual_fingerprint and current and current != config.dual_fingerprint:
+            raise FusionError(
+                f"fusion teacher {directory} was trained on dual teacher {config.dual_spec} with weights "
+                f"{config.dual_fingerprint[:12]}, but that folder now holds weights {current[:12]}; retrain it with "
+                f"`clipdistill teacher train-fusion --teacher {config.dual_spec} ...`"
+            )
+        dual = load_model(config.dual_spec)
+    encoder = FusionEncoder(config, dual)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.startswith("dual.")]
+    if missing or unexpected:
+        raise FusionError(f"{directory / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    return encoder.eval()
+
+
+# --- BLIP image-text matching -----------------------------------------------------------------------
+class BlipItmBackend(FusionBackend):
+    """``blip-itm:ID_OR_PATH`` through transformers' ``BlipForImageTextRetrieval``.
+
+    States: the ViT's last hidden state (patch embeddings + [CLS]) and the caption's token ids.
+    Pair head: BLIP's text encoder with cross-attention to the image embeddings and its ITM
+    head, exactly ``BlipForImageTextRetrieval.forward(use_itm_head=True)`` split at the image
+    embeddings. Dual stage: BLIP's ITC embeddings (``vision_proj``/``text_proj`` of the [CLS]
+    states), as BLIP itself retrieves with ITC and re-ranks with ITM."""
+
+    kind = "blip-itm"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        image_size: tuple[int, int],
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        max_length: int = 35,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        self.max_length = max_length
+        self.global_dim = int(model.config.image_text_hidden_size)
+
+    def image_states(self, unit_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = _prepare_pixels(unit_pixels, self.image_size, self.image_mean, self.image_std)
+        embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
+        return embeds, F.normalize(self.model.vision_proj(embeds[:, 0, :]), dim=-1)
+
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        encoded = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        ids = encoded["input_ids"].to(device)
+        mask = encoded["attention_mask"].to(device)
+        hidden = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return ids, mask.bool(), F.normalize(self.model.text_proj(hidden[:, 0, :]), dim=-1)
+
+    def pair_forward(
+        self, prepared: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        image = prepared.image[image_index]
+        mask = prepared.text_mask[text_index]
+        longest = max(1, int(mask.sum(dim=1).max()))
+        hidden = self.model.text_encoder(
+            input_ids=prepared.text[text_index][:, :longest],
+            attention_mask=mask[:, :longest].long(),
+            encoder_hidden_states=image,
+            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device),
+        ).last_hidden_state[:, 0, :]
+        logits = self.model.itm_head(hidden)
+        return logits[:, 1] - logits[:, 0], hidden
+
+
+def load_blip_itm(name: str) -> BlipItmBackend:
+    """A BLIP ITM model, tokenizer and image preprocessing from a hub id or a local folder."""
+    try:
+        from transformers import AutoTokenizer, BlipForImageTextRetrieval, BlipImageProcessor
+    except ImportError as error:  # pragma: no cover - transformers is a dependency
+        raise FusionError(f"blip-itm:{name} needs transformers with BLIP ({error})") from error
+    try:
+        model = BlipForImageTextRetrieval.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        processor = BlipImageProcessor.from_pretrained(name)
+    except OSError as error:
+        raise ModelSpecError(
+            f"blip-itm:{name}: cannot load a BLIP ITM model, tokenizer and image processor ({error})"
+        ) from error
+    size = processor.size
+    height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+    return BlipItmBackend(model, tokenizer, (int(height), int(width)), processor.image_mean, processor.image_std)
+
+
+def load_fusion(
+    spec: str | ModelSpec, *, device: str | torch.device = "cpu", with_encoders: bool = True
+) -> FusionTeacher:
+    """Load the fusion teacher a ``fusion:`` or ``blip-itm:`` spec names, frozen."""
+    parsed = parse_fusion_spec(spec)
+    backend: FusionBackend
+    if parsed.schema == "fusion":
+        backend = load_fusion_encoder(parsed.name, with_dual=with_encoders)
+    else:
+        backend = load_blip_itm(parsed.name)
+    return FusionTeacher(backend.to(device), spec=str(parsed))
+
+
+def same_dual_teacher(fusion: FusionTeacher, spec: str) -> bool:
+    """Whether ``fusion``'s heads g, h map into the space of dual teacher ``spec``: the same
+    weights by fingerprint when both are known (a moved folder still matches), else the same
+    spec (path specs compared as absolute paths)."""
+    from clipdistill.distill.cache import teacher_fingerprint
+    from clipdistill.models.spec import parse_spec
+
+    if fusion.dual_spec is None:
+        return False
+
+    def normalised(text: str) -> str:
+        try:
+            parsed = parse_spec(text)
+        except ModelSpecError:
+            return text
+        if parsed.schema in ("run", "local-dir"):
+            return f"{parsed.schema}:{Path(parsed.name).resolve()}"
+        return str(parsed)
+
+    try:
+        current = teacher_fingerprint(spec)
+    except (OSError, ValueError):
+        current = None
+    if fusion.dual_fingerprint and current:
+        return fusion.dual_fingerprint == current
+    return normalised(fusion.dual_spec) == normalised(spec)

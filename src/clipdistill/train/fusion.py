@@ -1,0 +1,392 @@
+"""Train the ``fusion:`` teacher: image-text matching on hard negatives mined by the dual teacher.
+
+The dual teacher is frozen, so its raw token features for every training image (× k replayed
+augmentations) and every distinct caption are computed once; a step then costs only the small
+fusion head. Each step takes a batch of images, pairs each with one of its captions, and adds
+``negatives`` hard negatives per direction: captions drawn from the image's top-``mine_top``
+captions by the dual teacher, and images drawn from the caption's top-``mine_top`` images. A
+caption that is the same text as one of the image's own captions is never a negative (generic
+captions such as "flag" belong to many images). The loss is a class-balanced binary
+cross-entropy on the match logit (the 2-way ITM loss with one logit), plus the heads loss that
+trains g, h (see :func:`train_fusion_teacher`).
+
+The epoch kept is the one whose validation re-ranking (dual top-``rerank_k`` re-ordered by the
+fusion logit) has the best text→image recall; the summary reports dual vs re-ranked recall on
+val and, when there is one, on test.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clipdistill.data.augment import replay_augmentation
+from clipdistill.data.dataset import PairedDataset
+from clipdistill.data.images import load_image_tensor, to_unit
+from clipdistill.distill.losses import clip_loss
+from clipdistill.eval.rerank import rerank_from_states
+from clipdistill.io import append_jsonl, atomic_write_json
+from clipdistill.models.base import DualEncoder
+from clipdistill.models.fusion import (
+    FusionConfig,
+    FusionEncoder,
+    FusionError,
+    FusionStates,
+    dual_token_geometry,
+    pad_texts,
+    save_fusion_encoder,
+    score_pairs,
+)
+from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+
+
+@dataclass(frozen=True)
+class FusionTrainConfig:
+    """Architecture, mining and budget of a fusion-teacher run (defaults sized for the emoji set)."""
+
+    width: int = 128
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    mine_top: int = 32  # hard negatives are drawn from each query's top-32 by the dual teacher
+    negatives: int = 4  # hard negatives per positive and direction
+    heads_lambda: float = 0.3  # λ in norm(v + λ·g(f)) while training g, h (MCAD's default λ)
+    w_heads: float = 1.0  # weight of the heads loss; 0 leaves g, h untrained
+    rerank_k: int = 16
+    k_augmentations: int = 1  # replayed augmentations per training image (0 = the plain image)
+    aug_seed: int = 0
+    aug_scale: tuple[float, float] = (0.8, 1.0)
+    aug_max_shift: float = 0.1
+    image_size: int | None = None  # decode size; default: the dual teacher's input size
+    encode_batch_size: int = 256
+    seed: int = 0
+    max_seconds: float | None = None  # stop after the epoch that passes this budget
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "mine_top", "negatives", "rerank_k", "k_augmentations"):
+            if getattr(self, name) < 1:
+                raise FusionError(f"fusion training option {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise FusionError(f"fusion training option 'batch_size' must be >= 2, got {self.batch_size}")
+
+
+@dataclass
+class _Encoded:
+    """The frozen dual teacher's raw outputs for one split, computed once.
+
+    Image rows are image-major (row = image · k + augmentation); captions are deduplicated by
+    text (``caption_text[j]`` is caption j's distinct-text index), and their token features are
+    stored ragged (``text_hidden[offsets[u]:offsets[u+1]]``) since most captions are short."""
+
+    image_tokens: torch.Tensor  # (rows, N, C)
+    image_global: torch.Tensor  # (rows, D)
+    texts: list[str]
+    text_hidden: torch.Tensor  # (total tokens, C_text)
+    offsets: torch.Tensor  # (distinct texts + 1,)
+    text_global: torch.Tensor  # (distinct texts, D)
+    caption_text: torch.Tensor  # (captions,)
+    text_to_image: torch.Tensor  # (captions,)
+    k: int
+
+    def text_batch(self, distinct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts, stops = self.offsets[distinct].tolist(), self.offsets[distinct + 1].tolist()
+        return pad_texts([self.text_hidden[a:b] for a, b in zip(starts, stops, strict=True)])
+
+
+@torch.no_grad()
+def _encode_split(
+    dual: DualEncoder, split: PairedDataset, config: FusionTrainConfig, image_size: int, k: int, progress: bool
+) -> _Encoded:
+    device = next(dual.parameters()).device
+    image_ids = [record.image_id for record in split.images]
+    pixels = load_image_tensor(split.image_paths(), image_size, progress=progress)
+    tokens, image_global = [], []
+    rows = [(i, a) for i in range(len(image_ids)) for a in range(k)]
+    step = config.encode_batch_size
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        index = torch.tensor([i for i, _ in chunk])
+        unit = replay_augmentation(
+            to_unit(pixels[index]),
+            [image_ids[i] for i, _ in chunk],
+            [a for _, a in chunk],
+            seed=config.aug_seed,
+            scale=config.aug_scale,
+            max_shift=config.aug_max_shift,
+        ).to(device)
+        prepared = dual.prepare_pixels(unit)
+        tokens.append(dual.encode_image_tokens(prepared))  # type: ignore[attr-defined]
+        image_global.append(dual.encode_image(prepared))
+
+    captions = split.texts()
+    distinct = list(dict.fromkeys(captions))
+    where = {text: u for u, text in enumerate(distinct)}
+    by_length = sorted(range(len(distinct)), key=lambda u: len(distinct[u]))  # little padding per batch
+    hidden_rows: list[torch.Tensor] = [torch.empty(0)] * len(distinct)
+    text_global = torch.empty(len(distinct), dual.embed_dim, device=device)
+    for start in range(0, len(by_length), step):
+        chunk = by_length[start : start + step]
+        ids = dual.tokenize([distinct[u] for u in chunk]).to(device)
+        embedding, hidden, mask = dual.encode_text_and_tokens(ids)  # type: ignore[attr-defined]
+        text_global[chunk] = embedding
+        for row, u in enumerate(chunk):
+            hidden_rows[u] = hidden[row, : int(mask[row].sum())]
+    lengths = torch.tensor([len(row) for row in hidden_rows])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(device)
+    return _Encoded(
+        image_tokens=torch.cat(tokens),
+        image_global=torch.cat(image_global),
+        texts=distinct,
+        text_hidden=torch.cat(hidden_rows),
+        offsets=offsets,
+        text_global=text_global,
+        caption_text=torch.tensor([where[text] for text in captions], device=device),
+        text_to_image=torch.tensor(split.text_to_image(), device=device),
+        k=k,
+    )
+
+
+def _mine(scores: torch.Tensor, excluded: list[set[int]], top: int, what: str) -> torch.Tensor:
+    """Per row, the ``top`` highest-scoring columns not in ``excluded[row]`` (the row's positives)."""
+    n_columns = scores.shape[1]
+    most_excluded = max((len(e) for e in excluded), default=0)
+    available = n_columns - most_excluded
+    if available < 1:
+        raise FusionError(f"too few distinct {what} to mine hard negatives from ({n_columns}, every one a positive)")
+    top = min(top, available)
+    ranked = scores.topk(min(n_columns, top + most_excluded), dim=1).indices.tolist()
+    return torch.tensor(
+        [[c for c in row if c not in skip][:top] for row, skip in zip(ranked, excluded, strict=True)],
+        device=scores.device,
+    )
+
+
+def _states(encoder: FusionEncoder, data: _Encoded, rows: torch.Tensor, distinct: torch.Tensor) -> FusionStates:
+    hidden, mask = data.text_batch(distinct)
+    return FusionStates(
+        image=encoder.project_image(data.image_tokens[rows]),
+        image_global=data.image_global[rows],
+        text=encoder.project_text(hidden, mask),
+        text_mask=mask,
+        text_global=data.text_global[distinct],
+    )
+
+
+@torch.no_grad()
+def _rerank(encoder: FusionEncoder, data: _Encoded, k: int) -> dict[str, Any]:
+    """Re-ranking on a split encoded with one (plain) image row per image."""
+    encoder.eval()
+    states = _states(encoder, data, torch.arange(len(data.image_tokens)), data.caption_text)
+
+    def score(s: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        return score_pairs(encoder, s, image_index, text_index)[0]
+
+    return rerank_from_states(states, data.text_to_image, score, k=k)
+
+
+def _selection_key(result: dict[str, Any]) -> tuple[float, float, float]:
+    after = result["reranked"]
+    return (after["t2i_R@1"], after["t2i_R@5"], after["t2i_R@10"])
+
+
+def _absolute_spec(spec: str) -> str:
+    """Path specs made absolute so the fusion folder finds its dual teacher from any directory."""
+    from clipdistill.models.spec import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.schema in ("run", "local-dir") and Path(parsed.name).exists():
+        return f"{parsed.schema}:{Path(parsed.name).resolve()}"
+    return str(parsed)
+
+
+def train_fusion_teacher(
+    teacher_spec: str,
+    dataset: PairedDataset,
+    out: str | Path,
+    config: FusionTrainConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a ``fusion:`` teacher on the ``train`` split over the dual teacher ``teacher_spec``.
+
+    Loss per step: ``itm`` = ½[BCE(positives, 1) + BCE(hard negatives, 0)] on the match logit,
+    plus ``w_heads`` · clip loss of (norm(v + λ·g(f)), norm(t + λ·h(f))) over the batch's
+    matched pairs at the dual teacher's scale, with f the pooled feature of the matched pair
+    (detached, so the heads loss trains only g, h and the match logit stays a pure ITM score).
+    This makes g, h the directions in which the pair's joint view moves the dual embeddings
+    closer together, which is what MCAD's modified features need. The dual cosine's weight
+    starts at the dual teacher's κ and its bias at minus κ times the midpoint of positive and
+    hard-negative cosines, so the untrained head already ranks exactly like the dual teacher.
+
+    Writes ``out/fusion_config.json`` + ``fusion.safetensors`` (load with ``fusion:out``),
+    ``log.jsonl`` (per epoch), ``train_config.json`` and ``train_summary.json``; returns the summary.
+    """
+    from clipdistill.device import resolve_device
+    from clipdistill.distill.cache import teacher_fingerprint
+    from clipdistill.models.teachers import load_model
+
+    config = config or FusionTrainConfig()
+    torch_device = resolve_device(str(device))
+    out = Path(out)
+    started = time.perf_counter()
+    generator = seed_everything(config.seed)
+
+    dual_spec = _absolute_spec(teacher_spec)
+    dual = load_model(dual_spec, device=torch_device)
+    dual.requires_grad_(False)
+    geometry = dual_token_geometry(dual)
+    height, width = dual.image_size
+    image_size = config.image_size or int(height)
+    if config.image_size is None and height != width:
+        raise FusionError(f"dual teacher {dual_spec} takes {height}x{width} images; set image_size explicitly")
+
+    train, val = dataset.split("train"), dataset.split("val")
+    data = _encode_split(dual, train, config, image_size, config.k_augmentations, progress)
+    val_data = _encode_split(dual, val, config, image_size, 1, progress)
+    kappa = float(dual.logit_scale.detach().exp().clamp(max=100.0))
+    fusion_config = FusionConfig(
+        dual_spec=dual_spec,
+        dual_fingerprint=teacher_fingerprint(dual_spec),
+        dual_logit_scale=kappa,
+        width=config.width,
+        heads=config.heads,
+        mlp_ratio=config.mlp_ratio,
+        **geometry,
+    )
+    encoder = FusionEncoder(fusion_config, dual).to(torch_device)
+
+    # Hard negatives by the dual teacher, mined once on the plain images (augmentation 0).
+    n_images, k = len(train), config.k_augmentations
+    plain = data.image_global[torch.arange(n_images, device=torch_device) * k]
+    owner = data.text_to_image.tolist()
+    texts_of_image: list[set[int]] = [set() for _ in range(n_images)]
+    images_of_text: list[set[int]] = [set() for _ in range(len(data.texts))]
+    for caption, u in enumerate(data.caption_text.tolist()):
+        texts_of_image[owner[caption]].add(u)
+        images_of_text[u].add(owner[caption])
+    scores = plain @ data.text_global.t()
+    hard_texts = _mine(scores, texts_of_image, config.mine_top, "captions")
+    hard_images = _mine(scores.t(), images_of_text, config.mine_top, "images")
+    del scores
+    first_caption = torch.zeros(n_images, dtype=torch.long)
+    counts = torch.bincount(data.text_to_image.cpu(), minlength=n_images)
+    first_caption[1:] = torch.cumsum(counts, 0)[:-1]
+
+    with torch.no_grad():  # centre the dual term: positives above 0, hard negatives below
+        positive_cos = (plain[data.text_to_image] * data.text_global[data.caption_text]).sum(-1).mean()
+        negative_cos = (plain[:, None, :] * data.text_global[hard_texts]).sum(-1).mean()
+        encoder.dual_bias.fill_(-kappa * float(positive_cos + negative_cos) / 2)
+
+    batch_size = min(config.batch_size, n_images)
+    steps_per_epoch = max(1, n_images // batch_size)
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "train_config.json", {"teacher": dual_spec, **asdict(config)})
+    log_path = out / "log.jsonl"
+    log_path.unlink(missing_ok=True)
+    log_scale = torch.tensor(kappa, device=torch_device).log()
+
+    best: dict[str, Any] = {"epoch": 0, "val": _rerank(encoder, val_data, config.rerank_k)}
+    best_state = {name: value.clone() for name, value in encoder.head_state().items()}
+    epochs: Any = range(config.epochs)
+    if progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, desc="fusion teacher", unit="epoch")
+    n = config.negatives
+    for epoch in epochs:
+        encoder.train()
+        order = torch.randperm(n_images, generator=generator)
+        totals = {"itm_loss": 0.0, "heads_loss": 0.0}
+        for step in range(steps_per_epoch):
+            images = order[step * batch_size : (step + 1) * batch_size]
+            b = len(images)
+            pick = (torch.rand(b, generator=generator) * counts[images]).long()
+            positive_text = data.caption_text[(first_caption[images] + pick).to(torch_device)]
+            images_d = images.to(torch_device)
+            rows = images_d * k + torch.randint(0, k, (b,), generator=generator).to(torch_device)
+            choose_t = torch.rand(b, hard_texts.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
+            negative_text = hard_texts[images_d].gather(1, choose_t)  # (b, ≤n)
+            choose_i = torch.rand(b, hard_images.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
+            negative_images = hard_images[positive_text].gather(1, choose_i)
+            negative_rows = negative_images * k + torch.randint(0, k, negative_images.shape, generator=generator).to(
+                torch_device
+            )
+            n_t, n_i = negative_text.shape[1], negative_rows.shape[1]
+
+            all_rows, row_local = torch.unique(torch.cat([rows, negative_rows.reshape(-1)]), return_inverse=True)
+            all_texts, text_local = torch.unique(
+                torch.cat([positive_text, negative_text.reshape(-1)]), return_inverse=True
+            )
+            pos_row, neg_row = row_local[:b], row_local[b:].view(b, n_i)
+            pos_text, neg_text = text_local[:b], text_local[b:].view(b, n_t)
+            image_index = torch.cat([pos_row, pos_row.repeat_interleave(n_t), neg_row.reshape(-1)])
+            text_index = torch.cat([pos_text, neg_text.reshape(-1), pos_text.repeat_interleave(n_i)])
+            states = _states(encoder, data, all_rows, all_texts)
+            logits, pooled = score_pairs(encoder, states, image_index, text_index, pooled=True)
+            assert pooled is not None
+            positive_logits, negative_logits = logits[:b], logits[b:]
+            itm = 0.5 * (
+                F.binary_cross_entropy_with_logits(positive_logits, torch.ones_like(positive_logits))
+                + F.binary_cross_entropy_with_logits(negative_logits, torch.zeros_like(negative_logits))
+            )
+            loss = itm
+            heads = torch.zeros((), device=torch_device)
+            if config.w_heads > 0:
+                g, h = encoder.dual_heads(pooled[:b].detach())
+                image_hat = F.normalize(data.image_global[rows] + config.heads_lambda * g, dim=-1)
+                text_hat = F.normalize(data.text_global[positive_text] + config.heads_lambda * h, dim=-1)
+                heads = clip_loss(image_hat, text_hat, log_scale)
+                loss = loss + config.w_heads * heads
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            totals["itm_loss"] += float(itm.detach())
+            totals["heads_loss"] += float(heads.detach())
+        result = _rerank(encoder, val_data, config.rerank_k)
+        elapsed = time.perf_counter() - started
+        record = {
+            "epoch": epoch + 1,
+            **{key: value / steps_per_epoch for key, value in totals.items()},
+            "val": result,
+            "seconds": round(elapsed, 2),
+        }
+        append_jsonl(log_path, record)
+        if progress:
+            epochs.set_postfix(itm=f"{record['itm_loss']:.3f}", val_R1=f"{result['reranked']['t2i_R@1']:.1f}")
+        if _selection_key(result) > _selection_key(best["val"]):
+            best = {"epoch": epoch + 1, "val": result}
+            best_state = {name: value.clone() for name, value in encoder.head_state().items()}
+        if config.max_seconds is not None and elapsed > config.max_seconds:
+            break
+
+    encoder.load_state_dict(best_state, strict=False)
+    encoder.eval()
+    save_fusion_encoder(encoder, out)
+    summary: dict[str, Any] = {
+        "teacher": dual_spec,
+        "best_epoch": best["epoch"],
+        "val": best["val"],
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "model": f"fusion:{out}",
+    }
+    if "test" in dataset.split_counts():
+        test_data = _encode_split(dual, dataset.split("test"), config, image_size, 1, progress=False)
+        summary["test"] = _rerank(encoder, test_data, config.rerank_k)
+    atomic_write_json(out / "train_summary.json", summary)
+    return summary
