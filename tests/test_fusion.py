@@ -97,13 +97,14 @@ def test_lit_token_features(trunk: str, tokens: int) -> None:
 
 
 # ---------------------------------------------------------------- the pair head
-def test_cross_attention_equals_naive_multihead_attention() -> None:
+def test_cross_attention_equals_naive_pooled_attention() -> None:
+    """LN(mean over real query tokens of [x_q + out(multi-head attention of q over real keys)])."""
     torch.manual_seed(0)
     layer = CrossAttention(width=8, heads=2)
     x, other = torch.randn(3, 4, 8), torch.randn(3, 5, 8)
+    query_mask = torch.tensor([[True] * 4, [True, False, False, False], [True, True, True, False]])
     key_mask = torch.tensor([[True] * 5, [True, True, False, False, False], [True, False, True, True, False]])
-    keys, values = layer.keys_values(other)
-    out = layer(x, layer.queries(x), keys, values, key_mask)
+    out = layer(layer.project(x, query_mask), layer.project(other, key_mask), query_mask, key_mask)
     for p in range(3):
         q = layer.q(x[p]).view(4, 2, 4)
         k = layer.k(other[p]).view(5, 2, 4)
@@ -113,7 +114,8 @@ def test_cross_attention_equals_naive_multihead_attention() -> None:
             scores = q[:, h] @ k[:, h].t() / math.sqrt(4)
             scores[:, ~key_mask[p]] = float("-inf")
             heads.append(torch.softmax(scores, dim=-1) @ v[:, h])
-        expected = layer.norm(x[p] + layer.out(torch.cat(heads, dim=-1)))
+        tokens = x[p] + layer.out(torch.cat(heads, dim=-1))
+        expected = layer.norm(tokens[query_mask[p]].mean(dim=0))
         torch.testing.assert_close(out[p], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -154,6 +156,10 @@ def test_pair_scores_do_not_depend_on_batching_or_padding() -> None:
             )
             zero = torch.zeros(1, dtype=torch.long)
             torch.testing.assert_close(teacher.pair_logits(single, zero, zero)[0], matrix[i, j], atol=1e-5, rtol=0)
+    # a sparse pair list (gathered per pair) gives the grid's numbers
+    image_index, text_index = torch.tensor([0, 3, 2, 1]), torch.tensor([4, 0, 2, 2])
+    sparse = teacher.pair_logits(states, image_index, text_index)
+    torch.testing.assert_close(sparse, matrix[image_index, text_index], atol=1e-5, rtol=0)
     # values behind the mask are ignored
     noisy = FusionStates(
         states.image,

@@ -294,7 +294,7 @@ def test_mcad_terms_against_naive(pairs: str) -> None:
     s = features(raw)
     student_logits = s.logit_scale.exp() * s.image @ s.text.t()
     expected_dist = naive_kl(20.0 * fused, student_logits)
-    assert float(out.losses["dist_loss"].detach()) == pytest.approx(float(expected_dist), rel=1e-4)
+    assert float(out.losses["dist_loss"].detach()) == pytest.approx(float(expected_dist.detach()), rel=1e-4)
     if pairs == "topk":  # pairs outside the mask are never scored
         assert float(out.report["fused_pairs"]) == pytest.approx(float(mask.float().mean()))
         assert float(out.report["fused_pairs"]) < 1.0
@@ -308,9 +308,9 @@ def test_mcad_terms_against_naive(pairs: str) -> None:
     projected_image = F.normalize(method.image_proj(s.image), dim=-1)
     projected_text = F.normalize(method.text_proj(s.text), dim=-1)
     expected_feat = 2000 * (((projected_image - v_hat) ** 2).mean() + ((projected_text - t_hat) ** 2).mean())
-    assert float(out.losses["feat_loss"].detach()) == pytest.approx(float(expected_feat), rel=1e-4)
+    assert float(out.losses["feat_loss"].detach()) == pytest.approx(float(expected_feat.detach()), rel=1e-4)
     assert float(out.losses["task_loss"].detach()) == pytest.approx(
-        float(naive_clip(s.image, s.text, s.logit_scale)), rel=1e-5
+        float(naive_clip(s.image, s.text, s.logit_scale).detach()), rel=1e-5
     )
 
     out.total().backward()
@@ -345,9 +345,9 @@ def test_mcad_mu_zero_is_plain_logit_distillation_and_fallback_uses_teacher_feat
     s = features(raw)
     dual = teacher.image.detach() @ teacher.text.detach().t()
     expected = naive_kl(20.0 * dual, s.logit_scale.exp() * s.image @ s.text.t())
-    assert float(out.losses["dist_loss"].detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(out.losses["dist_loss"].detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
     expected_feat = 2000 * (((s.image - teacher.image) ** 2).mean() + ((s.text - teacher.text) ** 2).mean())
-    assert float(out.losses["feat_loss"].detach()) == pytest.approx(float(expected_feat), rel=1e-4)
+    assert float(out.losses["feat_loss"].detach()) == pytest.approx(float(expected_feat.detach()), rel=1e-4)
     assert out.report["fusion_features"] == 0.0
 
 
@@ -357,6 +357,7 @@ def naive_dcd_method(
 ) -> tuple[float, float]:
     """One direction of the DCD method by loops: random K of the valid columns (smallest keys),
     keep the teacher's top H, positive first."""
+    z, s = z.detach(), s.detach()
     teacher_rows, student_rows = [], []
     k = min(k, int(valid.sum(1).min()))
     h = min(h, k)
@@ -423,11 +424,11 @@ def test_comkd_terms_against_naive() -> None:
     pt = F.normalize(method.text_proj(s.text), dim=-1)
     tv, tt = teacher.image.detach(), teacher.text.detach()
     expected_align = moment_alignment(p, tv) + moment_alignment(pt, tt)
-    assert float(out.losses["align_loss"].detach()) == pytest.approx(float(expected_align), rel=1e-5)
+    assert float(out.losses["align_loss"].detach()) == pytest.approx(float(expected_align.detach()), rel=1e-5)
     read = torch.softmax(p @ tt.t() / math.sqrt(D), dim=1) @ tt
     f = F.normalize(p + 0.5 * method.attention_fc(read), dim=-1)
     expected_ref = naive_kl(20.0 * tv @ tt.t(), s.logit_scale.exp() * f @ tt.t())
-    assert float(out.losses["ref_loss"].detach()) == pytest.approx(float(expected_ref), rel=1e-4)
+    assert float(out.losses["ref_loss"].detach()) == pytest.approx(float(expected_ref.detach()), rel=1e-4)
     out.total().backward()
     assert method.edu_alpha.grad is not None and float(method.edu_alpha.grad.abs()) > 0
     assert all(t.grad is None for t in teacher.tensors())
@@ -435,7 +436,7 @@ def test_comkd_terms_against_naive() -> None:
 
 def test_comkd_alpha_starts_at_zero_so_attention_starts_as_identity() -> None:
     method = build("comkd", D, FusionFakeTeacher(with_fusion=False))
-    assert float(method.edu_alpha) == 0.0
+    assert float(method.edu_alpha.detach()) == 0.0
     p = F.normalize(torch.randn(B, D), dim=-1)
     torch.testing.assert_close(method.refined(p, torch.randn(B, D)), p)
 

@@ -49,7 +49,7 @@ from clipdistill.train.schedule import cosine_with_warmup, seed_everything
 class FusionTrainConfig:
     """Architecture, mining and budget of a fusion-teacher run (defaults sized for the emoji set)."""
 
-    width: int = 128
+    width: int = 64
     heads: int = 4
     mlp_ratio: float = 2.0
     epochs: int = 10
