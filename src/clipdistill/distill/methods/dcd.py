@@ -145,8 +145,9 @@ class DCDMethod(DistillMethod):
         device = student.image.device
         valid = ~torch.eye(n, dtype=torch.bool, device=device)
         if args.exclude_same_text:
-            same = torch.tensor([[a == b for b in batch.texts] for a in batch.texts], dtype=torch.bool, device=device)
-            valid &= ~same
+            distinct: dict[str, int] = {}
+            text_ids = torch.tensor([distinct.setdefault(text, len(distinct)) for text in batch.texts], device=device)
+            valid &= text_ids[:, None] != text_ids[None, :]
         student_logits = contrastive_logits(student.image, student.text, student.logit_scale)
         masks = [valid, valid.t()] if args.symmetric else [valid]
         drawn = [draw_negatives(mask, args.random_negatives) for mask in masks]
