@@ -625,7 +625,12 @@ class BlipItmBackend(FusionBackend):
     Pair head: BLIP's text encoder with cross-attention to the image embeddings and its ITM
     head, exactly ``BlipForImageTextRetrieval.forward(use_itm_head=True)`` split at the image
     embeddings. Dual stage: BLIP's ITC embeddings (``vision_proj``/``text_proj`` of the [CLS]
-    states), as BLIP itself retrieves with ITC and re-ranks with ITM."""
+    states), as BLIP itself retrieves with ITC and re-ranks with ITM.
+
+    Cost: a pair runs BLIP's whole text encoder (12 layers for blip-itm-base), so use it on a
+    GPU and prefer MCAD's ``fusion_pairs: topk``; its image states are the ViT's full token
+    sequence (577 × 768 floats, about 1.8 MB per image at 384 px), so a teacher cache holding
+    them suits datasets of thousands of images, not millions."""
 
     kind = "blip-itm"
 
