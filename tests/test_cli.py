@@ -20,7 +20,8 @@ def test_help_lists_the_subcommands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     listed = {line.split()[1] for line in result.output.splitlines() if line.startswith("│ ") and len(line.split()) > 1}
-    for command in ("data", "teacher", "student", "eval", "demo", "train", "cache", "export", "embed", "index", "search"):
+    expected = ("data", "teacher", "student", "eval", "demo", "train", "cache", "export", "embed", "index", "search")
+    for command in expected:
         assert command in listed, f"{command} missing from --help: {sorted(listed)}"
 
 

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 ArrayLike = torch.Tensor | np.ndarray
 
 _CHUNK_BYTES = 256 * 2**20  # float32 score block per chunk of queries
+# The keys recall_at_k returns for the default ks, in order (report tables and JSON use them).
+METRIC_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 
 
 def recall_at_k(
