@@ -1,71 +1,358 @@
 """The main job, stage by stage, each stage skipped when its finished output exists.
 
-So far: build the emoji data (or read the given dataset), train the LiT teacher, evaluate
-it on the unseen-concept test split. Distillation, export and the report join as their
-issues land.
+data -> LiT teacher -> fusion teacher -> teacher cache -> one student per method and seed
+(identical budgets) -> test-split evaluation -> export of the best student -> embeddings ->
+index -> report (``report.json``, ``report.md``, plots). Every stage writes its output with a
+completion marker (a model file, ``summary.json``, ``export.json``, ``manifest.json``), so a
+rerun after a crash, or with more methods or seeds, only does what is missing.
+
+Layout of ``OUT``::
+
+    data/                 the builtin emoji dataset (when no --data is given)
+    teacher/  fusion/     the two teachers
+    cache/                teacher outputs (+ fusion states) for the train split
+    students/<method>-s<seed>/   normal training runs (+ test_metrics.json)
+    export/  embeddings/  index/ the best student, deployed
+    report.json report.md pareto.png curves.png examples.png
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clipdistill.io import atomic_write_json
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"teacher_max_seconds": 360.0},
-    "full": {"teacher_max_seconds": None},  # the full budget of TeacherTrainConfig
+ALL_METHODS = ("clip", "openclip", "clipkd", "conaclip", "mcad", "dcd", "comkd")
+FUSION_METHODS = ("mcad", "dcd")  # the methods that read the single-stream teacher
+SCRATCH = "clip"
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """The budget of a demo run. ``quick`` is sized for ``make demo`` (20 minutes on 2 cores,
+    install included); ``full`` is the budget behind the published table."""
+
+    seeds: int
+    student_epochs: int
+    teacher_max_seconds: float | None  # None: TeacherTrainConfig's full budget
+    fusion_max_seconds: float | None
+    fusion_epochs: int
+    batch_size: int = 128
+    lr: float = 2e-3
+    k_augmentations: int = 2
+    image_size: int = 64
+    student: str = "tiny"
+    index_factory: str = "HNSW32"
+
+
+PRESETS: dict[str, DemoPreset] = {
+    "quick": DemoPreset(seeds=1, student_epochs=4, teacher_max_seconds=240.0, fusion_max_seconds=60.0, fusion_epochs=4),
+    "full": DemoPreset(seeds=3, student_epochs=10, teacher_max_seconds=None, fusion_max_seconds=None, fusion_epochs=10),
 }
 
 
-def run_demo(
-    out: str | Path, *, data: str | Path | None = None, images: str | Path | None = None, preset: str = "quick"
-) -> dict[str, Any]:
-    """Run the stages; returns the (partial) report, also written to ``out/report.json``."""
-    import json
+class DemoError(ValueError):
+    """A bad demo request (unknown preset or method, a dataset without the needed splits)."""
 
-    from clipdistill.data.dataset import DatasetError
+
+def parse_methods(methods: str | None) -> list[str]:
+    """``"a,b"`` -> validated list (default: all seven); names are checked against the registry."""
+    from clipdistill.distill.base import get_method
+
+    names = list(ALL_METHODS) if not methods else [m.strip() for m in methods.split(",") if m.strip()]
+    if not names:
+        raise DemoError("--methods is empty; give e.g. --methods clip,conaclip")
+    for name in names:
+        get_method(name)  # close-match error for a typo
+    if len(set(names)) != len(names):
+        raise DemoError(f"--methods lists a method twice: {','.join(names)}")
+    return names
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]demo[/] {message}", highlight=False)
+
+
+def _stage(name: str, done: bool) -> bool:
+    """Announce a stage; returns whether it must run."""
+    _say(f"{name}: {'done already, skipped' if done else 'running'}")
+    return not done
+
+
+# --- stages ------------------------------------------------------------------------------------
+def _dataset(out: Path, data: str | Path | None, images: str | Path | None) -> tuple[Any, str, str | None]:
     from clipdistill.data.loading import load_dataset
-    from clipdistill.eval.evaluate import evaluate_loaded
-    from clipdistill.models.lit import MODEL_FILE
-    from clipdistill.models.teachers import load_model
-    from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
 
-    if preset not in PRESETS:
-        raise DatasetError(f"unknown demo preset {preset!r}; valid: {', '.join(PRESETS)}")
-    settings = PRESETS[preset]
-    out = Path(out)
     if data is None:
         from clipdistill.data.emoji import build_emoji_dataset
 
+        _stage("data (builtin emoji)", (out / "data" / "dataset.json").is_file())
         dataset = build_emoji_dataset(out / "data")  # skips rendering when already complete
+        data_path, images_root = str(out / "data"), None
     else:
+        _stage(f"data ({data})", True)
         dataset = load_dataset(data, images)
+        data_path, images_root = str(data), None if images is None else str(images)
+    missing = {"train", "val", "test"} - set(dataset.split_counts())
+    if missing:
+        raise DemoError(f"{data_path}: the demo needs train, val and test splits; missing {', '.join(sorted(missing))}")
+    return dataset, data_path, images_root
+
+
+def _teacher(out: Path, dataset: Any, preset: DemoPreset) -> str:
+    from clipdistill.models.lit import MODEL_FILE
+    from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
 
     teacher_dir = out / "teacher"
-    if not (teacher_dir / MODEL_FILE).is_file():
-        train_lit_teacher(
-            dataset,
-            teacher_dir,
-            TeacherTrainConfig(max_seconds=settings["teacher_max_seconds"]),
-        )
-    summary = json.loads((teacher_dir / "train_summary.json").read_text(encoding="utf-8"))
+    if _stage("teacher (LiT)", (teacher_dir / MODEL_FILE).is_file() and (teacher_dir / "train_summary.json").is_file()):
+        train_lit_teacher(dataset, teacher_dir, TeacherTrainConfig(max_seconds=preset.teacher_max_seconds))
+    return f"run:{teacher_dir}"
 
+
+def _fusion(out: Path, dataset: Any, teacher_spec: str, preset: DemoPreset) -> str:
+    from clipdistill.train.fusion import FusionTrainConfig, train_fusion_teacher
+
+    fusion_dir = out / "fusion"
+    if _stage("fusion teacher", (fusion_dir / "train_summary.json").is_file()):
+        config = FusionTrainConfig(epochs=preset.fusion_epochs, max_seconds=preset.fusion_max_seconds)
+        train_fusion_teacher(teacher_spec, dataset, fusion_dir, config)
+    return f"fusion:{fusion_dir}"
+
+
+def _cache(out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, preset: DemoPreset) -> str:
+    from clipdistill.distill.cache import build_cache
+
+    _stage("teacher cache", (out / "cache" / "manifest.json").is_file())
+    path = build_cache(  # reuses a finished cache built for exactly this request, else (re)builds
+        teacher_spec,
+        dataset,
+        out / "cache",
+        k_augmentations=preset.k_augmentations,
+        image_size=preset.image_size,
+        fusion=fusion_spec,
+    )
+    return str(path)
+
+
+def _student_config(
+    out: Path, method: str, seed: int, preset: DemoPreset, data: str, images: str | None, teacher: dict[str, Any]
+) -> Any:
+    from clipdistill.config import TrainConfig, from_dict
+
+    fusion = teacher.get("fusion") if method in FUSION_METHODS else None
+    return from_dict(
+        TrainConfig,
+        {
+            "name": f"{method}-s{seed}",
+            "out_dir": str(out / "students"),
+            "method": method,
+            "seed": seed,
+            "data": {"path": data, "images": images, "image_size": preset.image_size},
+            "student": {"preset": preset.student},
+            "teacher": {"spec": teacher["spec"], "cache": teacher["cache"], "fusion": fusion},
+            "augment": {"k": preset.k_augmentations},
+            "optim": {"epochs": preset.student_epochs, "batch_size": preset.batch_size, "lr": preset.lr},
+        },
+    )
+
+
+def _train_student(config: Any) -> dict[str, Any]:
+    from clipdistill.train.trainer import train
+
+    summary_path = config.run_dir / "summary.json"
+    if not _stage(f"student {config.name}", summary_path.is_file()):
+        return _read_json(summary_path)
+    resume = "latest" if (config.run_dir / "checkpoints" / "latest.pt").is_file() else None
+    return train(config, resume=resume)
+
+
+def _evaluate(spec: str, test: Any, pixels: Any, path: Path) -> dict[str, Any]:
+    """Test metrics + efficiency of ``spec``, memoised in ``path``."""
+    from clipdistill.eval.evaluate import evaluate_loaded
+    from clipdistill.models.teachers import load_model
+
+    if path.is_file():
+        return _read_json(path)
+    result = evaluate_loaded(load_model(spec), test, pixels=pixels)
+    atomic_write_json(path, result)
+    return result
+
+
+def _entry(result: dict[str, Any]) -> dict[str, Any]:
+    from clipdistill.eval.retrieval import METRIC_KEYS
+
+    return {
+        "params": result["params"],
+        "flops": result["flops"],
+        "metrics": {k: result[k] for k in METRIC_KEYS},
+        "latency_ms": result["latency_ms"],
+        "peak_mem_mb": result["peak_mem_mb"],
+    }
+
+
+def _summary(students: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for method in dict.fromkeys(s["method"] for s in students):
+        values = [s["metrics"]["rsum"] for s in students if s["method"] == method]
+        rows.append(
+            {
+                "method": method,
+                "rsum_mean": statistics.mean(values),
+                "rsum_std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+                "n_seeds": len(values),
+            }
+        )
+    return rows
+
+
+def _best_student(students: list[dict[str, Any]]) -> dict[str, Any]:
+    """The student to ship: best mean **val** rsum over its seeds (test stays untouched by the
+    choice), then its best seed on val."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for student in students:
+        by_method.setdefault(student["method"], []).append(student)
+    method = max(by_method, key=lambda m: statistics.mean(s["val_rsum"] for s in by_method[m]))
+    return max(by_method[method], key=lambda s: s["val_rsum"])
+
+
+def _deploy(out: Path, spec: str, data: str, images: str | None, factory: str) -> dict[str, Any]:
+    from clipdistill.serve.embed import embed_dataset
+    from clipdistill.serve.export import export_model, read_parity
+    from clipdistill.serve.index import build_index
+
+    export_dir, emb_dir, index_dir = out / "export", out / "embeddings", out / "index"
+    exported = export_dir / "export.json"
+    if exported.is_file() and _read_json(exported).get("source", {}).get("spec") not in (None, spec):
+        _say(f"export: {export_dir} holds another model; re-exporting {spec}")
+        for stale in (export_dir / "export.json", emb_dir / "embeddings.json", index_dir / "manifest.json"):
+            stale.unlink(missing_ok=True)
+    if _stage(f"export {spec}", exported.is_file()):
+        export_model(spec, export_dir, int8=True, data=data, images=images, split="test")
+    if _stage("embeddings (test split)", (emb_dir / "embeddings.json").is_file()):
+        embed_dataset(export_dir, data, emb_dir, images=images, split="test")
+    if _stage(f"index ({factory})", (index_dir / "manifest.json").is_file()):
+        build_index(emb_dir, index_dir, factory=factory)
+    return {"spec": spec, "export": str(export_dir), "index": str(index_dir), "parity": read_parity(export_dir)}
+
+
+# --- the job -----------------------------------------------------------------------------------
+def run_demo(
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    images: str | Path | None = None,
+    preset: str | DemoPreset = "quick",
+    methods: str | None = None,
+    seeds: int | None = None,
+) -> dict[str, Any]:
+    """Run every stage (skipping finished ones) and write the report; returns ``report.json``.
+
+    ``preset`` is a name from :data:`PRESETS` or a :class:`DemoPreset` (tests and sweeps)."""
+    from clipdistill.data.images import load_image_tensor
+    from clipdistill.report import write_report
+
+    if isinstance(preset, DemoPreset):
+        settings, preset = preset, "custom"
+    elif preset in PRESETS:
+        settings = PRESETS[preset]
+    else:
+        raise DemoError(f"unknown demo preset {preset!r}; valid: {', '.join(PRESETS)}")
+    names = parse_methods(methods)
+    n_seeds = settings.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise DemoError(f"--seeds must be >= 1, got {n_seeds}")
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dataset, data_path, images_root = _dataset(out, data, images)
+    teacher_spec = _teacher(out, dataset, settings)
+    fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(FUSION_METHODS) else None
+    cache = _cache(out, dataset, teacher_spec, fusion_spec, settings)
+    teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}
+
+    runs = []
+    for method in names:
+        for seed in range(n_seeds):
+            config = _student_config(out, method, seed, settings, data_path, images_root, teacher)
+            runs.append((config, _train_student(config)))
+
+    _say("evaluating teacher and students on the test split")
     test = dataset.split("test")
-    teacher = load_model(f"run:{teacher_dir}")
-    teacher_eval = evaluate_loaded(teacher, test)
-    report = {
+    pixels = load_image_tensor(test.image_paths(), settings.image_size)
+    teacher_result = _evaluate(teacher_spec, test, pixels, out / "teacher" / "test_metrics.json")
+    students = []
+    for config, summary in runs:
+        result = _evaluate(summary["model"], test, pixels, config.run_dir / "test_metrics.json")
+        students.append(
+            {
+                "method": config.method,
+                "seed": config.seed,
+                "spec": summary["model"],
+                "run_dir": str(config.run_dir),
+                **_entry(result),
+                "train_seconds": summary["train_seconds"],
+                "val_rsum": summary["val"]["rsum"],
+            }
+        )
+
+    report: dict[str, Any] = {
         "dataset": dataset.name,
         "split": "test",
         "n_images": len(test),
         "n_texts": test.n_texts(),
         "preset": preset,
-        "teacher": {
-            "spec": f"run:{teacher_dir}",
-            "train_seconds": summary["train_seconds"],
-            "metrics": {k: v for k, v in teacher_eval.items() if "_R@" in k or k == "rsum"},
-            **{k: teacher_eval[k] for k in ("params", "flops", "latency_ms", "peak_mem_mb") if k in teacher_eval},
+        "budget": {
+            "student": settings.student,
+            "epochs": settings.student_epochs,
+            "batch_size": settings.batch_size,
+            "lr": settings.lr,
+            "k_augmentations": settings.k_augmentations,
+            "image_size": settings.image_size,
+            "seeds": n_seeds,
         },
+        "teacher": {
+            "spec": teacher_spec,
+            **_entry(teacher_result),
+            "train_seconds": _read_json(out / "teacher" / "train_summary.json")["train_seconds"],
+        },
+        "fusion_teacher": _fusion_entry(out, fusion_spec),
+        "students": students,
+        "summary": _summary(students),
     }
+    best = _best_student(students)
+    report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
+    report["deploy"] = _deploy(out, best["spec"], data_path, images_root, settings.index_factory)
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "report.json", report)
+    _say("writing report.md and plots")
+    write_report(out, report, dataset)
     return report
+
+
+def _fusion_entry(out: Path, fusion_spec: str | None) -> dict[str, Any] | None:
+    """What the fusion teacher adds: its test-split re-ranking of the dual teacher's top-k."""
+    if fusion_spec is None:
+        return None
+    summary = _read_json(out / "fusion" / "train_summary.json")
+    from clipdistill.eval.efficiency import count_parameters
+    from clipdistill.models.fusion import load_fusion_encoder
+
+    encoder = load_fusion_encoder(out / "fusion", with_dual=False)
+    return {
+        "spec": fusion_spec,
+        "params": count_parameters(encoder),
+        "rerank_test": summary.get("test"),
+        "train_seconds": summary.get("train_seconds"),
+    }

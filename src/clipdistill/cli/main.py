@@ -8,7 +8,6 @@ one clear line and exit with status 2 instead of a traceback.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _user_errors() -> tuple[type[BaseException], ...]:
     from clipdistill.config import ConfigError
     from clipdistill.data.dataset import DatasetError
+    from clipdistill.demo import DemoError
     from clipdistill.device import DeviceError
     from clipdistill.distill.base import MethodConfigError
     from clipdistill.distill.cache import CacheError
@@ -49,6 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         DatasetError,
+        DemoError,
         ModelSpecError,
         StudentConfigError,
         TextModelMissingError,
@@ -212,12 +213,47 @@ def demo_command(
     ] = None,
     images: ImagesOpt = None,
     preset: Annotated[str, typer.Option("--preset", help="quick | full")] = "quick",
+    methods: Annotated[
+        str | None, typer.Option("--methods", help="Comma-separated methods (default: all seven).")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="Seeds per method (default: preset).")] = None,
 ) -> None:
-    """Run the pipeline stages that exist so far, skipping the ones already finished."""
+    """The main job: data, teachers, cache, one student per method, evaluation, export, index,
+    report. Finished stages are skipped, so a rerun resumes where a run stopped."""
     from clipdistill.demo import run_demo
 
-    report = run_demo(out, data=data, images=images, preset=preset)
-    console.print(json.dumps(report, indent=2)[:2000])
+    report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds)
+    print_demo_summary(report, out)
+
+
+def print_demo_summary(report: dict[str, Any], out: Path) -> None:
+    """The terminal's last word: the table and the commands that use the result."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['dataset']} test split ({report['n_images']} images, {report['n_texts']} captions)")
+    for column in ("model", "t2i R@1", "t2i R@10", "i2t R@1", "i2t R@10", "rsum", "latency ms", "params M"):
+        table.add_column(column, justify="right")
+
+    def add(label: str, entry: dict[str, Any], rsum: str) -> None:
+        m, lat = entry["metrics"], entry["latency_ms"]
+        table.add_row(
+            label,
+            *(f"{m[k]:.1f}" for k in ("t2i_R@1", "t2i_R@10", "i2t_R@1", "i2t_R@10")),
+            rsum,
+            f"{lat['image_b1'] + lat['text_b1']:.2f}",
+            f"{entry['params']['total'] / 1e6:.2f}",
+        )
+
+    add("teacher", report["teacher"], f"{report['teacher']['metrics']['rsum']:.1f}")
+    for row in report["summary"]:
+        first = next(s for s in report["students"] if s["method"] == row["method"])
+        spread = f" ± {row['rsum_std']:.1f}" if row["n_seeds"] > 1 else ""
+        add(row["method"], first, f"{row['rsum_mean']:.1f}{spread}")
+    Console().print(table)
+    best, deploy = report["best_student"], report["deploy"]
+    console.print(f"best student: {best['method']} (seed {best['seed']}, by {best['selected_by']})", highlight=False)
+    console.print(f"report: {out / 'report.md'}", highlight=False)
+    console.print(f"search it: clipdistill search {deploy['index']} \"a red heart\" -k 5", highlight=False)
 
 
 def _register_commands() -> None:

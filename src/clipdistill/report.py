@@ -1,0 +1,229 @@
+"""The demo's human-readable output: ``report.md`` and its three plots, from ``report.json``.
+
+Kept apart from the stages (``demo.py``) so a report can be redrawn from a finished run
+without training anything: ``write_report(out, json.load(report.json), dataset)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from clipdistill.io import atomic_path, atomic_write_text
+
+# One line per method: what a reader needs to know to choose between them.
+METHOD_LINES = {
+    "clip": "scratch: the student's own contrastive loss, no teacher (the baseline to beat)",
+    "openclip": "open_clip logit distillation: KL to the teacher's in-batch similarity distribution + task loss",
+    "clipkd": "CLIP-KD: feature MSE to the teacher embeddings + interactive and contrastive relation losses",
+    "conaclip": "ConaCLIP: InfoNCE/feature/similarity losses on all four teacher-student edges of a full graph",
+    "mcad": "MCAD: teacher similarities and features refined by the single-stream fusion teacher, distilled jointly",
+    "dcd": "DCD: teacher-mined hard negatives, score distillation + entropy-weighted self-learning",
+    "comkd": "ComKD-CLIP: IFAlign mean/variance alignment + EduAttention refinement (training-only modules)",
+}
+EXAMPLE_QUERIES = 4
+TOP = 5
+
+
+def _pair_latency(entry: dict[str, Any]) -> float:
+    """Batch-1 milliseconds to embed one image and one caption: the cost of a query plus an item."""
+    return entry["latency_ms"]["image_b1"] + entry["latency_ms"]["text_b1"]
+
+
+def _method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: metrics averaged over seeds, efficiency of the first seed (same net)."""
+    rows = []
+    for summary in report["summary"]:
+        runs = [s for s in report["students"] if s["method"] == summary["method"]]
+        metrics = {k: statistics.mean(r["metrics"][k] for r in runs) for k in runs[0]["metrics"]}
+        rows.append({**runs[0], "metrics": metrics, "rsum_std": summary["rsum_std"], "n_seeds": summary["n_seeds"]})
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the table, the method lines, the fusion re-ranking, the plots, how to serve."""
+    teacher = report["teacher"]
+    rows = _method_rows(report)
+    scratch = next((r for r in rows if r["method"] == "clip"), None)
+    budget = report["budget"]
+    lines = [
+        f"# clipdistill demo: {report['dataset']} ({report['preset']} preset)",
+        "",
+        f"Test split: {report['n_images']} images, {report['n_texts']} captions (concepts unseen in training). "
+        f"Students: `{budget['student']}` preset, {budget['epochs']} epochs, batch {budget['batch_size']}, "
+        f"lr {budget['lr']}, {budget['k_augmentations']} replayed augmentations, {budget['seeds']} seed(s), "
+        "identical for every method. Latency: CPU, batch 1, milliseconds per image + per caption.",
+        "",
+        "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | vs scratch | params (M) "
+        "| latency ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(label: str, entry: dict[str, Any], spread: str = "") -> str:
+        m = entry["metrics"]
+        cells = [f"{m[k]:.1f}" for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")]
+        delta = "" if scratch is None or entry is teacher else f"{m['rsum'] - scratch['metrics']['rsum']:+.1f}"
+        speed = _pair_latency(teacher) / _pair_latency(entry)
+        return (
+            f"| {label} | {' | '.join(cells)} | {m['rsum']:.1f}{spread} | {delta} | "
+            f"{entry['params']['total'] / 1e6:.2f} | {_pair_latency(entry):.2f} | {speed:.1f}x |"
+        )
+
+    lines.append(row(f"teacher `{teacher['spec']}`", teacher))
+    for entry in rows:
+        spread = f" ± {entry['rsum_std']:.1f}" if entry["n_seeds"] > 1 else ""
+        lines.append(row(f"`{entry['method']}`", entry, spread))
+    best = report["best_student"]
+    lines += [
+        "",
+        f"Shipped: `{best['method']}` (seed {best['seed']}), chosen by {best['selected_by']}, "
+        "so the test numbers above stay an honest estimate.",
+        "",
+        "## Methods",
+        *[f"- `{r['method']}`: {METHOD_LINES.get(r['method'], '')}" for r in rows],
+    ]
+    fusion = report.get("fusion_teacher")
+    if fusion and fusion.get("rerank_test"):
+        rerank = fusion["rerank_test"]
+        lines += [
+            "",
+            "## Fusion teacher",
+            f"`{fusion['spec']}` ({fusion['params'] / 1e6:.2f}M parameters on top of the dual teacher) re-ranks "
+            f"the dual teacher's top-{rerank['k']} per caption: test t2i R@1 "
+            f"{rerank['dual']['t2i_R@1']:.1f} -> {rerank['reranked']['t2i_R@1']:.1f} "
+            f"(R@5 {rerank['dual']['t2i_R@5']:.1f} -> {rerank['reranked']['t2i_R@5']:.1f}).",
+        ]
+    deploy = report["deploy"]
+    parity = deploy["parity"]
+    lines += [
+        "",
+        "## Plots",
+        "![quality vs latency](pareto.png)",
+        "",
+        "![validation rsum per epoch](curves.png)",
+        "",
+        "![top-5 images for a few test captions](examples.png)",
+        "",
+        "## Deploy",
+        f"Exported `{deploy['spec']}` to `{deploy['export']}` (ONNX fp32 + int8; test rsum torch "
+        f"{parity['torch']['recall']['rsum']:.1f}, fp32 {parity['onnx_fp32']['recall']['rsum']:.1f}"
+        + (f", int8 {parity['onnx_int8']['recall']['rsum']:.1f}" if "onnx_int8" in parity else "")
+        + f") and indexed the test images in `{deploy['index']}`. Query it:",
+        "",
+        "```",
+        f"clipdistill search {deploy['index']} \"a red heart\" -k 5",
+        "```",
+        "",
+        f"Whole run: {report['wall_seconds']:.0f} s (stages already finished are skipped and not counted).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _save(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> None:
+    """Test rsum against per-pair latency: every student seed, the teacher as a star."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    for student in report["students"]:
+        x, y = _pair_latency(student), student["metrics"]["rsum"]
+        axes.scatter(x, y, s=30)
+        axes.annotate(student["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    teacher = report["teacher"]
+    axes.scatter(_pair_latency(teacher), teacher["metrics"]["rsum"], marker="*", s=220, color="black")
+    axes.annotate("teacher", (_pair_latency(teacher), teacher["metrics"]["rsum"]), xytext=(6, -10),
+                  textcoords="offset points", fontsize=9)
+    axes.set_xscale("log")
+    axes.set_xlabel("CPU latency, batch 1: one image + one caption (ms, log)")
+    axes.set_ylabel("test rsum")
+    axes.set_title(f"{report['dataset']}: quality vs latency")
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> None:
+    """Validation rsum after each epoch, one line per student run (from its results.jsonl)."""
+    import matplotlib.pyplot as plt
+
+    from clipdistill.io import read_jsonl
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    for student in report["students"]:
+        results = read_jsonl(Path(student["run_dir"]) / "results.jsonl")
+        label = student["method"] + (f" s{student['seed']}" if report["budget"]["seeds"] > 1 else "")
+        axes.plot([r["epoch"] for r in results], [r["val"]["rsum"] for r in results], marker="o", label=label)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("val rsum")
+    axes.set_title("training curves (validation split)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, ncol=2)
+    _save(figure, path)
+
+
+def plot_examples(report: dict[str, Any], dataset: Any, path: Path) -> None:
+    """A few test captions with the top-5 images of the teacher, the scratch student and the
+    best distilled student; a correct image is framed in green."""
+    import matplotlib.pyplot as plt
+    import torch
+    from PIL import Image
+
+    from clipdistill.data.images import load_image_tensor
+    from clipdistill.eval.embed import embed_images, embed_texts
+    from clipdistill.models.teachers import load_model
+
+    test = dataset.split("test")
+    texts, owners = test.texts(), test.text_to_image()
+    step = max(1, len(texts) // EXAMPLE_QUERIES)
+    queries = list(range(0, step * EXAMPLE_QUERIES, step))[:EXAMPLE_QUERIES]
+    models = [("teacher", report["teacher"]["spec"])]
+    scratch = [s for s in report["students"] if s["method"] == "clip"]
+    distilled = [s for s in report["students"] if s["method"] != "clip"]
+    if scratch:
+        models.append(("scratch (clip)", scratch[0]["spec"]))
+    if distilled:
+        best = max(distilled, key=lambda s: s["val_rsum"])
+        models.append((f"best distilled ({best['method']})", best["spec"]))
+    pixels = load_image_tensor(test.image_paths(), report["budget"]["image_size"])
+    top: dict[str, torch.Tensor] = {}
+    for label, spec in models:
+        model = load_model(spec).eval()
+        with torch.no_grad():
+            scores = embed_texts(model, [texts[q] for q in queries]) @ embed_images(model, pixels).t()
+        top[label] = scores.topk(TOP, dim=1).indices
+    paths = test.image_paths()
+    figure, grid = plt.subplots(len(queries) * len(models), TOP, figsize=(TOP * 1.3, len(queries) * len(models) * 1.3))
+    for qi, query in enumerate(queries):
+        for mi, (label, _) in enumerate(models):
+            row = qi * len(models) + mi
+            for col in range(TOP):
+                axes = grid[row][col]
+                image_index = int(top[label][qi, col])
+                axes.imshow(Image.open(paths[image_index]).convert("RGBA"))
+                axes.set_xticks([])
+                axes.set_yticks([])
+                hit = image_index == owners[query]
+                for spine in axes.spines.values():
+                    spine.set_edgecolor("green" if hit else "lightgrey")
+                    spine.set_linewidth(3 if hit else 1)
+            grid[row][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+        grid[qi * len(models)][0].set_title(f"“{texts[query]}”", fontsize=9, loc="left")
+    _save(figure, path)
+
+
+def write_report(out: Path, report: dict[str, Any], dataset: Any) -> None:
+    """Write ``report.md`` and the three plots beside ``report.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plot_pareto(report, out / "pareto.png")
+    plot_curves(report, out / "curves.png")
+    plot_examples(report, dataset, out / "examples.png")
+    atomic_write_text(out / "report.md", markdown(report))
