@@ -18,6 +18,8 @@ import datetime as dt
 import json
 import platform
 import statistics
+import subprocess
+import sys
 from typing import Any
 
 import torch
@@ -35,12 +37,27 @@ SWEEPS: dict[str, tuple[str, list[Any]]] = {
     "openclip": ("w_distill", [1.0, 3.0]),
     "clipkd": ("w_fd", [2000.0, 500.0]),
     "conaclip": ("tau_sd", [0.07, 0.2]),
+    "mcad": ("mu", [0.5, 0.2]),
+    "dcd": ("w_dcd", [1.0, 3.0]),
+    "dcd-per-sample": ("w_dcd", [1.0, 3.0]),
+    "comkd": ("w_ref", [1.0, 3.0]),
 }
+# Table labels that are a registered method with fixed extra arguments.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dcd": ("dcd", {"per_sample_kd_weight": False}),  # the released code's behaviour (KD weight a no-op)
+    "dcd-per-sample": ("dcd", {"per_sample_kd_weight": True}),  # the paper's per-sample weighting
+}
+FUSION_METHODS = ("mcad", "dcd")
 EDGES = ("ITS", "ISS", "CTS", "CSS")
 
 
-def run(base: dict[str, Any], name: str, method: str, seed: int, method_args: dict[str, Any]) -> dict[str, Any]:
-    config = from_dict(TrainConfig, {**base, "name": name, "method": method, "seed": seed, "method_args": method_args})
+def run(base: dict[str, Any], name: str, label: str, seed: int, method_args: dict[str, Any]) -> dict[str, Any]:
+    method, fixed = VARIANTS.get(label, (label, {}))
+    teacher = dict(base["teacher"])
+    if method not in FUSION_METHODS:
+        teacher.pop("fusion", None)
+    raw = {**base, "teacher": teacher, "name": name, "method": method, "seed": seed}
+    config = from_dict(TrainConfig, {**raw, "method_args": {**fixed, **method_args}})
     summary_path = config.run_dir / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
@@ -71,6 +88,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--teacher", default="run:runs/teacher")
     parser.add_argument("--cache", default="runs/bench/cache")
+    parser.add_argument("--fusion", default=None, help="fusion teacher spec for mcad/dcd, e.g. fusion:runs/fusion")
     parser.add_argument("--methods", default="clip,openclip,clipkd,conaclip")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
@@ -80,14 +98,21 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="use each method's default weight")
     parser.add_argument("--ablation", action="store_true", help="also run ConaCLIP's edge ablation")
     parser.add_argument("--out", default="benchmarks/results/methods.json")
+    parser.add_argument("--teacher-label", default="teacher (LiT)")
     args = parser.parse_args()
 
     dataset = load_dataset(args.data)
     test_split = dataset.split("test")
+    # The cache (with fusion states when a fusion teacher is given) is built by the CLI in its
+    # own process, as a user would; `cache build` keeps a finished cache that matches.
+    command = [sys.executable, "-m", "clipdistill.cli.main", "cache", "build", "--teacher", args.teacher]
+    command += ["--data", args.data, "--out", args.cache, "--k-aug", str(args.k_aug), "--image-size", "64"]
+    subprocess.run(command + (["--fusion", args.fusion] if args.fusion else []), check=True, stdout=subprocess.DEVNULL)
+    teacher = {"spec": args.teacher, "cache": args.cache, **({"fusion": args.fusion} if args.fusion else {})}
     base = {
         "out_dir": "runs/bench/methods",
         "data": {"path": args.data, "image_size": 64},
-        "teacher": {"spec": args.teacher, "cache": args.cache},
+        "teacher": teacher,
         "augment": {"k": args.k_aug},
         "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
     }
@@ -116,7 +141,7 @@ def main() -> None:
             seconds.setdefault(method, []).append(summary["train_seconds"])
 
     teacher_metrics = test_metrics({"model": args.teacher}, test_split)
-    table = {"teacher (LiT)": {k: (v, 0.0) for k, v in teacher_metrics.items()}}
+    table = {args.teacher_label: {k: (v, 0.0) for k, v in teacher_metrics.items()}}
     table.update({m: aggregate(rows) for m, rows in per_method.items()})
     notes = {
         m: f"{', '.join(f'{k}={v}' for k, v in chosen[m].items()) or 'defaults'}; "
