@@ -78,10 +78,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+_STARTED = [time.perf_counter()]  # reset by run_demo; stage lines show time since the start
+
+
 def _say(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]demo[/] {message}", highlight=False)
+    elapsed = time.perf_counter() - _STARTED[0]
+    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]demo[/] [{elapsed:6.1f} s] {message}", highlight=False)
 
 
 def _stage(name: str, done: bool) -> bool:
@@ -272,7 +276,7 @@ def run_demo(
     n_seeds = settings.seeds if seeds is None else seeds
     if n_seeds < 1:
         raise DemoError(f"--seeds must be >= 1, got {n_seeds}")
-    started = time.perf_counter()
+    started = _STARTED[0] = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -338,6 +342,7 @@ def run_demo(
     atomic_write_json(out / "report.json", report)
     _say("writing report.md and plots")
     write_report(out, report, dataset)
+    _say("done")
     return report
 
 
