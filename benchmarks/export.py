@@ -7,7 +7,7 @@ at batch 1; int8 files smaller with an rsum drop <= 3 points.
 Uses a trained student (the newest runs/*/model) when one exists, else builds and saves an
 untrained ``tiny`` student (fine for parity and latency; its recall is chance level).
 
-    nice -n 10 .venv/bin/python benchmarks/export.py --data /tmp/emoji64
+    .venv/bin/python benchmarks/export.py --data data/emoji --model local-dir:runs/bench/methods/clip-s0/model
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Model spec (default: newest runs/*/model or untrained tiny).")
-    parser.add_argument("--data", default="/tmp/emoji64")
+    parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--split", default="test")
     parser.add_argument("--work", default="benchmarks/results/export_work")
     parser.add_argument("--out", default="benchmarks/results/export.json")

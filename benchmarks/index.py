@@ -44,11 +44,14 @@ def gaussian_mixture(n: int, dim: int, clusters: int, noise: float, seed: int) -
 
 
 def configs(n: int) -> list[tuple[str, dict[str, int]]]:
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    """Index settings to compare. FAISS k-means wants >= 39 training points per centroid, so
+    small sets get fewer IVF lists and no PQ (its 256-entry codebooks need ~10k points)."""
+    nlist = min(int(2 ** round(math.log2(4 * math.sqrt(n)))), 2 ** int(math.log2(max(n // 39, 1))))
     out: list[tuple[str, dict[str, int]]] = [("Flat", {})]
     out += [("HNSW32", {"efSearch": ef}) for ef in (16, 32, 64, 128)]
     out += [(f"IVF{nlist},Flat", {"nprobe": p}) for p in (8, 32)]
-    out += [(f"IVF{nlist},PQ32", {"nprobe": p}) for p in (16, 64)]
+    if n >= 39 * 256:
+        out += [(f"IVF{nlist},PQ32", {"nprobe": p}) for p in (16, 64)]
     return out
 
 
@@ -131,7 +134,8 @@ def main() -> None:
         manifest, image, text, _ = read_embeddings(args.emb)
         real_note = f"{manifest['model']['spec']} on {manifest['dataset']['name']} ({manifest['count']} images)"
         rows += run_suite(f"real ({len(image)})", image.astype(np.float32), text.astype(np.float32))
-    hnsw_ok = [r for r in rows if r["factory"].startswith("HNSW") and r["recall@10"] >= 0.95 and r["data"] != "real"]
+    synthetic = [r for r in rows if not r["data"].startswith("real")]
+    hnsw_ok = [r for r in synthetic if r["factory"].startswith("HNSW") and r["recall@10"] >= 0.95]
     target = any(r["speedup_vs_flat"] >= 10 for r in hnsw_ok)
     atomic_write_json(
         args.out,
