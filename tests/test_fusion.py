@@ -29,6 +29,7 @@ from clipdistill.models.fusion import (
     FusionError,
     FusionStates,
     FusionTeacher,
+    dual_token_geometry,
     load_fusion,
     pad_texts,
     unpad_texts,
@@ -119,22 +120,27 @@ def test_cross_attention_equals_naive_pooled_attention() -> None:
         torch.testing.assert_close(out[p], expected, atol=1e-5, rtol=1e-5)
 
 
-def _random_encoder(seed: int = 0) -> FusionEncoder:
+def _random_encoder(seed: int = 0, match: str = "cross") -> FusionEncoder:
     torch.manual_seed(seed)
     config = FusionConfig(
-        "fake:dual", image_token_dim=6, image_tokens=3, text_token_dim=5, embed_dim=4, width=8, heads=2
+        "fake:dual", image_token_dim=6, image_tokens=3, text_token_dim=5, embed_dim=4, width=8, heads=2, match=match
     )
     encoder = FusionEncoder(config)
     torch.nn.init.normal_(encoder.itm.weight)
+    if match == "pool":  # trained-looking pooling weights, so every term of the pooled cosine counts
+        torch.nn.init.normal_(encoder.word_score.weight)
+        encoder.word_image.data.fill_(1.5)
+        encoder.patch_text.data.fill_(-2.0)
     return encoder.eval()
 
 
-def _random_states(n_images: int = 4, n_texts: int = 5, seed: int = 1) -> FusionStates:
+def _random_states(n_images: int = 4, n_texts: int = 5, seed: int = 1, extra: int = 0) -> FusionStates:
+    """Random states of width 8 (+ ``extra`` dual-space features per token, as ``match="pool"`` has)."""
     g = torch.Generator().manual_seed(seed)
     lengths = [3, 1, 4, 2, 3][:n_texts]
-    text, mask = pad_texts([torch.randn(n, 8, generator=g) for n in lengths])
+    text, mask = pad_texts([torch.randn(n, 8 + extra, generator=g) for n in lengths])
     return FusionStates(
-        image=torch.randn(n_images, 3, 8, generator=g),
+        image=torch.randn(n_images, 3, 8 + extra, generator=g),
         image_global=F.normalize(torch.randn(n_images, 4, generator=g), dim=-1),
         text=text,
         text_mask=mask,
@@ -142,9 +148,10 @@ def _random_states(n_images: int = 4, n_texts: int = 5, seed: int = 1) -> Fusion
     )
 
 
-def test_pair_scores_do_not_depend_on_batching_or_padding() -> None:
-    teacher = FusionTeacher(_random_encoder(), spec="fusion:fake")
-    states = _random_states()
+@pytest.mark.parametrize("match", ["cross", "pool"])
+def test_pair_scores_do_not_depend_on_batching_or_padding(match: str) -> None:
+    teacher = FusionTeacher(_random_encoder(match=match), spec="fusion:fake")
+    states = _random_states(extra=4 if match == "pool" else 0)
     matrix = teacher.score_matrix(states)
     assert matrix.shape == (4, 5) and matrix.std() > 0
     # one pair at a time, from states holding only that image and caption (padded to its own length)
@@ -181,6 +188,51 @@ def test_untrained_head_scores_like_the_dual_stage() -> None:
     torch.testing.assert_close(teacher.score_matrix(states), config.dual_logit_scale * dual, atol=1e-5, rtol=0)
     result = rerank_from_states(states, [0, 1, 2, 3, 0], teacher.pair_logits, k=3)
     assert result["reranked"] == result["dual"] and result["gain_R@1"] == 0.0
+
+
+def test_pooled_cosine_equals_naive() -> None:
+    """Per pair: word weights softmax(v·LN(w) + δ·cos(w, mean patch)), patch weights
+    softmax(γ·cos(p, pooled caption)), cosine of the two weighted means; untrained = the dual cosine."""
+    encoder = _random_encoder(match="pool")
+    states = _random_states(extra=4)
+    logits = FusionTeacher(encoder, spec="fusion:fake").score_matrix(states)
+    for i in range(states.n_images):
+        patches = states.image[i, :, 8:]
+        mean = F.normalize(patches.mean(dim=0), dim=0)
+        for j in range(states.n_texts):
+            words = states.text[j, states.text_mask[j], 8:]
+            w = encoder.word_score(encoder.word_norm(words)).squeeze(-1)
+            w = w + encoder.word_image * (F.normalize(words, dim=-1) @ mean)
+            text = F.normalize(torch.softmax(w, dim=0) @ words, dim=0)
+            b = torch.softmax(encoder.patch_text * (F.normalize(patches, dim=-1) @ text), dim=0)
+            cosine = F.normalize(b @ patches, dim=0) @ text
+            expected = encoder.dual_weight * cosine + encoder.dual_bias
+            torch.testing.assert_close(logits[i, j], expected, atol=1e-5, rtol=0)
+
+    untrained = FusionTeacher(FusionEncoder(encoder.config), spec="fusion:fake")
+    words = [states.text[j, states.text_mask[j], 8:] for j in range(states.n_texts)]
+    dual = (
+        F.normalize(states.image[:, :, 8:].mean(dim=1), dim=-1)
+        @ F.normalize(torch.stack([w.mean(dim=0) for w in words]), dim=-1).t()
+    )
+    scale = encoder.config.dual_logit_scale
+    torch.testing.assert_close(untrained.score_matrix(states), scale * dual, atol=1e-5, rtol=0)
+
+
+def test_pool_states_reproduce_the_lit_dual_cosine(teacher_spec: str) -> None:
+    """``match="pool"`` copies the LiT heads, so its per-patch and per-word states pool back to the
+    teacher's own embeddings (exact for a ResNet trunk, whose embedding is a linear map of the mean of its tokens)."""
+    dual = LiTModel(LiTConfig(image_model="resnet10t", image_size=32)).eval()
+    config = FusionConfig("fake:dual", match="pool", width=8, heads=2, **dual_token_geometry(dual))
+    encoder = FusionEncoder(config, dual)
+    encoder.copy_dual_heads(dual)
+    pixels = torch.rand(3, 3, 32, 32)
+    teacher = FusionTeacher(encoder, spec="fusion:fake")
+    states = teacher.states(pixels, ["a red circle", "blue square on white", "green"])
+    image = F.normalize(states.image[:, :, 8:].mean(dim=1), dim=-1)
+    torch.testing.assert_close(image, states.image_global, atol=1e-5, rtol=0)
+    words = states.text[..., 8:].sum(dim=1) / states.text_mask.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(F.normalize(words, dim=-1), states.text_global, atol=1e-5, rtol=0)
 
 
 def test_frozen_fusion_teacher_stays_frozen() -> None:

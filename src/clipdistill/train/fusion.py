@@ -52,18 +52,20 @@ class FusionTrainConfig:
     width: int = 64
     heads: int = 4
     mlp_ratio: float = 2.0
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
+    match: str = "pool"  # FusionConfig.match: "pool" re-pools the dual cosine, "cross" adds a learned correction
+    loss: str = "listwise"  # "listwise": softmax CE over a caption's candidates; "bce": pointwise ITM
+    epochs: int = 8
+    batch_size: int = 64  # listwise: captions per step; bce: images per step
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    mine_top: int = 32  # hard negatives are drawn from each query's top-32 by the dual teacher
-    negatives: int = 4  # hard negatives per positive and direction
+    mine_top: int = 64  # hard negatives are drawn from each query's top-64 by the dual teacher
+    negatives: int = 31  # hard negatives per positive (bce: per direction); listwise lists are 1 + 31 images
     heads_lambda: float = 0.3  # λ in norm(v + λ·g(f)) while training g, h (MCAD's default λ)
     w_heads: float = 1.0  # weight of the heads loss; 0 leaves g, h untrained
     rerank_k: int = 16
-    k_augmentations: int = 1  # replayed augmentations per training image (0 = the plain image)
+    k_augmentations: int = 4  # replayed augmentations per training image (0 = the plain image)
     aug_seed: int = 0
     aug_scale: tuple[float, float] = (0.8, 1.0)
     aug_max_shift: float = 0.1
@@ -76,6 +78,8 @@ class FusionTrainConfig:
         for name in ("epochs", "batch_size", "mine_top", "negatives", "rerank_k", "k_augmentations"):
             if getattr(self, name) < 1:
                 raise FusionError(f"fusion training option {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.loss not in ("listwise", "bce"):
+            raise FusionError(f"fusion training option 'loss' must be 'listwise' or 'bce', got {self.loss!r}")
         if self.batch_size < 2:
             raise FusionError(f"fusion training option 'batch_size' must be >= 2, got {self.batch_size}")
 
@@ -194,6 +198,52 @@ def _rerank(encoder: FusionEncoder, data: _Encoded, k: int) -> dict[str, Any]:
     return rerank_from_states(states, data.text_to_image, score, k=k)
 
 
+def _listwise_step(
+    encoder: FusionEncoder,
+    data: _Encoded,
+    config: FusionTrainConfig,
+    captions: torch.Tensor,
+    hard_images: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(listwise loss, heads loss)`` for a batch of caption indices.
+
+    Each caption's list is its image and ``negatives`` images drawn from its top-``mine_top`` by
+    the dual teacher, each in a random replayed augmentation; the loss is the softmax cross-entropy
+    of the positive over the list. Re-ranking orders a short list, so this is the loss it is
+    judged by (the pointwise BCE also rewards shifting every score, which ranks nothing). The heads
+    loss trains f (not detached: with ``match="pool"`` f serves only g, h) and g, h on the
+    matched pairs, one per distinct image of the batch (clip loss needs distinct rows)."""
+    device = data.image_global.device
+    k = data.k
+    captions = captions.to(device)
+    texts, images = data.caption_text[captions], data.text_to_image[captions]
+    b, n = len(captions), min(config.negatives, hard_images.shape[1])
+    choose = torch.rand(b, hard_images.shape[1], generator=generator).argsort(dim=1)[:, :n].to(device)
+    candidates = torch.cat([images[:, None], hard_images[texts].gather(1, choose)], dim=1)  # positive first
+    rows = candidates * k + torch.randint(0, k, candidates.shape, generator=generator).to(device)
+    all_rows, row_local = torch.unique(rows.reshape(-1), return_inverse=True)
+    all_texts, text_local = torch.unique(texts, return_inverse=True)
+    states = _states(encoder, data, all_rows, all_texts)
+    logits, pooled = score_pairs(
+        encoder, states, row_local, text_local.repeat_interleave(candidates.shape[1]), pooled=config.w_heads > 0
+    )
+    itm = F.cross_entropy(logits.view(b, -1), torch.zeros(b, dtype=torch.long, device=device))
+    heads = torch.zeros((), device=device)
+    if pooled is not None:
+        unique, inverse = torch.unique(images, return_inverse=True)
+        first = torch.full((len(unique),), b, device=device).scatter_reduce(
+            0, inverse, torch.arange(b, device=device), "amin"
+        )
+        matched = pooled.view(b, -1, pooled.shape[-1])[first, 0]
+        g, h = encoder.dual_heads(matched if encoder.config.match == "pool" else matched.detach())
+        image_hat = F.normalize(data.image_global[rows[first, 0]] + config.heads_lambda * g, dim=-1)
+        text_hat = F.normalize(data.text_global[texts[first]] + config.heads_lambda * h, dim=-1)
+        log_scale = torch.tensor(float(encoder.config.dual_logit_scale), device=device).log()
+        heads = clip_loss(image_hat, text_hat, log_scale)
+    return itm, heads
+
+
 def _selection_key(result: dict[str, Any]) -> tuple[float, float, float]:
     after = result["reranked"]
     return (after["t2i_R@1"], after["t2i_R@5"], after["t2i_R@10"])
@@ -262,9 +312,12 @@ def train_fusion_teacher(
         width=config.width,
         heads=config.heads,
         mlp_ratio=config.mlp_ratio,
+        match=config.match,
         **geometry,
     )
     encoder = FusionEncoder(fusion_config, dual).to(torch_device)
+    if config.match == "pool":
+        encoder.copy_dual_heads(dual)
 
     # Hard negatives by the dual teacher, mined once on the plain images (augmentation 0).
     n_images, k = len(train), config.k_augmentations
@@ -289,7 +342,9 @@ def train_fusion_teacher(
         encoder.dual_bias.fill_(-kappa * float(positive_cos + negative_cos) / 2)
 
     batch_size = min(config.batch_size, n_images)
-    steps_per_epoch = max(1, n_images // batch_size)
+    listwise = config.loss == "listwise"
+    n_captions = len(data.caption_text)
+    steps_per_epoch = max(1, (n_captions if listwise else n_images) // batch_size)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
@@ -309,9 +364,22 @@ def train_fusion_teacher(
     n = config.negatives
     for epoch in epochs:
         encoder.train()
-        order = torch.randperm(n_images, generator=generator)
+        order = torch.randperm(n_captions if listwise else n_images, generator=generator)
         totals = {"itm_loss": 0.0, "heads_loss": 0.0}
         for step in range(steps_per_epoch):
+            if listwise:
+                itm, heads = _listwise_step(
+                    encoder, data, config, order[step * batch_size : (step + 1) * batch_size], hard_images, generator
+                )
+                loss = itm + config.w_heads * heads
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                totals["itm_loss"] += float(itm.detach())
+                totals["heads_loss"] += float(heads.detach())
+                continue
             images = order[step * batch_size : (step + 1) * batch_size]
             b = len(images)
             pick = (torch.rand(b, generator=generator) * counts[images]).long()
