@@ -136,7 +136,10 @@ def main() -> None:
     for method in methods:
         for seed in range(args.seeds):
             suffix = "-".join(f"{k}{v}" for k, v in chosen[method].items())
-            summary = run(base, f"{method}{'-' + suffix if suffix else ''}-s{seed}", method, seed, chosen[method])
+            name = f"{method}{'-' + suffix if suffix else ''}-s{seed}"
+            if seed == 0 and method in sweep_log:  # the sweep already trained seed 0 of the chosen value
+                name = f"sweep-{method}-{suffix}"
+            summary = run(base, name, method, seed, chosen[method])
             per_method.setdefault(method, []).append(test_metrics(summary, test_split))
             seconds.setdefault(method, []).append(summary["train_seconds"])
 
