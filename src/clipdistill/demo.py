@@ -42,6 +42,7 @@ class DemoPreset:
     teacher_max_seconds: float | None  # None: TeacherTrainConfig's full budget
     fusion_max_seconds: float | None
     fusion_epochs: int
+    fusion_k_augmentations: int = 4  # replayed augmentations the fusion head trains on (encoding cost scales with it)
     batch_size: int = 128
     lr: float = 2e-3
     k_augmentations: int = 2
@@ -51,7 +52,9 @@ class DemoPreset:
 
 
 PRESETS: dict[str, DemoPreset] = {
-    "quick": DemoPreset(seeds=1, student_epochs=4, teacher_max_seconds=240.0, fusion_max_seconds=60.0, fusion_epochs=4),
+    "quick": DemoPreset(
+        seeds=1, student_epochs=4, teacher_max_seconds=240.0, fusion_max_seconds=75.0, fusion_epochs=4
+    ),
     "full": DemoPreset(seeds=3, student_epochs=10, teacher_max_seconds=None, fusion_max_seconds=None, fusion_epochs=10),
 }
 
@@ -129,7 +132,11 @@ def _fusion(out: Path, dataset: Any, teacher_spec: str, preset: DemoPreset) -> s
 
     fusion_dir = out / "fusion"
     if _stage("fusion teacher", (fusion_dir / "train_summary.json").is_file()):
-        config = FusionTrainConfig(epochs=preset.fusion_epochs, max_seconds=preset.fusion_max_seconds)
+        config = FusionTrainConfig(
+            epochs=preset.fusion_epochs,
+            max_seconds=preset.fusion_max_seconds,
+            k_augmentations=preset.fusion_k_augmentations,
+        )
         train_fusion_teacher(teacher_spec, dataset, fusion_dir, config)
     return f"fusion:{fusion_dir}"
 
@@ -264,6 +271,7 @@ def run_demo(
 
     ``preset`` is a name from :data:`PRESETS` or a :class:`DemoPreset` (tests and sweeps)."""
     from clipdistill.data.images import load_image_tensor
+    from clipdistill.models.text_minilm import clear_minilm_memo, minilm_memo
     from clipdistill.report import write_report
 
     if isinstance(preset, DemoPreset):
@@ -281,9 +289,11 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
 
     dataset, data_path, images_root = _dataset(out, data, images)
-    teacher_spec = _teacher(out, dataset, settings)
-    fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(FUSION_METHODS) else None
-    cache = _cache(out, dataset, teacher_spec, fusion_spec, settings)
+    with minilm_memo():  # the three stages encode the same captions with the same locked tower
+        teacher_spec = _teacher(out, dataset, settings)
+        fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(FUSION_METHODS) else None
+        cache = _cache(out, dataset, teacher_spec, fusion_spec, settings)
+    clear_minilm_memo()
     teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}
 
     runs = []

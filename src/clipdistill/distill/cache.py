@@ -61,6 +61,7 @@ from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import load_image_tensor, to_unit
 from clipdistill.distill.base import Batch, TeacherOutputs, TeacherSource
 from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.models.text_minilm import minilm_memo
 
 __all__ = [
     "FORMAT",
@@ -348,6 +349,7 @@ def _batches(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
         yield first, min(first + size, stop)
 
 
+@minilm_memo()  # its dual pass and fusion pass encode the same captions (and captions repeat)
 def build_cache(
     teacher_spec: str,
     dataset: PairedDataset,

@@ -157,9 +157,8 @@ class LiTModel(DualEncoder):
         sentence embedding and the tokens, gets both for the price of one forward."""
         if tokens.shape[1] > self.config.context_length:
             raise ValueError(f"{tokens.shape[1]} tokens exceed context_length {self.config.context_length}")
-        mask = tokens != self.text.pad_token_id
         with torch.no_grad():
-            hidden = self.text.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+            hidden, mask = self.text.hidden_states(tokens)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         hidden = hidden * weights
         pooled = hidden.sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # MiniLMTextEncoder.forward's pooling

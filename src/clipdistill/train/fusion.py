@@ -72,7 +72,9 @@ class FusionTrainConfig:
     image_size: int | None = None  # decode size; default: the dual teacher's input size
     encode_batch_size: int = 256
     seed: int = 0
-    max_seconds: float | None = None  # stop after the epoch that passes this budget
+    # Wall-clock budget of the whole run (encoding included), checked after every step: the run
+    # stops at the first step past it and still validates that (partial) epoch.
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "mine_top", "negatives", "rerank_k", "k_augmentations"):
@@ -366,7 +368,12 @@ def train_fusion_teacher(
         encoder.train()
         order = torch.randperm(n_captions if listwise else n_images, generator=generator)
         totals = {"itm_loss": 0.0, "heads_loss": 0.0}
+        steps_done, out_of_time = 0, False
         for step in range(steps_per_epoch):
+            if steps_done and config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
+                out_of_time = True
+                break
+            steps_done += 1
             if listwise:
                 itm, heads = _listwise_step(
                     encoder, data, config, order[step * batch_size : (step + 1) * batch_size], hard_images, generator
@@ -430,7 +437,8 @@ def train_fusion_teacher(
         elapsed = time.perf_counter() - started
         record = {
             "epoch": epoch + 1,
-            **{key: value / steps_per_epoch for key, value in totals.items()},
+            **{key: value / steps_done for key, value in totals.items()},
+            "steps": steps_done,
             "val": result,
             "seconds": round(elapsed, 2),
         }
@@ -440,7 +448,7 @@ def train_fusion_teacher(
         if _selection_key(result) > _selection_key(best["val"]):
             best = {"epoch": epoch + 1, "val": result}
             best_state = {name: value.clone() for name, value in encoder.head_state().items()}
-        if config.max_seconds is not None and elapsed > config.max_seconds:
+        if out_of_time or (config.max_seconds is not None and elapsed > config.max_seconds):
             break
 
     encoder.load_state_dict(best_state, strict=False)

@@ -1,0 +1,80 @@
+"""The opt-in MiniLM hidden-state memo: same features as a fresh forward, reused rows, and off
+wherever it must be off (outside the context, trainable tower)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipdistill.models import text_minilm
+from clipdistill.models.text_minilm import MiniLMTextEncoder, clear_minilm_memo, minilm_memo
+
+CAPTIONS = ["a red heart", "a smiling face with sunglasses", "a cat", "a red heart", "two hands clapping loudly"]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> MiniLMTextEncoder:
+    model = MiniLMTextEncoder(context_length=16).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _forward_count(encoder: MiniLMTextEncoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows sent through the transformer, per call."""
+    rows: list[int] = []
+    original = encoder._forward_hidden
+
+    def counting(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows.append(tokens.shape[0])
+        return original(tokens, mask)
+
+    monkeypatch.setattr(encoder, "_forward_hidden", counting)
+    return rows
+
+
+@torch.no_grad()
+def test_memo_matches_fresh_forward_and_reuses_rows(encoder: MiniLMTextEncoder, monkeypatch) -> None:
+    clear_minilm_memo()
+    tokens = encoder.tokenize(CAPTIONS)
+    fresh = encoder(tokens)
+    rows = _forward_count(encoder, monkeypatch)
+    with minilm_memo():
+        first = encoder(tokens)
+        assert rows == [4]  # the repeated caption is encoded once
+        # another batch (other padding length) that shares two captions: only the new one runs
+        second = encoder(encoder.tokenize(["a cat", "a lighthouse on a rocky island at night", "a red heart"]))
+        assert rows == [4, 1]
+    torch.testing.assert_close(first, fresh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second[0], fresh[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second[2], fresh[0], atol=1e-5, rtol=1e-5)
+    clear_minilm_memo()
+
+
+@torch.no_grad()
+def test_memo_is_off_outside_the_context_and_for_a_trainable_tower(encoder: MiniLMTextEncoder, monkeypatch) -> None:
+    clear_minilm_memo()
+    tokens = encoder.tokenize(CAPTIONS[:2])
+    rows = _forward_count(encoder, monkeypatch)
+    encoder(tokens)
+    encoder(tokens)
+    assert rows == [2, 2]  # no context: every call runs the transformer
+    assert not text_minilm._MEMOS
+    encoder.model.embeddings.word_embeddings.weight.requires_grad_(True)
+    try:
+        with minilm_memo():
+            encoder(tokens)
+            encoder(tokens)
+        assert rows == [2, 2, 2, 2]  # a tower being trained changes its outputs: never memoised
+    finally:
+        encoder.model.embeddings.word_embeddings.weight.requires_grad_(False)
+    clear_minilm_memo()
+
+
+def test_memo_evicts_least_recently_used_rows_past_its_byte_budget() -> None:
+    memo = text_minilm._HiddenStateMemo(max_bytes=2 * 4 * 4)  # two rows of four float32 values
+    memo.put(b"a", torch.zeros(4))
+    memo.put(b"b", torch.ones(4))
+    assert memo.get(b"a") is not None  # "a" is now the most recent
+    memo.put(b"c", torch.full((4,), 2.0))
+    assert memo.get(b"b") is None and memo.get(b"a") is not None and memo.get(b"c") is not None
+    assert memo.bytes == 32
