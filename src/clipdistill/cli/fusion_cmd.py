@@ -57,7 +57,8 @@ def train_fusion_command(
     k_aug: Annotated[int | None, typer.Option("--k-aug", min=1, help="Replayed augmentations per image.")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     max_seconds: Annotated[
-        float | None, typer.Option("--max-seconds", help="Stop after the epoch that passes this.")
+        float | None,
+        typer.Option("--max-seconds", help="Wall-clock budget (s), encoding included; stops at the first step past it"),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
