@@ -18,6 +18,7 @@ Layout of ``OUT``::
 
 from __future__ import annotations
 
+import datetime
 import json
 import statistics
 import time
@@ -350,11 +351,30 @@ def run_demo(
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
     report["deploy"] = _deploy(out, best["spec"], data_path, images_root, settings.index_factory)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    report["machine"] = _machine()
+    report["finished_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     atomic_write_json(out / "report.json", report)
     _say("writing report.md and plots")
     write_report(out, report, dataset)
     _say("done")
     return report
+
+
+def _machine() -> dict[str, Any]:
+    """Where the numbers were measured (latencies and wall time mean little without it)."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return {"cpu": cpu, "cores": len(affinity), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _fusion_entry(out: Path, fusion_spec: str | None) -> dict[str, Any] | None:

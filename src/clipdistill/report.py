@@ -41,19 +41,24 @@ def _method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """``report.md``: the table, the method lines, the fusion re-ranking, the plots, how to serve."""
+def results_table(report: dict[str, Any]) -> str:
+    """The methods × metrics table with its budget line (``report.md`` and the README use it)."""
     teacher = report["teacher"]
     rows = _method_rows(report)
     scratch = next((r for r in rows if r["method"] == "clip"), None)
     budget = report["budget"]
+    machine = report.get("machine")
+    measured = (
+        f" Measured on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
+        f"finished {report.get('finished_utc', '?')} UTC."
+        if machine
+        else ""
+    )
     lines = [
-        f"# clipdistill demo: {report['dataset']} ({report['preset']} preset)",
-        "",
         f"Test split: {report['n_images']} images, {report['n_texts']} captions (concepts unseen in training). "
         f"Students: `{budget['student']}` preset, {budget['epochs']} epochs, batch {budget['batch_size']}, "
         f"lr {budget['lr']}, {budget['k_augmentations']} replayed augmentations, {budget['seeds']} seed(s), "
-        "identical for every method. Latency: CPU, batch 1, milliseconds per image + per caption.",
+        "identical for every method. Latency: CPU, batch 1, milliseconds per image + per caption." + measured,
         "",
         "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | vs scratch | params (M) "
         "| latency ms | speed-up |",
@@ -74,8 +79,17 @@ def markdown(report: dict[str, Any]) -> str:
     for entry in rows:
         spread = f" ± {entry['rsum_std']:.1f}" if entry["n_seeds"] > 1 else ""
         lines.append(row(f"`{entry['method']}`", entry, spread))
+    return "\n".join(lines) + "\n"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the table, the method lines, the fusion re-ranking, the plots, how to serve."""
+    rows = _method_rows(report)
     best = report["best_student"]
-    lines += [
+    lines = [
+        f"# clipdistill demo: {report['dataset']} ({report['preset']} preset)",
+        "",
+        results_table(report).rstrip("\n"),
         "",
         f"Shipped: `{best['method']}` (seed {best['seed']}), chosen by {best['selected_by']}, "
         "so the test numbers above stay an honest estimate.",
@@ -227,3 +241,18 @@ def write_report(out: Path, report: dict[str, Any], dataset: Any) -> None:
     plot_curves(report, out / "curves.png")
     plot_examples(report, dataset, out / "examples.png")
     atomic_write_text(out / "report.md", markdown(report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m clipdistill.report REPORT_JSON``: print the results table (for the README)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("report", type=Path, help="a demo run's report.json")
+    args = parser.parse_args(argv)
+    print(results_table(json.loads(args.report.read_text(encoding="utf-8"))), end="")
+
+
+if __name__ == "__main__":
+    main()
