@@ -30,7 +30,10 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
     variant: Annotated[str, typer.Option("--variant", help="Query encoders: fp32 | int8")] = "fp32",
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="onnxruntime intra-op threads (default: all cores).")
+        int, typer.Option("--threads", min=1, help="onnxruntime intra-op threads per query (1: best under load).")
+    ] = 1,
+    slots: Annotated[
+        int | None, typer.Option("--slots", min=1, help="Queries encoded at once (default: cores / threads).")
     ] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = True,
 ) -> None:
@@ -50,9 +53,15 @@ def serve_command(
             indexes[key] = directory
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    app = create_app(indexes, variant=variant, threads=threads)  # opens and checks every index first
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one query per search call: parallelism comes from concurrent requests
+    app = create_app(indexes, variant=variant, threads=threads, slots=slots)  # opens and checks every index
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {host}: the service has no authentication", highlight=False)
     names = ", ".join(f"{key} ({app.state.indexes[key].count} items)" for key in indexes)
-    console.print(f"serving {names} on http://{host}:{port}/ (API docs: /docs)", highlight=False)
+    console.print(
+        f"serving {names} on http://{host}:{port}/ (docs: /docs; {app.state.slots} slots x {threads} threads)",
+        highlight=False,
+    )
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)

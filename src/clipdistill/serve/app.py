@@ -15,11 +15,15 @@ Bad input is a 4xx whose JSON ``detail`` is one readable sentence, never a 500: 
 below is checked before any model work, the request body is capped before it is read, and an
 image's pixel count is read from its header before it is decoded.
 
-Concurrency: onnxruntime's ``InferenceSession.run``, a FAISS index's ``search`` and the
-tokenizers are safe to call from several threads, so the :class:`Searcher` itself is. But each
-onnxruntime call already uses every core (intra-op threads), so concurrent model calls only
-fight over the cores and stretch every request's latency. The model work (encode + search) is
-therefore serialised by one lock per app; parsing, base64 and image decoding run outside it.
+Concurrency (checked, not assumed): onnxruntime's ``InferenceSession.run`` and a FAISS index's
+``search`` may be called from several threads at once, and the tokenizers only read shared
+state (the BPE cache is a dict filled under the GIL), so one :class:`Searcher` serves many
+threads. What is not safe is building the lazy caption index twice at once: that has its own
+lock. What would hurt is oversubscription: by default each onnxruntime session uses every
+core, so N concurrent queries would run N x cores spinning threads. The app therefore opens
+its sessions with one intra-op thread each (``threads=1``) and lets at most ``slots`` queries
+(default: the core count) encode and search at a time; parsing, base64 and image decoding
+run outside that bound.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 import threading
 import time
@@ -112,7 +117,7 @@ class SearchHit(BaseModel):
 class Timing(BaseModel):
     encode: float = Field(description="Decoding + preprocessing + the encoder, ms.")
     search: float = Field(description="Nearest-neighbour search + metadata lookup, ms.")
-    total: float = Field(description="The whole request inside the app, ms.")
+    total: float = Field(description="The whole request inside the app (parsing, waiting for a free slot too), ms.")
 
 
 class SearchResponse(BaseModel):
@@ -163,8 +168,10 @@ class ServedIndex:
     variant: str
     rows: dict[str, int] = field(default_factory=dict)  # image id -> metadata row
     thumbs: list[Path | None] = field(default_factory=list)  # row -> thumbnail inside the store
+    ids: list[str] = field(default_factory=list)  # row -> image id
     captions: list[str] = field(default_factory=list)
     _caption_index: Any = None
+    _caption_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, name: str, searcher: Searcher, variant: str) -> ServedIndex:
@@ -177,6 +184,7 @@ class ServedIndex:
             path = (searcher.directory / thumb).resolve() if isinstance(thumb, str) and thumb else None
             # only files inside INDEX_DIR/thumbs are ever served, whatever the metadata says
             served.thumbs.append(path if path is not None and path.is_relative_to(store) else None)
+        served.ids = [str(i) for i in metadata["id"]]
         served.captions = [str(c) for c in metadata["caption"]]
         return served
 
@@ -199,24 +207,36 @@ class ServedIndex:
         )
 
     def caption_index(self) -> Any:
-        """A flat inner-product index over the captions' text embeddings, built on first use
-        (the index folder stores image vectors only); call under the app's model lock."""
-        if self._caption_index is None:
-            import faiss
-
-            encoders = self.searcher.encoders
-            vectors = [
-                encoders.encode_texts(self.captions[i : i + CAPTION_BATCH])
-                for i in range(0, len(self.captions), CAPTION_BATCH)
-            ]
-            matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
-            index = faiss.IndexFlatIP(matrix.shape[1])
-            index.add(matrix)
-            self._caption_index = index
+        """A flat inner-product index over the captions' text embeddings, built once on first
+        use (the index folder stores image vectors only)."""
+        with self._caption_lock:
+            if self._caption_index is None:
+                self._caption_index = self._build_caption_index()
         return self._caption_index
 
+    def _build_caption_index(self) -> Any:
+        import faiss
+
+        encoders = self.searcher.encoders
+        vectors = [
+            encoders.encode_texts(self.captions[i : i + CAPTION_BATCH])
+            for i in range(0, len(self.captions), CAPTION_BATCH)
+        ]
+        matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
+        index = faiss.IndexFlatIP(matrix.shape[1])
+        index.add(matrix)
+        return index
+
+    def search(self, vector: np.ndarray, k: int, target: str) -> list[SearchHit]:
+        """Top-k items for a unit query vector (1, D) by their image (the index's FAISS index,
+        as ``Searcher.search_vectors``) or by their caption; rows map to precomputed columns
+        (a pandas row lookup per hit would cost more than the search)."""
+        ann = self.searcher.index if target == "image" else self.caption_index()
+        scores, rows = ann.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, ann.ntotal))
+        return [self.hit(int(row), float(score)) for score, row in zip(scores[0], rows[0], strict=True) if row >= 0]
+
     def hit(self, row: int, score: float) -> SearchHit:
-        image_id = str(self.searcher.metadata["id"].iat[row])
+        image_id = self.ids[row]
         url = f"/images/{quote(image_id, safe='')}?index={quote(self.name, safe='')}" if self.thumbs[row] else None
         return SearchHit(id=image_id, score=round(float(score), 6), caption=self.captions[row], image_url=url)
 
@@ -440,14 +460,17 @@ def create_app(
     indexes: Mapping[str, str | Path | Searcher],
     *,
     variant: str = "fp32",
-    threads: int | None = None,
+    threads: int | None = 1,
+    slots: int | None = None,
     warmup: bool = True,
 ) -> FastAPI:
     """The service over ``{name: index folder or opened Searcher}``; the first is the default.
 
     Every index is opened (and checked against its manifest) here, so a bad folder fails at
-    start-up, not on the first query. ``warmup`` runs one text and one image query per index so
-    the first real request does not pay onnxruntime's lazy initialisation.
+    start-up, not on the first query. ``threads``: onnxruntime intra-op threads per session
+    (None: all cores); ``slots``: queries encoded and searched at once (default: cores divided
+    by ``threads``). ``warmup`` runs one text and one image query per index so the first real
+    request does not pay onnxruntime's lazy initialisation.
     """
     if not indexes:
         raise ValueError("create_app needs at least one index")
@@ -458,7 +481,9 @@ def create_app(
         searcher = source if isinstance(source, Searcher) else Searcher.open(source, variant=variant, threads=threads)
         served[name] = ServedIndex.load(name, searcher, searcher.encoders.variant)
     default = next(iter(served))
-    model_lock = threading.Lock()
+    cores = os.cpu_count() or 1
+    slots = slots or max(1, cores // (threads or cores))
+    model_slots = threading.BoundedSemaphore(slots)
     metrics = Metrics(served)
 
     if warmup:
@@ -478,6 +503,7 @@ def create_app(
         ),
     )
     app.state.indexes = served
+    app.state.slots = slots
     app.state.metrics = metrics
     app.add_middleware(ServiceMiddleware, metrics=metrics)
 
@@ -543,19 +569,17 @@ def create_app(
         return _Query(params=params, text=params.text, image=image)
 
     def run_search(index: ServedIndex, query: _Query) -> tuple[list[SearchHit], float, float]:
+        """(hits, encode seconds, search seconds); the wait for a slot counts in neither."""
         started = time.perf_counter()
         pil = decode_image(query.image) if query.image is not None else None
-        with model_lock:
+        decoded = time.perf_counter() - started
+        with model_slots:
+            started = time.perf_counter()
             vector = index.searcher.embed_query(text=query.text, image=pil)
             encoded = time.perf_counter()
-            k = query.params.k
-            if query.params.target == "image":
-                found = index.searcher.search_vectors(vector, k)[0]
-                hits = [index.hit(index.rows[h["id"]], h["score"]) for h in found]
-            else:
-                scores, rows = index.caption_index().search(vector, min(k, len(index.captions)))
-                hits = [index.hit(int(r), float(s)) for s, r in zip(scores[0], rows[0], strict=True) if r >= 0]
-        return hits, encoded - started, time.perf_counter() - encoded
+            hits = index.search(vector, query.params.k, query.params.target)
+            searched = time.perf_counter()
+        return hits, decoded + encoded - started, searched - encoded
 
     @app.post(
         "/search",
