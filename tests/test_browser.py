@@ -34,8 +34,11 @@ INSTALL_HINT = (
 )
 
 
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+
+
 def chromium_path() -> str:
-    candidates = [os.environ.get("CLIPDISTILL_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"]
+    candidates = [os.environ.get("CLIPDISTILL_CHROMIUM"), shutil.which("chromium"), DEBIAN_CHROMIUM]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
@@ -96,6 +99,14 @@ def page(browser: Any, base_url: str) -> Iterator[Any]:
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_missing_chromium_fails_with_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CLIPDISTILL_CHROMIUM", str(tmp_path / "nope"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(f"{__name__}.DEBIAN_CHROMIUM", str(tmp_path / "chromium"))
+    with pytest.raises(pytest.fail.Exception, match=r"not installed: .*sudo apt-get install chromium"):
+        chromium_path()
 
 
 def open_page(page: Any, path: str = "/") -> None:
