@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := fonts-noto-color-emoji unicode-cldr-core libfribidi0
+APT_PACKAGES := fonts-noto-color-emoji unicode-cldr-core libfribidi0 chromium
 # torch/torchvision: the newest pair this workplace's pip accepts; installed first and exactly,
 # so the package's version ranges never pull another (multi-GB) build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1

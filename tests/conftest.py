@@ -53,3 +53,14 @@ def shapes_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_shapes_dataset(root)
     return root
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("clipdistill")
+    group.addoption(
+        "--screenshot", action="store_true", help="test_browser.py: save the search page to docs/screenshot.png"
+    )
+    group.addoption(
+        "--screenshot-index", default=None, help="index folder to serve for the screenshot (default: the test index)"
+    )
+    group.addoption("--screenshot-query", default=None, help="text query shown in the screenshot")

@@ -261,6 +261,7 @@ def _register_commands() -> None:
     from clipdistill.cli.cache_cmd import cache_app
     from clipdistill.cli.deploy_cmd import embed_command, export_command, index_command, search_command
     from clipdistill.cli.fusion_cmd import train_fusion_command
+    from clipdistill.cli.serve_cmd import serve_command
     from clipdistill.cli.train_cmd import train_command
 
     app.command("train")(reports_user_errors(train_command))
@@ -270,6 +271,7 @@ def _register_commands() -> None:
     app.command("embed")(embed_command)
     app.command("index")(index_command)
     app.command("search")(search_command)
+    app.command("serve")(serve_command)
 
 
 _register_commands()

@@ -1,0 +1,67 @@
+"""``clipdistill serve``: the HTTP search service and web page over one or more indexes.
+
+Bound to 127.0.0.1 unless ``--host`` says otherwise: the service has no authentication.
+Imports nothing from torch (like ``search``), so it runs where only onnxruntime + FAISS are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipdistill.cli.deploy_cmd import reports_deploy_errors
+
+
+@reports_deploy_errors
+def serve_command(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder written by `clipdistill index` (the default index).")],
+    index: Annotated[
+        list[str] | None,
+        typer.Option("--index", help="Another index to serve, as NAME=DIR (repeatable)."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Name of INDEX_DIR in the API (default: its folder name).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
+    variant: Annotated[str, typer.Option("--variant", help="Query encoders: fp32 | int8")] = "fp32",
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help="onnxruntime intra-op threads per query (1: best under load).")
+    ] = 1,
+    slots: Annotated[
+        int | None, typer.Option("--slots", min=1, help="Queries encoded at once (default: cores / threads).")
+    ] = None,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = True,
+) -> None:
+    """Serve indexes over HTTP: POST /search, GET /indexes, /images/{id}, /healthz, /metrics, and a web page at /."""
+    import uvicorn
+
+    from clipdistill.cli.main import console
+    from clipdistill.serve.app import create_app, default_index_name, parse_index_option
+
+    indexes: dict[str, Path] = {}
+    try:
+        pairs = [(name or default_index_name(index_dir), index_dir)]
+        pairs += [parse_index_option(value) for value in index or []]
+        for key, directory in pairs:
+            if key in indexes:
+                raise ValueError(f"index name {key!r} is given twice")
+            indexes[key] = directory
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one query per search call: parallelism comes from concurrent requests
+    app = create_app(indexes, variant=variant, threads=threads, slots=slots)  # opens and checks every index
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] binding {host}: the service has no authentication", highlight=False)
+    names = ", ".join(f"{key} ({app.state.indexes[key].count} items)" for key in indexes)
+    console.print(
+        f"serving {names} on http://{host}:{port}/ (docs: /docs; {app.state.slots} slots x {threads} threads)",
+        highlight=False,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
