@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from clipdistill.config import ConfigError, TrainConfig, read_yaml, save_config, to_dict
+from clipdistill.config import ConfigError, TrainConfig, read_yaml, to_dict
 from clipdistill.data.augment import replay_augmentation
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import load_image_tensor, to_unit
@@ -38,13 +38,13 @@ from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.train.checkpoint import (
     BEST,
     LATEST,
-    CheckpointError,
     load_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
 )
 from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+from clipdistill.train.state import prepare_run_folder
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
@@ -263,25 +263,9 @@ class Trainer:
         self.seconds = float(state["seconds"])
 
     def _prepare_run_dir(self, resume: str | None) -> None:
-        checkpoints = self.run_dir / "checkpoints"
-        if resume is None:
-            if (checkpoints / LATEST).exists():
-                raise ConfigError(
-                    f"run folder {self.run_dir} already holds a run ({checkpoints / LATEST}); "
-                    "pass --resume latest to continue it, or choose another 'name'"
-                )
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in ("log.jsonl", "results.jsonl"):
-                (self.run_dir / stale).unlink(missing_ok=True)
-            save_config(self.config, self.run_dir / "config.yaml")
+        state = prepare_run_folder(self.config, resume)
+        if state is None:
             return
-        path = checkpoints / LATEST if resume == "latest" else Path(resume)
-        state = load_checkpoint(path)
-        saved = state.get("config", {})
-        current = to_dict(self.config)
-        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if differing:
-            raise CheckpointError(f"cannot resume from {path}: config differs in key(s) {', '.join(differing)}")
         self.load_state_dict(state)
         _truncate_log(self.run_dir / "log.jsonl", "step", self.global_step)
         _truncate_log(self.run_dir / "results.jsonl", "epoch", self.epoch)
@@ -347,7 +331,7 @@ class Trainer:
         return recall_at_k(image_emb, text_emb, self.val_split.text_to_image())
 
     def _save(self, name: str) -> None:
-        save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict(), keep_previous=name == LATEST)
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> dict[str, Any]:

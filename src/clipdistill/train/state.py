@@ -1,0 +1,86 @@
+"""What a run folder holds before training starts: a fresh run, a run to resume, or someone else's run.
+
+Kept apart from the loop so the rules are in one place: a folder that holds another run is
+refused (naming the keys that differ), a run killed before its first checkpoint simply starts
+again, temp files a kill left behind are removed, and ``--resume`` must match the config.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from clipdistill.config import ConfigError, TrainConfig, read_yaml, save_config, to_dict
+from clipdistill.io import remove_stale_temp_files
+from clipdistill.train.checkpoint import LATEST, CheckpointError, find_resume_checkpoint
+
+CONFIG_FILE = "config.yaml"
+RUN_LOGS = ("log.jsonl", "results.jsonl")
+
+
+def _differing_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (``optim.lr``), so a refusal names exactly what changed."""
+    keys: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        left, right = saved.get(key), current.get(key)
+        if isinstance(left, dict) and isinstance(right, dict) and key != "method_args":
+            keys += _differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _describe(keys: list[str], saved: dict[str, Any], current: dict[str, Any]) -> str:
+    def value(tree: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None  # type: ignore[assignment]
+        return tree
+
+    return ", ".join(f"{key} ({value(saved, key)!r} there, {value(current, key)!r} now)" for key in keys)
+
+
+def prepare_run_folder(config: TrainConfig, resume: str | None) -> dict[str, Any] | None:
+    """Get ``config.run_dir`` ready; return the checkpoint state to resume from, or ``None`` for step 0."""
+    run_dir = config.run_dir
+    checkpoints = run_dir / "checkpoints"
+    current = to_dict(config)
+    for orphan in remove_stale_temp_files(checkpoints) + remove_stale_temp_files(run_dir):
+        print(f"removed {orphan}, left by a write that was killed before it finished", file=sys.stderr)
+    if resume is not None:
+        found = find_resume_checkpoint(checkpoints, resume)
+        if found is not None:
+            path, state = found
+            differing = _differing_keys(state.get("config", {}), current)
+            if differing:
+                raise CheckpointError(
+                    f"cannot resume from {path}: config differs in key(s) "
+                    f"{_describe(differing, state.get('config', {}), current)}; resume with the run's own config "
+                    f"({run_dir / CONFIG_FILE}) or start a new run under another 'name'"
+                )
+            return state
+    elif (checkpoints / LATEST).exists():
+        raise ConfigError(
+            f"run folder {run_dir} already holds a run ({checkpoints / LATEST}); "
+            "pass --resume latest to continue it, or choose another 'name'"
+        )
+    _check_not_another_run(run_dir, current)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in RUN_LOGS:  # a run killed before its first checkpoint: its logs are redone from step 0
+        (run_dir / stale).unlink(missing_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    return None
+
+
+def _check_not_another_run(run_dir: Path, current: dict[str, Any]) -> None:
+    """A folder whose config.yaml describes a different run is never overwritten."""
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved = read_yaml(saved_path)
+    differing = _differing_keys(saved, current)
+    if differing:
+        raise ConfigError(
+            f"run folder {run_dir} holds a different run ({saved_path} differs in "
+            f"{_describe(differing, saved, current)}); choose another 'name' or 'out_dir', or delete the folder"
+        )
