@@ -84,7 +84,8 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
         assert got[part].keys() == want[part].keys()
         for key in want[part]:
             assert torch.equal(got[part][key], want[part][key]), f"{part}.{key} differs after the resume"
-    for group_got, group_want in zip(got["optimizer"]["state"].values(), want["optimizer"]["state"].values(), strict=True):
+    optimizer_got, optimizer_want = got["optimizer"]["state"], want["optimizer"]["state"]
+    for group_got, group_want in zip(optimizer_got.values(), optimizer_want.values(), strict=True):
         for key in group_want:
             assert torch.equal(group_got[key], group_want[key]), f"optimizer state {key} differs"
     assert got["scheduler"] == want["scheduler"] and got["position"] == want["position"]
