@@ -31,6 +31,27 @@ app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(student_app, name="student")
 
+
+
+@app.callback()
+def _global_options(
+    on_bad_sample: Annotated[
+        str,
+        typer.Option(
+            "--on-bad-sample",
+            help="What a bad image, caption or row does in any command that reads a dataset: 'error' stops "
+            "naming file, place and reason; 'skip' drops it and reports counts and the first offenders.",
+        ),
+    ] = "error",
+) -> None:
+    """Distil a large image-text model into a small dual-encoder student, evaluate it and serve it."""
+    from clipdistill.data.bad_samples import POLICIES, set_default_policy
+
+    if on_bad_sample not in POLICIES:
+        raise typer.BadParameter(f"{on_bad_sample!r}; valid: {', '.join(POLICIES)}", param_hint="--on-bad-sample")
+    set_default_policy(on_bad_sample)
+
+
 console = Console(stderr=True, soft_wrap=True)  # never break paths or values inside error messages
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -12,20 +12,30 @@ from pathlib import Path
 from typing import Any
 
 from clipdistill.config import ConfigError, TrainConfig, read_yaml, save_config, to_dict
-from clipdistill.io import remove_stale_temp_files
+from clipdistill.data.dataset import PairedDataset
+from clipdistill.io import atomic_write_json, remove_stale_temp_files
 from clipdistill.train.checkpoint import LATEST, CheckpointError, find_resume_checkpoint
 
 CONFIG_FILE = "config.yaml"
 RUN_LOGS = ("log.jsonl", "results.jsonl")
 
 
-def _differing_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (``optim.lr``), so a refusal names exactly what changed."""
+def _differing_keys(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """Dotted keys whose values differ (``optim.lr``), so a refusal names exactly what changed.
+
+    A key the saved config lacks but that holds its default now is no difference: it was added
+    to clipdistill after that run was saved, and the run behaved as the default does."""
+    defaults = to_dict(TrainConfig()) if defaults is None else defaults
     keys: list[str] = []
     for key in sorted(set(saved) | set(current)):
         left, right = saved.get(key), current.get(key)
+        default = defaults.get(key) if isinstance(defaults, dict) else None
         if isinstance(left, dict) and isinstance(right, dict) and key != "method_args":
-            keys += _differing_keys(left, right, f"{prefix}{key}.")
+            keys += _differing_keys(left, right, f"{prefix}{key}.", default if isinstance(default, dict) else {})
+        elif key not in saved and right == default:
+            continue
         elif left != right:
             keys.append(f"{prefix}{key}")
     return keys
@@ -84,3 +94,24 @@ def _check_not_another_run(run_dir: Path, current: dict[str, Any]) -> None:
             f"run folder {run_dir} holds a different run ({saved_path} differs in "
             f"{_describe(differing, saved, current)}); choose another 'name' or 'out_dir', or delete the folder"
         )
+
+
+BAD_SAMPLES_FILE = "bad_samples.json"
+
+
+def bad_samples_entry(dataset: PairedDataset) -> dict[str, Any]:
+    """``{"bad_samples": counts + first offenders}`` when ``--on-bad-sample skip`` dropped any, else ``{}``."""
+    if dataset.skipped is None or not dataset.skipped.samples:
+        return {}
+    return {"bad_samples": dataset.skipped.summary()}
+
+
+def record_bad_samples(run_dir: Path, dataset: PairedDataset) -> None:
+    """Every skipped sample (not only the first few) in the run folder, for whoever audits the run."""
+    entry = bad_samples_entry(dataset)
+    if not entry:
+        (run_dir / BAD_SAMPLES_FILE).unlink(missing_ok=True)
+        return
+    samples = dataset.skipped.samples if dataset.skipped is not None else []
+    everything = [{"source": s.source, "where": s.where, "reason": s.reason, "kind": s.kind} for s in samples]
+    atomic_write_json(run_dir / BAD_SAMPLES_FILE, {**entry["bad_samples"], "all": everything})

@@ -44,7 +44,7 @@ from clipdistill.train.checkpoint import (
     save_checkpoint,
 )
 from clipdistill.train.schedule import cosine_with_warmup, seed_everything
-from clipdistill.train.state import prepare_run_folder
+from clipdistill.train.state import bad_samples_entry, prepare_run_folder, record_bad_samples
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
@@ -193,7 +193,7 @@ class Trainer:
         check_needs(config, method_cls)
 
         seed_everything(config.seed)
-        self.dataset = load_dataset(config.data.path, config.data.images)
+        self.dataset = load_dataset(config.data.path, config.data.images, on_bad_sample=config.data.on_bad_sample)
         self.train_split = self.dataset.split("train")
         self.val_split = self.dataset.split("val")
         self.student = build_student_model(config).to(self.device)
@@ -339,6 +339,7 @@ class Trainer:
         from clipdistill.models.students import save_student
 
         self._prepare_run_dir(resume)
+        record_bad_samples(self.run_dir, self.dataset)
         config = self.config
         bar = None
         if self.progress:
@@ -397,6 +398,7 @@ class Trainer:
             "train_seconds": round(self.seconds, 2),
             "steps": self.global_step,
             "model": f"local-dir:{self.run_dir / 'model'}",
+            **bad_samples_entry(self.dataset),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
