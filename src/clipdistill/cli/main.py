@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 from rich.table import Table
 
 app = typer.Typer(
@@ -91,7 +92,7 @@ def reports_user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except _user_errors() as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True)
             raise typer.Exit(code=2) from error
 
     return wrapper  # type: ignore[return-value]

@@ -50,6 +50,29 @@ def _describe(keys: list[str], saved: dict[str, Any], current: dict[str, Any]) -
     return ", ".join(f"{key} ({value(saved, key)!r} there, {value(current, key)!r} now)" for key in keys)
 
 
+def check_names(config: TrainConfig) -> None:
+    """A misspelt teacher spec or student preset fails in the first second, naming its key,
+    not after the dataset is decoded and the teacher loaded."""
+    from clipdistill.models.spec import ModelSpecError, parse_spec
+    from clipdistill.models.students import StudentConfigError, student_config
+
+    if config.teacher.spec:
+        try:
+            parsed = parse_spec(config.teacher.spec)
+        except ModelSpecError as error:
+            raise ConfigError(f"key 'teacher.spec': {error}") from error
+        if parsed.schema in ("run", "local-dir") and not Path(parsed.name).exists():
+            raise ConfigError(
+                f"key 'teacher.spec': {parsed.schema} folder {parsed.name} does not exist "
+                "(train one with `clipdistill teacher train`, or fix the path)"
+            )
+    if not config.student.model_config:
+        try:
+            student_config(config.student.preset)
+        except StudentConfigError as error:
+            raise ConfigError(f"key 'student.preset': {error}") from error
+
+
 def prepare_run_folder(config: TrainConfig, resume: str | None) -> dict[str, Any] | None:
     """Get ``config.run_dir`` ready; return the checkpoint state to resume from, or ``None`` for step 0."""
     run_dir = config.run_dir

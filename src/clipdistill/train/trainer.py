@@ -44,7 +44,7 @@ from clipdistill.train.checkpoint import (
     save_checkpoint,
 )
 from clipdistill.train.schedule import cosine_with_warmup, seed_everything
-from clipdistill.train.state import bad_samples_entry, prepare_run_folder, record_bad_samples
+from clipdistill.train.state import bad_samples_entry, check_names, prepare_run_folder, record_bad_samples
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
@@ -105,7 +105,9 @@ def build_teacher_source(config: TrainConfig, dataset: PairedDataset, device: to
 
 
 def check_needs(config: TrainConfig, method_cls: type[DistillMethod]) -> None:
-    """Refuse a config that lacks what the method needs, naming the missing key."""
+    """Refuse a config that lacks what the method needs, or names a teacher or student that does
+    not exist, naming the key; before the data is read or anything is built."""
+    check_names(config)
     needs = set(method_cls.needs)
     if needs & {"teacher_embeddings", "teacher_tokens"} and not config.teacher.spec:
         raise ConfigError(f"method {method_cls.name!r} needs a teacher: set key 'teacher.spec' (e.g. run:runs/teacher)")
