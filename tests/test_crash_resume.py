@@ -148,3 +148,25 @@ def test_external_sigkill_at_an_arbitrary_moment(config_path: Path, reference: P
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
     _run(config_path, "external", resume=True)
     _assert_same_run(run_dir, reference)
+
+
+def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(config_path: Path, reference: Path) -> None:
+    """A preemption notice (SIGTERM) loses nothing: the step in flight finishes, latest is saved."""
+    run_dir = _run_dir(config_path, "sigterm")
+    process = subprocess.Popen(
+        _command(config_path, "sigterm", resume=False), env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    log = run_dir / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output.decode()[-2000:]
+    assert b"stopped by SIGTERM after step" in output and b"--resume latest" in output
+    saved = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["position"]["global_step"]
+    assert saved == len(log.read_text().splitlines())  # the checkpoint holds every step that was logged
+    _run(config_path, "sigterm", resume=True)
+    _assert_same_run(run_dir, reference)

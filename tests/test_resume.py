@@ -57,9 +57,7 @@ def test_latest_keeps_the_previous_checkpoint_and_a_damaged_latest_falls_back(
         find_resume_checkpoint(folder, str(tmp_path / "nope.pt"))
 
 
-def test_resume_latest_before_any_checkpoint_starts_from_step_zero(
-    shapes_dataset_dir: Path, tmp_path: Path
-) -> None:
+def test_resume_latest_before_any_checkpoint_starts_from_step_zero(shapes_dataset_dir: Path, tmp_path: Path) -> None:
     config = _config(tmp_path, shapes_dataset_dir)
     assert find_resume_checkpoint(config.run_dir / "checkpoints", "latest") is None
     config.run_dir.mkdir(parents=True)
@@ -115,3 +113,30 @@ def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path: Path) -> N
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_sigterm_finishes_the_step_saves_latest_and_restores_handlers(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from clipdistill.train.state import TrainingStopped
+    from clipdistill.train.trainer import Trainer
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(_config(tmp_path, shapes_dataset_dir, optim={"epochs": 2, "batch_size": 2}), progress=False)
+    original_step = trainer.train_step
+
+    def step_then_preempted(*args: object) -> dict[str, float]:
+        record = original_step(*args)
+        if trainer.global_step == 2:  # the 3rd step is in flight when the notice arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    trainer.train_step = step_then_preempted  # type: ignore[method-assign]
+    with pytest.raises(
+        TrainingStopped, match=r"stopped by SIGTERM after step 3; checkpoint saved to .*--resume latest"
+    ):
+        trainer.fit()
+    saved = torch.load(trainer.run_dir / "checkpoints" / LATEST, weights_only=True)
+    assert saved["position"] == {"epoch": 0, "step_in_epoch": 3, "global_step": 3}  # before the epoch-end eval
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -34,7 +34,15 @@ def train_command(
     policy = on_bad_sample or (default_policy() if default_policy() != "error" else None)
     policy_override = [f"data.on_bad_sample={policy}"] if policy else []
     config = load_config(configs, (overrides or []) + policy_override)  # the flag wins over --set
-    summary = train(config, resume=resume, progress=progress)
+    from clipdistill.train.state import TrainingStopped
+
+    try:
+        summary = train(config, resume=resume, progress=progress)
+    except TrainingStopped as stopped:
+        import signal
+
+        console.print(str(stopped), highlight=False)
+        raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
     console.print(
         f"{config.method}: best epoch {summary['best_epoch']}, {summary['train_seconds']} s of training; "
         f"student saved as {summary['model']}"

@@ -138,3 +138,51 @@ def record_bad_samples(run_dir: Path, dataset: PairedDataset) -> None:
     samples = dataset.skipped.samples if dataset.skipped is not None else []
     everything = [{"source": s.source, "where": s.where, "reason": s.reason, "kind": s.kind} for s in samples]
     atomic_write_json(run_dir / BAD_SAMPLES_FILE, {**entry["bad_samples"], "all": everything})
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM/SIGINT arrived; the step in flight finished and ``latest`` was saved."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        self.signal_name = signal_name
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint saved to {checkpoint}; "
+            "continue with --resume latest"
+        )
+
+
+class StopSignals:
+    """Turn the first SIGTERM (a preemption notice, ``kill``) or SIGINT (Ctrl-C) into a request
+    the loop honours after the step in flight, saving ``latest`` first, so a stop costs nothing.
+    A second signal acts as it normally would (the handlers are one-shot). Outside the main
+    thread signals cannot be caught, and nothing is installed."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        self.requested = signal.Signals(number).name
+        signal.signal(number, self._previous.get(number, signal.SIG_DFL))  # a second one is not caught
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()

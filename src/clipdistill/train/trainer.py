@@ -44,7 +44,14 @@ from clipdistill.train.checkpoint import (
     save_checkpoint,
 )
 from clipdistill.train.schedule import cosine_with_warmup, seed_everything
-from clipdistill.train.state import bad_samples_entry, check_names, prepare_run_folder, record_bad_samples
+from clipdistill.train.state import (
+    StopSignals,
+    TrainingStopped,
+    bad_samples_entry,
+    check_names,
+    prepare_run_folder,
+    record_bad_samples,
+)
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
@@ -232,6 +239,7 @@ class Trainer:
         self.global_step = 0
         self.best_rsum = float("-inf")
         self.seconds = 0.0
+        self._stop = StopSignals()  # armed by fit()
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -337,7 +345,14 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> dict[str, Any]:
-        """Train to the configured budget; returns the summary also written to ``summary.json``."""
+        """Train to the configured budget; returns the summary also written to ``summary.json``.
+
+        A SIGTERM or Ctrl-C stops after the step in flight with ``latest`` saved
+        (:class:`~clipdistill.train.state.TrainingStopped`); ``--resume latest`` continues exactly."""
+        with StopSignals() as self._stop:
+            return self._fit(resume)
+
+    def _fit(self, resume: str | None) -> dict[str, Any]:
         from clipdistill.models.students import save_student
 
         self._prepare_run_dir(resume)
@@ -366,6 +381,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['total_loss']:.3f}")
                 if config.save_every and self.global_step % config.save_every == 0:
                     self._save(LATEST)
+                if self._stop.requested:
+                    self._save(LATEST)
+                    raise TrainingStopped(self._stop.requested, self.global_step, self.run_dir / "checkpoints" / LATEST)
             self.epoch += 1
             self.step_in_epoch = 0
             metrics = self.evaluate()
