@@ -74,11 +74,15 @@ def check_names(config: TrainConfig) -> None:
 
 
 def prepare_run_folder(config: TrainConfig, resume: str | None) -> dict[str, Any] | None:
-    """Get ``config.run_dir`` ready; return the checkpoint state to resume from, or ``None`` for step 0."""
+    """Get ``config.run_dir`` ready; return the checkpoint state to resume from, or ``None`` for step 0.
+
+    It deletes temp files a killed write left in the run folder, so with several processes on
+    one run (torchrun) only one of them may call it."""
     run_dir = config.run_dir
     checkpoints = run_dir / "checkpoints"
     current = to_dict(config)
-    for orphan in remove_stale_temp_files(checkpoints) + remove_stale_temp_files(run_dir):
+    orphans = [path for folder in (checkpoints, run_dir, run_dir / "model") for path in remove_stale_temp_files(folder)]
+    for orphan in orphans:
         print(f"removed {orphan}, left by a write that was killed before it finished", file=sys.stderr)
     if resume is not None:
         found = find_resume_checkpoint(checkpoints, resume)
