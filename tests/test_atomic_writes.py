@@ -123,11 +123,20 @@ def _read_plot(path: Path) -> Any:
     return path.stat().st_size
 
 
+_STUDENT: list[Any] = []
+
+
 def _student(path: Path, version: int) -> None:
     from clipdistill.models.students import build_student, save_student
 
-    torch.manual_seed(version)
-    save_student(build_student("tiny"), path.parent)
+    if not _STUDENT:
+        torch.manual_seed(0)
+        _STUDENT.append(build_student("tiny"))  # built once: only the weights change per version
+    student = _STUDENT[0]
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.fill_(float(version))
+    save_student(student, path.parent)
 
 
 def _read_student(path: Path) -> Any:
@@ -225,14 +234,17 @@ def test_a_torn_last_log_line_is_skipped(tmp_path: Path) -> None:
 
 
 def test_index_build_crashing_mid_write_is_refused_then_rebuilt(
-    tmp_path: Path, shapes_dataset_dir: Path, fail_writing: Callable[[str], None]
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    shapes_dataset_dir: Path,
+    fail_writing: Callable[[str], None],
 ) -> None:
     from clipdistill.serve.embed import embed_dataset
     from clipdistill.serve.index import IndexBuildError, build_index
     from clipdistill.serve.search import Searcher
     from test_export import ensure_export
 
-    export = ensure_export(tmp_path.parent / "deploy-atomic", shapes_dataset_dir)
+    export = ensure_export(tmp_path_factory.getbasetemp() / "deploy", shapes_dataset_dir)  # shared with test_index
     emb = tmp_path / "emb"
     embed_dataset(export, shapes_dataset_dir, emb, split="all", shard_size=5, batch_size=4, progress=False)
     out = tmp_path / "index"
