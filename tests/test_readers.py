@@ -234,14 +234,16 @@ def test_karpathy_bad_file(tmp_path: Path, content: str, pattern: str) -> None:
 def test_karpathy_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "dataset.json"
     path.write_bytes('{"images": [{"filename": "é"}]}'.encode("latin-1"))
-    with pytest.raises(DatasetError, match=r"dataset\.json: not valid UTF-8 \(byte 0xe9 at offset 26\)"):
+    with pytest.raises(
+        DatasetError, match=r"dataset\.json: images\[0\] field 'filename' is not valid UTF-8 \(byte 0xe9\)"
+    ):
         read_karpathy(path)
 
 
 def test_karpathy_duplicate_image_id(tmp_path: Path) -> None:
     image = _one_image(imgid=4)
     path = _write_json(tmp_path / "dataset.json", {"images": [image, {**image, "filename": "b.jpg"}]})
-    with pytest.raises(DatasetError, match=r"duplicate image id '4' in .*dataset\.json \(images #0 and #1\)"):
+    with pytest.raises(DatasetError, match=r"dataset\.json: images\[1\] duplicate image id '4' \(images #0 and #1\)"):
         read_karpathy(path)
 
 
@@ -333,7 +335,7 @@ def test_csv_bad_files(tmp_path: Path) -> None:
         read_csv(header_only)
     latin = tmp_path / "latin.csv"
     latin.write_bytes("filepath,title\na.png,café\n".encode("latin-1"))
-    with pytest.raises(DatasetError, match=r"latin\.csv: not valid UTF-8"):
+    with pytest.raises(DatasetError, match=r"latin\.csv: row 1 column 'title' is not valid UTF-8 \(byte 0xe9\)"):
         read_csv(latin)
 
 

@@ -28,6 +28,11 @@ class DataConfig:
     path: str = ""
     images: str | None = None
     image_size: int = 64  # pixels the data is decoded at; each model resizes to its own size
+    on_bad_sample: str = "error"  # error: stop at the first bad image/caption/row; skip: drop it, count it
+
+    def __post_init__(self) -> None:
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"key 'data.on_bad_sample' has value {self.on_bad_sample!r}; valid: error, skip")
 
 
 @dataclass(frozen=True)

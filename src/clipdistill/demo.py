@@ -167,6 +167,7 @@ def _student_config(
     out: Path, method: str, seed: int, preset: DemoPreset, data: str, images: str | None, teacher: dict[str, Any]
 ) -> Any:
     from clipdistill.config import TrainConfig, from_dict
+    from clipdistill.data.bad_samples import default_policy
 
     fusion = teacher.get("fusion") if method in FUSION_METHODS else None
     return from_dict(
@@ -176,7 +177,12 @@ def _student_config(
             "out_dir": str(out / "students"),
             "method": method,
             "seed": seed,
-            "data": {"path": data, "images": images, "image_size": preset.image_size},
+            "data": {
+                "path": data,
+                "images": images,
+                "image_size": preset.image_size,
+                "on_bad_sample": default_policy(),  # `clipdistill --on-bad-sample skip demo`
+            },
             "student": {"preset": preset.student},
             "teacher": {"spec": teacher["spec"], "cache": teacher["cache"], "fusion": fusion},
             "augment": {"k": preset.k_augmentations},
@@ -355,6 +361,8 @@ def run_demo(
     best = _best_student(students)
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
     report["deploy"] = _deploy(out, best["spec"], data_path, images_root, settings.index_factory)
+    if dataset.skipped is not None and dataset.skipped.samples:
+        report["bad_samples"] = dataset.skipped.summary()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     report["machine"] = _machine()
     report["finished_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")

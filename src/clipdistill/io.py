@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from clipdistill.faults import failpoint
+
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -43,6 +45,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        failpoint(f"atomic:{target.name}", tmp)  # crash tests: the bytes are written, the rename is not done
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -80,6 +83,25 @@ def append_jsonl(target: str | os.PathLike[str], record: dict[str, Any]) -> None
         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    failpoint(f"append:{target.name}", target)
+
+
+def stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Temp files :func:`atomic_path` left behind when its process was killed mid-write."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.glob(".*.tmp") if path.is_file())
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete them (a killed checkpoint write can leave a multi-GB orphan); returns what went.
+
+    Only call this on a folder one process writes to: another live writer's temp file would go too."""
+    removed = stale_temp_files(directory)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

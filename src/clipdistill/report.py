@@ -131,7 +131,22 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Whole run: {report['wall_seconds']:.0f} s (stages already finished are skipped and not counted).",
     ]
+    lines += _bad_samples_lines(report.get("bad_samples"))
     return "\n".join(lines) + "\n"
+
+
+def _bad_samples_lines(bad: dict[str, Any] | None) -> list[str]:
+    """The data that was left out (``--on-bad-sample skip``): counts and the first offenders."""
+    if not bad:
+        return []
+    lines = [
+        "",
+        "## Skipped samples",
+        f"`--on-bad-sample skip` left out {bad['skipped_images']} image(s) and {bad['skipped_captions']} "
+        f"caption(s); every result above is on the rest. First {len(bad['first'])}:",
+        "",
+    ]
+    return lines + [f"- `{message}`" for message in bad["first"]]
 
 
 def _save(figure: Any, path: Path) -> None:

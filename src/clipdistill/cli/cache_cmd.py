@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 
 cache_app = typer.Typer(help="Compute teacher outputs once and store them for training.", no_args_is_help=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,7 +35,7 @@ def _reports_errors(command: F) -> F:
         try:
             return reports_user_errors(command)(*args, **kwargs)
         except CacheError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(code=2) from error
 
     return wrapper  # type: ignore[return-value]

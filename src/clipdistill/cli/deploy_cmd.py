@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,7 +39,7 @@ def reports_deploy_errors(command: F) -> F:
         try:
             return reports_user_errors(command)(*args, **kwargs)
         except _deploy_errors() as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(code=2) from error
 
     return wrapper  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,7 +29,7 @@ def _reports_fusion_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FusionError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True)
             raise typer.Exit(code=2) from error
 
     return wrapper  # type: ignore[return-value]

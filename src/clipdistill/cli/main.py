@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 from rich.table import Table
 
 app = typer.Typer(
@@ -30,6 +31,27 @@ student_app = typer.Typer(help="Create student models from presets.", no_args_is
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(student_app, name="student")
+
+
+
+@app.callback()
+def _global_options(
+    on_bad_sample: Annotated[
+        str,
+        typer.Option(
+            "--on-bad-sample",
+            help="What a bad image, caption or row does in any command that reads a dataset: 'error' stops "
+            "naming file, place and reason; 'skip' drops it and reports counts and the first offenders.",
+        ),
+    ] = "error",
+) -> None:
+    """Distil a large image-text model into a small dual-encoder student, evaluate it and serve it."""
+    from clipdistill.data.bad_samples import POLICIES, set_default_policy
+
+    if on_bad_sample not in POLICIES:
+        raise typer.BadParameter(f"{on_bad_sample!r}; valid: {', '.join(POLICIES)}", param_hint="--on-bad-sample")
+    set_default_policy(on_bad_sample)
+
 
 console = Console(stderr=True, soft_wrap=True)  # never break paths or values inside error messages
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,7 +92,7 @@ def reports_user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except _user_errors() as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True)
             raise typer.Exit(code=2) from error
 
     return wrapper  # type: ignore[return-value]

@@ -20,16 +20,38 @@ def train_command(
         str | None, typer.Option("--resume", help="'latest' (this run's last checkpoint) or a checkpoint path.")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    on_bad_sample: Annotated[
+        str | None,
+        typer.Option("--on-bad-sample", help="error | skip (sets key data.on_bad_sample; default: the config's)."),
+    ] = None,
 ) -> None:
     """Train a student with the configured distillation method."""
     from clipdistill.cli.main import console, print_metrics
     from clipdistill.config import load_config
+    from clipdistill.data.bad_samples import default_policy
     from clipdistill.train.trainer import train
 
-    config = load_config(configs, overrides or [])
-    summary = train(config, resume=resume, progress=progress)
+    policy = on_bad_sample or (default_policy() if default_policy() != "error" else None)
+    policy_override = [f"data.on_bad_sample={policy}"] if policy else []
+    config = load_config(configs, (overrides or []) + policy_override)  # the flag wins over --set
+    from clipdistill.train.state import TrainingStopped
+
+    try:
+        summary = train(config, resume=resume, progress=progress)
+    except TrainingStopped as stopped:
+        import signal
+
+        console.print(str(stopped), highlight=False)
+        raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
     console.print(
         f"{config.method}: best epoch {summary['best_epoch']}, {summary['train_seconds']} s of training; "
         f"student saved as {summary['model']}"
     )
     print_metrics(f"{config.name} ({config.method}), val split", summary["val"])
+    if "bad_samples" in summary:
+        bad = summary["bad_samples"]
+        console.print(
+            f"skipped {bad['skipped_images']} image(s), {bad['skipped_captions']} caption(s) as bad; "
+            f"all listed in {config.run_dir / 'bad_samples.json'}",
+            highlight=False,
+        )

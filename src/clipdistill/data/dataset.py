@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clipdistill.data.bad_samples import BadSamples
 
 SPLITS = ("train", "val", "test")
 
@@ -47,6 +51,7 @@ class ImageRecord:
     split: str
     captions: tuple[Caption, ...]
     concept: str = ""  # grouping key for concept-level splits (emoji); empty when unknown
+    origin: str = field(default="", compare=False)  # where the source declares it: images[3], row 7, a/b.txt
 
 
 @dataclass
@@ -60,6 +65,7 @@ class PairedDataset:
     name: str
     images: list[ImageRecord]
     source: str = ""  # the file or folder it was read from, for error messages
+    skipped: BadSamples | None = field(default=None, compare=False, repr=False)  # what --on-bad-sample skip dropped
     _by_id: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,7 +98,7 @@ class PairedDataset:
         if not subset:
             counts = self.split_counts()
             raise DatasetError(f"split {name!r} of {self.source or self.name} is empty (splits: {counts})")
-        return PairedDataset(name=f"{self.name}:{name}", images=subset, source=self.source)
+        return PairedDataset(name=f"{self.name}:{name}", images=subset, source=self.source, skipped=self.skipped)
 
     def split_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -133,15 +139,62 @@ class PairedDataset:
             raise MissingImagesError(missing, self.source or self.name)
 
 
-def make_dataset(name: str, images: Iterable[ImageRecord], source: str = "") -> PairedDataset:
-    """Build a dataset and refuse images without captions (they cannot be a retrieval target)."""
-    records = list(images)
-    for index, record in enumerate(records):
+def _where(record: ImageRecord, index: int) -> str:
+    return record.origin or f"image #{index} ({record.image_id!r})"
+
+
+def make_dataset(
+    name: str, images: Iterable[ImageRecord], source: str = "", issues: BadSamples | None = None
+) -> PairedDataset:
+    """Build a dataset and refuse images without captions (they cannot be a retrieval target),
+    bad splits and duplicate ids; with ``issues`` those go through its policy (skip keeps the first)."""
+    where_from = source or name
+    if issues is None:
+        from clipdistill.data.bad_samples import BadSamples
+
+        issues = BadSamples("error")
+    records: list[ImageRecord] = []
+    image_ids: dict[str, int] = {}
+    caption_ids: dict[str, str] = {}
+    for index, record in enumerate(images):
+        here = _where(record, index)
         if not record.captions:
-            raise DatasetError(f"image #{index} ({record.image_id!r}) in {source or name} has no captions")
+            issues.bad(where_from, here, f"({record.image_id!r}) has no captions")
+            continue
         if record.split not in SPLITS:
-            raise DatasetError(
-                f"image #{index} ({record.image_id!r}) in {source or name}: field 'split' has value "
-                f"{record.split!r}; valid: {', '.join(SPLITS)} (and 'restval', read as train)"
+            issues.bad(
+                where_from,
+                here,
+                f"({record.image_id!r}): field 'split' has value {record.split!r}; valid: {', '.join(SPLITS)} "
+                "(and 'restval', read as train)",
             )
-    return PairedDataset(name=name, images=records, source=source)
+            continue
+        if record.image_id in image_ids:
+            first = image_ids[record.image_id]
+            issues.bad(where_from, here, f"duplicate image id {record.image_id!r} (images #{first} and #{index})")
+            continue
+        kept = []
+        for caption in record.captions:
+            if caption.caption_id in caption_ids:
+                issues.bad(
+                    where_from,
+                    here,
+                    f"duplicate caption id {caption.caption_id!r} (images {caption_ids[caption.caption_id]!r} "
+                    f"and {record.image_id!r})",
+                    kind="caption",
+                )
+                continue
+            caption_ids[caption.caption_id] = record.image_id
+            kept.append(caption)
+        if not kept:
+            issues.bad(where_from, here, f"({record.image_id!r}) has no captions left")
+            continue
+        image_ids[record.image_id] = index
+        records.append(record if len(kept) == len(record.captions) else _with_captions(record, kept))
+    return PairedDataset(name=name, images=records, source=source, skipped=issues)
+
+
+def _with_captions(record: ImageRecord, captions: list[Caption]) -> ImageRecord:
+    from dataclasses import replace
+
+    return replace(record, captions=tuple(captions))

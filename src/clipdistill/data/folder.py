@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NoReturn
 
+from clipdistill.data.bad_samples import BadSamples
 from clipdistill.data.dataset import Caption, DatasetError, ImageRecord, PairedDataset, make_dataset
 from clipdistill.data.karpathy import VALID_SPLITS, canonical_split
 
@@ -38,8 +39,8 @@ def find_images(root: Path) -> list[Path]:
     return [path for path in _visible_files(root) if path.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _pair_files(root: Path) -> list[tuple[Path, Path]]:
-    """Match images to caption files by (folder, stem); refuse anything left unpaired."""
+def _pair_files(root: Path, issues: BadSamples) -> list[tuple[Path, Path]]:
+    """Match images to caption files by (folder, stem); anything left unpaired is a bad sample."""
     images: dict[Path, Path] = {}
     texts: dict[Path, Path] = {}
     for path in _visible_files(root):
@@ -48,11 +49,12 @@ def _pair_files(root: Path) -> list[tuple[Path, Path]]:
         if suffix in IMAGE_SUFFIXES:
             if stem in images:
                 first, second = images[stem].relative_to(root), path.relative_to(root)
-                _bad(
-                    root,
+                issues.bad(
+                    str(root),
                     f"{first} and {second}",
-                    f"share the stem {stem.as_posix()!r} (one caption file each)",
+                    f"share the stem {stem.as_posix()!r} (one caption file each); the second is dropped",
                 )
+                continue
             images[stem] = path
         elif suffix == ".txt":
             texts[stem] = path
@@ -60,36 +62,44 @@ def _pair_files(root: Path) -> list[tuple[Path, Path]]:
         _bad(root, "folder", f"holds no images (looked for *{', *'.join(IMAGE_SUFFIXES)} recursively)")
     for stem, text in texts.items():
         if stem not in images:
-            _bad(
-                root,
+            issues.bad(
+                str(root),
                 f"{text.relative_to(root)}",
                 f"has no image (looked for {stem.as_posix()}.{{{_ALTERNATIVES}}})",
+                kind="caption",
             )
     for stem, image in images.items():
         if stem not in texts:
-            _bad(root, f"{image.relative_to(root)}", f"has no caption file (expected {stem.as_posix()}.txt)")
-    return [(images[stem], texts[stem]) for stem in sorted(images)]
+            issues.bad(
+                str(root), f"{image.relative_to(root)}", f"has no caption file (expected {stem.as_posix()}.txt)"
+            )
+    return [(images[stem], texts[stem]) for stem in sorted(images) if stem in texts]
 
 
 def _read_captions(root: Path, text_path: Path, image_id: str) -> tuple[Caption, ...]:
     where = str(text_path.relative_to(root))
+    raw = text_path.read_bytes()
     try:
-        lines = text_path.read_text(encoding="utf-8").splitlines()
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:
-        _bad(root, where, f"is not valid UTF-8 ({error.reason} at byte offset {error.start})")
+        _bad(root, where, f"is not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start})")
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         _bad(root, where, "is empty (expected one caption per line)")
     return tuple(Caption(caption_id=f"{image_id}#{k}", text=text) for k, text in enumerate(texts))
 
 
-def read_folder(root: Path, split: str = "train", name: str | None = None) -> PairedDataset:
+def read_folder(
+    root: Path, split: str = "train", name: str | None = None, issues: BadSamples | None = None
+) -> PairedDataset:
     """Read ``name.{jpg,jpeg,png,webp}`` + ``name.txt`` pairs under ``root`` (recursively).
 
     Each non-empty line of the ``.txt`` (UTF-8) is one caption. Ids: the image's path relative
     to ``root`` without its suffix (``sub/cat``) and ``<image_id>#<k>`` for the k-th caption.
     Every image gets ``split``. Order is sorted by path, so ids and order are deterministic.
+    ``issues`` sets what an unpaired or unreadable pair does (default: stop, naming the file).
     """
+    issues = issues if issues is not None else BadSamples("error")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a directory")
@@ -97,11 +107,15 @@ def read_folder(root: Path, split: str = "train", name: str | None = None) -> Pa
     if canonical is None:
         raise DatasetError(f"split {split!r} for {root} is not valid (valid: {', '.join(VALID_SPLITS)})")
     records = []
-    for image, text in _pair_files(root):
+    for image, text in _pair_files(root, issues):
         image_id = image.relative_to(root).with_suffix("").as_posix()
-        records.append(
-            ImageRecord(
-                image_id=image_id, path=image, split=canonical, captions=_read_captions(root, text, image_id)
-            )
-        )
-    return make_dataset(name or root.name, records, source=str(root))
+        origin = str(text.relative_to(root))
+        try:
+            captions = _read_captions(root, text, image_id)
+        except DatasetError as error:
+            if issues.policy == "error":
+                raise
+            issues.bad(str(root), origin, str(error).split(f"{origin} ", 1)[-1])
+            continue
+        records.append(ImageRecord(image_id=image_id, path=image, split=canonical, captions=captions, origin=origin))
+    return make_dataset(name or root.name, records, source=str(root), issues=issues)

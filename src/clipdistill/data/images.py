@@ -2,11 +2,16 @@
 
 Small datasets (emoji: ~3,600 images of 64x64) fit in a few MB, and decoding PNGs every step
 would make training bound by Pillow rather than by the model. Transparent images are put on
-white (emoji glyphs are RGBA), greyscale/CMYK/palette images are converted to RGB.
+white (emoji glyphs are RGBA), greyscale/CMYK/palette images are converted to RGB, and 16-bit
+or float images are scaled to 8 bits (Pillow's plain ``convert`` clips them to white).
+
+:func:`image_problem` is the up-front check ``load_dataset`` runs on every file, so a file that
+will not decode is found before any work, not mid-epoch.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,13 +21,58 @@ from PIL import Image
 
 from clipdistill.data.dataset import DatasetError
 
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb limit (~9.5K x 9.5K)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale to 8 bits by value range, not by clipping."""
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0  # 16-bit integer modes
+    if image.mode == "F":
+        top = 1.0 if array.size and float(np.nanmax(array)) <= 1.0 else 255.0
+    return Image.fromarray(np.clip(np.nan_to_num(array) / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as an image (missing, empty, not an image, truncated, a
+    decompression bomb), or ``None`` when it decodes. JPEGs decode at 1/8 scale: every byte of
+    the entropy-coded data is still read, so truncation is caught, at a fraction of the cost."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "file does not exist"
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    if not path.is_file():
+        return "is not a file"
+    if size == 0:
+        return "is an empty (zero-byte) file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    return f"is {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"is too large to decode safely: {error}"
+    except (OSError, ValueError, SyntaxError, EOFError) as error:  # Pillow's ways of saying "broken"
+        return f"cannot be decoded: {error}"
+    return None
+
 
 def open_rgb(path: str | Path, size: int | tuple[int, int] | None = None) -> Image.Image:
     """Open an image as RGB (alpha composited on white), optionally resized (bicubic)."""
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("RGBA", "LA", "P", "PA"):
+            if image.mode.startswith("I") or image.mode == "F":
+                rgb = _to_8bit(image).convert("RGB")
+            elif image.mode in ("RGBA", "LA", "P", "PA"):
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 rgb = Image.alpha_composite(background, rgba).convert("RGB")

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, NoReturn
 
+from clipdistill.data.bad_samples import BadSamples, invalid_byte, is_clean_text
 from clipdistill.data.dataset import Caption, DatasetError, ImageRecord, PairedDataset, make_dataset
 from clipdistill.io import atomic_write_json
 
@@ -40,12 +41,9 @@ def _load_json(json_path: Path) -> Any:
         raise DatasetError(f"{json_path}: file not found") from None
     except IsADirectoryError:
         raise DatasetError(f"{json_path}: is a directory, expected a Karpathy JSON file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DatasetError(
-            f"{json_path}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start})"
-        ) from None
+    # Bytes that are not UTF-8 survive as lone surrogates, so the field holding them is named
+    # (and, under --on-bad-sample skip, only that sample dropped) instead of the whole file refused.
+    text = raw.decode("utf-8", errors="surrogateescape")
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -73,12 +71,21 @@ def _required_str(source: Path, where: str, item: dict[str, Any], key: str) -> s
         _bad(source, where, f"field {key!r} has value {value!r} (expected a string)")
     if not value.strip():
         _bad(source, where, f"field {key!r} is empty")
+    _check_utf8(source, where, key, value)
     return value
+
+
+def _check_utf8(source: Path, where: str, key: str, value: str) -> None:
+    if not is_clean_text(value):
+        _bad(source, where, f"field {key!r} is not valid UTF-8 (byte {invalid_byte(value)})")
 
 
 def _optional_str(source: Path, where: str, item: dict[str, Any], key: str) -> str | None:
     value = item.get(key)
-    if value is None or isinstance(value, str):
+    if value is None:
+        return value
+    if isinstance(value, str):
+        _check_utf8(source, where, key, value)
         return value
     _bad(source, where, f"field {key!r} has value {value!r} (expected a string)")
 
@@ -102,7 +109,18 @@ def _split(source: Path, where: str, item: dict[str, Any]) -> str:
     return split
 
 
-def _captions(source: Path, where: str, item: dict[str, Any], image_id: str) -> tuple[Caption, ...]:
+def _caption(source: Path, where: str, sentence: Any, image_id: str, k: int) -> Caption:
+    if not isinstance(sentence, dict):
+        _bad(source, where, f"is a {type(sentence).__name__}, expected an object with a 'raw' field")
+    text = _required_str(source, where, sentence, "raw")
+    # An explicit caption_id (written by write_karpathy for non-numeric ids) wins over sentid.
+    caption_id = _optional_str(source, where, sentence, "caption_id") or _id_field(source, where, sentence, "sentid")
+    return Caption(caption_id=caption_id or f"{image_id}#{k}", text=text.strip())
+
+
+def _captions(
+    source: Path, where: str, item: dict[str, Any], image_id: str, issues: BadSamples
+) -> tuple[Caption, ...]:
     if "sentences" not in item:
         _bad(source, where, "has no field 'sentences'")
     sentences = item["sentences"]
@@ -112,19 +130,27 @@ def _captions(source: Path, where: str, item: dict[str, Any], image_id: str) -> 
         _bad(source, where, "field 'sentences' is empty (an image needs at least one caption)")
     captions = []
     for k, sentence in enumerate(sentences):
-        here = f"{where}.sentences[{k}]"
-        if not isinstance(sentence, dict):
-            _bad(source, here, f"is a {type(sentence).__name__}, expected an object with a 'raw' field")
-        text = _required_str(source, here, sentence, "raw")
-        # An explicit caption_id (written by write_karpathy for non-numeric ids) wins over sentid.
-        caption_id = _optional_str(source, here, sentence, "caption_id") or _id_field(
-            source, here, sentence, "sentid"
-        )
-        captions.append(Caption(caption_id=caption_id or f"{image_id}#{k}", text=text.strip()))
+        try:
+            captions.append(_caption(source, f"{where}.sentences[{k}]", sentence, image_id, k))
+        except DatasetError as error:  # one bad caption costs that caption, not its image
+            issues.bad(str(source), f"{where}.sentences[{k}]", _reason(error, source), kind="caption")
+    if not captions:
+        _bad(source, where, "has no usable caption left")
     return tuple(captions)
 
 
-def _parse_image(source: Path, index: int, item: Any, image_root: Path) -> ImageRecord:
+def _reason(error: DatasetError, source: Path) -> str:
+    """The problem part of a ``_bad`` message (``source: where problem`` → ``problem``)."""
+    text = str(error)
+    prefix = f"{source}: "
+    if text.startswith(prefix):
+        text = text[len(prefix) :]
+        if " " in text:
+            text = text.split(" ", 1)[1]
+    return text
+
+
+def _parse_image(source: Path, index: int, item: Any, image_root: Path, issues: BadSamples) -> ImageRecord:
     """One ``images[i]`` entry → :class:`ImageRecord`; raises via :func:`_bad` on any problem."""
     where = f"images[{index}]"
     if not isinstance(item, dict):
@@ -143,29 +169,41 @@ def _parse_image(source: Path, index: int, item: Any, image_root: Path) -> Image
         image_id=image_id,
         path=image_root / relative,
         split=split,
-        captions=_captions(source, where, item, image_id),
+        captions=_captions(source, where, item, image_id, issues),
         concept=_optional_str(source, where, item, "concept") or "",
+        origin=where,
     )
 
 
-def read_karpathy(json_path: Path, image_root: Path | None = None, name: str | None = None) -> PairedDataset:
+def read_karpathy(
+    json_path: Path, image_root: Path | None = None, name: str | None = None, issues: BadSamples | None = None
+) -> PairedDataset:
     """Read a Karpathy-split JSON into a :class:`PairedDataset`.
 
     Image path = ``image_root / filepath / filename`` (``filepath`` is COCO's ``train2014`` or
     ``val2014``; ``image_root`` defaults to the JSON's folder). ``restval`` is read as train.
     Ids: an explicit ``image_id`` string, else ``cocoid``, else ``imgid``, else the relative
     path; captions use ``sentid`` (else ``<image_id>#<k>``) so cache keys survive reordering.
-    Caption text is stripped of surrounding whitespace.
+    Caption text is stripped of surrounding whitespace. ``issues`` sets what a bad image or
+    caption does (default: stop with file, index, field and value).
     """
+    issues = issues if issues is not None else BadSamples("error")
     json_path = Path(json_path)
     top = _load_json(json_path)
     images = _image_list(json_path, top)
     root = Path(image_root) if image_root is not None else json_path.parent
-    records = [_parse_image(json_path, index, item, root) for index, item in enumerate(images)]
+    records = []
+    for index, item in enumerate(images):
+        try:
+            records.append(_parse_image(json_path, index, item, root, issues))
+        except DatasetError as error:
+            if issues.policy == "error":
+                raise
+            issues.bad(str(json_path), f"images[{index}]", _reason(error, json_path))
     if name is None:
         declared = top.get("dataset")
         name = declared if isinstance(declared, str) and declared else json_path.stem
-    return make_dataset(name, records, source=str(json_path))
+    return make_dataset(name, records, source=str(json_path), issues=issues)
 
 
 def _relative_to_root(path: Path, image_root: Path) -> Path:

@@ -4,11 +4,17 @@ A checkpoint holds everything an exact resume needs: model, method extras, optim
 scheduler, grad scaler, RNG states and the data position. It is written to a temp file,
 fsynced and renamed, so a crash mid-write leaves the previous checkpoint readable; it is read
 with ``torch.load(weights_only=True)``, so a checkpoint file can never execute code.
+
+``latest`` also keeps the checkpoint it replaces as ``latest.prev.pt`` (a hard link: no copy),
+so a ``latest`` damaged after it was written (a bad disk, a copy cut short) costs one save
+interval, not the run: :func:`find_resume_checkpoint` falls back to it and says so.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ from clipdistill.io import atomic_path
 
 LATEST = "latest.pt"
 BEST = "best.pt"
+PREVIOUS = "latest.prev.pt"
 
 
 class CheckpointError(ValueError):
@@ -49,10 +56,30 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` through a temp file + fsync + rename."""
+def _keep_previous(path: Path) -> None:
+    """Make ``latest.prev.pt`` the current ``latest`` (atomically), before ``latest`` is replaced."""
+    if not path.is_file():
+        return
+    previous = path.with_name(PREVIOUS)
+    staging = path.with_name(f".{PREVIOUS}.link.tmp")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(path, staging)
+    except OSError:  # a filesystem without hard links: copy instead
+        import shutil
+
+        shutil.copyfile(path, staging)
+    os.replace(staging, previous)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], *, keep_previous: bool = False) -> None:
+    """``torch.save`` through a temp file + fsync + rename; with ``keep_previous`` the replaced
+    file stays readable as ``latest.prev.pt``."""
+    path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        if keep_previous:
+            _keep_previous(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -64,3 +91,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt/unsafe files
         raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
+
+
+def find_resume_checkpoint(checkpoints: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``--resume`` means, loaded; ``None`` when ``latest`` is asked for and the run
+    never saved one (it was killed before its first save, so it starts again from step 0).
+
+    An unreadable ``latest`` falls back to ``latest.prev.pt`` with a warning on stderr; an explicit
+    path is loaded as given, with no fallback.
+    """
+    if resume != "latest":
+        path = Path(resume)
+        return path, load_checkpoint(path)
+    checkpoints = Path(checkpoints)
+    latest, previous = checkpoints / LATEST, checkpoints / PREVIOUS
+    if not latest.exists() and not previous.exists():
+        return None
+    try:
+        return latest, load_checkpoint(latest)
+    except CheckpointError as error:
+        if not previous.is_file():
+            raise
+        print(f"warning: {error}; resuming from the one before it, {previous}", file=sys.stderr)
+        return previous, load_checkpoint(previous)

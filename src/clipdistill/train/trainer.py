@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from clipdistill.config import ConfigError, TrainConfig, read_yaml, save_config, to_dict
+from clipdistill.config import ConfigError, TrainConfig, read_yaml, to_dict
 from clipdistill.data.augment import replay_augmentation
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import load_image_tensor, to_unit
@@ -38,13 +38,20 @@ from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.train.checkpoint import (
     BEST,
     LATEST,
-    CheckpointError,
     load_checkpoint,
     restore_rng_state,
     rng_state,
     save_checkpoint,
 )
 from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+from clipdistill.train.state import (
+    StopSignals,
+    TrainingStopped,
+    bad_samples_entry,
+    check_names,
+    prepare_run_folder,
+    record_bad_samples,
+)
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
@@ -105,7 +112,9 @@ def build_teacher_source(config: TrainConfig, dataset: PairedDataset, device: to
 
 
 def check_needs(config: TrainConfig, method_cls: type[DistillMethod]) -> None:
-    """Refuse a config that lacks what the method needs, naming the missing key."""
+    """Refuse a config that lacks what the method needs, or names a teacher or student that does
+    not exist, naming the key; before the data is read or anything is built."""
+    check_names(config)
     needs = set(method_cls.needs)
     if needs & {"teacher_embeddings", "teacher_tokens"} and not config.teacher.spec:
         raise ConfigError(f"method {method_cls.name!r} needs a teacher: set key 'teacher.spec' (e.g. run:runs/teacher)")
@@ -193,7 +202,7 @@ class Trainer:
         check_needs(config, method_cls)
 
         seed_everything(config.seed)
-        self.dataset = load_dataset(config.data.path, config.data.images)
+        self.dataset = load_dataset(config.data.path, config.data.images, on_bad_sample=config.data.on_bad_sample)
         self.train_split = self.dataset.split("train")
         self.val_split = self.dataset.split("val")
         self.student = build_student_model(config).to(self.device)
@@ -230,6 +239,7 @@ class Trainer:
         self.global_step = 0
         self.best_rsum = float("-inf")
         self.seconds = 0.0
+        self._stop = StopSignals()  # armed by fit()
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -263,25 +273,9 @@ class Trainer:
         self.seconds = float(state["seconds"])
 
     def _prepare_run_dir(self, resume: str | None) -> None:
-        checkpoints = self.run_dir / "checkpoints"
-        if resume is None:
-            if (checkpoints / LATEST).exists():
-                raise ConfigError(
-                    f"run folder {self.run_dir} already holds a run ({checkpoints / LATEST}); "
-                    "pass --resume latest to continue it, or choose another 'name'"
-                )
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in ("log.jsonl", "results.jsonl"):
-                (self.run_dir / stale).unlink(missing_ok=True)
-            save_config(self.config, self.run_dir / "config.yaml")
+        state = prepare_run_folder(self.config, resume)
+        if state is None:
             return
-        path = checkpoints / LATEST if resume == "latest" else Path(resume)
-        state = load_checkpoint(path)
-        saved = state.get("config", {})
-        current = to_dict(self.config)
-        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if differing:
-            raise CheckpointError(f"cannot resume from {path}: config differs in key(s) {', '.join(differing)}")
         self.load_state_dict(state)
         _truncate_log(self.run_dir / "log.jsonl", "step", self.global_step)
         _truncate_log(self.run_dir / "results.jsonl", "epoch", self.epoch)
@@ -347,14 +341,22 @@ class Trainer:
         return recall_at_k(image_emb, text_emb, self.val_split.text_to_image())
 
     def _save(self, name: str) -> None:
-        save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict())
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict(), keep_previous=name == LATEST)
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> dict[str, Any]:
-        """Train to the configured budget; returns the summary also written to ``summary.json``."""
+        """Train to the configured budget; returns the summary also written to ``summary.json``.
+
+        A SIGTERM or Ctrl-C stops after the step in flight with ``latest`` saved
+        (:class:`~clipdistill.train.state.TrainingStopped`); ``--resume latest`` continues exactly."""
+        with StopSignals() as self._stop:
+            return self._fit(resume)
+
+    def _fit(self, resume: str | None) -> dict[str, Any]:
         from clipdistill.models.students import save_student
 
         self._prepare_run_dir(resume)
+        record_bad_samples(self.run_dir, self.dataset)
         config = self.config
         bar = None
         if self.progress:
@@ -379,6 +381,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['total_loss']:.3f}")
                 if config.save_every and self.global_step % config.save_every == 0:
                     self._save(LATEST)
+                if self._stop.requested:
+                    self._save(LATEST)
+                    raise TrainingStopped(self._stop.requested, self.global_step, self.run_dir / "checkpoints" / LATEST)
             self.epoch += 1
             self.step_in_epoch = 0
             metrics = self.evaluate()
@@ -413,6 +418,7 @@ class Trainer:
             "train_seconds": round(self.seconds, 2),
             "steps": self.global_step,
             "model": f"local-dir:{self.run_dir / 'model'}",
+            **bad_samples_entry(self.dataset),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
