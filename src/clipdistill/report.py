@@ -152,9 +152,11 @@ def _bad_samples_lines(bad: dict[str, Any] | None) -> list[str]:
 def _save(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:  # a failed write must not leak the figure (pyplot keeps every open one alive)
+        plt.close(figure)
 
 
 def plot_pareto(report: dict[str, Any], path: Path) -> None:
