@@ -87,8 +87,8 @@ def cache_build(
     from clipdistill.cli.main import console
     from clipdistill.data.loading import load_dataset
     from clipdistill.device import resolve_device
-    from clipdistill.distill.cache import build_cache
     from clipdistill.models.spec import parse_spec
+    from clipdistill.sharded import build_cache_sharded
 
     parse_spec(teacher)  # a typo in the spec fails before the dataset is read
     if fusion:
@@ -97,7 +97,7 @@ def cache_build(
         parse_fusion_spec(fusion)
     resolved = resolve_device(device)
     dataset = load_dataset(data, images)
-    build_cache(
+    build_cache_sharded(  # split by rank under torchrun, else the plain build
         teacher,
         dataset,
         out,

@@ -5,6 +5,7 @@ The same function backs ``python -m clipdistill.train`` so ``torchrun`` can laun
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,8 @@ def train_command(
 
     config = load_config(configs, overrides or [])
     summary = train(config, resume=resume, progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     console.print(
         f"{config.method}: best epoch {summary['best_epoch']}, {summary['train_seconds']} s of training; "
         f"student saved as {summary['model']}"
