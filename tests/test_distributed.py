@@ -17,12 +17,15 @@ from clipdistill.models.lit import LiTConfig, LiTModel
 
 WORKER = Path(__file__).with_name("ddp_parity_worker.py")
 REPO_SRC = Path(__file__).resolve().parents[1] / "src"
-METHODS = ("clip", "openclip", "conaclip", "dcd")
+METHODS = ("clip", "openclip", "conaclip", "dcd", "clipkd", "comkd")
 # (gather_with_grad, local_loss): the settings that are exact (see train/distributed.py)
 MODES = {"global": (True, False), "global_nograd": (False, False), "local": (True, True)}
+# The four methods in every exact mode; CLIP-KD (ICL, CKD) and ComKD (batch moments,
+# attention over the batch) in the mode that changes their math (per-process query rows).
+CASES = [(m, mode) for m in METHODS[:4] for mode in MODES] + [("clipkd", "local"), ("comkd", "local")]
 
 
-def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def _torchrun(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "PYTHONPATH": f"{REPO_SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -30,7 +33,8 @@ def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -89,14 +93,15 @@ def test_two_processes_match_one_process(
 ) -> None:
     configs = {
         f"{method}/{mode}": _raw(tmp_path, shapes_dataset_dir, teacher_spec, student_config, method, mode)
-        for method in METHODS
-        for mode in MODES
+        for method, mode in CASES
     }
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"steps": 2, "configs": configs}))
     _torchrun(str(WORKER), str(tmp_path / "ddp"), str(spec))
     reference_spec = tmp_path / "reference.json"
-    reference_spec.write_text(json.dumps({"steps": 2, "configs": {m: configs[f"{m}/global"] for m in METHODS}}))
+    reference_spec.write_text(
+        json.dumps({"steps": 2, "configs": {m: configs[f"{m}/{dict(CASES[::-1])[m]}"] for m in METHODS}})
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_SRC), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
@@ -118,3 +123,42 @@ def test_two_processes_match_one_process(
                     torch.testing.assert_close(
                         got["grads"][key], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name, k=key: f"{n} {k}: {m}"
                     )
+
+
+@pytest.mark.slow
+def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
+    shapes_dataset_dir: Path, tmp_path: Path, student_config: str
+) -> None:
+    import yaml
+
+    def config_file(out: Path) -> Path:
+        raw = _raw(tmp_path, shapes_dataset_dir, "", student_config, "clip", "global")
+        raw.update({"name": "run", "out_dir": str(out), "save_every": 1, "log_every": 1})
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    straight = config_file(tmp_path / "straight")
+    _torchrun("-m", "clipdistill.train", str(straight), "--no-progress")
+    run = tmp_path / "straight" / "run"
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # one writer: rank 0 (6 train images / batch 4 = 1 step x 2 epochs)
+    assert [json.loads(line)["epoch"] for line in (run / "results.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]  # no temp files
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+    resumed_cfg = config_file(tmp_path / "resumed")
+    crashed = _torchrun(str(WORKER.with_name("ddp_crash_worker.py")), str(resumed_cfg), "--no-progress", check=False)
+    assert crashed.returncode != 0  # both processes stopped before step 2; rank 0 saved step 1
+    _torchrun("-m", "clipdistill.train", str(resumed_cfg), "--resume", "latest", "--no-progress")
+    resumed_run = tmp_path / "resumed" / "run"
+    steps = [json.loads(line)["step"] for line in (resumed_run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    expected = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    got = torch.load(resumed_run / "checkpoints" / "latest.pt", weights_only=True)
+    assert got["position"] == expected["position"]
+    # both runs took the same 2-process steps, so weights and Adam moments are bitwise equal
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(got["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"]), index
+    for key, value in expected["student"].items():
+        assert torch.equal(got["student"][key], value), key

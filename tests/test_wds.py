@@ -39,6 +39,10 @@ def test_round_trip_keeps_ids_captions_splits_and_pixels(shapes_dataset_dir: Pat
     assert converted.split_counts() == original.split_counts()
     assert all(".tar/" in str(r.path) for r in converted.images)  # read from inside the tars
     assert torch.equal(load_image_tensor(converted.image_paths(), 16), load_image_tensor(original.image_paths(), 16))
+    from clipdistill.serve.preprocess import ImagePreprocessor  # embed/index read member paths too
+
+    preprocess = ImagePreprocessor((16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert (preprocess(converted.image_paths()[:3]) == preprocess(original.image_paths()[:3])).all()
     pattern = load_dataset(f"{shards}/{{00000..00005}}.tar")
     assert [r.image_id for r in pattern.images] == [r.image_id for r in original.images]
 

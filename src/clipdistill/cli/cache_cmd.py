@@ -71,6 +71,9 @@ def cache_build(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the replayed augmentations.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", min=1, help="Rows per shard (the unit a torchrun process builds).")
+    ] = 4096,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     token_features: Annotated[
         bool, typer.Option("--token-features", help="Also store token features (teachers that provide them).")
@@ -106,6 +109,7 @@ def cache_build(
         image_size=image_size,
         seed=seed,
         batch_size=batch_size,
+        shard_size=shard_size,
         device=resolved,
         token_features=token_features,
         fusion=fusion,
