@@ -23,25 +23,30 @@ from clipdistill.serve.checksums import file_sha256
 TRAIN_SAMPLE = 256 * 1024  # rows FAISS trains IVF/PQ on (its own guidance: 30-256 points per centroid)
 
 
-def image_shards(emb_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, str]]:
-    """``(img_emb shard path, expected sha256)`` in row order, from the embedding manifest."""
+def image_shards(emb_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, str | None]]:
+    """``(img_emb shard path, expected sha256)`` in row order, from the embedding manifest.
+    A shard the manifest lists without a checksum (a hand-built folder) is read unverified,
+    at its positional name, as :func:`~clipdistill.serve.embed.read_embeddings` reads it."""
     from clipdistill.serve.index import IndexBuildError
 
-    shards = []
+    shards: list[tuple[Path, str | None]] = []
     for number, entry in enumerate(manifest["shards"]):
         names = [name for name in entry if name.startswith("img_emb/")]
-        if len(names) != 1:
+        if len(names) > 1:
             raise IndexBuildError(f"{emb_dir}/embeddings.json: shard {number} lists {len(names)} img_emb files")
-        shards.append((emb_dir / names[0], entry[names[0]]))
+        if names:
+            shards.append((emb_dir / names[0], entry[names[0]]))
+        else:
+            shards.append((emb_dir / "img_emb" / f"img_emb_{number:04d}.npy", None))
     return shards
 
 
-def _verified(path: Path, sha256: str) -> np.ndarray:
+def _verified(path: Path, sha256: str | None) -> np.ndarray:
     from clipdistill.serve.index import IndexBuildError
 
     if not path.is_file():
         raise IndexBuildError(f"embedding shard {path} is missing")
-    if file_sha256(path) != sha256:
+    if sha256 is not None and file_sha256(path) != sha256:
         raise IndexBuildError(f"embedding shard {path} fails its sha256 in embeddings.json (changed or corrupt)")
     return np.load(path, mmap_mode="r")
 
@@ -56,7 +61,7 @@ def _unit(vectors: np.ndarray, path: Path) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(vectors / norms, dtype=np.float32), float(np.abs(norms - 1).max())
 
 
-def iter_unit_shards(shards: list[tuple[Path, str]], chunk_rows: int) -> Iterator[tuple[np.ndarray, float]]:
+def iter_unit_shards(shards: list[tuple[Path, str | None]], chunk_rows: int) -> Iterator[tuple[np.ndarray, float]]:
     """Verified, L2-normalised chunks (≤ ``chunk_rows`` rows) of every shard in order."""
     for path, sha in shards:
         table = _verified(path, sha)
@@ -64,7 +69,7 @@ def iter_unit_shards(shards: list[tuple[Path, str]], chunk_rows: int) -> Iterato
             yield _unit(table[start : start + chunk_rows], path)
 
 
-def training_sample(shards: list[tuple[Path, str]], total: int, seed: int) -> np.ndarray:
+def training_sample(shards: list[tuple[Path, str | None]], total: int, seed: int) -> np.ndarray:
     """All rows (≤ :data:`TRAIN_SAMPLE`) or a seeded sample of that many, read shard by shard."""
     if total <= TRAIN_SAMPLE:
         return np.concatenate([chunk for chunk, _ in iter_unit_shards(shards, 1 << 20)])
