@@ -15,6 +15,14 @@ weights): teacher = LiT (timm resnet10t at 64 px + MiniLM-L6), student = the ``t
 The data is synthetic (random PNGs with captions) so the script runs on a fresh clone.
 
     PYTHONPATH=src .venv/bin/python benchmarks/scale.py --images 512 --out benchmarks/results/scale.json
+    PYTHONPATH=src .venv/bin/python benchmarks/scale.py --threads 1 --out benchmarks/results/scale_1thread.json
+    PYTHONPATH=src .venv/bin/python benchmarks/scale.py --project benchmarks/results/scale_1thread.json
+
+``--threads`` sets the OpenMP threads of every process (default: the cores split between the
+processes). On a box whose cores other jobs also use, 2 intra-op threads in one process
+collapse (threads spin-waiting for a busy core: training steps of 1.8-17 s instead of ~1.1 s
+with one thread, measured here), so compare processes at ``--threads 1``. Projections
+(``--project``) scale the 1-process rate by the process count.
 """
 
 from __future__ import annotations
@@ -131,11 +139,12 @@ def worker(task: str, work: Path, nproc: int, batch_size: int, epochs: int) -> N
         atomic_write_json(work / f"{task}{nproc}.json", result)
 
 
-def launch(task: str, work: Path, nproc: int, batch_size: int, epochs: int) -> dict[str, Any]:
+def launch(task: str, work: Path, nproc: int, batch_size: int, epochs: int, threads: int = 0) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))  # the cores, split between processes
+    # intra-op threads per process: given, or the cores split between the processes
+    env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command += [__file__, "--worker", task, "--work", str(work), "--nproc", str(nproc)]
+    command += [__file__, "--worker", task, "--work", str(work), "--processes", str(nproc)]
     command += ["--batch-size", str(batch_size), "--epochs", str(epochs)]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -175,11 +184,12 @@ def project(
     epochs: int = 10,
     teacher_dim: int = 384,
     student_dim: int = 256,
-    processes: tuple[int, ...] = (2, 64),
+    processes: tuple[int, ...] = (1, 8, 64),
 ) -> list[str]:
-    """Markdown tables: time at the measured per-process rate × processes (assumes the 2-process
-    efficiency measured here holds), cache disk (fp32 rows + ~40 B of keys per row), index RAM."""
-    rate = {task: measured["results"][f"{task}@2"]["per_second"] / 2 for task in ("cache", "train", "embed")}
+    """Markdown tables: time at the measured 1-process rate × processes (assumes a free core per
+    process and communication that is small next to compute: see docs/scale.md), cache disk
+    (fp32 rows + ~40 B of keys per row), index RAM."""
+    rate = {task: measured["results"][f"{task}@1"]["per_second"] for task in ("cache", "train", "embed")}
     lines = [
         f"| data set | processes | cache build (k={k}) | training ({epochs} epochs) | embedding | cache disk |",
         "|---|---:|---:|---:|---:|---:|",
@@ -212,13 +222,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global training batch")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
+    parser.add_argument("--tasks", type=lambda v: v.split(","), default=["cache", "train", "embed"])
+    parser.add_argument("--procs", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
+    parser.add_argument("--threads", type=int, default=0, help="OMP threads per process (0: the cores / N)")
     parser.add_argument("--project", type=Path, help="print the projection tables from a results JSON and exit")
     parser.add_argument("--worker", choices=("cache", "train", "embed"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.work, args.nproc, args.batch_size, args.epochs)
+        worker(args.worker, args.work, args.processes, args.batch_size, args.epochs)
         return
     if args.project:
         print("\n".join(project(json.loads(args.project.read_text()))))
@@ -231,9 +244,11 @@ def main() -> None:
         write_dataset(work / "data", args.images)
         write_teacher(work / "teacher")
         results: dict[str, dict[str, Any]] = {}
-        for task in ("cache", "train", "embed"):  # train reads cache1 (built by the 1-process cache run)
-            for nproc in (1, 2):
-                results[f"{task}@{nproc}"] = launch(task, work, nproc, args.batch_size, args.epochs)
+        if "train" in args.tasks and "cache" not in args.tasks:
+            launch("cache", work, 1, args.batch_size, args.epochs, args.threads)  # train reads cache1 (not reported)
+        for task in args.tasks:
+            for nproc in args.procs:
+                results[f"{task}@{nproc}"] = launch(task, work, nproc, args.batch_size, args.epochs, args.threads)
                 entry = results[f"{task}@{nproc}"]
                 print(
                     f"{task:6s} {nproc} proc: {entry['per_second']:9.1f}/s  ({entry['seconds']:.1f} s measured, "
@@ -242,22 +257,33 @@ def main() -> None:
                 )
     table = ["| task | unit | 1 process | 2 processes | speed-up |", "|---|---|---:|---:|---:|"]
     units = {"cache": "teacher rows/s", "train": "samples/s", "embed": "images/s"}
-    for task, unit in units.items():
-        one, two = results[f"{task}@1"]["per_second"], results[f"{task}@2"]["per_second"]
-        table.append(f"| {task} | {unit} | {one:.1f} | {two:.1f} | {two / one:.2f}x |")
+    for task in args.tasks:
+        if f"{task}@1" in results and f"{task}@2" in results:
+            one, two = results[f"{task}@1"]["per_second"], results[f"{task}@2"]["per_second"]
+            table.append(f"| {task} | {units[task]} | {one:.1f} | {two:.1f} | {two / one:.2f}x |")
     print("\n".join(table))
     measured = {"results": results}
-    print("\n".join(project(measured)))
+    complete = all(f"{task}@2" in results for task in units)
+    if complete:
+        print("\n".join(project(measured)))
     atomic_write_json(
         args.out,
         {
             "benchmark": "scale",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-            "settings": {"images": args.images, "batch_size": args.batch_size, "epochs": args.epochs, "k": 2},
+            "settings": {
+                "images": args.images,
+                "batch_size": args.batch_size,
+                "epochs": args.epochs,
+                "k": 2,
+                "tasks": args.tasks,
+                "processes": args.procs,
+                "threads_per_process": args.threads or "cores / processes",
+            },
             "results": results,
             "table": table,
-            "projection": project(measured),
+            "projection": project(measured) if complete else None,
         },
     )
 
