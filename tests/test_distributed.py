@@ -162,3 +162,27 @@ def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
         assert torch.equal(got["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"]), index
     for key, value in expected["student"].items():
         assert torch.equal(got["student"][key], value), key
+
+
+def test_settings_that_cannot_work_are_refused_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdistill.config import ConfigError
+    from clipdistill.train.distributed import DistContext, context_from_env, init_process_group, local_rows
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ConfigError, match=r"RANK=5 and WORLD_SIZE=2"):
+        context_from_env()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ConfigError, match=r"RANK='one' must be an integer"):
+        context_from_env()
+    two = DistContext(rank=1, world=2)
+    assert local_rows(6, two) == slice(3, 6)
+    with pytest.raises(
+        ConfigError, match=r"'optim.batch_size' \(5\) must be divisible by the number of processes \(2\)"
+    ):
+        local_rows(5, two)
+    with pytest.raises(ConfigError, match=r"'distributed.backend' must be auto, gloo or nccl, got 'mpi'"):
+        init_process_group(DistContext(), torch.device("cpu"), "mpi")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set; launch with torchrun"):
+        init_process_group(two, torch.device("cpu"), "gloo")

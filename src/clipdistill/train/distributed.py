@@ -38,13 +38,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clipdistill.config import ConfigError
 from clipdistill.distill.base import Batch, DistillMethod, MethodOutput, StudentFeatures, TeacherOutputs, TeacherSource
 
 T = TypeVar("T")
 
 
-class DistributedError(RuntimeError):
-    """A torchrun environment or a distributed setting that cannot work; the message names it."""
+class DistributedError(ConfigError):
+    """A torchrun environment or a distributed setting that cannot work; the message names the
+    variable or key (a :class:`ConfigError`, so the CLI reports it in one line)."""
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,14 @@ def process_device(device: str, ctx: DistContext) -> str:
 def init_process_group(ctx: DistContext, device: torch.device, backend: str = "auto") -> bool:
     """Join torchrun's process group (``env://``); returns whether this call created it.
 
-    ``backend="auto"`` picks nccl for CUDA and gloo for CPU, the backends PyTorch supports there."""
+    ``backend="auto"`` picks nccl for CUDA and gloo for CPU, the backends PyTorch supports there.
+    The backend is checked even in a 1-process run, so a typo fails before any cluster job."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise DistributedError(f"key 'distributed.backend' must be auto, gloo or nccl, got {backend!r}")
     if not ctx.enabled or dist.is_initialized():
         return False
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise DistributedError(f"key 'distributed.backend' must be auto, gloo or nccl, got {backend!r}")
     if backend == "nccl" and device.type != "cuda":
         raise DistributedError("key 'distributed.backend' is nccl but the device is CPU; nccl needs CUDA (use gloo)")
     for name in ("MASTER_ADDR", "MASTER_PORT"):
