@@ -70,6 +70,17 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process training (``torchrun --nproc_per_node N -m clipdistill.train``); ignored in
+    a 1-process run. ``optim.batch_size`` stays the global batch: each process takes 1/N of it.
+    See ``train/distributed.py`` for what the two gather settings compute."""
+
+    backend: str = "auto"  # gloo on CPU, nccl on CUDA
+    gather_with_grad: bool = True  # open_clip's --gather-with-grad
+    local_loss: bool = False  # open_clip's --local-loss: loss over this process's query rows only
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"
     out_dir: str = "runs"
@@ -84,6 +95,7 @@ class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -72,6 +72,9 @@ def cache_build(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the replayed augmentations.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", min=1, help="Rows per shard (the unit a torchrun process builds).")
+    ] = 4096,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     token_features: Annotated[
         bool, typer.Option("--token-features", help="Also store token features (teachers that provide them).")
@@ -88,8 +91,8 @@ def cache_build(
     from clipdistill.cli.main import console
     from clipdistill.data.loading import load_dataset
     from clipdistill.device import resolve_device
-    from clipdistill.distill.cache import build_cache
     from clipdistill.models.spec import parse_spec
+    from clipdistill.sharded import build_cache_sharded
 
     parse_spec(teacher)  # a typo in the spec fails before the dataset is read
     if fusion:
@@ -98,7 +101,7 @@ def cache_build(
         parse_fusion_spec(fusion)
     resolved = resolve_device(device)
     dataset = load_dataset(data, images)
-    build_cache(
+    build_cache_sharded(  # split by rank under torchrun, else the plain build
         teacher,
         dataset,
         out,
@@ -107,6 +110,7 @@ def cache_build(
         image_size=image_size,
         seed=seed,
         batch_size=batch_size,
+        shard_size=shard_size,
         device=resolved,
         token_features=token_features,
         fusion=fusion,

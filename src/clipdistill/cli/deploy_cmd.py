@@ -113,9 +113,9 @@ def embed_command(
 ) -> None:
     """Embed a dataset split (resumable per shard; finished shards are not recomputed)."""
     from clipdistill.cli.main import console
-    from clipdistill.serve.embed import embed_dataset
+    from clipdistill.sharded import embed_sharded
 
-    manifest = embed_dataset(
+    manifest = embed_sharded(  # split by rank under torchrun, else the plain embed
         model, data, out, images=images, split=split, shard_size=shard_size, batch_size=batch_size, device=device
     )
     console.print(

@@ -285,8 +285,10 @@ def _register_commands() -> None:
     from clipdistill.cli.fusion_cmd import train_fusion_command
     from clipdistill.cli.serve_cmd import serve_command
     from clipdistill.cli.train_cmd import train_command
+    from clipdistill.cli.wds_cmd import to_wds_command
 
     app.command("train")(reports_user_errors(train_command))
+    data_app.command("to-wds")(reports_user_errors(to_wds_command))
     teacher_app.command("train-fusion")(reports_user_errors(train_fusion_command))
     app.add_typer(cache_app, name="cache")
     app.command("export")(export_command)

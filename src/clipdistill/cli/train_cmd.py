@@ -5,6 +5,7 @@ The same function backs ``python -m clipdistill.train`` so ``torchrun`` can laun
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,8 @@ def train_command(
 
         console.print(str(stopped), highlight=False)
         raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     console.print(
         f"{config.method}: best epoch {summary['best_epoch']}, {summary['train_seconds']} s of training; "
         f"student saved as {summary['model']}"

@@ -130,7 +130,11 @@ class PairedDataset:
         return sum(len(record.captions) for record in self.images)
 
     def missing_images(self) -> list[Path]:
-        return [record.path for record in self.images if not Path(record.path).is_file()]
+        from clipdistill.data.wds import member_exists  # images inside webdataset shards
+
+        return [
+            record.path for record in self.images if not Path(record.path).is_file() and not member_exists(record.path)
+        ]
 
     def check_files(self) -> None:
         """Raise :class:`MissingImagesError` (count + first five) before any work starts."""

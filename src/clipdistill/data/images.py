@@ -11,9 +11,11 @@ will not decode is found before any work, not mid-epoch.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,10 +67,10 @@ def image_problem(path: str | Path) -> str | None:
     return None
 
 
-def open_rgb(path: str | Path, size: int | tuple[int, int] | None = None) -> Image.Image:
-    """Open an image as RGB (alpha composited on white), optionally resized (bicubic)."""
+def decode_rgb(source: Any, name: str) -> Image.Image:
+    """Decode a file path or file object as RGB (alpha composited on white); errors name ``name``."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             if image.mode.startswith("I") or image.mode == "F":
                 rgb = _to_8bit(image).convert("RGB")
@@ -79,7 +81,21 @@ def open_rgb(path: str | Path, size: int | tuple[int, int] | None = None) -> Ima
             else:
                 rgb = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DatasetError(f"cannot decode image {path}: {error}") from error
+        raise DatasetError(f"cannot decode image {name}: {error}") from error
+    return rgb
+
+
+def open_rgb(path: str | Path, size: int | tuple[int, int] | None = None) -> Image.Image:
+    """Open an image as RGB (alpha composited on white), optionally resized (bicubic). A path
+    ``SHARD.tar/MEMBER`` (webdataset reader) is read from inside the tar."""
+    source: Any = path
+    if not Path(path).exists():
+        from clipdistill.data.wds import read_member
+
+        data = read_member(path)
+        if data is not None:
+            source = io.BytesIO(data)
+    rgb = decode_rgb(source, str(path))
     if size is not None:
         target = (size, size) if isinstance(size, int) else (size[1], size[0])
         if rgb.size != target:

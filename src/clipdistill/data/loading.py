@@ -18,24 +18,30 @@ from clipdistill.data.csv import read_csv
 from clipdistill.data.dataset import DatasetError, PairedDataset
 from clipdistill.data.folder import IMAGE_SUFFIXES, find_images, read_folder
 from clipdistill.data.karpathy import read_karpathy
+from clipdistill.data.wds import is_wds, read_wds
 
 __all__ = ["FORMATS", "detect_format", "load_dataset"]
 
-FORMATS = ("auto", "karpathy", "csv", "folder")
+FORMATS = ("auto", "karpathy", "csv", "folder", "wds")
 KARPATHY_FILE = "dataset.json"  # the name the Karpathy splits and our emoji builder use
 _TABLE_SUFFIXES = (".csv", ".tsv")
 _READERS: dict[str, Callable[..., PairedDataset]] = {
     "karpathy": read_karpathy,
     "csv": read_csv,
     "folder": read_folder,
+    "wds": read_wds,
 }
 
 
 def detect_format(data: Path) -> str:
     """Guess the format of an existing path; raise listing what was looked for."""
+    if "{" in str(data) and is_wds(data):
+        return "wds"
     if data.is_dir():
         if (data / KARPATHY_FILE).is_file():
             return "karpathy"
+        if is_wds(data):
+            return "wds"
         if find_images(data):
             return "folder"
     elif data.suffix.lower() == ".json":
@@ -45,7 +51,8 @@ def detect_format(data: Path) -> str:
     raise DatasetError(
         f"cannot tell the dataset format of {data}: looked for a directory containing {KARPATHY_FILE} "
         f"(Karpathy), a .json file (Karpathy), a .csv/.tsv file (CSV), or a directory of images "
-        f"({', '.join(IMAGE_SUFFIXES)}) with .txt captions (folder); pass fmt= one of "
+        f"({', '.join(IMAGE_SUFFIXES)}) with .txt captions (folder), a directory of .tar shards or a "
+        f"brace pattern DIR/{{00000..00099}}.tar (wds); pass fmt= one of "
         f"{', '.join(FORMATS[1:])} to choose"
     )
 
@@ -67,6 +74,10 @@ def _read(fmt: str, data: Path, images: Path | None, kwargs: dict[str, Any], iss
     if fmt == "karpathy":
         json_path = data / KARPATHY_FILE if data.is_dir() else data
         return read_karpathy(json_path, image_root=images, issues=issues, **kwargs)
+    if fmt == "wds":
+        if images is not None:
+            raise DatasetError(f"images={images} does not apply to the wds format (images live in the shards)")
+        return read_wds(data, **kwargs)
     if fmt == "csv":
         if data.is_dir():
             raise DatasetError(f"{data}: is a directory; the csv format needs a .csv or .tsv file")
@@ -141,7 +152,7 @@ def load_dataset(
     if fmt not in FORMATS:
         raise DatasetError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     data = Path(data)
-    if not data.exists():
+    if not data.exists() and not ("{" in str(data) and is_wds(data)):
         raise DatasetError(f"dataset path {data} does not exist")
     image_root = Path(images) if images is not None else None
     if check_files and image_root is not None and not image_root.is_dir():

@@ -47,6 +47,11 @@ class StudentFeatures:
     image: torch.Tensor
     text: torch.Tensor
     logit_scale: torch.Tensor  # log scale (κ = exp)
+    #: In a multi-process run with ``distributed.local_loss``: this process's query rows of the
+    #: gathered batch. A method then takes row-wise terms over these rows only (a sum over rows
+    #: scaled by B/len(rows)), so the average over processes is the whole-batch value. ``None``:
+    #: the loss is over every row (one process, or the default whole-batch mode).
+    rows: slice | None = None
 
 
 @dataclass

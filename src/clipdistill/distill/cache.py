@@ -367,6 +367,8 @@ def build_cache(
     progress: bool = True,
     token_features: bool = False,
     fusion: str | None = None,
+    shard_owner: tuple[int, int] | None = None,
+    require_existing: bool = False,
 ) -> Path:
     """Compute the teacher's outputs for every image × augmentation 0..k-1 and every caption of
     ``split``, and write them to ``out`` (see the module docstring for the layout).
@@ -381,6 +383,11 @@ def build_cache(
     Resumable: a shard already on disk whose header, keys and content hash match is kept, so a
     crashed build only computes what is missing; a finished cache for the same request is left
     untouched. ``manifest.json`` is written last, so a folder without it is never read.
+
+    Sharded (``distill/sharded.py``): ``shard_owner=(rank, world)`` computes only the shards
+    whose index ≡ rank (mod world) and writes no manifest; the merge is a second call with
+    ``require_existing=True``, which verifies every shard on disk (header, keys, content hash)
+    and refuses, naming the shard, to compute one that is missing or corrupt.
     """
     from clipdistill.device import resolve_device
     from clipdistill.models.spec import parse_fusion_spec, parse_spec
@@ -495,7 +502,11 @@ def build_cache(
             units = [shard]
             if token_features:  # token shards share the rows (and keys) of their embedding shard
                 units.append(_Shard(f"{kind[:-1]}_tokens", shard.index, shard.start, shard.stop))
+            if shard_owner is not None and shard.index % shard_owner[1] != shard_owner[0]:
+                continue
             shas = [_reusable(out / unit.file, shard_headers[kind], unit, keys) for unit in units]
+            if not all(shas) and require_existing:
+                _refuse_missing(out, [u.file for u, sha in zip(units, shas, strict=True) if not sha])
             if all(shas):
                 for unit, sha in zip(units, shas, strict=True):
                     entries[unit.kind].append(entry(unit, str(sha)))
@@ -532,12 +543,16 @@ def build_cache(
         for plan, kind in ((image_plan, "images"), (text_plan, "texts")):
             fusion_kind = f"fusion_{kind}"
             for shard in plan:
+                if shard_owner is not None and shard.index % shard_owner[1] != shard_owner[0]:
+                    continue
                 unit = _Shard(fusion_kind, shard.index, shard.start, shard.stop)
                 if kind == "images":
                     keys = _image_row_keys(image_ids, k, shard.start, shard.stop)[0]
                 else:
                     keys = caption_ids[shard.start : shard.stop]
                 sha = _reusable(out / unit.file, shard_headers[fusion_kind], unit, keys)
+                if sha is None and require_existing:
+                    _refuse_missing(out, [unit.file])
                 if sha is None:
                     unit_tensors = _fusion_states_shard(
                         get_fusion(), kind, shard, batch_size, replayed_pixels, texts, bar
@@ -549,6 +564,8 @@ def build_cache(
                 entries[fusion_kind].append(entry(unit, sha))
     if bar is not None:
         bar.close()
+    if shard_owner is not None:  # one process's part of a sharded build: the merge writes the manifest
+        return out
 
     planned = {e["file"] for es in entries.values() for e in es}
     for stale in out.iterdir():  # shards of an earlier, different build (e.g. more rows, tokens)
@@ -602,6 +619,13 @@ def build_cache(
         }
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return out
+
+
+def _refuse_missing(out: Path, files: list[str]) -> None:
+    raise CacheCorruptError(
+        f"merging the sharded cache {out}: shard(s) {', '.join(files)} are missing or fail verification "
+        "(header, keys or content hash); rerun the sharded build, which recomputes only those"
+    )
 
 
 def _fusion_states_shard(

@@ -11,6 +11,11 @@ Conventions used throughout:
   already-exponentiated scale instead, exactly as open_clip does, and say so.
 - Distribution losses take ``(teacher_logits, student_logits)`` in that order and reduce by the
   mean over rows (PyTorch's ``batchmean``), the reduction open_clip and CLIP-KD use.
+- ``rows`` (a slice, default ``None`` = every row): the query rows whose loss is taken, for
+  multi-process training with ``local_loss`` (see ``train/distributed.py``). The embeddings are
+  still the whole gathered batch (every row is a key); the loss is the mean over the given
+  query rows (in both directions for symmetric losses), so the mean over processes, each taking
+  an equal share of rows, is exactly the whole-batch loss.
 """
 
 from __future__ import annotations
@@ -23,13 +28,29 @@ import torch.nn.functional as F
 MAX_SCALE = 100.0  # CLIP clamps κ = exp(logit_scale) at 100
 
 
+def _query_rows(n: int, rows: slice | None) -> slice:
+    return slice(0, n) if rows is None else rows
+
+
+def _symmetric_ce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float, rows: slice) -> torch.Tensor:
+    """½[CE(s·a[rows]·bᵀ, rows) + CE(s·b[rows]·aᵀ, rows)]: query rows against every key."""
+    labels = torch.arange(rows.start, rows.stop, device=a.device)
+    forward = scale * a[rows] @ b.t()
+    backward = scale * b[rows] @ a.t()
+    return 0.5 * (F.cross_entropy(forward, labels) + F.cross_entropy(backward, labels))
+
+
 def contrastive_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Image-to-text logits κ·V·Tᵀ with κ = exp(logit_scale) clamped at 100 (as CLIP does)."""
     return logit_scale.exp().clamp(max=MAX_SCALE) * image @ text.t()
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE on matched rows: ½[CE(L_i2t, I) + CE(L_t2i, I)]."""
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, rows: slice | None = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE on matched rows: ½[CE(L_i2t, I) + CE(L_t2i, I)] (``rows``: module doc)."""
+    if rows is not None:
+        return _symmetric_ce(image, text, logit_scale.exp().clamp(max=MAX_SCALE), rows)
     logits = contrastive_logits(image, text, logit_scale)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
@@ -55,29 +76,45 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, te
 
 
 def bidirectional_kl(
-    teacher_logits_i2t: torch.Tensor, student_logits_i2t: torch.Tensor, temperature: float = 1.0
+    teacher_logits_i2t: torch.Tensor,
+    student_logits_i2t: torch.Tensor,
+    temperature: float = 1.0,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """½[KL(L^T_i2t ‖ L^S_i2t) + KL(L^T_t2i ‖ L^S_t2i)] on row softmaxes (t2i = transpose).
 
-    CLIP-KD's CKD term: the paper says "both directions"; its code averages the two, as here."""
+    CLIP-KD's CKD term: the paper says "both directions"; its code averages the two, as here.
+    With ``rows``, only those rows of each direction (module doc)."""
+    if rows is not None:
+        return 0.5 * (
+            kl_divergence(teacher_logits_i2t[rows], student_logits_i2t[rows], temperature)
+            + kl_divergence(teacher_logits_i2t.t()[rows], student_logits_i2t.t()[rows], temperature)
+        )
     return 0.5 * (
         kl_divergence(teacher_logits_i2t, student_logits_i2t, temperature)
         + kl_divergence(teacher_logits_i2t.t(), student_logits_i2t.t(), temperature)
     )
 
 
-def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over all B·D elements (``F.mse_loss``, mean reduction).
+def feature_mse(student: torch.Tensor, teacher: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """Mean squared error over all B·D elements (``F.mse_loss``, mean reduction); ``rows``: over
+    those rows only.
 
     For unit vectors this is 2(1 − cos)/D per row, which is why feature distillation needs a
     large weight (CLIP-KD uses 2000) to be comparable with contrastive losses."""
+    if rows is not None:
+        return F.mse_loss(student[rows], teacher[rows])
     return F.mse_loss(student, teacher)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor | float, rows: slice | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE between two embedding sets, matched index = positive:
     ½[CE(a·bᵀ/τ, I) + CE(b·aᵀ/τ, I)]. ``temperature`` is τ itself (not a log scale); pass a
-    tensor to learn it. With τ = 1/κ this equals :func:`clip_loss`."""
+    tensor to learn it. With τ = 1/κ this equals :func:`clip_loss`. ``rows``: module doc."""
+    if rows is not None:
+        return _symmetric_ce(a, b, 1.0 / temperature, rows)
     logits = a @ b.t() / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
@@ -89,16 +126,19 @@ def cross_contrastive_loss(
     teacher_image: torch.Tensor,
     teacher_text: torch.Tensor,
     logit_scale: torch.Tensor,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """CLIP-KD's interactive contrastive learning (ICL):
     ½[CE(κ·v^S·t^Tᵀ, I) + CE(κ·t^S·v^Tᵀ, I)] — student queries against teacher keys only.
 
     ``logit_scale`` is a log scale (κ = exp, clamped at 100). CLIP-KD's released code
     multiplies by the raw parameter ``log(1/0.07)`` without exponentiating; the paper describes a
-    learnable temperature, so we exponentiate as CLIP does."""
-    labels = torch.arange(student_image.shape[0], device=student_image.device)
-    image_to_text = contrastive_logits(student_image, teacher_text, logit_scale)
-    text_to_image = contrastive_logits(student_text, teacher_image, logit_scale)
+    learnable temperature, so we exponentiate as CLIP does. ``rows``: the student query rows
+    (module doc); every teacher row stays a key."""
+    rows = _query_rows(student_image.shape[0], rows)
+    labels = torch.arange(rows.start, rows.stop, device=student_image.device)
+    image_to_text = contrastive_logits(student_image[rows], teacher_text, logit_scale)
+    text_to_image = contrastive_logits(student_text[rows], teacher_image, logit_scale)
     return 0.5 * (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels))
 
 
@@ -108,6 +148,7 @@ def similarity_distance(
     distance: Literal["kl", "mse"] = "kl",
     tau: float = 0.07,
     mask_diagonal: bool = False,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """Distance between a student similarity matrix and the teacher's counterpart (both raw
     cosines, B×B).
@@ -118,12 +159,17 @@ def similarity_distance(
 
     ``mask_diagonal`` drops the diagonal from both matrices first (each row keeps B−1 entries).
     For self-similarity matrices (Sim(X, X)) the diagonal is 1 on both sides and carries no
-    information; at small τ it would also absorb almost all the softmax mass."""
+    information; at small τ it would also absorb almost all the softmax mass.
+
+    ``rows``: the matrices given are those rows of the whole-batch matrices (b × B, module
+    doc); only the position of the diagonal depends on it."""
     if mask_diagonal:
-        n = student_sim.shape[0]
-        keep = ~torch.eye(n, dtype=torch.bool, device=student_sim.device)
-        student_sim = student_sim[keep].view(n, n - 1)
-        teacher_sim = teacher_sim[keep].view(n, n - 1)
+        n, width = student_sim.shape
+        start = 0 if rows is None else rows.start
+        keep = torch.ones((n, width), dtype=torch.bool, device=student_sim.device)
+        keep[torch.arange(n, device=keep.device), torch.arange(start, start + n, device=keep.device)] = False
+        student_sim = student_sim[keep].view(n, width - 1)
+        teacher_sim = teacher_sim[keep].view(n, width - 1)
     if distance == "kl":
         return kl_divergence(teacher_sim / tau, student_sim / tau)
     if distance == "mse":
@@ -138,13 +184,24 @@ def openclip_distill_terms(
     dist_image_features: torch.Tensor,
     dist_text_features: torch.Tensor,
     dist_logit_scale: torch.Tensor | float,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two terms of open_clip's ``DistillClipLoss`` (single process): ``(contrastive, distill)``.
 
     contrastive = ½[CE(κ·V·Tᵀ, I) + CE(κ·T·Vᵀ, I)] on the student;
     distill = ½[CE(softmax(L^T_i2t), log_softmax(L^S_i2t)) + same for t2i], with the teacher
     ("dist") logits at the teacher's own scale. As in open_clip, ``logit_scale`` and
-    ``dist_logit_scale`` are the **already-exponentiated** scales κ (no clamp here)."""
+    ``dist_logit_scale`` are the **already-exponentiated** scales κ (no clamp here). ``rows``:
+    the query rows of both directions (module doc), open_clip's ``local_loss``."""
+    if rows is not None:
+        labels = torch.arange(rows.start, rows.stop, device=image_features.device)
+        per_image = logit_scale * image_features[rows] @ text_features.t()
+        per_text = logit_scale * text_features[rows] @ image_features.t()
+        dist_per_image = dist_logit_scale * dist_image_features[rows] @ dist_text_features.t()
+        dist_per_text = dist_logit_scale * dist_text_features[rows] @ dist_image_features.t()
+        contrastive = 0.5 * (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels))
+        distill = 0.5 * (soft_cross_entropy(dist_per_image, per_image) + soft_cross_entropy(dist_per_text, per_text))
+        return contrastive, distill
     logits_per_image = logit_scale * image_features @ text_features.t()
     logits_per_text = logit_scale * text_features @ image_features.t()
     dist_logits_per_image = dist_logit_scale * dist_image_features @ dist_text_features.t()
@@ -239,6 +296,7 @@ def dcd_loss(
     alpha: float = 0.2,
     temperature: float = 1.0,
     per_sample_kd_weight: bool = False,
+    rows: slice | None = None,
 ) -> dict[str, torch.Tensor]:
     """One direction of DCD on mined candidates; column 0 is each query's positive.
 
@@ -251,20 +309,29 @@ def dcd_loss(
       (the released code): the batch-mean MSE; the code multiplies that already batch-reduced
       value by per-sample weights that sum to 1, so the weights do nothing (r_b = 1/B here);
     - self-learning n = Σ_b e_b · BCEWithLogits(s_b, [1, 0, …, 0]) (mean over the K slots);
-    - loss = α·d + (1 − α)·n."""
-    if teacher_logits.shape != student_logits.shape or teacher_logits.dim() != 2:
+    - loss = α·d + (1 − α)·n.
+
+    ``rows`` (module doc): ``teacher_logits`` covers the whole batch (the shares and KD weights
+    are normalised over it), ``student_logits`` only these rows; d and n, sums over queries,
+    are then these rows' part scaled by B/len(rows), so their mean over processes is the
+    whole-batch value. ``shares``/``kd_weights`` are returned for the whole batch."""
+    expected = teacher_logits.shape if rows is None else (rows.stop - rows.start, teacher_logits.shape[1])
+    if tuple(student_logits.shape) != tuple(expected) or teacher_logits.dim() != 2:
         raise ValueError(f"teacher and student candidate logits differ: {teacher_logits.shape}, {student_logits.shape}")
     shares = entropy_shares(teacher_logits).to(student_logits.dtype)
-    per_query = ((teacher_logits / temperature - student_logits / temperature) ** 2).mean(dim=1) * temperature**2
     if per_sample_kd_weight:
         kd_weights = torch.softmax((1.0 - shares) ** 2, dim=0)
     else:
         kd_weights = torch.full_like(shares, 1.0 / shares.numel())
-    distill = (kd_weights * per_query).sum()
+    rows = _query_rows(teacher_logits.shape[0], rows)
+    share_factor = teacher_logits.shape[0] / (rows.stop - rows.start)
+    teacher_rows = teacher_logits[rows]
+    per_query = ((teacher_rows / temperature - student_logits / temperature) ** 2).mean(dim=1) * temperature**2
+    distill = (kd_weights[rows] * per_query).sum() * share_factor
     targets = torch.zeros_like(student_logits)
     targets[:, 0] = 1.0
     bce = F.binary_cross_entropy_with_logits(student_logits, targets, reduction="none").mean(dim=1)
-    self_learning = (shares * bce).sum()
+    self_learning = (shares[rows] * bce).sum() * share_factor
     return {
         "loss": alpha * distill + (1.0 - alpha) * self_learning,
         "distill": distill,

@@ -147,6 +147,25 @@ def _save_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
 
 
+def _shard_problem(out: Path, shard: int, shard_rows: list[dict[str, Any]]) -> str | None:
+    """Why shard ``shard`` on disk is not the finished shard of this plan, or ``None`` if it is."""
+    import pandas as pd
+
+    img_path, text_path, meta_path = _shard_paths(out, shard)
+    if not (img_path.is_file() and text_path.is_file() and meta_path.is_file()):
+        return "is missing"
+    try:
+        counts = [len(np.load(path, mmap_mode="r")) for path in (img_path, text_path)]
+        ids = list(pd.read_parquet(meta_path, columns=["id"])["id"])
+    except Exception as error:  # unreadable files are recomputed (or refused in a merge)
+        return f"is unreadable ({error})"
+    if counts != [len(shard_rows)] * 2:
+        return f"has {counts} image/text rows, the plan {len(shard_rows)}"
+    if ids != [row["id"] for row in shard_rows]:
+        return "holds other ids than the plan"
+    return None
+
+
 def _start_plan(out: Path, plan: dict[str, Any]) -> None:
     path = out / PLAN_FILE
     if path.is_file():
@@ -172,10 +191,16 @@ def embed_dataset(
     batch_size: int = 128,
     device: str = "cpu",
     progress: bool = True,
+    shard_owner: tuple[int, int] | None = None,
+    require_existing: bool = False,
 ) -> dict[str, Any]:
     """Embed a split (``"all"`` = every image) into ``out``; returns the manifest.
 
-    Finished shards are not recomputed, so rerunning after a crash only does the rest.
+    Finished shards are not recomputed, so rerunning after a crash only does the rest; a
+    finished shard is verified first (row counts and ids against the plan) and recomputed if
+    it does not match. Sharded (``clipdistill/sharded.py``): ``shard_owner=(rank, world)``
+    embeds only shards ≡ rank (mod world) and writes no manifest; the merge call
+    (``require_existing=True``) verifies every shard and refuses, naming it, a missing one.
     """
     from clipdistill.data.loading import load_dataset
 
@@ -204,9 +229,14 @@ def embed_dataset(
         bar = tqdm(total=len(rows), desc="embed", unit="img")
     skipped = 0
     for shard in range(n_shards):
+        if shard_owner is not None and shard % shard_owner[1] != shard_owner[0]:
+            continue
         shard_rows = rows[shard * shard_size : (shard + 1) * shard_size]
         img_path, text_path, meta_path = _shard_paths(out, shard)
-        if img_path.is_file() and text_path.is_file() and meta_path.is_file():
+        problem = _shard_problem(out, shard, shard_rows)
+        if problem is not None and require_existing:
+            raise EmbedError(f"merging the sharded embedding {out}: shard {shard} {problem}; rerun the sharded embed")
+        if problem is None:
             skipped += 1
         else:
             image_parts, text_parts = [], []
@@ -224,6 +254,8 @@ def embed_dataset(
             bar.update(len(shard_rows))
     if bar is not None:
         bar.close()
+    if shard_owner is not None:  # one process's part: the merge writes metadata and manifest
+        return plan
     _save_parquet(out / METADATA_FILE, rows)
     shards = []
     for shard in range(n_shards):
@@ -241,15 +273,21 @@ def embed_dataset(
     return manifest
 
 
+def read_embedding_manifest(emb_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a finished embedding folder (its absence means embed did not finish)."""
+    emb_dir = Path(emb_dir)
+    path = emb_dir / EMBED_MANIFEST
+    if not path.is_file():
+        raise EmbedError(f"{emb_dir}: {EMBED_MANIFEST} is missing (not an embedding folder, or embed did not finish)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def read_embeddings(emb_dir: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, Any]:
     """(manifest, image_emb, text_emb, metadata DataFrame) of a finished embedding folder."""
     import pandas as pd
 
     emb_dir = Path(emb_dir)
-    path = emb_dir / EMBED_MANIFEST
-    if not path.is_file():
-        raise EmbedError(f"{emb_dir}: {EMBED_MANIFEST} is missing (not an embedding folder, or embed did not finish)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_embedding_manifest(emb_dir)
     n_shards = len(manifest["shards"])
     image = np.concatenate([np.load(_shard_paths(emb_dir, s)[0]) for s in range(n_shards)])
     text = np.concatenate([np.load(_shard_paths(emb_dir, s)[1]) for s in range(n_shards)])

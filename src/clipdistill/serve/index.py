@@ -27,7 +27,7 @@ import numpy as np
 
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.serve.checksums import file_sha256
-from clipdistill.serve.embed import EMBED_MANIFEST, read_embeddings
+from clipdistill.serve.embed import EMBED_MANIFEST, METADATA_FILE, read_embedding_manifest
 from clipdistill.serve.encoders import EXPORT_CONFIG, TOWER_FILES, read_export_config
 
 MANIFEST_FILE = "manifest.json"
@@ -45,14 +45,6 @@ class IndexMismatchError(IndexBuildError):
     """An encoder (or query vector) that does not belong to this index; the message says why."""
 
 
-def _normalised(vectors: np.ndarray) -> tuple[np.ndarray, float]:
-    """Unit rows (float32) and the largest deviation of an input norm from 1."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise IndexBuildError(f"{int((norms == 0).sum())} embedding(s) are all zeros; cannot index them")
-    return np.ascontiguousarray(vectors / norms, dtype=np.float32), float(np.abs(norms - 1).max())
-
-
 def build_faiss(
     vectors: np.ndarray,
     factory: str,
@@ -62,23 +54,9 @@ def build_faiss(
     nprobe: int = 16,
     seed: int = 0,
 ) -> tuple[Any, dict[str, Any]]:
-    """A trained, filled inner-product index and the parameters it was built with."""
-    import faiss
-
-    dim = vectors.shape[1]
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise IndexBuildError(
-            f"FAISS cannot build factory {factory!r} for dim {dim}: {str(error).strip()[-300:]}"
-        ) from None
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise IndexBuildError(f"factory {factory!r} gave metric {index.metric_type}, expected inner product")
-    params: dict[str, Any] = {}
-    hnsw = _hnsw_of(index)
-    if hnsw is not None:
-        hnsw.efConstruction = ef_construction
-        params["efConstruction"] = ef_construction
+    """A trained, filled inner-product index and the parameters it was built with (all
+    vectors in memory; ``clipdistill index`` streams shards through ``index_chunks`` instead)."""
+    index, params = new_index(vectors.shape[1], factory, ef_construction)
     started = time.perf_counter()
     if not index.is_trained:
         ivf = _ivf_of(index)
@@ -97,6 +75,26 @@ def build_faiss(
     index.add(vectors)
     params["build_seconds"] = round(time.perf_counter() - started, 3)
     params |= apply_search_params(index, ef_search=ef_search, nprobe=nprobe)
+    return index, params
+
+
+def new_index(dim: int, factory: str, ef_construction: int = 80) -> tuple[Any, dict[str, Any]]:
+    """An empty inner-product index from a FAISS factory string (HNSW's efConstruction set)."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise IndexBuildError(
+            f"FAISS cannot build factory {factory!r} for dim {dim}: {str(error).strip()[-300:]}"
+        ) from None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexBuildError(f"factory {factory!r} gave metric {index.metric_type}, expected inner product")
+    params: dict[str, Any] = {}
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        hnsw.efConstruction = ef_construction
+        params["efConstruction"] = ef_construction
     return index, params
 
 
@@ -222,7 +220,14 @@ def build_index(
     import faiss
 
     emb_dir, out = Path(emb_dir), Path(out)
-    emb_manifest, image_emb, _text_emb, metadata = read_embeddings(emb_dir)
+    import pandas as pd
+
+    from clipdistill.serve.index_chunks import build_faiss_chunked
+
+    emb_manifest = read_embedding_manifest(emb_dir)  # vectors are streamed shard by shard below
+    metadata = pd.read_parquet(emb_dir / METADATA_FILE)
+    if len(metadata) != emb_manifest["count"]:
+        raise IndexBuildError(f"{emb_dir}: metadata has {len(metadata)} rows, embeddings.json {emb_manifest['count']}")
     model = emb_manifest["model"]
     if encoders is None:
         if model.get("backend") != "onnx":
@@ -236,11 +241,12 @@ def build_index(
     variants = [v for v in export_config["variants"] if v in TOWER_FILES]
     identities = {variant: encoder_identity(export_config, variant) for variant in variants}
     fp32 = identities["fp32"]
-    draft = {"dim": int(image_emb.shape[1]), "model": {**model, "encoders": {}}}
+    draft = {"dim": int(emb_manifest["embed_dim"]), "model": {**model, "encoders": {}}}
     check_encoders(draft, fp32)
 
-    vectors, norm_deviation = _normalised(image_emb)
-    index, params = build_faiss(vectors, factory, ef_construction=ef_construction, ef_search=ef_search, nprobe=nprobe)
+    index, params, norm_deviation = build_faiss_chunked(
+        emb_dir, emb_manifest, factory, ef_construction=ef_construction, ef_search=ef_search, nprobe=nprobe
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # written last: its absence marks an unfinished index
     with atomic_path(out / INDEX_FILE) as tmp:
@@ -259,7 +265,7 @@ def build_index(
             "encoders": {variant: identity["encoder_sha256"] for variant, identity in identities.items()},
             "embedded_with": model.get("backend"),
         },
-        "dim": int(vectors.shape[1]),
+        "dim": int(index.d),
         "count": int(index.ntotal),
         "factory": factory,
         "metric": "inner_product",

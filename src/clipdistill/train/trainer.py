@@ -5,6 +5,10 @@ caption each, encode with the student, hand both to the method, sum its ``*_loss
 step. The method owns teacher access and its trainable extras; the loop knows nothing about
 any particular method.
 
+Multi-process (``torchrun``): every process builds the same plan, takes its share of each
+global batch and runs one :class:`~clipdistill.train.distributed.TrainStep` under DDP; rank 0
+alone writes logs and checkpoints. ``train/distributed.py`` holds everything distributed.
+
 Determinism: each epoch's plan (image order, caption picks, augmentation ids) is drawn from a
 generator seeded by (seed, epoch) alone, so a resumed run rebuilds the exact plan from the
 checkpoint's (epoch, step) without replaying anything.
@@ -26,7 +30,6 @@ from clipdistill.data.images import load_image_tensor, to_unit
 from clipdistill.distill.base import (
     Batch,
     DistillMethod,
-    StudentFeatures,
     TeacherSource,
     build_method_args,
     get_method,
@@ -42,6 +45,19 @@ from clipdistill.train.checkpoint import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+)
+from clipdistill.train.distributed import (
+    GatheringTeacher,
+    TrainStep,
+    any_process,
+    average_floats,
+    barrier,
+    broadcast_from_main,
+    context_from_env,
+    init_process_group,
+    local_rows,
+    process_device,
+    wrap_ddp,
 )
 from clipdistill.train.schedule import cosine_with_warmup, seed_everything
 from clipdistill.train.state import (
@@ -194,8 +210,10 @@ class Trainer:
         from clipdistill.device import resolve_device
 
         self.config = config
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.dist = context_from_env(config.distributed.gather_with_grad, config.distributed.local_loss)
+        self.progress = progress and self.dist.is_main
+        self.device = resolve_device(process_device(config.device, self.dist))
+        self.created_group = init_process_group(self.dist, self.device, config.distributed.backend)
         self.run_dir = config.run_dir
         method_cls = get_method(config.method)
         method_args = build_method_args(method_cls, config.method_args)
@@ -207,7 +225,11 @@ class Trainer:
         self.val_split = self.dataset.split("val")
         self.student = build_student_model(config).to(self.device)
         self.teacher = build_teacher_source(config, self.dataset, self.device)
+        if self.dist.enabled and self.teacher is not None:
+            self.teacher = GatheringTeacher(self.teacher, self.dist)
         self.method = method_cls(self.student.embed_dim, self.teacher, method_args).to(self.device)
+        step = TrainStep(self.student, self.method, self.dist)
+        self.forward_step = wrap_ddp(step, self.device) if self.dist.enabled else step
 
         size = config.data.image_size
         self.train_pixels = load_image_tensor(self.train_split.image_paths(), size, progress=progress)
@@ -223,6 +245,7 @@ class Trainer:
         optim = config.optim
         self.batch_size = min(optim.batch_size, len(self.train_split))
         self.steps_per_epoch = max(1, len(self.train_split) // self.batch_size)
+        self.rows = local_rows(self.batch_size, self.dist)  # this process's share of each batch
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.optimizer = torch.optim.AdamW(
             _param_groups([self.student, self.method], optim.weight_decay),
@@ -273,16 +296,24 @@ class Trainer:
         self.seconds = float(state["seconds"])
 
     def _prepare_run_dir(self, resume: str | None) -> None:
+        """Rank 0 checks/creates the run folder and reads the checkpoint; every process loads it
+        (in a multi-process run it travels by broadcast, so no process reads files but rank 0)."""
+        state = broadcast_from_main(lambda: self._prepare_on_main(resume), self.dist)
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _prepare_on_main(self, resume: str | None) -> dict[str, Any] | None:
         state = prepare_run_folder(self.config, resume)
         if state is None:
-            return
-        self.load_state_dict(state)
-        _truncate_log(self.run_dir / "log.jsonl", "step", self.global_step)
-        _truncate_log(self.run_dir / "results.jsonl", "epoch", self.epoch)
+            return None
+        position = state["position"]
+        _truncate_log(self.run_dir / "log.jsonl", "step", position["global_step"])
+        _truncate_log(self.run_dir / "results.jsonl", "epoch", position["epoch"])
+        return state
 
     # --- one step -------------------------------------------------------------------------
     def _batch(self, plan: EpochPlan, step: int) -> tuple[Batch, torch.Tensor]:
-        index = plan.order[step * self.batch_size : (step + 1) * self.batch_size]
+        index = plan.order[step * self.batch_size : (step + 1) * self.batch_size][self.rows]
         captions = self.first_caption[index] + plan.caption_pick[index]
         aug_ids = plan.aug_ids[index]
         image_ids = [self.train_image_ids[i] for i in index.tolist()]
@@ -308,12 +339,7 @@ class Trainer:
         self.student.train()
         self.method.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            features = StudentFeatures(
-                image=self.student.encode_image(self.student.prepare_pixels(batch.unit_pixels)),
-                text=self.student.encode_text(tokens),
-                logit_scale=self.student.logit_scale,
-            )
-            output = self.method(batch, features)
+            output = self.forward_step(batch, tokens)  # encode, gather (multi-process), method
             total = output.total()
         if not torch.isfinite(total):
             terms = {k: float(v) for k, v in output.losses.items()}
@@ -331,6 +357,8 @@ class Trainer:
         record = {k: float(v.detach()) for k, v in output.losses.items()}
         record.update({"total_loss": float(total.detach()), "grad_norm": float(grad_norm)})
         record.update(output.report)
+        if self.dist.local_loss:
+            record = average_floats(record, self.dist)  # per-process shares -> whole-batch values
         return record
 
     @torch.no_grad()
@@ -340,7 +368,18 @@ class Trainer:
         text_emb = embed_texts(self.student, self.val_split.texts())
         return recall_at_k(image_emb, text_emb, self.val_split.text_to_image())
 
+    def _stop_requested(self) -> str | None:
+        """The signal that asks this run to stop, agreed by every process: under torchrun the
+        signal can reach the processes at different steps, and a process that stopped alone
+        would leave the others waiting in the next step's gather."""
+        requested = self._stop.requested
+        if not self.dist.enabled:
+            return requested
+        return (requested or "SIGTERM") if any_process(requested is not None, self.dist) else None
+
     def _save(self, name: str) -> None:
+        if not self.dist.is_main:
+            return
         save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict(), keep_previous=name == LATEST)
 
     # --- the loop -------------------------------------------------------------------------
@@ -356,7 +395,8 @@ class Trainer:
         from clipdistill.models.students import save_student
 
         self._prepare_run_dir(resume)
-        record_bad_samples(self.run_dir, self.dataset)
+        if self.dist.is_main:
+            record_bad_samples(self.run_dir, self.dataset)
         config = self.config
         bar = None
         if self.progress:
@@ -372,7 +412,8 @@ class Trainer:
                 self.seconds += time.perf_counter() - started
                 self.step_in_epoch += 1
                 self.global_step += 1
-                if self.global_step % config.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                log_now = self.global_step % config.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
+                if log_now and self.dist.is_main:
                     lr = self.optimizer.param_groups[0]["lr"]
                     line = {"step": self.global_step, "epoch": self.epoch + 1, "lr": lr, **record}
                     append_jsonl(self.run_dir / "log.jsonl", {**line, "seconds": round(self.seconds, 3)})
@@ -381,11 +422,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['total_loss']:.3f}")
                 if config.save_every and self.global_step % config.save_every == 0:
                     self._save(LATEST)
-                if self._stop.requested:
+                stop = self._stop_requested()
+                if stop:
                     self._save(LATEST)
-                    raise TrainingStopped(self._stop.requested, self.global_step, self.run_dir / "checkpoints" / LATEST)
+                    raise TrainingStopped(stop, self.global_step, self.run_dir / "checkpoints" / LATEST)
             self.epoch += 1
             self.step_in_epoch = 0
+            if not self.dist.is_main:  # rank 0 evaluates and saves; the others go on to the next step
+                continue
             metrics = self.evaluate()
             improved = metrics["rsum"] > self.best_rsum
             if improved:
@@ -404,6 +448,9 @@ class Trainer:
             self._save(LATEST)
         if bar is not None:
             bar.close()
+        if not self.dist.is_main:
+            barrier(self.dist)  # wait for rank 0's final save, then report the same summary
+            return _read_summary(self.run_dir)
         best = load_checkpoint(self.run_dir / "checkpoints" / BEST)
         self.student.load_state_dict(best["student"])
         save_student(self.student.eval(), self.run_dir / "model")
@@ -421,12 +468,26 @@ class Trainer:
             **bad_samples_entry(self.dataset),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
+        barrier(self.dist)
         return summary
 
 
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
 def train(config: TrainConfig, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Build a :class:`Trainer` and fit it (the library entry point behind ``clipdistill train``)."""
-    return Trainer(config, progress=progress).fit(resume=resume)
+    """Build a :class:`Trainer` and fit it (the library entry point behind ``clipdistill train``).
+    Under torchrun every process calls this; it leaves the process group it joined on return."""
+    from clipdistill.train.distributed import shutdown
+
+    trainer = Trainer(config, progress=progress)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        shutdown(trainer.created_group)
 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class ClipMethod(DistillMethod):
         self.args: ClipMethod.Args = args
 
     def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
-        task = clip_loss(student.image, student.text, student.logit_scale)
+        task = clip_loss(student.image, student.text, student.logit_scale, student.rows)
         return MethodOutput(
             losses={"task_loss": self.args.w_task * task},
             report={"logit_scale": scale_value(student.logit_scale)},

@@ -101,19 +101,25 @@ class ClipKDMethod(DistillMethod):
         report = {"logit_scale": scale_value(student.logit_scale)}
         losses: dict[str, torch.Tensor] = {}
         if args.w_task > 0:
-            losses["task_loss"] = args.w_task * clip_loss(student.image, student.text, student.logit_scale)
+            task = clip_loss(student.image, student.text, student.logit_scale, student.rows)
+            losses["task_loss"] = args.w_task * task
         if args.w_fd > 0 or args.w_icl > 0:
             image = project_to_teacher(student.image, self.image_proj)
             text = project_to_teacher(student.text, self.text_proj)
             if args.w_fd > 0:
-                losses["fd_loss"] = args.w_fd * (feature_mse(image, teacher.image) + feature_mse(text, teacher.text))
+                fd = feature_mse(image, teacher.image, student.rows) + feature_mse(text, teacher.text, student.rows)
+                losses["fd_loss"] = args.w_fd * fd
             if args.w_icl > 0:
                 assert self.cross_logit_scale is not None
-                icl = cross_contrastive_loss(image, text, teacher.image, teacher.text, self.cross_logit_scale)
+                icl = cross_contrastive_loss(
+                    image, text, teacher.image, teacher.text, self.cross_logit_scale, rows=student.rows
+                )
                 losses["icl_loss"] = args.w_icl * icl
                 report["cross_logit_scale"] = scale_value(self.cross_logit_scale)
         if args.w_ckd > 0:
             student_logits = contrastive_logits(student.image, student.text, student.logit_scale)
             teacher_logits = contrastive_logits(teacher.image, teacher.text, teacher.logit_scale)
-            losses["ckd_loss"] = args.w_ckd * bidirectional_kl(teacher_logits, student_logits, args.ckd_temperature)
+            losses["ckd_loss"] = args.w_ckd * bidirectional_kl(
+                teacher_logits, student_logits, args.ckd_temperature, rows=student.rows
+            )
         return MethodOutput(losses=losses, report=report)

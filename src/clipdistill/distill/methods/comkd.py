@@ -116,7 +116,8 @@ class ComKDMethod(DistillMethod):
         losses: dict[str, torch.Tensor] = {}
         report = {"logit_scale": scale_value(student.logit_scale)}
         if args.w_task > 0:
-            losses["task_loss"] = args.w_task * clip_loss(student.image, student.text, student.logit_scale)
+            task = clip_loss(student.image, student.text, student.logit_scale, student.rows)
+            losses["task_loss"] = args.w_task * task
         projected = F.normalize(self.image_proj(student.image), dim=-1)
         if args.w_align > 0:
             align = moment_alignment(projected, teacher.image)
@@ -128,6 +129,8 @@ class ComKDMethod(DistillMethod):
             refined = self.refined(projected, teacher.text)
             teacher_logits = contrastive_logits(teacher.image, teacher.text, teacher.logit_scale)
             student_logits = student.logit_scale.exp().clamp(max=MAX_SCALE) * refined @ teacher.text.t()
-            losses["ref_loss"] = args.w_ref * bidirectional_kl(teacher_logits, student_logits, args.temperature)
+            losses["ref_loss"] = args.w_ref * bidirectional_kl(
+                teacher_logits, student_logits, args.temperature, rows=student.rows
+            )
             report["edu_alpha"] = float(self.edu_alpha.detach())
         return MethodOutput(losses=losses, report=report)

@@ -213,8 +213,10 @@ class ConaClipMethod(DistillMethod):
         }
         losses: dict[str, torch.Tensor] = {}
         report = {"logit_scale": scale_value(student.logit_scale)}
+        rows = student.rows  # this process's query rows under distributed.local_loss; None = all
+        query = slice(None) if rows is None else rows
         if args.w_task > 0:
-            losses["task_loss"] = args.w_task * clip_loss(si, st, student.logit_scale)
+            losses["task_loss"] = args.w_task * clip_loss(si, st, student.logit_scale, student.rows)
         for edge, weights in args.edges.items():
             edge_pairs = pairs[edge]()
             for loss, weight in weights.items():
@@ -223,17 +225,18 @@ class ConaClipMethod(DistillMethod):
                     tau = 1.0 / log_scale.exp().clamp(max=MAX_SCALE)
                     if edge in self.log_scales:
                         report[f"tau_{edge.lower()}"] = float(tau.detach())
-                    terms = [info_nce(a, b, tau) for a, b, _, _ in edge_pairs]
+                    terms = [info_nce(a, b, tau, rows) for a, b, _, _ in edge_pairs]
                 elif loss == "fd":
-                    terms = [feature_mse(a, b) for a, b, _, _ in edge_pairs]
+                    terms = [feature_mse(a, b, rows) for a, b, _, _ in edge_pairs]
                 else:
                     terms = [
                         similarity_distance(
-                            a @ b.t(),
-                            c @ d.t(),
+                            a[query] @ b.t(),
+                            c[query] @ d.t(),
                             distance=args.sd_distance,  # type: ignore[arg-type]
                             tau=args.tau_sd,
                             mask_diagonal=args.sd_mask_self and edge == "ISS",
+                            rows=rows,
                         )
                         for a, b, c, d in edge_pairs
                     ]

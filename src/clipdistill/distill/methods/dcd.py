@@ -22,7 +22,7 @@ from clipdistill.distill.base import (
     TeacherSource,
     register_method,
 )
-from clipdistill.distill.losses import clip_loss, contrastive_logits, dcd_loss
+from clipdistill.distill.losses import MAX_SCALE, clip_loss, contrastive_logits, dcd_loss
 from clipdistill.distill.methods.clip import check_non_negative, check_positive, scale_value
 from clipdistill.distill.methods.mcad import fusion_of, fusion_states
 from clipdistill.distill.methods.openclip import frozen_teacher, require_teacher
@@ -135,7 +135,8 @@ class DCDMethod(DistillMethod):
         fusion = fusion_of(self.teacher)
         report = {"logit_scale": scale_value(student.logit_scale), "fusion": float(fusion is not None)}
         if args.w_task > 0:
-            losses["task_loss"] = args.w_task * clip_loss(student.image, student.text, student.logit_scale)
+            task = clip_loss(student.image, student.text, student.logit_scale, student.rows)
+            losses["task_loss"] = args.w_task * task
         if args.w_dcd == 0:
             return MethodOutput(losses=losses, report=report)
 
@@ -148,26 +149,38 @@ class DCDMethod(DistillMethod):
             distinct: dict[str, int] = {}
             text_ids = torch.tensor([distinct.setdefault(text, len(distinct)) for text in batch.texts], device=device)
             valid &= text_ids[:, None] != text_ids[None, :]
-        student_logits = contrastive_logits(student.image, student.text, student.logit_scale)
+        # Under distributed.local_loss the student scores only this process's query rows (b × B,
+        # each direction); negatives are drawn and mined for the whole batch, identically in
+        # every process (same RNG stream), so the candidates are the one-process candidates.
+        rows = student.rows
+        query = slice(None) if rows is None else rows
+        if rows is None:
+            full = contrastive_logits(student.image, student.text, student.logit_scale)
+            student_directions = [full, full.t()]
+        else:
+            scale = student.logit_scale.exp().clamp(max=MAX_SCALE)
+            student_directions = [scale * student.image[rows] @ student.text.t()]
+            student_directions.append(scale * student.text[rows] @ student.image.t())
         masks = [valid, valid.t()] if args.symmetric else [valid]
         drawn = [draw_negatives(mask, args.random_negatives) for mask in masks]
         if fusion is None:
             z = contrastive_logits(teacher.image, teacher.text, teacher.logit_scale)  # κ_T·cos
         else:
-            z = fusion_scores(fusion, fusion_states(self.name, raw), drawn).to(student_logits)
-        directions = [(z, student_logits, drawn[0])]
+            z = fusion_scores(fusion, fusion_states(self.name, raw), drawn).to(student.image)
+        directions = [(z, student_directions[0], drawn[0])]
         if args.symmetric:
-            directions.append((z.t(), student_logits.t(), drawn[1]))
+            directions.append((z.t(), student_directions[1], drawn[1]))
         mined = [keep_hard(scores, columns, args.hard_negatives) for scores, _, columns in directions]
         results = []
         for (scores, logits, _), candidates in zip(directions, mined, strict=True):
             results.append(
                 dcd_loss(
                     scores.gather(1, candidates),
-                    logits.gather(1, candidates),
+                    logits.gather(1, candidates[query]),
                     alpha=args.alpha,
                     temperature=args.temperature,
                     per_sample_kd_weight=args.per_sample_kd_weight,
+                    rows=rows,
                 )
             )
         distill = torch.stack([r["distill"] for r in results]).mean()

@@ -168,12 +168,15 @@ class MCADMethod(DistillMethod):
         losses: dict[str, torch.Tensor] = {}
         report = {"logit_scale": scale_value(student.logit_scale), "fusion_features": float(self.use_fusion_features)}
         if args.w_task > 0:
-            losses["task_loss"] = args.w_task * clip_loss(student.image, student.text, student.logit_scale)
+            task = clip_loss(student.image, student.text, student.logit_scale, student.rows)
+            losses["task_loss"] = args.w_task * task
         if args.w_dist > 0:
             fused, fraction = self.fused_teacher(teacher, states)
             kappa = teacher.logit_scale.exp().clamp(max=MAX_SCALE)
             student_logits = contrastive_logits(student.image, student.text, student.logit_scale)
-            losses["dist_loss"] = args.w_dist * bidirectional_kl(kappa * fused, student_logits, args.temperature)
+            losses["dist_loss"] = args.w_dist * bidirectional_kl(
+                kappa * fused, student_logits, args.temperature, rows=student.rows
+            )
             report["fused_pairs"] = fraction
         if args.w_feat > 0:
             image_target, text_target = teacher.image, teacher.text
@@ -183,5 +186,6 @@ class MCADMethod(DistillMethod):
                 text_target = F.normalize(text_target + args.lam * h.to(text_target), dim=-1)
             image = project_to_teacher(student.image, self.image_proj)
             text = project_to_teacher(student.text, self.text_proj)
-            losses["feat_loss"] = args.w_feat * (feature_mse(image, image_target) + feature_mse(text, text_target))
+            feat = feature_mse(image, image_target, student.rows) + feature_mse(text, text_target, student.rows)
+            losses["feat_loss"] = args.w_feat * feat
         return MethodOutput(losses=losses, report=report)

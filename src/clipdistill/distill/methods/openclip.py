@@ -86,7 +86,7 @@ class OpenClipDistillMethod(DistillMethod):
         student_scale = student.logit_scale.exp().clamp(max=MAX_SCALE)
         teacher_scale = teacher.logit_scale.exp().clamp(max=MAX_SCALE)
         contrastive, distill = openclip_distill_terms(
-            student.image, student.text, student_scale, teacher.image, teacher.text, teacher_scale
+            student.image, student.text, student_scale, teacher.image, teacher.text, teacher_scale, rows=student.rows
         )
         losses = {}
         if self.args.w_task > 0:

@@ -1,0 +1,188 @@
+"""Multi-process training: 2 gloo processes with batch B/2 each compute the losses and
+gradients of 1 process with batch B (every gather mode that is meant to be exact), and the
+torchrun entry point trains, checkpoints on rank 0 only and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipdistill.models.lit import LiTConfig, LiTModel
+
+WORKER = Path(__file__).with_name("ddp_parity_worker.py")
+REPO_SRC = Path(__file__).resolve().parents[1] / "src"
+METHODS = ("clip", "openclip", "conaclip", "dcd", "clipkd", "comkd")
+# (gather_with_grad, local_loss): the settings that are exact (see train/distributed.py)
+MODES = {"global": (True, False), "global_nograd": (False, False), "local": (True, True)}
+# The issue's four methods in every exact mode; CLIP-KD (ICL, CKD) and ComKD (batch moments,
+# attention over the batch) in the mode that changes their math (per-process query rows).
+CASES = [(m, mode) for m in METHODS[:4] for mode in MODES] + [("clipkd", "local"), ("comkd", "local")]
+
+
+def _torchrun(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO_SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def teacher_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher")
+    LiTModel(LiTConfig(image_model="test_convnext", image_size=32)).save(folder)
+    return f"run:{folder}"
+
+
+@pytest.fixture(scope="module")
+def student_config(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny BatchNorm-free student (LayerNorm convnext): SyncBatchNorm needs CUDA, so only
+    such a student is numerically the same split over CPU processes."""
+    path = tmp_path_factory.mktemp("student") / "student.json"
+    path.write_text(
+        json.dumps(
+            {
+                "embed_dim": 16,
+                "vision_cfg": {
+                    "timm_model_name": "test_convnext",
+                    "timm_model_pretrained": False,
+                    "timm_pool": "avg",
+                    "timm_proj": "linear",
+                    "image_size": 32,
+                },
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    return str(path)
+
+
+def _raw(tmp: Path, data: Path, teacher: str, student: str, method: str, mode: str) -> dict:
+    gather_with_grad, local_loss = MODES[mode]
+    raw = {
+        "name": f"{method}-{mode}",
+        "out_dir": str(tmp / "runs"),
+        "method": method,
+        "data": {"path": str(data), "image_size": 32},
+        "student": {"model_config": student},
+        "optim": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "grad_clip": 1e9},
+        "augment": {"k": 2},
+        "distributed": {"gather_with_grad": gather_with_grad, "local_loss": local_loss},
+    }
+    if method != "clip":
+        raw["teacher"] = {"spec": teacher}
+    if method == "dcd":
+        raw["method_args"] = {"random_negatives": 2, "hard_negatives": 1}  # a real draw from 3 candidates
+    return raw
+
+
+def test_two_processes_match_one_process(
+    shapes_dataset_dir: Path, tmp_path: Path, teacher_spec: str, student_config: str
+) -> None:
+    configs = {
+        f"{method}/{mode}": _raw(tmp_path, shapes_dataset_dir, teacher_spec, student_config, method, mode)
+        for method, mode in CASES
+    }
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"steps": 2, "configs": configs}))
+    _torchrun(str(WORKER), str(tmp_path / "ddp"), str(spec))
+    reference_spec = tmp_path / "reference.json"
+    reference_spec.write_text(
+        json.dumps({"steps": 2, "configs": {m: configs[f"{m}/{dict(CASES[::-1])[m]}"] for m in METHODS}})
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_SRC), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path / "ref"), str(reference_spec)], check=True, env=env, timeout=600
+    )
+    reference = torch.load(tmp_path / "ref" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    for name in configs:
+        method = name.split("/")[0]
+        for step, expected in enumerate(reference[method]):
+            for rank, results in enumerate(ranks):
+                got = results[name][step]
+                assert set(got["losses"]) == set(expected["losses"]) and expected["losses"], name
+                for key, value in expected["losses"].items():
+                    assert got["losses"][key] == pytest.approx(value, rel=1e-5, abs=1e-5), (name, step, rank, key)
+                assert set(got["grads"]) == set(expected["grads"]), name
+                for key, grad in expected["grads"].items():
+                    torch.testing.assert_close(
+                        got["grads"][key], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name, k=key: f"{n} {k}: {m}"
+                    )
+
+
+@pytest.mark.slow
+def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
+    shapes_dataset_dir: Path, tmp_path: Path, student_config: str
+) -> None:
+    import yaml
+
+    def config_file(out: Path) -> Path:
+        raw = _raw(tmp_path, shapes_dataset_dir, "", student_config, "clip", "global")
+        raw.update({"name": "run", "out_dir": str(out), "save_every": 1, "log_every": 1})
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    straight = config_file(tmp_path / "straight")
+    _torchrun("-m", "clipdistill.train", str(straight), "--no-progress")
+    run = tmp_path / "straight" / "run"
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # one writer: rank 0 (6 train images / batch 4 = 1 step x 2 epochs)
+    assert [json.loads(line)["epoch"] for line in (run / "results.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]  # no temp files
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+    resumed_cfg = config_file(tmp_path / "resumed")
+    crashed = _torchrun(str(WORKER.with_name("ddp_crash_worker.py")), str(resumed_cfg), "--no-progress", check=False)
+    assert crashed.returncode != 0  # both processes stopped before step 2; rank 0 saved step 1
+    _torchrun("-m", "clipdistill.train", str(resumed_cfg), "--resume", "latest", "--no-progress")
+    resumed_run = tmp_path / "resumed" / "run"
+    steps = [json.loads(line)["step"] for line in (resumed_run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    expected = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    got = torch.load(resumed_run / "checkpoints" / "latest.pt", weights_only=True)
+    assert got["position"] == expected["position"]
+    # both runs took the same 2-process steps, so weights and Adam moments are bitwise equal
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(got["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"]), index
+    for key, value in expected["student"].items():
+        assert torch.equal(got["student"][key], value), key
+
+
+def test_settings_that_cannot_work_are_refused_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdistill.config import ConfigError
+    from clipdistill.train.distributed import DistContext, context_from_env, init_process_group, local_rows
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ConfigError, match=r"RANK=5 and WORLD_SIZE=2"):
+        context_from_env()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ConfigError, match=r"RANK='one' must be an integer"):
+        context_from_env()
+    two = DistContext(rank=1, world=2)
+    assert local_rows(6, two) == slice(3, 6)
+    with pytest.raises(
+        ConfigError, match=r"'optim.batch_size' \(5\) must be divisible by the number of processes \(2\)"
+    ):
+        local_rows(5, two)
+    with pytest.raises(ConfigError, match=r"'distributed.backend' must be auto, gloo or nccl, got 'mpi'"):
+        init_process_group(DistContext(), torch.device("cpu"), "mpi")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set; launch with torchrun"):
+        init_process_group(two, torch.device("cpu"), "gloo")
