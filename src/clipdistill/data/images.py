@@ -40,20 +40,26 @@ def image_problem(path: str | Path) -> str | None:
     decompression bomb), or ``None`` when it decodes. JPEGs decode at 1/8 scale: every byte of
     the entropy-coded data is still read, so truncation is caught, at a fraction of the cost."""
     path = Path(path)
+    source: Any = path
     try:
         size = path.stat().st_size
-    except FileNotFoundError:
-        return "file does not exist"
+    except (FileNotFoundError, NotADirectoryError) as error:
+        from clipdistill.data.wds import read_member
+
+        member = read_member(path)  # SHARD.tar/MEMBER (webdataset reader): check the member's bytes
+        if member is None:
+            return "file does not exist" if isinstance(error, FileNotFoundError) else "cannot be read: not a directory"
+        source, size = io.BytesIO(member), len(member)
     except OSError as error:
         return f"cannot be read: {error.strerror or error}"
-    if not path.is_file():
+    if source is path and not path.is_file():
         return "is not a file"
     if size == 0:
         return "is an empty (zero-byte) file"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     return f"is {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
