@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from clipdistill.cli.main import app
-from clipdistill.demo import DemoError, DemoPreset, run_demo
+from clipdistill.demo import TUNED_METHOD_ARGS, DemoError, DemoPreset, run_demo
 from clipdistill.eval.retrieval import METRIC_KEYS
 
 COLOURS = {
@@ -115,6 +115,7 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     report = run_demo(out, data=scenes, images=scenes.parent / "pictures", preset=TINY, methods="clip,openclip")
     _check_schema(report, methods)
     assert report["fusion_teacher"] is None  # neither method reads a fusion teacher, so none is trained
+    assert [s["method_args"] for s in report["students"]] == [{}, {}]  # no tuned weights for these two
     for name in ("report.json", "report.md", "pareto.png", "curves.png", "examples.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == report
@@ -155,3 +156,8 @@ def test_demo_all_methods_teacher_beats_scratch(scenes: Path, tmp_path: Path) ->
     assert report["fusion_teacher"]["rerank_test"]["k"] == 16
     scratch = next(s for s in report["students"] if s["method"] == "clip")
     assert report["teacher"]["metrics"]["rsum"] > scratch["metrics"]["rsum"]
+    # The students train with the val-tuned weights, and the report says which.
+    for student in report["students"]:
+        assert student["method_args"] == TUNED_METHOD_ARGS.get(student["method"], {})
+    markdown = (tmp_path / "demo" / "report.md").read_text()
+    assert "- `comkd`: ComKD-CLIP" in markdown and "weights w_ref=3.0, w_align=0.1 (tuned on val)" in markdown

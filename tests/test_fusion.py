@@ -304,12 +304,16 @@ def test_train_fusion_writes_a_loadable_teacher(fusion_dir: Path, teacher_spec: 
     torch.testing.assert_close(head_only.score_matrix(states), teacher.score_matrix(states))
 
 
-def test_training_lowers_the_matching_loss(teacher_spec: str, dataset: PairedDataset, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss", ["listwise", "bce"])
+def test_training_lowers_the_matching_loss(
+    teacher_spec: str, dataset: PairedDataset, tmp_path: Path, loss: str
+) -> None:
     from dataclasses import replace
 
-    train_fusion_teacher(teacher_spec, dataset, tmp_path / "f", replace(TINY, epochs=6), progress=False)
+    train_fusion_teacher(teacher_spec, dataset, tmp_path / "f", replace(TINY, epochs=6, loss=loss), progress=False)
     log = [json.loads(line) for line in (tmp_path / "f" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["itm_loss"] < log[0]["itm_loss"]
+    assert log[-1]["heads_loss"] > 0  # the dual heads train in both branches (w_heads 1)
 
 
 def test_fusion_teacher_refuses_a_retrained_dual_teacher(fusion_dir: Path, teacher_spec: str, tmp_path: Path) -> None:

@@ -351,6 +351,7 @@ def run_demo(
         students.append(
             {
                 "method": config.method,
+                "method_args": dict(config.method_args),
                 "seed": config.seed,
                 "spec": summary["model"],
                 "run_dir": str(config.run_dir),

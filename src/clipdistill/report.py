@@ -31,6 +31,12 @@ def _pair_latency(entry: dict[str, Any]) -> float:
     return entry["latency_ms"]["image_b1"] + entry["latency_ms"]["text_b1"]
 
 
+def _weights(row: dict[str, Any]) -> str:
+    """The non-default method weights a student was trained with (the demo's val-tuned ones)."""
+    args = row.get("method_args") or {}
+    return f"; weights {', '.join(f'{k}={v}' for k, v in args.items())} (tuned on val)" if args else ""
+
+
 def _method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per method: metrics averaged over seeds, efficiency of the first seed (same net)."""
     rows = []
@@ -95,7 +101,7 @@ def markdown(report: dict[str, Any]) -> str:
         "so the test numbers above stay an honest estimate.",
         "",
         "## Methods",
-        *[f"- `{r['method']}`: {METHOD_LINES.get(r['method'], '')}" for r in rows],
+        *[f"- `{r['method']}`: {METHOD_LINES.get(r['method'], '')}{_weights(r)}" for r in rows],
     ]
     fusion = report.get("fusion_teacher")
     if fusion and fusion.get("rerank_test"):

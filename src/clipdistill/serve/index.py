@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from clipdistill.serve.embed import EMBED_MANIFEST, METADATA_FILE, read_embeddin
 from clipdistill.serve.encoders import EXPORT_CONFIG, TOWER_FILES, read_export_config
 
 MANIFEST_FILE = "manifest.json"
+TRAIN_SAMPLE = 256 * 1024  # rows FAISS trains IVF/PQ on (its own guidance: 30-256 points per centroid)
 INDEX_FILE = "index.faiss"
 ENCODERS_DIR = "encoders"
 THUMBS_DIR = "thumbs"
@@ -58,24 +60,35 @@ def build_faiss(
     vectors in memory; ``clipdistill index`` streams shards through ``index_chunks`` instead)."""
     index, params = new_index(vectors.shape[1], factory, ef_construction)
     started = time.perf_counter()
-    if not index.is_trained:
-        ivf = _ivf_of(index)
-        if ivf is not None and len(vectors) < ivf.nlist:
-            raise IndexBuildError(
-                f"factory {factory!r} needs at least {ivf.nlist} vectors to train, got {len(vectors)}"
-            )
-        rng = np.random.default_rng(seed)
-        sample = vectors if len(vectors) <= 256 * 1024 else vectors[rng.choice(len(vectors), 256 * 1024, replace=False)]
-        try:
-            index.train(sample)
-        except RuntimeError as error:  # e.g. PQ needs >= 2**nbits training points
-            message = str(error).strip().splitlines()[-1]
-            raise IndexBuildError(f"cannot train {factory!r} on {len(sample)} vectors: {message}") from None
-        params["train_size"] = len(sample)
+
+    def sample() -> np.ndarray:
+        if len(vectors) <= TRAIN_SAMPLE:
+            return vectors
+        return vectors[np.random.default_rng(seed).choice(len(vectors), TRAIN_SAMPLE, replace=False)]
+
+    train_index(index, factory, len(vectors), sample, params)
     index.add(vectors)
     params["build_seconds"] = round(time.perf_counter() - started, 3)
     params |= apply_search_params(index, ef_search=ef_search, nprobe=nprobe)
     return index, params
+
+
+def train_index(index: Any, factory: str, total: int, sample: Callable[[], np.ndarray], params: dict[str, Any]) -> None:
+    """Train ``index`` when its factory needs it (IVF, PQ), on ``sample()`` drawn from ``total``
+    vectors, recording ``train_size`` in ``params``. ``sample`` is a callable so an index that
+    needs no training never reads one (the chunked build draws it from shards on disk)."""
+    if index.is_trained:
+        return
+    ivf = _ivf_of(index)
+    if ivf is not None and total < ivf.nlist:
+        raise IndexBuildError(f"factory {factory!r} needs at least {ivf.nlist} vectors to train, got {total}")
+    vectors = sample()
+    try:
+        index.train(vectors)
+    except RuntimeError as error:  # e.g. PQ needs >= 2**nbits training points
+        message = str(error).strip().splitlines()[-1]
+        raise IndexBuildError(f"cannot train {factory!r} on {len(vectors)} vectors: {message}") from None
+    params["train_size"] = len(vectors)
 
 
 def new_index(dim: int, factory: str, ef_construction: int = 80) -> tuple[Any, dict[str, Any]]:

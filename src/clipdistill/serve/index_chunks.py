@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from clipdistill.serve.checksums import file_sha256
-
-TRAIN_SAMPLE = 256 * 1024  # rows FAISS trains IVF/PQ on (its own guidance: 30-256 points per centroid)
+from clipdistill.serve.index import TRAIN_SAMPLE
 
 
 def image_shards(emb_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, str | None]]:
@@ -101,24 +100,13 @@ def build_faiss_chunked(
     chunk_rows: int = 65536,
 ) -> tuple[Any, dict[str, Any], float]:
     """(trained, filled index, build parameters, largest input-norm deviation from 1)."""
-    from clipdistill.serve.index import IndexBuildError, _ivf_of, apply_search_params, new_index
+    from clipdistill.serve.index import IndexBuildError, apply_search_params, new_index, train_index
 
     shards = image_shards(emb_dir, manifest)
     total, dim = int(manifest["count"]), int(manifest["embed_dim"])
     index, params = new_index(dim, factory, ef_construction)
     started = time.perf_counter()
-    if not index.is_trained:
-        ivf = _ivf_of(index)
-        if ivf is not None and total < ivf.nlist:
-            raise IndexBuildError(f"factory {factory!r} needs at least {ivf.nlist} vectors to train, got {total}")
-        sample = training_sample(shards, total, seed)
-        try:
-            index.train(sample)
-        except RuntimeError as error:  # e.g. PQ needs >= 2**nbits training points
-            message = str(error).strip().splitlines()[-1]
-            raise IndexBuildError(f"cannot train {factory!r} on {len(sample)} vectors: {message}") from None
-        params["train_size"] = len(sample)
-        del sample
+    train_index(index, factory, total, lambda: training_sample(shards, total, seed), params)
     deviation = 0.0
     for chunk, chunk_deviation in iter_unit_shards(shards, chunk_rows):
         index.add(chunk)

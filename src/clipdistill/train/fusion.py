@@ -378,54 +378,49 @@ def train_fusion_teacher(
                 itm, heads = _listwise_step(
                     encoder, data, config, order[step * batch_size : (step + 1) * batch_size], hard_images, generator
                 )
-                loss = itm + config.w_heads * heads
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                totals["itm_loss"] += float(itm.detach())
-                totals["heads_loss"] += float(heads.detach())
-                continue
-            images = order[step * batch_size : (step + 1) * batch_size]
-            b = len(images)
-            pick = (torch.rand(b, generator=generator) * counts[images]).long()
-            positive_text = data.caption_text[(first_caption[images] + pick).to(torch_device)]
-            images_d = images.to(torch_device)
-            rows = images_d * k + torch.randint(0, k, (b,), generator=generator).to(torch_device)
-            choose_t = torch.rand(b, hard_texts.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
-            negative_text = hard_texts[images_d].gather(1, choose_t)  # (b, ≤n)
-            choose_i = torch.rand(b, hard_images.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
-            negative_images = hard_images[positive_text].gather(1, choose_i)
-            negative_rows = negative_images * k + torch.randint(0, k, negative_images.shape, generator=generator).to(
-                torch_device
-            )
-            n_t, n_i = negative_text.shape[1], negative_rows.shape[1]
+            else:  # bce: both directions, positives and negatives as separate pairs
+                images = order[step * batch_size : (step + 1) * batch_size]
+                b = len(images)
+                pick = (torch.rand(b, generator=generator) * counts[images]).long()
+                positive_text = data.caption_text[(first_caption[images] + pick).to(torch_device)]
+                images_d = images.to(torch_device)
+                rows = images_d * k + torch.randint(0, k, (b,), generator=generator).to(torch_device)
+                choose_t = (
+                    torch.rand(b, hard_texts.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
+                )
+                negative_text = hard_texts[images_d].gather(1, choose_t)  # (b, ≤n)
+                choose_i = (
+                    torch.rand(b, hard_images.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
+                )
+                negative_images = hard_images[positive_text].gather(1, choose_i)
+                negative_rows = negative_images * k + torch.randint(
+                    0, k, negative_images.shape, generator=generator
+                ).to(torch_device)
+                n_t, n_i = negative_text.shape[1], negative_rows.shape[1]
 
-            all_rows, row_local = torch.unique(torch.cat([rows, negative_rows.reshape(-1)]), return_inverse=True)
-            all_texts, text_local = torch.unique(
-                torch.cat([positive_text, negative_text.reshape(-1)]), return_inverse=True
-            )
-            pos_row, neg_row = row_local[:b], row_local[b:].view(b, n_i)
-            pos_text, neg_text = text_local[:b], text_local[b:].view(b, n_t)
-            image_index = torch.cat([pos_row, pos_row.repeat_interleave(n_t), neg_row.reshape(-1)])
-            text_index = torch.cat([pos_text, neg_text.reshape(-1), pos_text.repeat_interleave(n_i)])
-            states = _states(encoder, data, all_rows, all_texts)
-            logits, pooled = score_pairs(encoder, states, image_index, text_index, pooled=True)
-            assert pooled is not None
-            positive_logits, negative_logits = logits[:b], logits[b:]
-            itm = 0.5 * (
-                F.binary_cross_entropy_with_logits(positive_logits, torch.ones_like(positive_logits))
-                + F.binary_cross_entropy_with_logits(negative_logits, torch.zeros_like(negative_logits))
-            )
-            loss = itm
-            heads = torch.zeros((), device=torch_device)
-            if config.w_heads > 0:
-                g, h = encoder.dual_heads(pooled[:b].detach())
-                image_hat = F.normalize(data.image_global[rows] + config.heads_lambda * g, dim=-1)
-                text_hat = F.normalize(data.text_global[positive_text] + config.heads_lambda * h, dim=-1)
-                heads = clip_loss(image_hat, text_hat, log_scale)
-                loss = loss + config.w_heads * heads
+                all_rows, row_local = torch.unique(torch.cat([rows, negative_rows.reshape(-1)]), return_inverse=True)
+                all_texts, text_local = torch.unique(
+                    torch.cat([positive_text, negative_text.reshape(-1)]), return_inverse=True
+                )
+                pos_row, neg_row = row_local[:b], row_local[b:].view(b, n_i)
+                pos_text, neg_text = text_local[:b], text_local[b:].view(b, n_t)
+                image_index = torch.cat([pos_row, pos_row.repeat_interleave(n_t), neg_row.reshape(-1)])
+                text_index = torch.cat([pos_text, neg_text.reshape(-1), pos_text.repeat_interleave(n_i)])
+                states = _states(encoder, data, all_rows, all_texts)
+                logits, pooled = score_pairs(encoder, states, image_index, text_index, pooled=True)
+                assert pooled is not None
+                positive_logits, negative_logits = logits[:b], logits[b:]
+                itm = 0.5 * (
+                    F.binary_cross_entropy_with_logits(positive_logits, torch.ones_like(positive_logits))
+                    + F.binary_cross_entropy_with_logits(negative_logits, torch.zeros_like(negative_logits))
+                )
+                heads = torch.zeros((), device=torch_device)
+                if config.w_heads > 0:
+                    g, h = encoder.dual_heads(pooled[:b].detach())
+                    image_hat = F.normalize(data.image_global[rows] + config.heads_lambda * g, dim=-1)
+                    text_hat = F.normalize(data.text_global[positive_text] + config.heads_lambda * h, dim=-1)
+                    heads = clip_loss(image_hat, text_hat, log_scale)
+            loss = itm + config.w_heads * heads
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
