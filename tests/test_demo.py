@@ -145,6 +145,23 @@ def test_demo_refuses_bad_requests(scenes: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "lists a method twice" in result.output
 
 
+def test_demo_stopped_by_a_signal_exits_cleanly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A SIGTERM while a student trains ends the demo with the signal's exit code and one line
+    saying how to continue, not a traceback (the student's checkpoint is already saved)."""
+    import clipdistill.demo
+    from clipdistill.train.state import TrainingStopped
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise TrainingStopped("SIGTERM", 7, tmp_path / "students" / "clip-s0" / "checkpoints" / "latest.pt")
+
+    monkeypatch.setattr(clipdistill.demo, "run_demo", stopped)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 128 + 15, result.output
+    assert "demo stopped: stopped by SIGTERM after step 7" in result.output
+    assert "rerun the same demo command to continue" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.slow
 def test_demo_all_methods_teacher_beats_scratch(scenes: Path, tmp_path: Path) -> None:
     from dataclasses import replace

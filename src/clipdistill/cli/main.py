@@ -242,9 +242,16 @@ def demo_command(
 ) -> None:
     """The main job: data, teachers, cache, one student per method, evaluation, export, index,
     report. Finished stages are skipped, so a rerun resumes where a run stopped."""
-    from clipdistill.demo import run_demo
+    import signal
 
-    report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds)
+    from clipdistill.demo import run_demo
+    from clipdistill.train.state import TrainingStopped
+
+    try:
+        report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds)
+    except TrainingStopped as stopped:  # SIGTERM/Ctrl-C during a student: its checkpoint is saved
+        console.print(f"demo stopped: {stopped}; rerun the same demo command to continue", highlight=False)
+        raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
     print_demo_summary(report, out)
 
 
