@@ -50,15 +50,17 @@ FIXED_ARGS: dict[str, dict[str, Any]] = {"comkd": {"w_ref": 3.0}}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dcd": ("dcd", {"per_sample_kd_weight": False}),  # the released code's behaviour (KD weight a no-op)
     "dcd-per-sample": ("dcd", {"per_sample_kd_weight": True}),  # the paper's per-sample weighting
+    "dcd-dual": ("dcd", {}),  # released weighting, teacher scores from the dual teacher (no fusion)
 }
 FUSION_METHODS = ("mcad", "dcd")
+DUAL_ONLY = ("dcd-dual",)  # labels that never get the fusion teacher, even with --fusion
 EDGES = ("ITS", "ISS", "CTS", "CSS")
 
 
 def run(base: dict[str, Any], name: str, label: str, seed: int, method_args: dict[str, Any]) -> dict[str, Any]:
     method, fixed = VARIANTS.get(label, (label, {}))
     teacher = dict(base["teacher"])
-    if method not in FUSION_METHODS:
+    if method not in FUSION_METHODS or label in DUAL_ONLY:
         teacher.pop("fusion", None)
     raw = {**base, "teacher": teacher, "name": name, "method": method, "seed": seed}
     config = from_dict(TrainConfig, {**raw, "method_args": {**fixed, **method_args}})
