@@ -246,6 +246,58 @@ def _listwise_step(
     return itm, heads
 
 
+def _bce_step(
+    encoder: FusionEncoder,
+    data: _Encoded,
+    config: FusionTrainConfig,
+    images: torch.Tensor,
+    mined: tuple[torch.Tensor, torch.Tensor],
+    first_caption: torch.Tensor,
+    counts: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pointwise BCE loss, heads loss)`` for a batch of image indices: each image's positive
+    caption and ``negatives`` hard captions, each caption's image and ``negatives`` hard images
+    (``mined`` = the dual teacher's hard texts per image, hard images per text), as separate pairs."""
+    device = data.image_global.device
+    k, n = data.k, config.negatives
+    hard_texts, hard_images = mined
+    b = len(images)
+    pick = (torch.rand(b, generator=generator) * counts[images]).long()
+    positive_text = data.caption_text[(first_caption[images] + pick).to(device)]
+    images_d = images.to(device)
+    rows = images_d * k + torch.randint(0, k, (b,), generator=generator).to(device)
+    choose_t = torch.rand(b, hard_texts.shape[1], generator=generator).argsort(dim=1)[:, :n].to(device)
+    negative_text = hard_texts[images_d].gather(1, choose_t)  # (b, ≤n)
+    choose_i = torch.rand(b, hard_images.shape[1], generator=generator).argsort(dim=1)[:, :n].to(device)
+    negative_images = hard_images[positive_text].gather(1, choose_i)
+    negative_rows = negative_images * k + torch.randint(0, k, negative_images.shape, generator=generator).to(device)
+    n_t, n_i = negative_text.shape[1], negative_rows.shape[1]
+
+    all_rows, row_local = torch.unique(torch.cat([rows, negative_rows.reshape(-1)]), return_inverse=True)
+    all_texts, text_local = torch.unique(torch.cat([positive_text, negative_text.reshape(-1)]), return_inverse=True)
+    pos_row, neg_row = row_local[:b], row_local[b:].view(b, n_i)
+    pos_text, neg_text = text_local[:b], text_local[b:].view(b, n_t)
+    image_index = torch.cat([pos_row, pos_row.repeat_interleave(n_t), neg_row.reshape(-1)])
+    text_index = torch.cat([pos_text, neg_text.reshape(-1), pos_text.repeat_interleave(n_i)])
+    states = _states(encoder, data, all_rows, all_texts)
+    logits, pooled = score_pairs(encoder, states, image_index, text_index, pooled=True)
+    assert pooled is not None
+    positive_logits, negative_logits = logits[:b], logits[b:]
+    itm = 0.5 * (
+        F.binary_cross_entropy_with_logits(positive_logits, torch.ones_like(positive_logits))
+        + F.binary_cross_entropy_with_logits(negative_logits, torch.zeros_like(negative_logits))
+    )
+    heads = torch.zeros((), device=device)
+    if config.w_heads > 0:
+        g, h = encoder.dual_heads(pooled[:b].detach())
+        image_hat = F.normalize(data.image_global[rows] + config.heads_lambda * g, dim=-1)
+        text_hat = F.normalize(data.text_global[positive_text] + config.heads_lambda * h, dim=-1)
+        log_scale = torch.tensor(float(encoder.config.dual_logit_scale), device=device).log()
+        heads = clip_loss(image_hat, text_hat, log_scale)
+    return itm, heads
+
+
 def _selection_key(result: dict[str, Any]) -> tuple[float, float, float]:
     after = result["reranked"]
     return (after["t2i_R@1"], after["t2i_R@5"], after["t2i_R@10"])
@@ -354,7 +406,6 @@ def train_fusion_teacher(
     atomic_write_json(out / "train_config.json", {"teacher": dual_spec, **asdict(config)})
     log_path = out / "log.jsonl"
     log_path.unlink(missing_ok=True)
-    log_scale = torch.tensor(kappa, device=torch_device).log()
 
     best: dict[str, Any] = {"epoch": 0, "val": _rerank(encoder, val_data, config.rerank_k)}
     best_state = {name: value.clone() for name, value in encoder.head_state().items()}
@@ -363,7 +414,6 @@ def train_fusion_teacher(
         from tqdm import tqdm
 
         epochs = tqdm(epochs, desc="fusion teacher", unit="epoch")
-    n = config.negatives
     for epoch in epochs:
         encoder.train()
         order = torch.randperm(n_captions if listwise else n_images, generator=generator)
@@ -379,47 +429,16 @@ def train_fusion_teacher(
                     encoder, data, config, order[step * batch_size : (step + 1) * batch_size], hard_images, generator
                 )
             else:  # bce: both directions, positives and negatives as separate pairs
-                images = order[step * batch_size : (step + 1) * batch_size]
-                b = len(images)
-                pick = (torch.rand(b, generator=generator) * counts[images]).long()
-                positive_text = data.caption_text[(first_caption[images] + pick).to(torch_device)]
-                images_d = images.to(torch_device)
-                rows = images_d * k + torch.randint(0, k, (b,), generator=generator).to(torch_device)
-                choose_t = (
-                    torch.rand(b, hard_texts.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
+                itm, heads = _bce_step(
+                    encoder,
+                    data,
+                    config,
+                    order[step * batch_size : (step + 1) * batch_size],
+                    (hard_texts, hard_images),
+                    first_caption,
+                    counts,
+                    generator,
                 )
-                negative_text = hard_texts[images_d].gather(1, choose_t)  # (b, ≤n)
-                choose_i = (
-                    torch.rand(b, hard_images.shape[1], generator=generator).argsort(dim=1)[:, :n].to(torch_device)
-                )
-                negative_images = hard_images[positive_text].gather(1, choose_i)
-                negative_rows = negative_images * k + torch.randint(
-                    0, k, negative_images.shape, generator=generator
-                ).to(torch_device)
-                n_t, n_i = negative_text.shape[1], negative_rows.shape[1]
-
-                all_rows, row_local = torch.unique(torch.cat([rows, negative_rows.reshape(-1)]), return_inverse=True)
-                all_texts, text_local = torch.unique(
-                    torch.cat([positive_text, negative_text.reshape(-1)]), return_inverse=True
-                )
-                pos_row, neg_row = row_local[:b], row_local[b:].view(b, n_i)
-                pos_text, neg_text = text_local[:b], text_local[b:].view(b, n_t)
-                image_index = torch.cat([pos_row, pos_row.repeat_interleave(n_t), neg_row.reshape(-1)])
-                text_index = torch.cat([pos_text, neg_text.reshape(-1), pos_text.repeat_interleave(n_i)])
-                states = _states(encoder, data, all_rows, all_texts)
-                logits, pooled = score_pairs(encoder, states, image_index, text_index, pooled=True)
-                assert pooled is not None
-                positive_logits, negative_logits = logits[:b], logits[b:]
-                itm = 0.5 * (
-                    F.binary_cross_entropy_with_logits(positive_logits, torch.ones_like(positive_logits))
-                    + F.binary_cross_entropy_with_logits(negative_logits, torch.zeros_like(negative_logits))
-                )
-                heads = torch.zeros((), device=torch_device)
-                if config.w_heads > 0:
-                    g, h = encoder.dual_heads(pooled[:b].detach())
-                    image_hat = F.normalize(data.image_global[rows] + config.heads_lambda * g, dim=-1)
-                    text_hat = F.normalize(data.text_global[positive_text] + config.heads_lambda * h, dim=-1)
-                    heads = clip_loss(image_hat, text_hat, log_scale)
             loss = itm + config.w_heads * heads
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
