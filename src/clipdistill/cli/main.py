@@ -11,12 +11,15 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from clipdistill.train.state import TrainingStopped
 
 app = typer.Typer(
     name="clipdistill",
@@ -226,6 +229,15 @@ def eval_command(
     console.print(f"wrote {out}")
 
 
+def exit_stopped(stopped: TrainingStopped, message: str) -> NoReturn:
+    """Print ``message`` and exit with the shell's code for the signal that stopped training
+    (128 + signal number), so scripts and schedulers see a stop, not a crash."""
+    import signal
+
+    console.print(message, highlight=False)
+    raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
+
+
 @app.command("demo")
 @reports_user_errors
 def demo_command(
@@ -242,16 +254,13 @@ def demo_command(
 ) -> None:
     """The main job: data, teachers, cache, one student per method, evaluation, export, index,
     report. Finished stages are skipped, so a rerun resumes where a run stopped."""
-    import signal
-
     from clipdistill.demo import run_demo
     from clipdistill.train.state import TrainingStopped
 
     try:
         report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds)
     except TrainingStopped as stopped:  # SIGTERM/Ctrl-C during a student: its checkpoint is saved
-        console.print(f"demo stopped: {stopped}; rerun the same demo command to continue", highlight=False)
-        raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
+        exit_stopped(stopped, f"demo stopped: {stopped}; rerun the same demo command to continue")
     print_demo_summary(report, out)
 
 

@@ -27,7 +27,7 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a student with the configured distillation method."""
-    from clipdistill.cli.main import console, print_metrics
+    from clipdistill.cli.main import console, exit_stopped, print_metrics
     from clipdistill.config import load_config
     from clipdistill.data.bad_samples import default_policy
     from clipdistill.train.trainer import train
@@ -40,10 +40,7 @@ def train_command(
     try:
         summary = train(config, resume=resume, progress=progress)
     except TrainingStopped as stopped:
-        import signal
-
-        console.print(str(stopped), highlight=False)
-        raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
+        exit_stopped(stopped, str(stopped))
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     console.print(
