@@ -131,9 +131,10 @@ def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
 ) -> None:
     import yaml
 
-    def config_file(out: Path) -> Path:
+    def config_file(out: Path, **data: object) -> Path:
         raw = _raw(tmp_path, shapes_dataset_dir, "", student_config, "clip", "global")
         raw.update({"name": "run", "out_dir": str(out), "save_every": 1, "log_every": 1})
+        raw["data"].update(data)
         path = out.with_suffix(".yaml")
         path.write_text(yaml.safe_dump(raw))
         return path
@@ -144,10 +145,12 @@ def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # one writer: rank 0 (6 train images / batch 4 = 1 step x 2 epochs)
     assert [json.loads(line)["epoch"] for line in (run / "results.jsonl").read_text().splitlines()] == [1, 2]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]  # no temp files
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "latest.prev.pt", "latest.pt"]
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
-    resumed_cfg = config_file(tmp_path / "resumed")
+    # The crashed-and-resumed run decodes each process's rows per batch in a worker (data.preload
+    # false): it must still equal the preloaded straight run bit for bit.
+    resumed_cfg = config_file(tmp_path / "resumed", preload=False, workers=1)
     crashed = _torchrun(str(WORKER.with_name("ddp_crash_worker.py")), str(resumed_cfg), "--no-progress", check=False)
     assert crashed.returncode != 0  # both processes stopped before step 2; rank 0 saved step 1
     _torchrun("-m", "clipdistill.train", str(resumed_cfg), "--resume", "latest", "--no-progress")

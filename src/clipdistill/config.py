@@ -29,10 +29,21 @@ class DataConfig:
     images: str | None = None
     image_size: int = 64  # pixels the data is decoded at; each model resizes to its own size
     on_bad_sample: str = "error"  # error: stop at the first bad image/caption/row; skip: drop it, count it
+    # true: decode every train/val image into memory once (small sets); false: decode each batch's
+    # images when the step needs them (memory independent of the data set's size; data/pixels.py)
+    preload: bool = True
+    workers: int = 0  # with preload false: DataLoader processes decoding the next batches ahead
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):
             raise ConfigError(f"key 'data.on_bad_sample' has value {self.on_bad_sample!r}; valid: error, skip")
+        if self.workers < 0:
+            raise ConfigError(f"key 'data.workers' has value {self.workers!r}; it must be >= 0")
+        if self.workers and self.preload:
+            raise ConfigError(
+                f"key 'data.workers' is {self.workers} but 'data.preload' is true (preloaded images need no "
+                "decoding workers); set data.preload=false to decode per batch, or data.workers=0"
+            )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ from clipdistill.train.checkpoint import LATEST, CheckpointError, find_resume_ch
 
 CONFIG_FILE = "config.yaml"
 RUN_LOGS = ("log.jsonl", "results.jsonl")
+# Keys that change how a run executes, never what it computes (the same pixels either way):
+# a run may be resumed with other values, e.g. with decoding workers on a bigger machine.
+EXECUTION_KEYS = frozenset({"data.preload", "data.workers"})
 
 
 def _differing_keys(
@@ -26,7 +29,8 @@ def _differing_keys(
     """Dotted keys whose values differ (``optim.lr``), so a refusal names exactly what changed.
 
     A key the saved config lacks but that holds its default now is no difference: it was added
-    to clipdistill after that run was saved, and the run behaved as the default does."""
+    to clipdistill after that run was saved, and the run behaved as the default does. Nor is
+    one of :data:`EXECUTION_KEYS`."""
     defaults = to_dict(TrainConfig()) if defaults is None else defaults
     keys: list[str] = []
     for key in sorted(set(saved) | set(current)):
@@ -34,7 +38,7 @@ def _differing_keys(
         default = defaults.get(key) if isinstance(defaults, dict) else None
         if isinstance(left, dict) and isinstance(right, dict) and key != "method_args":
             keys += _differing_keys(left, right, f"{prefix}{key}.", default if isinstance(default, dict) else {})
-        elif key not in saved and right == default:
+        elif (key not in saved and right == default) or f"{prefix}{key}" in EXECUTION_KEYS:
             continue
         elif left != right:
             keys.append(f"{prefix}{key}")

@@ -17,6 +17,7 @@ checkpoint's (epoch, step) without replaying anything.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import torch
 from clipdistill.config import ConfigError, TrainConfig, read_yaml, to_dict
 from clipdistill.data.augment import replay_augmentation
 from clipdistill.data.dataset import PairedDataset
-from clipdistill.data.images import load_image_tensor, to_unit
+from clipdistill.data.images import to_unit
+from clipdistill.data.pixels import PixelSource, chunked, pixel_source
 from clipdistill.distill.base import (
     Batch,
     DistillMethod,
@@ -231,9 +233,15 @@ class Trainer:
         step = TrainStep(self.student, self.method, self.dist)
         self.forward_step = wrap_ddp(step, self.device) if self.dist.enabled else step
 
-        size = config.data.image_size
-        self.train_pixels = load_image_tensor(self.train_split.image_paths(), size, progress=progress)
-        self.val_pixels = load_image_tensor(self.val_split.image_paths(), size, progress=progress)
+        data = config.data
+        self.train_images = pixel_source(
+            self.train_split.image_paths(),
+            data.image_size,
+            preload=data.preload,
+            workers=data.workers,
+            progress=progress,
+        )
+        self.val_images: PixelSource | None = None  # only rank 0 evaluates; built on its first evaluation
         self.train_texts = self.train_split.texts()
         self.train_caption_ids = self.train_split.caption_ids()
         self.train_image_ids = [record.image_id for record in self.train_split.images]
@@ -312,14 +320,25 @@ class Trainer:
         return state
 
     # --- one step -------------------------------------------------------------------------
+    def _rows_of_step(self, plan: EpochPlan, step: int) -> torch.Tensor:
+        """This process's training-image rows of one step of the plan."""
+        return plan.order[step * self.batch_size : (step + 1) * self.batch_size][self.rows]
+
     def _batch(self, plan: EpochPlan, step: int) -> tuple[Batch, torch.Tensor]:
-        index = plan.order[step * self.batch_size : (step + 1) * self.batch_size][self.rows]
+        """One step's batch, its images decoded now (the loop instead takes them from the
+        source's prefetching iterator; tests and benchmarks build single steps with this)."""
+        index = self._rows_of_step(plan, step)
+        with closing(self.train_images.batches([index])) as decoded:
+            return self._assemble(index, plan, next(decoded))
+
+    def _assemble(self, index: torch.Tensor, plan: EpochPlan, images: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """The step's batch from its rows ``index`` and their decoded uint8 ``images``."""
         captions = self.first_caption[index] + plan.caption_pick[index]
         aug_ids = plan.aug_ids[index]
         image_ids = [self.train_image_ids[i] for i in index.tolist()]
         augment = self.config.augment
         pixels = replay_augmentation(
-            to_unit(self.train_pixels[index]),
+            to_unit(images),
             image_ids,
             aug_ids,
             seed=augment.seed,
@@ -364,7 +383,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.student.eval()
-        image_emb = embed_images(self.student, self.val_pixels)
+        data = self.config.data
+        if self.val_images is None:
+            self.val_images = pixel_source(
+                self.val_split.image_paths(), data.image_size, preload=data.preload, workers=data.workers
+            )
+        batches = self.val_images.batches(chunked(len(self.val_images), 256))
+        image_emb = torch.cat([embed_images(self.student, pixels) for pixels in batches])
         text_emb = embed_texts(self.student, self.val_split.texts())
         return recall_at_k(image_emb, text_emb, self.val_split.text_to_image())
 
@@ -383,6 +408,26 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints" / name, self.state_dict(), keep_previous=name == LATEST)
 
     # --- the loop -------------------------------------------------------------------------
+    def _after_step(self, record: dict[str, float], bar: Any) -> None:
+        """Advance the position, log, checkpoint, and stop here if a signal asked to."""
+        config = self.config
+        self.step_in_epoch += 1
+        self.global_step += 1
+        log_now = self.global_step % config.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
+        if log_now and self.dist.is_main:
+            lr = self.optimizer.param_groups[0]["lr"]
+            line = {"step": self.global_step, "epoch": self.epoch + 1, "lr": lr, **record}
+            append_jsonl(self.run_dir / "log.jsonl", {**line, "seconds": round(self.seconds, 3)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['total_loss']:.3f}")
+        if config.save_every and self.global_step % config.save_every == 0:
+            self._save(LATEST)
+        stop = self._stop_requested()
+        if stop:
+            self._save(LATEST)
+            raise TrainingStopped(stop, self.global_step, self.run_dir / "checkpoints" / LATEST)
+
     def fit(self, resume: str | None = None) -> dict[str, Any]:
         """Train to the configured budget; returns the summary also written to ``summary.json``.
 
@@ -405,27 +450,14 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.global_step, desc=config.name, unit="step")
         while self.epoch < config.optim.epochs:
             plan = epoch_plan(self.caption_counts, config.augment.k, config.seed, self.epoch)
-            while self.step_in_epoch < self.steps_per_epoch:
-                started = time.perf_counter()
-                batch, tokens = self._batch(plan, self.step_in_epoch)
-                record = self.train_step(batch, tokens)
-                self.seconds += time.perf_counter() - started
-                self.step_in_epoch += 1
-                self.global_step += 1
-                log_now = self.global_step % config.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
-                if log_now and self.dist.is_main:
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    line = {"step": self.global_step, "epoch": self.epoch + 1, "lr": lr, **record}
-                    append_jsonl(self.run_dir / "log.jsonl", {**line, "seconds": round(self.seconds, 3)})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['total_loss']:.3f}")
-                if config.save_every and self.global_step % config.save_every == 0:
-                    self._save(LATEST)
-                stop = self._stop_requested()
-                if stop:
-                    self._save(LATEST)
-                    raise TrainingStopped(stop, self.global_step, self.run_dir / "checkpoints" / LATEST)
+            rows = [self._rows_of_step(plan, step) for step in range(self.step_in_epoch, self.steps_per_epoch)]
+            with closing(self.train_images.batches(rows)) as decoded:  # stops decode workers on any exit
+                for index in rows:
+                    started = time.perf_counter()  # the step clock includes waiting for decoded images
+                    batch, tokens = self._assemble(index, plan, next(decoded))
+                    record = self.train_step(batch, tokens)
+                    self.seconds += time.perf_counter() - started
+                    self._after_step(record, bar)
             self.epoch += 1
             self.step_in_epoch = 0
             if not self.dist.is_main:  # rank 0 evaluates and saves; the others go on to the next step
