@@ -167,6 +167,18 @@ def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
         assert torch.equal(got["student"][key], value), key
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")
+def test_leaving_the_group_stops_its_threads_even_after_open_clip_is_imported() -> None:
+    """A group kept alive past shutdown (torch.distributed.nn binds it as default arguments
+    when first imported after init) leaves gloo threads that abort the process at exit."""
+    result = _torchrun(str(WORKER.with_name("ddp_shutdown_worker.py")), timeout=300)
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, result.stdout + result.stderr
+    for line in lines:
+        assert "during=['gloo_tcp_loop'" in line, line  # the check sees gloo's threads at all
+        assert line.endswith("after=[]"), line
+
+
 def test_settings_that_cannot_work_are_refused_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
     from clipdistill.config import ConfigError
     from clipdistill.train.distributed import DistContext, context_from_env, init_process_group, local_rows

@@ -36,6 +36,14 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is
+# first imported. open_clip imports it, and models (open_clip included) are built after the
+# process group exists, so a first import then would keep the group alive past
+# destroy_process_group(): its gloo threads outlive Python's finalisation and abort the process
+# at exit ("terminate called without an active exception", about one 2-process run in six).
+# Imported here, before any group exists, the defaults bind None.
+import torch.distributed.nn
 from torch import nn
 
 from clipdistill.config import ConfigError
