@@ -176,6 +176,23 @@ def test_mismatched_cache_is_refused(
     assert "clipdistill cache build" in str(info.value) and str(cache_dir) in str(info.value)
 
 
+def test_cache_from_an_older_pixel_pipeline_is_refused(
+    cache_dir: Path, teacher_spec: str, dataset: PairedDataset, tmp_path: Path
+) -> None:
+    """A cache built before a decoding change (cache.PIPELINE bumped) holds teacher outputs for
+    other pixels: opening it must fail naming both pipelines, not serve the stale features."""
+    from clipdistill.distill.cache import PIPELINE
+
+    old = _copy(cache_dir, tmp_path)
+    manifest = json.loads((old / "manifest.json").read_text())
+    v1 = "load_image_tensor(bicubic, rgb on white) > to_unit > replay_augmentation/v1"
+    manifest["preprocessing"]["pipeline"] = v1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheMismatchError, match=r"built for pipeline='load_image_tensor.*/v1' but pipeline=") as info:
+        CachedTeacher.open(old, teacher_spec=teacher_spec, dataset=dataset, **OPEN)
+    assert repr(PIPELINE) in str(info.value) and "clipdistill cache build" in str(info.value)
+
+
 def test_token_features_not_in_cache_are_refused(cache_dir: Path, teacher_spec: str, dataset: PairedDataset) -> None:
     with pytest.raises(CacheMismatchError, match="token_features"):
         CachedTeacher.open(cache_dir, teacher_spec=teacher_spec, dataset=dataset, token_features=True, **OPEN)

@@ -86,7 +86,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 # Names the pixel pipeline the cache replays. Bump it whenever decoding (load_image_tensor,
 # to_unit) or replay_augmentation changes its output, so old caches are refused, not misread.
-PIPELINE = "load_image_tensor(bicubic, rgb on white) > to_unit > replay_augmentation/v1"
+# v2: 16-bit images are scaled to 8 bits (v1 clipped them, so they decoded white).
+PIPELINE = "open_rgb(bicubic, rgb on white, 16-bit scaled) > to_unit > replay_augmentation/v2"
 KINDS = ("images", "texts", "image_tokens", "text_tokens")
 FUSION_KINDS = ("fusion_images", "fusion_texts")
 _SHARD_RE = re.compile(r"^(images|texts|image_tokens|text_tokens|fusion_images|fusion_texts)-\d{5}\.safetensors$")
