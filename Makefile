@@ -35,6 +35,7 @@ $(STAMP): pyproject.toml
 
 lint: install
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
 test: install lint
 	$(BIN)/pytest -q

@@ -143,9 +143,7 @@ def test_peak_memory_positive_and_grows_with_batch(model):
     peak_large = peak_memory_mb(lambda: model.encode_image(large))
     assert 0 < peak_small < peak_large
     tokens = model.tokenize(["a red heart"] * 512)
-    assert peak_memory_mb(lambda: model.encode_text(tokens[:1])) < peak_memory_mb(
-        lambda: model.encode_text(tokens)
-    )
+    assert peak_memory_mb(lambda: model.encode_text(tokens[:1])) < peak_memory_mb(lambda: model.encode_text(tokens))
 
 
 # --- the report -------------------------------------------------------------------------------

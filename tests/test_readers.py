@@ -43,9 +43,7 @@ def _flickr_image(filename: str, split: str, imgid: int, captions: list[str]) ->
         "filename": filename,
         "imgid": imgid,
         "split": split,
-        "sentences": [
-            {"raw": c, "sentid": imgid * 10 + k, "tokens": c.split()} for k, c in enumerate(captions)
-        ],
+        "sentences": [{"raw": c, "sentid": imgid * 10 + k, "tokens": c.split()} for k, c in enumerate(captions)],
     }
 
 
@@ -144,9 +142,7 @@ def test_karpathy_explicit_image_id_and_concept_and_path_fallback(tmp_path: Path
 def test_karpathy_round_trip(tmp_path: Path) -> None:
     root = tmp_path / "images"
     records = [
-        ImageRecord(
-            "img-a", _png(root / "a.png"), "train", (Caption("5", "first"), Caption("img-a#1", "second"))
-        ),
+        ImageRecord("img-a", _png(root / "a.png"), "train", (Caption("5", "first"), Caption("img-a#1", "second"))),
         ImageRecord("img-b", _png(root / "nested" / "b.png"), "val", (Caption("b:0", "third"),), concept="b"),
         ImageRecord("img-c", _png(tmp_path / "elsewhere" / "c.png"), "test", (Caption("c#x", "fourth"),)),
     ]
@@ -291,9 +287,7 @@ def test_csv_split_argument(tmp_path: Path) -> None:
 def test_csv_missing_column_message(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
     path.write_text("a,b\n1,2\n", encoding="utf-8")
-    with pytest.raises(
-        DatasetError, match=r"column 'filepath' not found in \S*train\.csv \(columns: a, b\)$"
-    ):
+    with pytest.raises(DatasetError, match=r"column 'filepath' not found in \S*train\.csv \(columns: a, b\)$"):
         read_csv(path)
     with pytest.raises(DatasetError, match=r"column 'title' not found in \S*train\.csv \(columns: a, b\)$"):
         read_csv(path, img_key="a")
@@ -365,18 +359,14 @@ def test_folder_reader_recursive_sorted(tmp_path: Path) -> None:
 def test_folder_image_without_txt(tmp_path: Path) -> None:
     _pair(tmp_path, "a", "ok")
     _png(tmp_path / "sub" / "lonely.jpeg")
-    with pytest.raises(
-        DatasetError, match=r"sub/lonely\.jpeg has no caption file \(expected sub/lonely\.txt\)"
-    ):
+    with pytest.raises(DatasetError, match=r"sub/lonely\.jpeg has no caption file \(expected sub/lonely\.txt\)"):
         read_folder(tmp_path)
 
 
 def test_folder_txt_without_image(tmp_path: Path) -> None:
     _pair(tmp_path, "a", "ok")
     (tmp_path / "orphan.txt").write_text("words", encoding="utf-8")
-    with pytest.raises(
-        DatasetError, match=r"orphan\.txt has no image \(looked for orphan\.\{jpg/jpeg/png/webp\}\)"
-    ):
+    with pytest.raises(DatasetError, match=r"orphan\.txt has no image \(looked for orphan\.\{jpg/jpeg/png/webp\}\)"):
         read_folder(tmp_path)
 
 
@@ -453,14 +443,10 @@ def test_load_dataset_unrecognised(tmp_path: Path) -> None:
 def test_load_dataset_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"dataset path .*nowhere does not exist"):
         load_dataset(tmp_path / "nowhere")
-    with pytest.raises(
-        DatasetError, match=r"unknown dataset format 'parquet'; valid formats: auto, karpathy, csv"
-    ):
+    with pytest.raises(DatasetError, match=r"unknown dataset format 'parquet'; valid formats: auto, karpathy, csv"):
         load_dataset(tmp_path, fmt="parquet")
     (tmp_path / "d.csv").write_text("filepath,title\na.png,x\n", encoding="utf-8")
-    with pytest.raises(
-        DatasetError, match=r"option 'caption' is not accepted by the csv reader \(options: img_key"
-    ):
+    with pytest.raises(DatasetError, match=r"option 'caption' is not accepted by the csv reader \(options: img_key"):
         load_dataset(tmp_path / "d.csv", caption="x")
 
 
@@ -468,9 +454,7 @@ def test_load_dataset_missing_images(tmp_path: Path) -> None:
     images = [_one_image(filename=f"img{i}.jpg", imgid=i) for i in range(7)]
     _png(tmp_path / "img3.jpg")
     path = _write_json(tmp_path / "dataset.json", {"images": images})
-    with pytest.raises(
-        MissingImagesError, match=r"6 image file\(s\) listed in .*dataset\.json are missing: "
-    ) as info:
+    with pytest.raises(MissingImagesError, match=r"6 image file\(s\) listed in .*dataset\.json are missing: ") as info:
         load_dataset(tmp_path)
     message = str(info.value)
     shown = [f"img{i}.jpg" for i in (0, 1, 2, 4, 5)]

@@ -132,7 +132,7 @@ def markdown(report: dict[str, Any]) -> str:
         + f") and indexed the test images in `{deploy['index']}`. Query it:",
         "",
         "```",
-        f"clipdistill search {deploy['index']} \"a red heart\" -k 5",
+        f'clipdistill search {deploy["index"]} "a red heart" -k 5',
         "```",
         "",
         f"Whole run: {report['wall_seconds']:.0f} s (stages already finished are skipped and not counted).",
@@ -176,8 +176,13 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
         axes.annotate(student["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
     teacher = report["teacher"]
     axes.scatter(_pair_latency(teacher), teacher["metrics"]["rsum"], marker="*", s=220, color="black")
-    axes.annotate("teacher", (_pair_latency(teacher), teacher["metrics"]["rsum"]), xytext=(6, -10),
-                  textcoords="offset points", fontsize=9)
+    axes.annotate(
+        "teacher",
+        (_pair_latency(teacher), teacher["metrics"]["rsum"]),
+        xytext=(6, -10),
+        textcoords="offset points",
+        fontsize=9,
+    )
     axes.set_xscale("log")
     axes.set_xlabel("CPU latency, batch 1: one image + one caption (ms, log)")
     axes.set_ylabel("test rsum")

@@ -36,7 +36,6 @@ app.add_typer(teacher_app, name="teacher")
 app.add_typer(student_app, name="student")
 
 
-
 @app.callback()
 def _global_options(
     on_bad_sample: Annotated[
@@ -291,7 +290,7 @@ def print_demo_summary(report: dict[str, Any], out: Path) -> None:
     best, deploy = report["best_student"], report["deploy"]
     console.print(f"best student: {best['method']} (seed {best['seed']}, by {best['selected_by']})", highlight=False)
     console.print(f"report: {out / 'report.md'}", highlight=False)
-    console.print(f"search it: clipdistill search {deploy['index']} \"a red heart\" -k 5", highlight=False)
+    console.print(f'search it: clipdistill search {deploy["index"]} "a red heart" -k 5', highlight=False)
 
 
 def _register_commands() -> None:

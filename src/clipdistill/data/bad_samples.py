@@ -65,9 +65,7 @@ class BadSamples:
         """Report a bad sample: raise :class:`DatasetError` (``error``) or record it (``skip``)."""
         sample = BadSample(str(source), where, reason, kind)
         if self.policy == "error":
-            raise DatasetError(
-                sample.message() + " (pass --on-bad-sample skip to drop bad samples and go on)"
-            )
+            raise DatasetError(sample.message() + " (pass --on-bad-sample skip to drop bad samples and go on)")
         self.samples.append(sample)
 
     def count(self, kind: str) -> int:

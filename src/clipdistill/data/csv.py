@@ -53,9 +53,7 @@ def _row_split(path: Path, row: int, split_key: str | None, value: str, default:
         return default
     split = canonical_split(value)
     if split is None:
-        _bad(
-            path, f"row {row}", f"column {split_key!r} has value {value!r} (valid: {', '.join(VALID_SPLITS)})"
-        )
+        _bad(path, f"row {row}", f"column {split_key!r} has value {value!r} (valid: {', '.join(VALID_SPLITS)})")
     return split
 
 
@@ -91,9 +89,7 @@ def _group_rows(
 ) -> dict[str, _Group]:
     groups: dict[str, _Group] = {}  # insertion order = first appearance of each image
     splits = table[split_key] if split_key is not None else [""] * len(table)
-    for offset, (image, text, split_value) in enumerate(
-        zip(table[img_key], table[caption_key], splits, strict=True)
-    ):
+    for offset, (image, text, split_value) in enumerate(zip(table[img_key], table[caption_key], splits, strict=True)):
         row = offset + 1
         try:
             _check_row(path, row, img_key, image, caption_key, text)

@@ -291,9 +291,7 @@ def make_captions(entry: EmojiEntry, seed: int) -> list[str]:
     rng = random.Random(f"emoji-captions:{seed}:{entry.image_id}")
     phrase, short = name_phrase(entry.name), _split_name(entry.name)[0]
     # Symbol-only keywords ("*" for sparkles) make captions with no words in them.
-    keywords = [
-        kw for kw in entry.keywords if kw.lower() != entry.name.lower() and any(c.isalpha() for c in kw)
-    ]
+    keywords = [kw for kw in entry.keywords if kw.lower() != entry.name.lower() and any(c.isalpha() for c in kw)]
     rng.shuffle(keywords)
     topical = [kw for kw in keywords if kw not in SKIN_TONES and kw.lower() not in entry.name.lower()]
     name_templates = list(NAME_TEMPLATES)
@@ -590,9 +588,7 @@ def build_emoji_dataset(
     renderer = GlyphRenderer(load_font(font_path))
     rendered, stats = render_all(load_cldr_entries(cldr_dir), renderer, out / "images", size, limit, progress)
     if not rendered:
-        raise EmojiDataError(
-            f"no emoji rendered from {font_path} with {cldr_dir}; skipped: {stats.as_dict()}"
-        )
+        raise EmojiDataError(f"no emoji rendered from {font_path} with {cldr_dir}; skipped: {stats.as_dict()}")
     doc = {
         "dataset": "emoji",
         "size": size,

@@ -70,9 +70,7 @@ def _pair_files(root: Path, issues: BadSamples) -> list[tuple[Path, Path]]:
             )
     for stem, image in images.items():
         if stem not in texts:
-            issues.bad(
-                str(root), f"{image.relative_to(root)}", f"has no caption file (expected {stem.as_posix()}.txt)"
-            )
+            issues.bad(str(root), f"{image.relative_to(root)}", f"has no caption file (expected {stem.as_posix()}.txt)")
     return [(images[stem], texts[stem]) for stem in sorted(images) if stem in texts]
 
 

@@ -118,9 +118,7 @@ def _caption(source: Path, where: str, sentence: Any, image_id: str, k: int) -> 
     return Caption(caption_id=caption_id or f"{image_id}#{k}", text=text.strip())
 
 
-def _captions(
-    source: Path, where: str, item: dict[str, Any], image_id: str, issues: BadSamples
-) -> tuple[Caption, ...]:
+def _captions(source: Path, where: str, item: dict[str, Any], image_id: str, issues: BadSamples) -> tuple[Caption, ...]:
     if "sentences" not in item:
         _bad(source, where, "has no field 'sentences'")
     sentences = item["sentences"]

@@ -63,9 +63,7 @@ def _check_kwargs(fmt: str, reader: Callable[..., PairedDataset], kwargs: dict[s
     accepted = [p for p in list(inspect.signature(reader).parameters)[1:] if p not in ("image_root", "issues")]
     for key in kwargs:
         if key not in accepted:
-            raise DatasetError(
-                f"option {key!r} is not accepted by the {fmt} reader (options: {', '.join(accepted)})"
-            )
+            raise DatasetError(f"option {key!r} is not accepted by the {fmt} reader (options: {', '.join(accepted)})")
 
 
 def _read(fmt: str, data: Path, images: Path | None, kwargs: dict[str, Any], issues: BadSamples) -> PairedDataset:

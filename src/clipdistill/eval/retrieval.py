@@ -169,14 +169,10 @@ def _as_tensor(values: Sequence[int] | ArrayLike) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values))
 
 
-def _check_text_to_image(
-    text_to_image: Sequence[int] | ArrayLike, *, n_texts: int, n_images: int
-) -> torch.Tensor:
+def _check_text_to_image(text_to_image: Sequence[int] | ArrayLike, *, n_texts: int, n_images: int) -> torch.Tensor:
     owner = _as_tensor(text_to_image).cpu()
     if owner.ndim != 1 or len(owner) != n_texts:
-        raise ValueError(
-            f"text_to_image must have one entry per caption ({n_texts}), got shape {tuple(owner.shape)}"
-        )
+        raise ValueError(f"text_to_image must have one entry per caption ({n_texts}), got shape {tuple(owner.shape)}")
     if owner.is_floating_point() or owner.is_complex() or owner.dtype == torch.bool:
         raise ValueError(f"text_to_image must hold integer image indices, got {owner.dtype}")
     owner = owner.to(torch.int64)
