@@ -165,15 +165,48 @@ def _save(figure: Any, path: Path) -> None:
         plt.close(figure)
 
 
+def _method_colours(report: dict[str, Any]) -> dict[str, Any]:
+    """One colour per method, in the order the report lists them (seeds share their method's)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    methods = list(dict.fromkeys(student["method"] for student in report["students"]))
+    return {method: palette[index % len(palette)] for index, method in enumerate(methods)}
+
+
+def curves_by_method(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method: each seed's (epochs, val rsum) from its ``results.jsonl``, and the mean over
+    seeds at every epoch all seeds reached (a run stopped early shortens the mean, not skews it)."""
+    from clipdistill.io import read_jsonl
+
+    runs: dict[str, list[tuple[list[int], list[float]]]] = {}
+    for student in report["students"]:
+        results = read_jsonl(Path(student["run_dir"]) / "results.jsonl")
+        epochs = [int(r["epoch"]) for r in results]
+        runs.setdefault(student["method"], []).append((epochs, [float(r["val"]["rsum"]) for r in results]))
+    curves = {}
+    for method, seeds in runs.items():
+        shared = sorted(set.intersection(*(set(epochs) for epochs, _ in seeds)))
+        by_epoch = [dict(zip(epochs, values, strict=True)) for epochs, values in seeds]
+        mean = [statistics.fmean(values[epoch] for values in by_epoch) for epoch in shared]
+        curves[method] = {"runs": seeds, "epochs": shared, "mean": mean}
+    return curves
+
+
 def plot_pareto(report: dict[str, Any], path: Path) -> None:
-    """Test rsum against per-pair latency: every student seed, the teacher as a star."""
+    """Test rsum against per-pair latency: every student seed as a dot in its method's colour,
+    the method named once at its seeds' mean, the teacher as a star."""
     import matplotlib.pyplot as plt
 
+    colours = _method_colours(report)
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    for student in report["students"]:
-        x, y = _pair_latency(student), student["metrics"]["rsum"]
-        axes.scatter(x, y, s=30)
-        axes.annotate(student["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    for method, colour in colours.items():
+        seeds = [student for student in report["students"] if student["method"] == method]
+        xs = [_pair_latency(student) for student in seeds]
+        ys = [student["metrics"]["rsum"] for student in seeds]
+        axes.scatter(xs, ys, s=30, color=colour, alpha=0.8)
+        mean = (statistics.fmean(xs), statistics.fmean(ys))
+        axes.annotate(method, mean, textcoords="offset points", xytext=(5, 3), fontsize=8, color=colour)
     teacher = report["teacher"]
     axes.scatter(_pair_latency(teacher), teacher["metrics"]["rsum"], marker="*", s=220, color="black")
     axes.annotate(
@@ -192,21 +225,24 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:
-    """Validation rsum after each epoch, one line per student run (from its results.jsonl)."""
+    """Validation rsum after each epoch: one colour per method, its mean over seeds as the thick
+    line and each seed as a thin one (21 runs as 21 colours could not be told apart)."""
     import matplotlib.pyplot as plt
 
-    from clipdistill.io import read_jsonl
-
+    colours = _method_colours(report)
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    for student in report["students"]:
-        results = read_jsonl(Path(student["run_dir"]) / "results.jsonl")
-        label = student["method"] + (f" s{student['seed']}" if report["budget"]["seeds"] > 1 else "")
-        axes.plot([r["epoch"] for r in results], [r["val"]["rsum"] for r in results], marker="o", label=label)
+    for method, curve in curves_by_method(report).items():
+        colour = colours[method]
+        for epochs, values in curve["runs"]:
+            axes.plot(epochs, values, color=colour, linewidth=0.8, alpha=0.35)
+        seeds = len(curve["runs"])
+        label = method + (f" (mean of {seeds})" if seeds > 1 else "")
+        axes.plot(curve["epochs"], curve["mean"], color=colour, linewidth=2.2, marker="o", markersize=4, label=label)
     axes.set_xlabel("epoch")
     axes.set_ylabel("val rsum")
-    axes.set_title("training curves (validation split)")
+    axes.set_title("training curves (validation split; thin lines: single seeds)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, ncol=2)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves fill the axes
     _save(figure, path)
 
 
