@@ -9,27 +9,49 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from clipdistill.report import curves_by_method, plot_curves, plot_pareto
+from clipdistill.report import curves_by_method, plot_curves, plot_pareto, results_table, shared_latency
+
+METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
 
 
-def _student(tmp_path: Path, method: str, seed: int, rsums: list[float]) -> dict[str, Any]:
+def _student(tmp_path: Path, method: str, seed: int, rsums: list[float], image_ms: float = 2.0) -> dict[str, Any]:
     run = tmp_path / f"{method}-s{seed}"
     run.mkdir()
     lines = [json.dumps({"epoch": epoch, "val": {"rsum": rsum}}) for epoch, rsum in enumerate(rsums, start=1)]
     (run / "results.jsonl").write_text("\n".join(lines) + "\n")
-    latency = {"image_b1": 2.0 + seed, "text_b1": 1.0, "image_b64": 20.0, "text_b64": 10.0}
-    return {"method": method, "seed": seed, "run_dir": str(run), "metrics": {"rsum": rsums[-1]}, "latency_ms": latency}
+    latency = {"image_b1": image_ms, "text_b1": 1.0, "image_b64": 20.0, "text_b64": 10.0}
+    metrics = {**dict.fromkeys(METRICS, rsums[-1] / 6), "rsum": rsums[-1]}
+    return {
+        "method": method,
+        "seed": seed,
+        "run_dir": str(run),
+        "metrics": metrics,
+        "latency_ms": latency,
+        "params": {"total": 1_000_000},
+        "flops": {"image": 5, "text": 3},
+    }
 
 
 @pytest.fixture
 def report(tmp_path: Path) -> dict[str, Any]:
     students = [
-        _student(tmp_path, "clip", 0, [10.0, 20.0, 30.0]),
+        _student(tmp_path, "clip", 0, [10.0, 20.0, 30.0], image_ms=9.0),  # a measurement the OS slowed
         _student(tmp_path, "clip", 1, [14.0, 24.0]),  # stopped after epoch 2
         _student(tmp_path, "dcd", 0, [5.0, 6.0, 7.0]),
     ]
-    teacher = {"metrics": {"rsum": 90.0}, "latency_ms": {"image_b1": 30.0, "text_b1": 5.0}}
-    return {"dataset": "toy", "students": students, "teacher": teacher, "budget": {"seeds": 2}}
+    teacher = {
+        "spec": "run:teacher",
+        "metrics": {**dict.fromkeys(METRICS, 15.0), "rsum": 90.0},
+        "latency_ms": {"image_b1": 30.0, "text_b1": 5.0},
+        "params": {"total": 9_000_000},
+    }
+    summary = [
+        {"method": "clip", "rsum_mean": 27.0, "rsum_std": 3.0, "n_seeds": 2},
+        {"method": "dcd", "rsum_mean": 7.0, "rsum_std": 0.0, "n_seeds": 1},
+    ]
+    budget = {"seeds": 2, "student": "tiny", "epochs": 3, "batch_size": 8, "lr": 0.001, "k_augmentations": 1}
+    report = {"dataset": "toy", "students": students, "teacher": teacher, "budget": budget, "summary": summary}
+    return {**report, "n_images": 3, "n_texts": 6}
 
 
 def test_curves_average_seeds_over_the_epochs_all_of_them_reached(report: dict[str, Any]) -> None:
@@ -50,3 +72,17 @@ def test_plots_are_written_as_images(report: dict[str, Any], tmp_path: Path) -> 
     for name in ("curves.png", "pareto.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_students_of_one_network_share_the_median_latency(report: dict[str, Any]) -> None:
+    """Single latency measurements of the same network differ only by timing noise (9, 2 and 2
+    ms per image here); every method row gets their median, 2 + 1 ms per pair, not the 9 + 1
+    of clip's first seed."""
+    (latency,) = shared_latency(report["students"]).values()
+    assert latency["image_b1"] == 2.0 and latency["text_b1"] == 1.0
+    table = results_table(report)
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2
+    assert all(row.split(" | ")[-2] == "3.00" for row in rows), rows
+    other = dict(report["students"][2], params={"total": 2_000_000})
+    assert len(shared_latency([*report["students"][:2], other])) == 2  # another network: its own figure
