@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -209,6 +210,21 @@ def test_openapi_documents_both_request_bodies(client: TestClient) -> None:
     assert {"text", "image_b64", "k", "index", "target"} <= set(schema["properties"])
     assert schema["properties"]["k"]["maximum"] == 100 and schema["additionalProperties"] is False
     assert {"422", "413", "415"} <= set(spec["paths"]["/search"]["post"]["responses"])
+
+
+def test_docs_page_and_its_assets_come_from_the_service_not_a_cdn(client: TestClient) -> None:
+    """Offline and edge machines cannot reach a CDN: every script and stylesheet /docs loads is
+    served by the app itself, and the files are the real Swagger UI."""
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert any(url.endswith(".js") for url in assets) and any(url.endswith(".css") for url in assets)
+    for url in assets:
+        assert url.startswith("/docs-assets/"), url
+        response = client.get(url)
+        assert response.status_code == 200 and len(response.content) > 500, url
+    assert "SwaggerUIBundle" in client.get("/docs-assets/swagger-ui-bundle.js").text
+    assert "/openapi.json" in page.text
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -45,10 +45,12 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
+from swagger_ui_bundle import swagger_ui_path
 
 from clipdistill.serve.index import THUMBS_DIR
 from clipdistill.serve.search import Searcher
@@ -501,6 +503,11 @@ def create_app(
             f"Limits: text 1-{MAX_TEXT_CHARS} characters, k 1-{MAX_K}, images up to 10 MB and "
             f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels. Errors are JSON {{'detail': '...'}}."
         ),
+        # FastAPI's own /docs page loads Swagger UI from a CDN, so it is blank on the offline
+        # and edge machines this service is for; /docs below serves the same UI from the
+        # swagger-ui-bundle package instead. ReDoc has no packaged copy, so it is off.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.indexes = served
     app.state.slots = slots
@@ -669,7 +676,18 @@ def create_app(
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
     return app
 
 
