@@ -47,53 +47,38 @@ def run_sharded(work: Callable[[DistContext], None], merge: Callable[[], T]) -> 
         shutdown(created)
 
 
-def build_cache_sharded(teacher_spec: str, dataset: Any, out: str | Path, **kwargs: Any) -> Path:
-    """:func:`~clipdistill.distill.cache.build_cache`, split by rank when run under torchrun."""
-    from clipdistill.distill.cache import build_cache
-
+def split_by_rank(stage: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a shard-writing ``stage(*args, device=, progress=, shard_owner=, require_existing=,
+    **kwargs)`` split by rank: each process builds its shards (on its own device, progress bar on
+    rank 0 only), then rank 0 merges with the same arguments, requiring every shard to exist."""
     device = str(kwargs.pop("device", "cpu"))
     progress = bool(kwargs.pop("progress", True))
 
     def work(ctx: DistContext) -> None:
-        build_cache(
-            teacher_spec,
-            dataset,
-            out,
+        stage(
+            *args,
             device=process_device(device, ctx),
             progress=progress and ctx.is_main,
             shard_owner=(ctx.rank, ctx.world),
             **kwargs,
         )
 
-    def merge() -> Path:
+    def merge() -> T:
         sharded = context_from_env().enabled
-        return build_cache(
-            teacher_spec, dataset, out, device=device, progress=progress, require_existing=sharded, **kwargs
-        )
+        return stage(*args, device=device, progress=progress, require_existing=sharded, **kwargs)
 
     return run_sharded(work, merge)
+
+
+def build_cache_sharded(teacher_spec: str, dataset: Any, out: str | Path, **kwargs: Any) -> Path:
+    """:func:`~clipdistill.distill.cache.build_cache`, split by rank when run under torchrun."""
+    from clipdistill.distill.cache import build_cache
+
+    return split_by_rank(build_cache, teacher_spec, dataset, out, **kwargs)
 
 
 def embed_sharded(model: Any, data: str | Path, out: str | Path, **kwargs: Any) -> dict[str, Any]:
     """:func:`~clipdistill.serve.embed.embed_dataset`, split by rank when run under torchrun."""
     from clipdistill.serve.embed import embed_dataset
 
-    device = str(kwargs.pop("device", "cpu"))
-    progress = bool(kwargs.pop("progress", True))
-
-    def work(ctx: DistContext) -> None:
-        embed_dataset(
-            model,
-            data,
-            out,
-            device=process_device(device, ctx),
-            progress=progress and ctx.is_main,
-            shard_owner=(ctx.rank, ctx.world),
-            **kwargs,
-        )
-
-    def merge() -> dict[str, Any]:
-        sharded = context_from_env().enabled
-        return embed_dataset(model, data, out, device=device, progress=progress, require_existing=sharded, **kwargs)
-
-    return run_sharded(work, merge)
+    return split_by_rank(embed_dataset, model, data, out, **kwargs)
