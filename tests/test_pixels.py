@@ -14,6 +14,7 @@ from clipdistill.data.loading import load_dataset
 from clipdistill.data.pixels import DecodingPixels, PreloadedPixels, chunked
 from clipdistill.data.wds import write_wds
 from clipdistill.train.trainer import Trainer, train
+from test_trainer import interrupt_after_steps
 
 
 def _config(tmp_path: Path, data: Path, *, batch_size: int = 3, epochs: int = 2, **data_keys: object) -> TrainConfig:
@@ -93,17 +94,7 @@ def test_per_batch_decoding_trains_bitwise_like_preloading_and_resumes_across_mo
 
     # Stop a preloaded run after 3 of 4 steps, resume it decoding per batch in 1 worker.
     interrupted = _config(tmp_path / "c", shapes_dataset_dir)
-    trainer = Trainer(interrupted, progress=False)
-    original = trainer.train_step
-
-    def crash_after_three_steps(*args: object) -> dict[str, float]:
-        if trainer.global_step == 3:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    trainer.train_step = crash_after_three_steps  # type: ignore[method-assign]
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    interrupt_after_steps(Trainer(interrupted, progress=False), 3)
     resumed_config = _config(tmp_path / "c", shapes_dataset_dir, preload=False, workers=1)
     Trainer(resumed_config, progress=False).fit(resume="latest")
     resumed = _student(resumed_config)

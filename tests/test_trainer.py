@@ -16,6 +16,20 @@ from clipdistill.train.checkpoint import CheckpointError
 from clipdistill.train.trainer import Trainer, train
 
 
+def interrupt_after_steps(trainer: Trainer, steps: int) -> None:
+    """Run ``trainer.fit()`` and kill it (KeyboardInterrupt, as Ctrl-C) once ``steps`` steps are done."""
+    original_step = trainer.train_step
+
+    def crash_after(*args: object) -> dict[str, float]:
+        if trainer.global_step == steps:
+            raise KeyboardInterrupt
+        return original_step(*args)
+
+    trainer.train_step = crash_after  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
     torch.manual_seed(0)
@@ -77,17 +91,7 @@ def test_resume_after_interruption_is_bitwise_identical(
     interrupted = _config(
         tmp_path / "b", shapes_dataset_dir, method="openclip", teacher__spec=tiny_teacher, save_every=1
     )
-    trainer = Trainer(interrupted, progress=False)
-    original_step = trainer.train_step
-
-    def crash_after_three_steps(*args: object) -> dict[str, float]:
-        if trainer.global_step == 3:
-            raise KeyboardInterrupt
-        return original_step(*args)
-
-    trainer.train_step = crash_after_three_steps  # type: ignore[method-assign]
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    interrupt_after_steps(Trainer(interrupted, progress=False), 3)
     with pytest.raises(ConfigError, match=r"already holds a run.*--resume latest"):
         Trainer(interrupted, progress=False).fit()
     Trainer(interrupted, progress=False).fit(resume="latest")
