@@ -86,3 +86,21 @@ def test_students_of_one_network_share_the_median_latency(report: dict[str, Any]
     assert all(row.split(" | ")[-2] == "3.00" for row in rows), rows
     other = dict(report["students"][2], params={"total": 2_000_000})
     assert len(shared_latency([*report["students"][:2], other])) == 2  # another network: its own figure
+
+
+def test_terminal_summary_shows_the_report_rows(
+    report: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's last table agrees with report.md: rsum and recalls averaged over seeds (clip:
+    27.0 from 30 and 24), one latency for the shared network."""
+    from clipdistill.cli.main import print_demo_summary
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells in a narrow terminal
+
+    report = {**report, "best_student": {"method": "clip", "seed": 0, "selected_by": "val rsum"}}
+    print_demo_summary({**report, "deploy": {"index": "runs/x/index"}}, Path("runs/x"))
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split("│")[1].strip(): line for line in out if line.count("│") > 8}
+    assert set(rows) == {"teacher", "clip", "dcd"}
+    clip = [cell.strip() for cell in rows["clip"].split("│")[1:-1]]
+    assert clip[1] == "4.5" and clip[5] == "27.0 ± 3.0" and clip[6] == "3.00", clip

@@ -55,7 +55,7 @@ def shared_latency(students: list[dict[str, Any]]) -> dict[str, dict[str, float]
     return {key: {field: statistics.median(m[field] for m in ms) for field in ms[0]} for key, ms in groups.items()}
 
 
-def _method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per method: metrics averaged over seeds, size of the first seed (same network),
     latency the median over every student with that network (see :func:`shared_latency`)."""
     latency = shared_latency(report["students"])
@@ -78,7 +78,7 @@ def _method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def results_table(report: dict[str, Any]) -> str:
     """The methods × metrics table with its budget line (``report.md`` and the README use it)."""
     teacher = report["teacher"]
-    rows = _method_rows(report)
+    rows = method_rows(report)
     scratch = next((r for r in rows if r["method"] == "clip"), None)
     budget = report["budget"]
     machine = report.get("machine")
@@ -119,7 +119,7 @@ def results_table(report: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """``report.md``: the table, the method lines, the fusion re-ranking, the plots, how to serve."""
-    rows = _method_rows(report)
+    rows = method_rows(report)
     best = report["best_student"]
     lines = [
         f"# clipdistill demo: {report['dataset']} ({report['preset']} preset)",

@@ -267,6 +267,8 @@ def print_demo_summary(report: dict[str, Any], out: Path) -> None:
     """The terminal's last word: the table and the commands that use the result."""
     from rich.table import Table
 
+    from clipdistill.report import method_rows
+
     table = Table(title=f"{report['dataset']} test split ({report['n_images']} images, {report['n_texts']} captions)")
     for column in ("model", "t2i R@1", "t2i R@10", "i2t R@1", "i2t R@10", "rsum", "latency ms", "params M"):
         table.add_column(column, justify="right")
@@ -282,10 +284,9 @@ def print_demo_summary(report: dict[str, Any], out: Path) -> None:
         )
 
     add("teacher", report["teacher"], f"{report['teacher']['metrics']['rsum']:.1f}")
-    for row in report["summary"]:
-        first = next(s for s in report["students"] if s["method"] == row["method"])
+    for row in method_rows(report):  # the report.md rows: means over seeds, shared latency
         spread = f" ± {row['rsum_std']:.1f}" if row["n_seeds"] > 1 else ""
-        add(row["method"], first, f"{row['rsum_mean']:.1f}{spread}")
+        add(row["method"], row, f"{row['metrics']['rsum']:.1f}{spread}")
     Console().print(table)
     best, deploy = report["best_student"], report["deploy"]
     console.print(f"best student: {best['method']} (seed {best['seed']}, by {best['selected_by']})", highlight=False)
