@@ -106,3 +106,32 @@ def test_workers_need_per_batch_decoding_and_must_not_be_negative(shapes_dataset
         _config(tmp_path, shapes_dataset_dir, workers=2)
     with pytest.raises(ConfigError, match=r"'data.workers' has value -1"):
         _config(tmp_path, shapes_dataset_dir, preload=False, workers=-1)
+
+
+def test_evaluation_decodes_in_chunks_with_the_same_embeddings(
+    shapes_dataset_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """embed_split without pixels decodes a few images at a time (memory flat in the split's
+    size) and gives the embeddings of the whole split decoded at once."""
+    from clipdistill.data.images import load_image_tensor
+    from clipdistill.eval import embed as embed_module
+    from clipdistill.models.lit import LiTConfig, LiTModel
+
+    torch.manual_seed(0)
+    model = LiTModel(LiTConfig(image_model="test_convnext", image_size=32)).eval()
+    split = load_dataset(shapes_dataset_dir).split("test")
+    decoded: list[int] = []
+    original = pixels_module.DecodingPixels.batches
+
+    def counting(self: pixels_module.DecodingPixels, indices: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        for batch in original(self, indices):
+            decoded.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(embed_module, "DECODE_CHUNK", 2)
+    monkeypatch.setattr(pixels_module.DecodingPixels, "batches", counting)
+    images, texts = embed_module.embed_split(model, split)
+    assert decoded == [2, 1] and sum(decoded) == len(split)
+    whole = load_image_tensor(split.image_paths(), 32)
+    expected_images, expected_texts = embed_module.embed_split(model, split, pixels=whole)
+    assert torch.allclose(images, expected_images, atol=1e-6) and torch.equal(texts, expected_texts)
