@@ -64,13 +64,13 @@ def test_only_the_rows_a_step_uses_are_decoded(
     shapes_dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoded: list[str] = []
-    real = pixels_module.open_rgb
+    real = pixels_module.decode_uint8
 
     def counting(path: str, size: int) -> object:
         decoded.append(path)
         return real(path, size)
 
-    monkeypatch.setattr(pixels_module, "open_rgb", counting)
+    monkeypatch.setattr(pixels_module, "decode_uint8", counting)
     config = _config(tmp_path, shapes_dataset_dir, batch_size=4, epochs=1, preload=False)
     trainer = Trainer(config, progress=False)
     assert decoded == []  # nothing decoded up front

@@ -109,6 +109,13 @@ def open_rgb(path: str | Path, size: int | tuple[int, int] | None = None) -> Ima
     return rgb
 
 
+def decode_uint8(path: str | Path, size: int) -> torch.Tensor:
+    """One image as a uint8 (3, size, size) tensor: the one decoding every pixel source uses,
+    so images decoded one batch at a time equal those of a whole split decoded at once."""
+    array = np.array(open_rgb(path, size), dtype=np.uint8)  # a writable copy for torch
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
 def load_image_tensor(paths: Sequence[str | Path], size: int, progress: bool = False) -> torch.Tensor:
     """All images as one (N, 3, size, size) uint8 tensor, in the order of ``paths``."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
@@ -118,8 +125,7 @@ def load_image_tensor(paths: Sequence[str | Path], size: int, progress: bool = F
 
         iterator = tqdm(paths, desc="decode images", unit="img", leave=False)
     for index, path in enumerate(iterator):
-        array = np.array(open_rgb(path, size), dtype=np.uint8)  # a writable copy for torch
-        out[index] = torch.from_numpy(array).permute(2, 0, 1)
+        out[index] = decode_uint8(path, size)
     return out
 
 

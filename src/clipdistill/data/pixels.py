@@ -11,7 +11,7 @@ answer with the same tensor for the same rows:
   17 GB of uint8 per process preloaded), and under torchrun each process decodes only its own
   share of each batch rather than the whole split.
 
-Both decode through :func:`~clipdistill.data.images.open_rgb`, so a run gives the same pixels,
+Both decode through :func:`~clipdistill.data.images.decode_uint8`, so a run gives the same pixels,
 losses and checkpoints either way; the plan of which rows make each step stays the trainer's
 (seeded by (seed, epoch)), which is what keeps resume exact. We use torch's DataLoader with an
 explicit batch list instead of webdataset's streaming order for that reason: a stream's order
@@ -23,11 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipdistill.data.images import load_image_tensor, open_rgb
+from clipdistill.data.images import decode_uint8, load_image_tensor
 
 
 class _DecodedImage(Dataset):  # type: ignore[type-arg]
@@ -41,8 +40,7 @@ class _DecodedImage(Dataset):  # type: ignore[type-arg]
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        array = np.array(open_rgb(self.paths[index], self.size), dtype=np.uint8)
-        return torch.from_numpy(array).permute(2, 0, 1)
+        return decode_uint8(self.paths[index], self.size)
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
