@@ -8,10 +8,10 @@ import torch
 
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import to_unit
-from clipdistill.data.pixels import DecodingPixels, chunked
+from clipdistill.data.pixels import DecodingPixels, PixelSource, chunked
 from clipdistill.models.base import DualEncoder
 
-# Images decoded at once by embed_split (1024 x 3 x 224 x 224 bytes = 154 MB at most).
+# Images decoded at once by embed_image_source (1024 x 3 x 224 x 224 bytes = 154 MB at most).
 DECODE_CHUNK = 1024
 
 
@@ -55,10 +55,17 @@ def embed_split(
     if pixels is not None:
         return embed_images(model, pixels), texts
     source = DecodingPixels(dataset.image_paths(), image_size or model.image_size[0])
-    chunks: Iterable[torch.Tensor] = source.batches(chunked(len(source), DECODE_CHUNK))
+    return embed_image_source(model, source, progress=progress), texts
+
+
+def embed_image_source(model: DualEncoder, source: PixelSource, *, progress: bool = False) -> torch.Tensor:
+    """L2-normalised embeddings of every image of a pixel source, taken :data:`DECODE_CHUNK` at a
+    time (a multiple of :func:`embed_images`' batch, so the result equals embedding them all at once)."""
+    chunks = chunked(len(source), DECODE_CHUNK)
+    batches: Iterable[torch.Tensor] = source.batches(chunks)
     if progress:
         from tqdm import tqdm
 
-        chunks = tqdm(chunks, total=-(-len(source) // DECODE_CHUNK), desc="embed images", unit="chunk", leave=False)
-    embedded = [embed_images(model, chunk) for chunk in chunks]
-    return (torch.cat(embedded) if embedded else torch.empty(0, model.embed_dim)), texts
+        batches = tqdm(batches, total=len(chunks), desc="embed images", unit="chunk", leave=False)
+    embedded = [embed_images(model, batch) for batch in batches]
+    return torch.cat(embedded) if embedded else torch.empty(0, model.embed_dim)

@@ -28,7 +28,7 @@ from clipdistill.config import ConfigError, TrainConfig, read_yaml, to_dict
 from clipdistill.data.augment import replay_augmentation
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import to_unit
-from clipdistill.data.pixels import PixelSource, chunked, pixel_source
+from clipdistill.data.pixels import PixelSource, pixel_source
 from clipdistill.distill.base import (
     Batch,
     DistillMethod,
@@ -36,7 +36,7 @@ from clipdistill.distill.base import (
     build_method_args,
     get_method,
 )
-from clipdistill.eval.embed import embed_images, embed_texts
+from clipdistill.eval.embed import embed_image_source, embed_texts
 from clipdistill.eval.retrieval import recall_at_k
 from clipdistill.io import append_jsonl, atomic_write_json, read_jsonl
 from clipdistill.models.openclip_model import OpenCLIPDualEncoder
@@ -388,8 +388,7 @@ class Trainer:
             self.val_images = pixel_source(
                 self.val_split.image_paths(), data.image_size, preload=data.preload, workers=data.workers
             )
-        batches = self.val_images.batches(chunked(len(self.val_images), 256))
-        image_emb = torch.cat([embed_images(self.student, pixels) for pixels in batches])
+        image_emb = embed_image_source(self.student, self.val_images)
         text_emb = embed_texts(self.student, self.val_split.texts())
         return recall_at_k(image_emb, text_emb, self.val_split.text_to_image())
 
