@@ -22,10 +22,8 @@ small box two jobs at once measure the contention, not the mode).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,8 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _record import run_header
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODES = {"preload": (True, 0), "decode, 0 workers": (False, 0), "decode, 1 worker": (False, 1)}
+
+
+def _slug(mode: str) -> str:
+    """A mode's run name and result file stem: "decode, 1 worker" -> "decode-1worker"."""
+    return mode.replace(", ", "-").replace(" ", "")
 
 
 def write_dataset(root: Path, n_images: int, side: int, seed: int = 0) -> Path:
@@ -72,7 +77,7 @@ def worker(work: Path, mode: str, image_size: int, batch_size: int, epochs: int)
 
     started = time.perf_counter()
     preload, workers = MODES[mode]
-    slug = mode.replace(", ", "-").replace(" ", "")
+    slug = _slug(mode)
     config = from_dict(
         TrainConfig,
         {
@@ -134,7 +139,7 @@ def main() -> None:
             completed = subprocess.run(command, capture_output=True, text=True, env=env)
             if completed.returncode != 0:
                 raise SystemExit(f"mode {mode!r} failed:\n{completed.stderr[-3000:]}")
-            slug = mode.replace(", ", "-").replace(" ", "")
+            slug = _slug(mode)
             results[mode] = json.loads((work / f"{slug}.json").read_text())
             entry = results[mode]
             print(
@@ -156,9 +161,7 @@ def main() -> None:
     atomic_write_json(
         args.out,
         {
-            "benchmark": "data_loading",
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            **run_header("data_loading"),
             "settings": {
                 "images": args.images,
                 "jpeg_side": args.side,

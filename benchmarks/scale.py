@@ -28,17 +28,17 @@ with one thread, measured here), so compare processes at ``--threads 1``. Projec
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _record import run_header
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -269,9 +269,7 @@ def main() -> None:
     atomic_write_json(
         args.out,
         {
-            "benchmark": "scale",
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            **run_header("scale"),
             "settings": {
                 "images": args.images,
                 "batch_size": args.batch_size,
