@@ -26,6 +26,7 @@ import torch
 
 from clipdistill.config import TrainConfig, from_dict
 from clipdistill.data.loading import load_dataset
+from clipdistill.distill.methods import fusion_methods
 from clipdistill.eval.evaluate import evaluate_loaded
 from clipdistill.io import atomic_write_json
 from clipdistill.models.teachers import load_model
@@ -52,7 +53,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dcd-per-sample": ("dcd", {"per_sample_kd_weight": True}),  # the paper's per-sample weighting
     "dcd-dual": ("dcd", {}),  # released weighting, teacher scores from the dual teacher (no fusion)
 }
-FUSION_METHODS = ("mcad", "dcd")
 DUAL_ONLY = ("dcd-dual",)  # labels that never get the fusion teacher, even with --fusion
 EDGES = ("ITS", "ISS", "CTS", "CSS")
 
@@ -60,7 +60,7 @@ EDGES = ("ITS", "ISS", "CTS", "CSS")
 def run(base: dict[str, Any], name: str, label: str, seed: int, method_args: dict[str, Any]) -> dict[str, Any]:
     method, fixed = VARIANTS.get(label, (label, {}))
     teacher = dict(base["teacher"])
-    if method not in FUSION_METHODS or label in DUAL_ONLY:
+    if method not in fusion_methods() or label in DUAL_ONLY:
         teacher.pop("fusion", None)
     raw = {**base, "teacher": teacher, "name": name, "method": method, "seed": seed}
     config = from_dict(TrainConfig, {**raw, "method_args": {**fixed, **method_args}})

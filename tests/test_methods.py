@@ -20,10 +20,9 @@ from clipdistill.distill.base import (
     TeacherOutputs,
     TeacherSource,
     build_method_args,
-    get_method,
-    list_methods,
 )
 from clipdistill.distill.losses import clip_loss
+from clipdistill.distill.methods import get_method, list_methods
 from clipdistill.distill.methods.conaclip import EDGE_TYPES, default_edges
 
 B, TEACHER_DIM = 4, 6

@@ -20,8 +20,6 @@ from clipdistill.distill.base import (
     TeacherOutputs,
     TeacherSource,
     build_method_args,
-    get_method,
-    list_methods,
 )
 from clipdistill.distill.losses import (
     attend,
@@ -31,6 +29,7 @@ from clipdistill.distill.losses import (
     moment_alignment,
     topk_pair_mask,
 )
+from clipdistill.distill.methods import get_method, list_methods
 from clipdistill.models.fusion import FusionConfig, FusionEncoder, FusionStates, FusionTeacher
 from clipdistill.models.lit import LiTConfig, LiTModel
 

@@ -56,7 +56,7 @@ class StudentConfig:
 class TeacherConfig:
     spec: str | None = None  # model spec, e.g. run:runs/teacher or openclip:ViT-B-32@laion2b_s34b_b79k
     cache: str | None = None  # folder built by `clipdistill cache build`; online teacher when absent
-    # Single-stream fusion teacher (fusion:PATH or blip-itm:ID) for methods that use one (mcad, dcd).
+    # Single-stream fusion teacher (fusion:PATH or blip-itm:ID) for the methods that read one.
     # With `cache`, the cache must hold its states (`clipdistill cache build --fusion SPEC`).
     fusion: str | None = None
 
@@ -117,8 +117,11 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _check_value(key: str, value: Any, annotation: Any) -> Any:
-    """Validate ``value`` against a (resolved) type annotation; return it, normalised."""
+def check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Validate ``value`` against a (resolved) type annotation; return it, normalised.
+
+    The one type checker of the project's configs: the training config's keys and a method's
+    own ``method_args`` (``distill/base.py`` ``build_method_args``) both go through it."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -127,7 +130,7 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:
-                return _check_value(key, value, option)
+                return check_value(key, value, option)
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"key {key!r}: invalid value {value!r}")
@@ -139,7 +142,7 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         args = typing.get_args(annotation)
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"key {key!r} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"key {key!r} must be a mapping, got {type(value).__name__} {value!r}")
@@ -182,7 +185,7 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
                 f"unknown config key {prefix + str(key)!r}"
                 + (f" (did you mean {prefix + hint[0]!r}?)" if hint else f"; valid: {', '.join(sorted(known))}")
             )
-        values[key] = _check_value(prefix + key, value, hints[key])
+        values[key] = check_value(prefix + key, value, hints[key])
     return cls(**values)
 
 

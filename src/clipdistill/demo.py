@@ -28,13 +28,22 @@ from typing import Any
 
 from clipdistill.io import atomic_write_json
 
-ALL_METHODS = ("clip", "openclip", "clipkd", "conaclip", "mcad", "dcd", "comkd")
-FUSION_METHODS = ("mcad", "dcd")  # the methods that read the single-stream teacher
-SCRATCH = "clip"
-# Method weights chosen on the val split by benchmarks/methods.py (docs/results.md); the
-# methods' own defaults are the papers' values. ComKD at its defaults (w_align 1, w_ref 1)
-# trains far below scratch: the L1 moment alignment swamps the task loss.
-TUNED_METHOD_ARGS: dict[str, dict[str, Any]] = {"mcad": {"mu": 0.2}, "comkd": {"w_ref": 3.0, "w_align": 0.1}}
+# Which methods run, which get the fusion teacher and with which arguments is read from the
+# methods' own metadata through the registry (``distill/registry.py``): every registered method
+# by default, the fusion teacher for those that read it, and the arguments tuned on the val
+# split (``DistillMethod.tuned``, chosen by benchmarks/methods.py) where a method has them; the
+# methods' own defaults are the papers' values.
+
+
+def __getattr__(name: str) -> Any:
+    """``TUNED_METHOD_ARGS`` (per method: the tuned arguments the demo trains it with), read
+    from the registry on first use: listing the methods imports torch, importing this module
+    does not."""
+    if name == "TUNED_METHOD_ARGS":
+        from clipdistill.distill.methods import tuned_method_args
+
+        return tuned_method_args()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -89,12 +98,13 @@ class DemoError(ValueError):
 
 
 def parse_methods(methods: str | None) -> list[str]:
-    """``"a,b"`` -> validated list (default: all seven); names are checked against the registry."""
-    from clipdistill.distill.base import get_method
+    """``"a,b"`` -> validated list (default: every registered method); names are checked
+    against the registry."""
+    from clipdistill.distill.methods import get_method, list_methods
 
-    names = list(ALL_METHODS) if not methods else [m.strip() for m in methods.split(",") if m.strip()]
+    names = list_methods() if not methods else [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
-        raise DemoError("--methods is empty; give e.g. --methods clip,conaclip")
+        raise DemoError(f"--methods is empty; give e.g. --methods {','.join(list_methods()[:2])}")
     for name in names:
         get_method(name)  # close-match error for a typo
     if len(set(names)) != len(names):
@@ -188,15 +198,17 @@ def _student_config(
 ) -> Any:
     from clipdistill.config import TrainConfig, from_dict
     from clipdistill.data.bad_samples import default_policy
+    from clipdistill.distill.methods import get_method
 
-    fusion = teacher.get("fusion") if method in FUSION_METHODS else None
+    method_cls = get_method(method)
+    fusion = teacher.get("fusion") if "fusion" in method_cls.teachers() else None
     return from_dict(
         TrainConfig,
         {
             "name": f"{method}-s{seed}",
             "out_dir": str(out / "students"),
             "method": method,
-            "method_args": TUNED_METHOD_ARGS.get(method, {}),
+            "method_args": dict(method_cls.tuned.values) if method_cls.tuned is not None else {},
             "seed": seed,
             "data": {
                 "path": data,
@@ -310,6 +322,7 @@ def run_demo(
 
     ``preset`` is a name from :data:`PRESETS` or a :class:`DemoPreset` (tests and sweeps)."""
     from clipdistill.data.images import load_image_tensor
+    from clipdistill.distill.methods import fusion_methods
     from clipdistill.models.text_minilm import clear_minilm_memo, minilm_memo
     from clipdistill.report import write_report
 
@@ -330,7 +343,7 @@ def run_demo(
     dataset, data_path, images_root = _dataset(out, data, images)
     with minilm_memo():  # the three stages encode the same captions with the same locked tower
         teacher_spec = _teacher(out, dataset, settings)
-        fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(FUSION_METHODS) else None
+        fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(fusion_methods()) else None
         cache = _cache(out, dataset, teacher_spec, fusion_spec, settings)
     clear_minilm_memo()
     teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}

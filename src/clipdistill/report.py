@@ -13,18 +13,22 @@ from typing import Any
 
 from clipdistill.io import atomic_path, atomic_write_text
 
-# One line per method: what a reader needs to know to choose between them.
-METHOD_LINES = {
-    "clip": "scratch: the student's own contrastive loss, no teacher (the baseline to beat)",
-    "openclip": "open_clip logit distillation: KL to the teacher's in-batch similarity distribution + task loss",
-    "clipkd": "CLIP-KD: feature MSE to the teacher embeddings + interactive and contrastive relation losses",
-    "conaclip": "ConaCLIP: InfoNCE/feature/similarity losses on all four teacher-student edges of a full graph",
-    "mcad": "MCAD: teacher similarities and features refined by the single-stream fusion teacher, distilled jointly",
-    "dcd": "DCD: teacher-mined hard negatives, score distillation + entropy-weighted self-learning",
-    "comkd": "ComKD-CLIP: IFAlign mean/variance alignment + EduAttention refinement (training-only modules)",
-}
 EXAMPLE_QUERIES = 4
 TOP = 5
+
+
+def method_line(method: str) -> str:
+    """A method's line in ``report.md``: its registered summary (``DistillMethod.summary``)."""
+    from clipdistill.distill.methods import get_method
+
+    return get_method(method).summary
+
+
+def scratch_method() -> str | None:
+    """The baseline every student is compared with (``DistillMethod.baseline``)."""
+    from clipdistill.distill.methods import baseline_method
+
+    return baseline_method()
 
 
 def _pair_latency(entry: dict[str, Any]) -> float:
@@ -79,7 +83,8 @@ def results_table(report: dict[str, Any]) -> str:
     """The methods × metrics table with its budget line (``report.md`` and the README use it)."""
     teacher = report["teacher"]
     rows = method_rows(report)
-    scratch = next((r for r in rows if r["method"] == "clip"), None)
+    baseline = scratch_method()
+    scratch = next((r for r in rows if r["method"] == baseline), None)
     budget = report["budget"]
     machine = report.get("machine")
     measured = (
@@ -130,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
         "so the test numbers above stay an honest estimate.",
         "",
         "## Methods",
-        *[f"- `{r['method']}`: {METHOD_LINES.get(r['method'], '')}{_weights(r)}" for r in rows],
+        *[f"- `{r['method']}`: {method_line(r['method'])}{_weights(r)}" for r in rows],
     ]
     fusion = report.get("fusion_teacher")
     if fusion and fusion.get("rerank_test"):
@@ -291,10 +296,11 @@ def plot_examples(report: dict[str, Any], dataset: Any, path: Path) -> None:
     step = max(1, len(texts) // EXAMPLE_QUERIES)
     queries = list(range(0, step * EXAMPLE_QUERIES, step))[:EXAMPLE_QUERIES]
     models = [("teacher", report["teacher"]["spec"])]
-    scratch = [s for s in report["students"] if s["method"] == "clip"]
-    distilled = [s for s in report["students"] if s["method"] != "clip"]
+    baseline = scratch_method()
+    scratch = [s for s in report["students"] if s["method"] == baseline]
+    distilled = [s for s in report["students"] if s["method"] != baseline]
     if scratch:
-        models.append(("scratch (clip)", scratch[0]["spec"]))
+        models.append((f"scratch ({baseline})", scratch[0]["spec"]))
     if distilled:
         best = max(distilled, key=lambda s: s["val_rsum"])
         models.append((f"best distilled ({best['method']})", best["spec"]))

@@ -11,17 +11,29 @@ The trainer sums the ``*_loss`` terms; everything is logged.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from clipdistill.config import ConfigError, check_value
+
 if TYPE_CHECKING:
     from clipdistill.models.fusion import FusionStates, FusionTeacher
 
 NEEDS = ("teacher_embeddings", "teacher_tokens", "fusion_scores", "fusion_features")
+#: Which teacher provides each need: the dual-encoder teacher (key ``teacher.spec``) or the
+#: single-stream fusion teacher (key ``teacher.fusion``).
+TEACHER_OF_NEED = {
+    "teacher_embeddings": "dual",
+    "teacher_tokens": "dual",
+    "fusion_scores": "fusion",
+    "fusion_features": "fusion",
+}
 
 
 class MethodConfigError(ValueError):
@@ -109,20 +121,47 @@ class MethodArgs:
     w_task: float = 1.0
 
 
+@dataclass(frozen=True)
+class TunedArgs:
+    """Method arguments chosen by an experiment rather than taken from the paper, and where.
+
+    ``values`` are what the demo trains the method with (a subset of its ``Args``; checked when
+    the method is registered); ``chosen_by`` names the benchmark and the results that chose them,
+    so the numbers are never restated by hand elsewhere."""
+
+    values: Mapping[str, Any]
+    chosen_by: str
+
+
 class DistillMethod(nn.Module):
-    """Base of every method. Subclasses set ``name``, ``needs``, ``Args`` and implement ``forward``.
+    """Base of every method. Subclasses set ``name``, ``summary``, ``needs``, ``Args`` and
+    implement ``forward``; :func:`~clipdistill.distill.registry.register_method` enters them.
 
     ``student`` is the trainable model; ``teacher`` is ``None`` only for methods that need
-    nothing (the ``clip`` baseline). Trainable extras (projectors, attention) are submodules
+    nothing (the baseline). Trainable extras (projectors, attention) are submodules
     of the method, so the trainer's optimiser sees them; they are never exported.
+
+    The class attributes are the method's metadata; the demo, the report, the benchmarks and
+    the trainer's checks read them through the registry instead of listing methods by name.
     """
 
     name: ClassVar[str] = ""
+    #: One line for ``report.md``: what a reader needs to know to choose between methods.
+    summary: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     #: What the method uses when it is configured but can do without (DCD's fusion scores fall
     #: back to the dual teacher's); the trainer refuses a configured input no method uses.
     optional_needs: ClassVar[frozenset[str]] = frozenset()
     Args: ClassVar[type[MethodArgs]] = MethodArgs
+    #: Arguments tuned on the val split (the demo trains with them); ``None``: the defaults.
+    tuned: ClassVar[TunedArgs | None] = None
+    #: The no-teacher baseline: the report's "scratch" row, which the others are compared with.
+    baseline: ClassVar[bool] = False
+
+    @classmethod
+    def teachers(cls) -> frozenset[str]:
+        """The teachers it reads, needed or optional: ``"dual"`` and/or ``"fusion"``."""
+        return frozenset(TEACHER_OF_NEED[need] for need in cls.needs | cls.optional_needs)
 
     def __init__(self, student_dim: int, teacher: TeacherSource | None, args: MethodArgs) -> None:
         super().__init__()
@@ -141,41 +180,16 @@ class DistillMethod(nn.Module):
         return self.teacher(batch)
 
 
-_REGISTRY: dict[str, type[DistillMethod]] = {}
+def build_method_args(cls: type[DistillMethod], raw: Mapping[str, Any] | None) -> MethodArgs:
+    """The method's own config from a mapping; unknown keys and wrong types name the key.
 
-
-def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
-    """Class decorator: adding a method = one file + this decorator (+ one import line)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no 'name'")
-    unknown = (set(cls.needs) | set(cls.optional_needs)) - set(NEEDS)
-    if unknown:
-        raise ValueError(f"{cls.__name__}.needs has unknown entries {sorted(unknown)}; valid: {NEEDS}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def list_methods() -> list[str]:
-    from clipdistill.distill import methods  # noqa: F401  (imports register every method)
-
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> type[DistillMethod]:
-    names = list_methods()
-    if name not in _REGISTRY:
-        hint = difflib.get_close_matches(name, names, n=1)
-        raise MethodConfigError(
-            f"unknown method {name!r} (key 'method'); available: {', '.join(names)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        )
-    return _REGISTRY[name]
-
-
-def build_method_args(cls: type[DistillMethod], raw: dict[str, Any] | None) -> MethodArgs:
-    """The method's own config from a mapping; unknown keys and wrong types name the key."""
+    Scalars (and optional scalars) are checked by the training config's own checker
+    (:func:`clipdistill.config.check_value`), so a key means the same in ``method_args`` as
+    anywhere else in the YAML; containers are left to the method's ``__post_init__``, which
+    knows their meaning."""
     raw = dict(raw or {})
-    known = {f.name: f for f in fields(cls.Args)}
+    known = {f.name for f in fields(cls.Args)}
+    hints = typing.get_type_hints(cls.Args)
     for key, value in raw.items():
         if key not in known:
             hint = difflib.get_close_matches(key, list(known), n=1)
@@ -183,23 +197,21 @@ def build_method_args(cls: type[DistillMethod], raw: dict[str, Any] | None) -> M
                 f"unknown key 'method_args.{key}' for method {cls.name!r}; valid: {', '.join(sorted(known))}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
-        raw[key] = _coerce(f"method_args.{key}", value, known[key].type)
+        if _is_scalar(hints[key]):
+            try:
+                raw[key] = check_value(f"method_args.{key}", value, hints[key])
+            except ConfigError as error:
+                raise MethodConfigError(str(error)) from error
     try:
         return cls.Args(**raw)
     except (TypeError, ValueError) as error:
         raise MethodConfigError(f"method {cls.name!r}: {error}") from error
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check scalar types (ints are accepted for floats); containers are checked by the
-    method's own ``__post_init__``, which knows their meaning."""
-    text = str(annotation)
-    checks: dict[str, Callable[[Any], bool]] = {
-        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-    }
-    if text in checks and not checks[text](value):
-        raise MethodConfigError(f"key {key!r} must be {text}, got {type(value).__name__} {value!r}")
-    return float(value) if text == "float" else value
+def _is_scalar(annotation: Any) -> bool:
+    """A bool/int/float/str annotation, or an optional one."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return all(option in _SCALARS for option in options or (annotation,))
+
+
+_SCALARS = (bool, int, float, str, type(None))

@@ -29,13 +29,8 @@ from clipdistill.data.augment import replay_augmentation
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import to_unit
 from clipdistill.data.pixels import PixelSource, pixel_source
-from clipdistill.distill.base import (
-    Batch,
-    DistillMethod,
-    TeacherSource,
-    build_method_args,
-    get_method,
-)
+from clipdistill.distill.base import TEACHER_OF_NEED, Batch, DistillMethod, TeacherSource, build_method_args
+from clipdistill.distill.methods import fusion_methods, get_method
 from clipdistill.eval.embed import embed_image_source, embed_texts
 from clipdistill.eval.retrieval import recall_at_k
 from clipdistill.io import append_jsonl, atomic_write_json, read_jsonl
@@ -134,35 +129,28 @@ def check_needs(config: TrainConfig, method_cls: type[DistillMethod]) -> None:
     not exist, naming the key; before the data is read or anything is built."""
     check_names(config)
     needs = set(method_cls.needs)
-    if needs & {"teacher_embeddings", "teacher_tokens"} and not config.teacher.spec:
+    if any(TEACHER_OF_NEED[need] == "dual" for need in needs) and not config.teacher.spec:
         raise ConfigError(f"method {method_cls.name!r} needs a teacher: set key 'teacher.spec' (e.g. run:runs/teacher)")
-    fusion = sorted(needs & {"fusion_scores", "fusion_features"})
+    fusion = sorted(need for need in needs if TEACHER_OF_NEED[need] == "fusion")
     if fusion and not config.teacher.fusion:
         raise ConfigError(
             f"method {method_cls.name!r} needs {', '.join(fusion)}: set key 'teacher.fusion' to a fusion teacher "
             "(fusion:PATH from `clipdistill teacher train-fusion`, or blip-itm:ID)"
         )
     if config.teacher.fusion:
-        from clipdistill.distill.base import list_methods
         from clipdistill.models.spec import ModelSpecError, parse_fusion_spec
 
         try:
             parse_fusion_spec(config.teacher.fusion)  # a dual-encoder spec here fails before any work
         except ModelSpecError as error:
             raise ConfigError(f"key 'teacher.fusion': {error}") from error
-        if not _uses_fusion(method_cls):
-            users = [name for name in list_methods() if _uses_fusion(get_method(name))]
+        if "fusion" not in method_cls.teachers():
             raise ConfigError(
                 f"key 'teacher.fusion' is set but method {method_cls.name!r} does not use a fusion teacher; "
-                f"remove the key (methods that use one: {', '.join(users)})"
+                f"remove the key (methods that use one: {', '.join(fusion_methods())})"
             )
         if not config.teacher.spec:
             raise ConfigError("key 'teacher.spec' is required with 'teacher.fusion' (the dual teacher)")
-
-
-def _uses_fusion(method_cls: type[DistillMethod]) -> bool:
-    declared = set(method_cls.needs) | set(method_cls.optional_needs)
-    return bool(declared & {"fusion_scores", "fusion_features"})
 
 
 def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:

@@ -1,48 +1,16 @@
 """``clip``: the no-teacher baseline, the "scratch" row of every report.
 
 The student is trained with the clip loss alone (symmetric InfoNCE at its own learned scale).
-Also home of the small argument checks every method shares.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
-
-from clipdistill.distill.base import (
-    Batch,
-    DistillMethod,
-    MethodArgs,
-    MethodConfigError,
-    MethodOutput,
-    StudentFeatures,
-    TeacherSource,
-    register_method,
-)
-from clipdistill.distill.losses import MAX_SCALE, clip_loss
-
-
-def check_non_negative(args: MethodArgs, *names: str) -> None:
-    """Raise :class:`MethodConfigError` naming ``method_args.<name>`` unless each is finite and ≥ 0."""
-    for name in names:
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            raise MethodConfigError(f"key 'method_args.{name}' must be a finite number >= 0, got {value!r}")
-
-
-def check_positive(args: MethodArgs, *names: str) -> None:
-    """Raise :class:`MethodConfigError` naming ``method_args.<name>`` unless each is finite and > 0."""
-    for name in names:
-        value = getattr(args, name)
-        if not math.isfinite(value) or value <= 0:
-            raise MethodConfigError(f"key 'method_args.{name}' must be a finite number > 0, got {value!r}")
-
-
-def scale_value(logit_scale: torch.Tensor) -> float:
-    """κ = exp(log scale) clamped at 100 as the losses use it, as a float for reports."""
-    return float(logit_scale.detach().exp().clamp(max=MAX_SCALE))
+from clipdistill.distill.base import Batch, DistillMethod, MethodArgs, MethodOutput, StudentFeatures, TeacherSource
+from clipdistill.distill.common import check_positive, scale_value
+from clipdistill.distill.losses import clip_loss
+from clipdistill.distill.registry import register_method
 
 
 @register_method
@@ -52,7 +20,9 @@ class ClipMethod(DistillMethod):
     Report: ``logit_scale`` = the student's κ (exp of its log scale, clamped at 100)."""
 
     name = "clip"
+    summary = "scratch: the student's own contrastive loss, no teacher (the baseline to beat)"
     needs = frozenset()
+    baseline = True
 
     @dataclass(frozen=True)
     class Args(MethodArgs):

@@ -1,7 +1,5 @@
 """``clipkd``: CLIP-KD (Yang et al., CVPR 2024) — feature, interactive-contrastive and
 logit distillation together.
-
-Also home of the student→teacher projector helpers that ConaCLIP reuses.
 """
 
 from __future__ import annotations
@@ -10,7 +8,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clipdistill.distill.base import (
@@ -21,7 +18,15 @@ from clipdistill.distill.base import (
     MethodOutput,
     StudentFeatures,
     TeacherSource,
-    register_method,
+)
+from clipdistill.distill.common import (
+    check_non_negative,
+    check_positive,
+    frozen_teacher,
+    make_projector,
+    project_to_teacher,
+    require_teacher,
+    scale_value,
 )
 from clipdistill.distill.losses import (
     bidirectional_kl,
@@ -30,21 +35,7 @@ from clipdistill.distill.losses import (
     cross_contrastive_loss,
     feature_mse,
 )
-from clipdistill.distill.methods.clip import check_non_negative, check_positive, scale_value
-from clipdistill.distill.methods.openclip import frozen_teacher, require_teacher
-
-
-def make_projector(student_dim: int, teacher_dim: int) -> nn.Linear | None:
-    """A trainable linear map student_dim → teacher_dim (with bias, as CLIP-KD), or ``None``
-    when the dims already agree (CLIP-KD adds projectors only then)."""
-    return None if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
-
-
-def project_to_teacher(features: torch.Tensor, projector: nn.Module | None) -> torch.Tensor:
-    """Student unit features in the teacher's space. A projected feature is re-normalised
-    (CLIP-KD does the same) so it is compared with teacher unit vectors on equal terms;
-    without a projector the features are returned unchanged (already unit)."""
-    return features if projector is None else F.normalize(projector(features), dim=-1)
+from clipdistill.distill.registry import register_method
 
 
 @register_method
@@ -67,6 +58,7 @@ class ClipKDMethod(DistillMethod):
     sees no unused parameters). Report: ``logit_scale`` (κ_S), ``cross_logit_scale`` (κ_c)."""
 
     name = "clipkd"
+    summary = "CLIP-KD: feature MSE to the teacher embeddings + interactive and contrastive relation losses"
     needs = frozenset({"teacher_embeddings"})
 
     @dataclass(frozen=True)

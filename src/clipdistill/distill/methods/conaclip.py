@@ -36,12 +36,18 @@ from clipdistill.distill.base import (
     MethodOutput,
     StudentFeatures,
     TeacherSource,
-    register_method,
+)
+from clipdistill.distill.common import (
+    check_non_negative,
+    check_positive,
+    frozen_teacher,
+    make_projector,
+    project_to_teacher,
+    require_teacher,
+    scale_value,
 )
 from clipdistill.distill.losses import MAX_SCALE, clip_loss, feature_mse, info_nce, similarity_distance
-from clipdistill.distill.methods.clip import check_non_negative, check_positive, scale_value
-from clipdistill.distill.methods.clipkd import make_projector, project_to_teacher
-from clipdistill.distill.methods.openclip import frozen_teacher, require_teacher
+from clipdistill.distill.registry import register_method
 
 EDGE_TYPES = ("ITS", "ISS", "CTS", "CSS")
 LOSS_TYPES = ("infonce", "fd", "sd")
@@ -152,6 +158,7 @@ class ConaClipMethod(DistillMethod):
     and ``tau_<edge>`` for every learned edge temperature."""
 
     name = "conaclip"
+    summary = "ConaCLIP: InfoNCE/feature/similarity losses on all four teacher-student edges of a full graph"
     needs = frozenset({"teacher_embeddings"})
 
     @dataclass(frozen=True)

@@ -20,12 +20,18 @@ from clipdistill.distill.base import (
     MethodOutput,
     StudentFeatures,
     TeacherSource,
-    register_method,
+)
+from clipdistill.distill.common import (
+    check_non_negative,
+    check_positive,
+    frozen_teacher,
+    fusion_of,
+    fusion_states,
+    require_teacher,
+    scale_value,
 )
 from clipdistill.distill.losses import MAX_SCALE, clip_loss, contrastive_logits, dcd_loss
-from clipdistill.distill.methods.clip import check_non_negative, check_positive, scale_value
-from clipdistill.distill.methods.mcad import fusion_of, fusion_states
-from clipdistill.distill.methods.openclip import frozen_teacher, require_teacher
+from clipdistill.distill.registry import register_method
 
 if TYPE_CHECKING:
     from clipdistill.models.fusion import FusionStates, FusionTeacher
@@ -91,6 +97,7 @@ class DCDMethod(DistillMethod):
     Report: ``logit_scale``, ``fusion``, ``candidates`` (1 + negatives kept), ``max_share``."""
 
     name = "dcd"
+    summary = "DCD: teacher-mined hard negatives, score distillation + entropy-weighted self-learning"
     needs = frozenset({"teacher_embeddings"})
     optional_needs = frozenset({"fusion_scores"})
 

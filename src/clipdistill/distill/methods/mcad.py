@@ -4,8 +4,6 @@ distillation from a dual-stream and a single-stream (fusion) teacher.
 The fusion teacher scores pairs jointly (better aligned, too slow to index); its knowledge is
 folded into the dual teacher's similarities and features, and the student learns both. The
 student's inference cost is unchanged: nothing of the fusion teacher is exported.
-
-Also home of the helpers that give methods the fusion teacher's outputs (DCD uses them too).
 """
 
 from __future__ import annotations
@@ -25,7 +23,18 @@ from clipdistill.distill.base import (
     StudentFeatures,
     TeacherOutputs,
     TeacherSource,
-    register_method,
+    TunedArgs,
+)
+from clipdistill.distill.common import (
+    check_non_negative,
+    check_positive,
+    frozen_teacher,
+    fusion_of,
+    fusion_states,
+    make_projector,
+    project_to_teacher,
+    require_teacher,
+    scale_value,
 )
 from clipdistill.distill.losses import (
     MAX_SCALE,
@@ -36,27 +45,10 @@ from clipdistill.distill.losses import (
     fused_similarity,
     topk_pair_mask,
 )
-from clipdistill.distill.methods.clip import check_non_negative, check_positive, scale_value
-from clipdistill.distill.methods.clipkd import make_projector, project_to_teacher
-from clipdistill.distill.methods.openclip import frozen_teacher, require_teacher
+from clipdistill.distill.registry import register_method
 
 if TYPE_CHECKING:
-    from clipdistill.models.fusion import FusionStates, FusionTeacher
-
-
-def fusion_of(teacher: TeacherSource) -> FusionTeacher | None:
-    """The teacher source's fusion teacher (``None`` when key 'teacher.fusion' is not set)."""
-    return getattr(teacher, "fusion", None)
-
-
-def fusion_states(method: str, outputs: TeacherOutputs) -> FusionStates:
-    """The batch's fusion states, or an error naming the key that provides them."""
-    if outputs.fusion is None:
-        raise MethodConfigError(
-            f"method {method!r}: the teacher source gave no fusion states; set key 'teacher.fusion' "
-            "(with 'teacher.cache', build the cache with --fusion)"
-        )
-    return outputs.fusion
+    from clipdistill.models.fusion import FusionStates
 
 
 @register_method
@@ -85,6 +77,12 @@ class MCADMethod(DistillMethod):
     ``fused_pairs`` (fraction of the B² pairs scored by the fusion teacher), ``fusion_features``."""
 
     name = "mcad"
+    summary = "MCAD: teacher similarities and features refined by the single-stream fusion teacher, distilled jointly"
+    tuned = TunedArgs(
+        {"mu": 0.2},
+        chosen_by="benchmarks/methods.py on the val split (mu 0.5: val rsum 90.6, 0.2: 95.5; "
+        "benchmarks/results/methods_mcad.json, docs/results.md)",
+    )
     needs = frozenset({"teacher_embeddings", "fusion_scores"})
     optional_needs = frozenset({"fusion_features"})
 

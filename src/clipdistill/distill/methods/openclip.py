@@ -1,14 +1,8 @@
-"""``openclip``: logit distillation exactly as open_clip's ``DistillClipLoss``.
-
-Also home of :func:`frozen_teacher`, which every teacher-based method uses to take the
-teacher's outputs off the autograd graph and onto the student's device and dtype.
-"""
+"""``openclip``: logit distillation exactly as open_clip's ``DistillClipLoss``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from clipdistill.distill.base import (
     Batch,
@@ -17,35 +11,11 @@ from clipdistill.distill.base import (
     MethodConfigError,
     MethodOutput,
     StudentFeatures,
-    TeacherOutputs,
     TeacherSource,
-    register_method,
 )
+from clipdistill.distill.common import check_non_negative, frozen_teacher, require_teacher, scale_value
 from clipdistill.distill.losses import MAX_SCALE, openclip_distill_terms
-from clipdistill.distill.methods.clip import check_non_negative, scale_value
-
-
-def frozen_teacher(outputs: TeacherOutputs, like: torch.Tensor) -> TeacherOutputs:
-    """Teacher outputs detached (teachers are frozen: no gradient may reach them, whatever
-    the source returns) and moved to ``like``'s device and dtype (a cache may store fp16)."""
-
-    def prep(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.detach().to(device=like.device, dtype=like.dtype)
-
-    return TeacherOutputs(
-        image=prep(outputs.image),
-        text=prep(outputs.text),
-        logit_scale=outputs.logit_scale.detach().to(device=like.device, dtype=torch.float32),
-        image_tokens=prep(outputs.image_tokens),
-        text_tokens=prep(outputs.text_tokens),
-    )
-
-
-def require_teacher(method: str, teacher: TeacherSource | None) -> TeacherSource:
-    """The teacher, or a config error naming the key that provides it."""
-    if teacher is None:
-        raise MethodConfigError(f"method {method!r} needs a teacher but none was configured (key 'teacher.spec')")
-    return teacher
+from clipdistill.distill.registry import register_method
 
 
 @register_method
@@ -63,6 +33,7 @@ class OpenClipDistillMethod(DistillMethod):
     Report: ``logit_scale`` (κ_S), ``teacher_logit_scale`` (κ_T)."""
 
     name = "openclip"
+    summary = "open_clip logit distillation: KL to the teacher's in-batch similarity distribution + task loss"
     needs = frozenset({"teacher_embeddings"})
 
     @dataclass(frozen=True)
