@@ -42,7 +42,7 @@ from clipdistill.models.fusion import (
     save_fusion_encoder,
     score_pairs,
 )
-from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_everything, update
 
 
 @dataclass(frozen=True)
@@ -400,8 +400,12 @@ def train_fusion_teacher(
     n_captions = len(data.caption_text)
     steps_per_epoch = max(1, (n_captions if listwise else n_images) // batch_size)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    optimizer, scheduler = build_optimizer(
+        trainable,
+        AdamWSettings(lr=config.lr, weight_decay=config.weight_decay),
+        config.warmup_steps,
+        steps_per_epoch * config.epochs,
+    )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "train_config.json", {"teacher": dual_spec, **asdict(config)})
     log_path = out / "log.jsonl"
@@ -440,11 +444,7 @@ def train_fusion_teacher(
                     generator,
                 )
             loss = itm + config.w_heads * heads
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            update(loss, optimizer, scheduler, config.grad_clip)
             totals["itm_loss"] += float(itm.detach())
             totals["heads_loss"] += float(heads.detach())
         result = _rerank(encoder, val_data, config.rerank_k)

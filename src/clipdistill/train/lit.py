@@ -24,7 +24,7 @@ from clipdistill.eval.embed import embed_images
 from clipdistill.eval.retrieval import recall_at_k
 from clipdistill.io import append_jsonl, atomic_write_json
 from clipdistill.models.lit import LiTConfig, LiTModel
-from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_everything, update
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,13 @@ def train_lit_teacher(
         val_pixels = val_pixels.contiguous(memory_format=torch.channels_last)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(train) // config.batch_size)
-    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    optimizer, scheduler = build_optimizer(
+        trainable,
+        AdamWSettings(lr=config.lr, weight_decay=config.weight_decay),
+        config.warmup_steps,
+        steps_per_epoch * config.epochs,
+    )
     atomic_write_json(out / "train_config.json", asdict(config))
     log_path = out / "log.jsonl"
     log_path.unlink(missing_ok=True)
@@ -155,11 +159,7 @@ def train_lit_teacher(
                 loss = _multi_positive_clip_loss(image, text, model.logit_scale, caption_ids[pick])
             else:
                 loss = clip_loss(image, text, model.logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            update(loss, optimizer, scheduler, config.grad_clip)
             with torch.no_grad():
                 model.log_scale.clamp_(0, 4.6052)
             losses.append(float(loss.detach()))

@@ -56,7 +56,7 @@ from clipdistill.train.distributed import (
     process_device,
     wrap_ddp,
 )
-from clipdistill.train.schedule import cosine_with_warmup, seed_everything
+from clipdistill.train.schedule import AdamWSettings, build_optimizer, decay_groups, seed_everything, update
 from clipdistill.train.state import (
     StopSignals,
     TrainingStopped,
@@ -167,19 +167,6 @@ def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
     return build_student(student_config(config.student.preset))
 
 
-def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's rule: no weight decay on gains, biases and scalars (ndim < 2)."""
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for module in modules:
-        for param in module.parameters():
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            (no_decay if param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _truncate_log(path: Path, key: str, limit: int) -> None:
     """After a resume, drop log lines written after the checkpoint (they will be redone)."""
     if not path.is_file():
@@ -243,14 +230,14 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.train_split) // self.batch_size)
         self.rows = local_rows(self.batch_size, self.dist)  # this process's share of each batch
         self.total_steps = self.steps_per_epoch * optim.epochs
-        self.optimizer = torch.optim.AdamW(
-            _param_groups([self.student, self.method], optim.weight_decay),
-            lr=optim.lr,
-            betas=(0.9, 0.98),
-            eps=1e-6,
-            fused=True,  # one kernel for all parameters: the per-tensor loop dominated small-batch CPU steps
+        self.optimizer, self.scheduler = build_optimizer(
+            decay_groups([self.student, self.method], optim.weight_decay),
+            # open_clip's betas and eps; fused: one kernel for all parameters (the per-tensor
+            # loop dominated small-batch CPU steps)
+            AdamWSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.98), eps=1e-6, fused=True),
+            optim.warmup_steps,
+            self.total_steps,
         )
-        self.scheduler = cosine_with_warmup(self.optimizer, optim.warmup_steps, self.total_steps)
         self.use_amp = optim.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.epoch = 0
@@ -351,14 +338,7 @@ class Trainer:
         if not torch.isfinite(total):
             terms = {k: float(v) for k, v in output.losses.items()}
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {terms}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        grad_norm = update(total, self.optimizer, self.scheduler, self.config.optim.grad_clip, self.scaler)
         with torch.no_grad():
             self.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         record = {k: float(v.detach()) for k, v in output.losses.items()}
