@@ -131,3 +131,61 @@ def test_no_loader_in_clipdistill_can_unpickle_a_file() -> None:
                     found.append(f"{path.relative_to(source)}:{number}: {what}")
     assert not found, found
     assert "weights_only=True" in (source / "train" / "checkpoint.py").read_text()
+
+
+def _user_facing_errors() -> list[tuple[type[Exception], type[Exception]]]:
+    """Every error of ours that is the user's to fix, with the built-in base it always had."""
+    from clipdistill.demo import DemoError
+    from clipdistill.distill.base import MethodConfigError
+    from clipdistill.models.spec import ModelSpecError
+    from clipdistill.models.students import StudentConfigError
+    from clipdistill.models.text_minilm import TextModelMissingError
+    from clipdistill.train.distributed import DistributedError
+
+    return [
+        (ConfigError, ValueError),
+        (MethodConfigError, ValueError),
+        (DemoError, ValueError),
+        (ModelSpecError, ValueError),
+        (StudentConfigError, ValueError),
+        (CheckpointError, ValueError),
+        (DistributedError, ValueError),
+        (DeviceError, RuntimeError),
+        (TextModelMissingError, RuntimeError),
+    ]
+
+
+def test_user_errors_share_one_base_and_keep_their_own() -> None:
+    """One base for the CLI to catch; each error is still the ValueError or RuntimeError that
+    code catching those saw before the base existed (and no RuntimeError became a ValueError)."""
+    from clipdistill.errors import UserError
+
+    for error, builtin in _user_facing_errors():
+        assert issubclass(error, UserError) and issubclass(error, builtin), error
+        assert builtin is ValueError or not issubclass(error, ValueError), error
+
+
+def test_the_cli_reports_any_user_error_in_one_line() -> None:
+    """A new user error needs no entry in the CLI: subclassing UserError is enough."""
+    import typer
+
+    from clipdistill.cli.common import reports_user_errors
+    from clipdistill.errors import UserError
+
+    class NewError(UserError, ValueError):
+        pass
+
+    @reports_user_errors
+    def command() -> None:
+        raise NewError("key 'x.y' is wrong")
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 2
+
+    @reports_user_errors
+    def buggy() -> None:
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        buggy()

@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from clipdistill.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key that is unknown, mistyped, or inconsistent; the message names it."""
 
 

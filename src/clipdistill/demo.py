@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipdistill.errors import UserError
 from clipdistill.io import atomic_write_json
 
 # Which methods run, which get the fusion teacher and with which arguments is read from the
@@ -93,7 +94,7 @@ PRESETS: dict[str, DemoPreset] = {
 }
 
 
-class DemoError(ValueError):
+class DemoError(UserError, ValueError):
     """A bad demo request (unknown preset or method, a dataset without the needed splits)."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from clipdistill.errors import UserError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(UserError, RuntimeError):
     """The requested device does not exist on this machine."""
 
 

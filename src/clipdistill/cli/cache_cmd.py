@@ -1,44 +1,23 @@
 """``clipdistill cache``: build a teacher cache and show what an existing one was built for.
 
-Kept out of ``cli/main.py`` so the cache stage owns its flags. It imports ``cli.main`` only
-inside functions, so registering ``cache_app`` from ``main`` (at any point of that module)
-cannot create an import cycle.
+Kept out of ``cli/main.py`` so the cache stage owns its flags; ``main`` registers ``cache_app``.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
+
+from clipdistill.cli.common import console, reports_user_errors
 
 cache_app = typer.Typer(help="Compute teacher outputs once and store them for training.", no_args_is_help=True)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @cache_app.callback()
 def _cache_group() -> None:
     """Compute teacher outputs once and store them for training."""
-
-
-def _reports_errors(command: F) -> F:
-    """The shared user-error handling of ``cli.main`` plus the cache's own errors (exit 2)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from clipdistill.cli.main import console, reports_user_errors
-        from clipdistill.distill.cache import CacheError
-
-        try:
-            return reports_user_errors(command)(*args, **kwargs)
-        except CacheError as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(code=2) from error
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _summary(out: Path) -> str:
@@ -57,7 +36,7 @@ def _summary(out: Path) -> str:
 
 
 @cache_app.command("build")
-@_reports_errors
+@reports_user_errors
 def cache_build(
     teacher: Annotated[str, typer.Option("--teacher", help="Teacher spec, e.g. run:runs/teacher.")],
     data: Annotated[Path, typer.Option("--data", help="Dataset: folder with dataset.json, Karpathy JSON, CSV/TSV.")],
@@ -88,7 +67,6 @@ def cache_build(
 
     Resumes an interrupted build and does nothing when the cache is already complete.
     """
-    from clipdistill.cli.main import console
     from clipdistill.data.loading import load_dataset
     from clipdistill.device import resolve_device
     from clipdistill.models.spec import parse_spec
@@ -119,9 +97,8 @@ def cache_build(
 
 
 @cache_app.command("info")
-@_reports_errors
+@reports_user_errors
 def cache_info(out: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     """Print what a cache was built for (teacher, dataset, preprocessing, counts)."""
-    from clipdistill.cli.main import console
 
     console.print(_summary(out), highlight=False, markup=False, soft_wrap=True)

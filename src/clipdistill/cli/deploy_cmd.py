@@ -1,55 +1,24 @@
 """``clipdistill export | embed | index | search``: the deploy stage's commands.
 
 Plain functions registered by ``cli.main`` (kept here so the deploy stage owns its flags).
-``cli.main`` is imported only inside functions, so registration cannot form an import cycle,
-and ``search`` imports nothing from torch: it runs on a box with only onnxruntime + FAISS.
+``search`` imports nothing from torch: it runs on a box with only onnxruntime + FAISS.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _deploy_errors() -> tuple[type[BaseException], ...]:
-    from clipdistill.serve.embed import EmbedError
-    from clipdistill.serve.encoders import ExportError
-    from clipdistill.serve.export import ExportConfigError
-    from clipdistill.serve.index import IndexBuildError
-    from clipdistill.serve.preprocess import ImageInputError
-    from clipdistill.serve.search import QueryError
-
-    return (EmbedError, ExportError, ExportConfigError, IndexBuildError, ImageInputError, QueryError)
-
-
-def reports_deploy_errors(command: F) -> F:
-    """``cli.main``'s user-error handling plus the deploy stage's own errors (exit status 2)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from clipdistill.cli.main import console, reports_user_errors
-
-        try:
-            return reports_user_errors(command)(*args, **kwargs)
-        except _deploy_errors() as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(code=2) from error
-
-    return wrapper  # type: ignore[return-value]
+from clipdistill.cli.common import console, reports_user_errors
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-@reports_deploy_errors
+@reports_user_errors
 def export_command(
     model: Annotated[str, typer.Option("--model", help="Model spec, e.g. run:runs/student or local-dir:PATH.")],
     out: Annotated[Path, typer.Option("--out", help="Export folder (ONNX graphs, tokenizer, parity.json).")],
@@ -65,7 +34,6 @@ def export_command(
     """Export both towers to ONNX (dynamic batch, encode + L2-normalise) with a parity report."""
     from rich.table import Table
 
-    from clipdistill.cli.main import console
     from clipdistill.serve.export import export_model
 
     parity = export_model(model, out, int8=int8, opset=opset, exporter=exporter, data=data, images=images, split=split)
@@ -100,7 +68,7 @@ def export_command(
     console.print(f"exported {model} -> {out} (see {out / 'parity.json'})", highlight=False)
 
 
-@reports_deploy_errors
+@reports_user_errors
 def embed_command(
     model: Annotated[str, typer.Option("--model", help="Export folder (ONNX, recommended) or a model spec (torch).")],
     data: Annotated[Path, typer.Option("--data", help="Dataset: folder with dataset.json, Karpathy JSON, CSV/TSV.")],
@@ -112,7 +80,6 @@ def embed_command(
     device: Annotated[str, typer.Option("--device", help="Torch device for a model spec.")] = "cpu",
 ) -> None:
     """Embed a dataset split (resumable per shard; finished shards are not recomputed)."""
-    from clipdistill.cli.main import console
     from clipdistill.sharded import embed_sharded
 
     manifest = embed_sharded(  # split by rank under torchrun, else the plain embed
@@ -125,7 +92,7 @@ def embed_command(
     )
 
 
-@reports_deploy_errors
+@reports_user_errors
 def index_command(
     emb_dir: Annotated[Path, typer.Argument(help="Embedding folder written by `clipdistill embed`.")],
     out: Annotated[Path, typer.Option("--out", help="Index folder (self-contained: index, encoders, thumbnails).")],
@@ -140,7 +107,6 @@ def index_command(
     nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="IVF lists probed per query.")] = 16,
 ) -> None:
     """Build an inner-product FAISS index with a manifest, bundled encoders and thumbnails."""
-    from clipdistill.cli.main import console
     from clipdistill.serve.index import build_index
 
     manifest = build_index(
@@ -159,7 +125,7 @@ def index_command(
     )
 
 
-@reports_deploy_errors
+@reports_user_errors
 def search_command(
     index_dir: Annotated[Path, typer.Argument(help="Index folder written by `clipdistill index`.")],
     query: Annotated[str | None, typer.Argument(help="Text query.")] = None,

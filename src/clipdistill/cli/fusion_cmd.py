@@ -1,41 +1,19 @@
 """``clipdistill teacher train-fusion``: train the single-stream fusion teacher over a dual teacher.
 
 Kept out of ``cli/main.py`` so the fusion stage owns its flags; ``main`` registers it under the
-``teacher`` group. It imports ``cli.main`` only inside the function, so there is no import cycle.
+``teacher`` group (with the shared user-error handling, which covers ``FusionError``).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _reports_fusion_errors(command: F) -> F:
-    """A :class:`~clipdistill.models.fusion.FusionError` is a user error: one line, exit status 2
-    (``cli.main``'s ``reports_user_errors`` handles the shared ones)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from clipdistill.cli.main import console
-        from clipdistill.models.fusion import FusionError
-
-        try:
-            return command(*args, **kwargs)
-        except FusionError as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True)
-            raise typer.Exit(code=2) from error
-
-    return wrapper  # type: ignore[return-value]
+from clipdistill.cli.common import console, print_metrics
 
 
-@_reports_fusion_errors
 def train_fusion_command(
     teacher: Annotated[str, typer.Option("--teacher", help="The dual teacher, e.g. run:runs/teacher.")],
     data: Annotated[Path, typer.Option("--data", help="Dataset: folder with dataset.json, Karpathy JSON, CSV/TSV.")],
@@ -71,7 +49,6 @@ def train_fusion_command(
     """
     from dataclasses import replace
 
-    from clipdistill.cli.main import console, print_metrics
     from clipdistill.data.loading import load_dataset
     from clipdistill.models.spec import parse_spec
     from clipdistill.train.fusion import FusionTrainConfig, train_fusion_teacher

@@ -2,24 +2,26 @@
 
 Commands only parse flags, build typed configs and call library functions; no library code
 takes an ``args`` namespace. Known user errors (bad data, bad spec, missing packages) print
-one clear line and exit with status 2 instead of a traceback.
+one clear line and exit with status 2 instead of a traceback (``cli/common.py``, which the
+command modules share; they never import this module back).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape  # messages hold paths and fields like images[0] or [train]
-from rich.table import Table
 
-if TYPE_CHECKING:
-    from clipdistill.train.state import TrainingStopped
+from clipdistill.cli.cache_cmd import cache_app
+from clipdistill.cli.common import DataOpt, ImagesOpt, console, exit_stopped, print_metrics, reports_user_errors
+from clipdistill.cli.deploy_cmd import embed_command, export_command, index_command, search_command
+from clipdistill.cli.fusion_cmd import train_fusion_command
+from clipdistill.cli.serve_cmd import serve_command
+from clipdistill.cli.train_cmd import train_command
+from clipdistill.cli.wds_cmd import to_wds_command
 
 app = typer.Typer(
     name="clipdistill",
@@ -53,70 +55,6 @@ def _global_options(
     if on_bad_sample not in POLICIES:
         raise typer.BadParameter(f"{on_bad_sample!r}; valid: {', '.join(POLICIES)}", param_hint="--on-bad-sample")
     set_default_policy(on_bad_sample)
-
-
-console = Console(stderr=True, soft_wrap=True)  # never break paths or values inside error messages
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from clipdistill.config import ConfigError
-    from clipdistill.data.dataset import DatasetError
-    from clipdistill.demo import DemoError
-    from clipdistill.device import DeviceError
-    from clipdistill.distill.base import MethodConfigError
-    from clipdistill.distill.cache import CacheError
-    from clipdistill.models.spec import ModelSpecError
-    from clipdistill.models.students import StudentConfigError
-    from clipdistill.models.text_minilm import TextModelMissingError
-    from clipdistill.train.checkpoint import CheckpointError
-
-    return (
-        DatasetError,
-        DemoError,
-        ModelSpecError,
-        StudentConfigError,
-        TextModelMissingError,
-        DeviceError,
-        ConfigError,
-        MethodConfigError,
-        CheckpointError,
-        CacheError,
-        FileNotFoundError,
-    )
-
-
-def reports_user_errors(command: F) -> F:
-    """Turn the user errors we raise on purpose into ``error: ...`` and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except _user_errors() as error:
-            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, markup=True)
-            raise typer.Exit(code=2) from error
-
-    return wrapper  # type: ignore[return-value]
-
-
-def print_metrics(title: str, metrics: dict[str, float]) -> None:
-    table = Table(title=title)
-    for key in metrics:
-        table.add_column(key, justify="right")
-    table.add_row(*(f"{value:.2f}" for value in metrics.values()))
-    Console().print(table)
-
-
-DataOpt = Annotated[
-    Path,
-    typer.Option(
-        "--data", help="Dataset: a folder with dataset.json, a Karpathy JSON, a CSV/TSV or an image+txt folder."
-    ),
-]
-ImagesOpt = Annotated[
-    Path | None, typer.Option("--images", help="Image root for a Karpathy JSON or CSV (default: its folder).")
-]
 
 
 @data_app.command("build")
@@ -228,15 +166,6 @@ def eval_command(
     console.print(f"wrote {out}")
 
 
-def exit_stopped(stopped: TrainingStopped, message: str) -> NoReturn:
-    """Print ``message`` and exit with the shell's code for the signal that stopped training
-    (128 + signal number), so scripts and schedulers see a stop, not a crash."""
-    import signal
-
-    console.print(message, highlight=False)
-    raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
-
-
 @app.command("demo")
 @reports_user_errors
 def demo_command(
@@ -296,13 +225,6 @@ def print_demo_summary(report: dict[str, Any], out: Path) -> None:
 
 def _register_commands() -> None:
     """Commands that live in their own modules (kept small: one job each)."""
-    from clipdistill.cli.cache_cmd import cache_app
-    from clipdistill.cli.deploy_cmd import embed_command, export_command, index_command, search_command
-    from clipdistill.cli.fusion_cmd import train_fusion_command
-    from clipdistill.cli.serve_cmd import serve_command
-    from clipdistill.cli.train_cmd import train_command
-    from clipdistill.cli.wds_cmd import to_wds_command
-
     app.command("train")(reports_user_errors(train_command))
     data_app.command("to-wds")(reports_user_errors(to_wds_command))
     teacher_app.command("train-fusion")(reports_user_errors(train_fusion_command))

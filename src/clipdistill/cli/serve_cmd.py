@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from clipdistill.cli.deploy_cmd import reports_deploy_errors
+from clipdistill.cli.common import console, reports_user_errors
 
 
-@reports_deploy_errors
+@reports_user_errors
 def serve_command(
     index_dir: Annotated[Path, typer.Argument(help="Index folder written by `clipdistill index` (the default index).")],
     index: Annotated[
@@ -40,7 +40,6 @@ def serve_command(
     """Serve indexes over HTTP: POST /search, GET /indexes, /images/{id}, /healthz, /metrics, and a web page at /."""
     import uvicorn
 
-    from clipdistill.cli.main import console
     from clipdistill.serve.app import create_app, default_index_name, parse_index_option
 
     indexes: dict[str, Path] = {}

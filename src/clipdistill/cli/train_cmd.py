@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from clipdistill.cli.common import console, exit_stopped, print_metrics
+
 
 def train_command(
     configs: Annotated[list[Path], typer.Argument(help="YAML config file(s), deep-merged in order.")],
@@ -27,7 +29,6 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a student with the configured distillation method."""
-    from clipdistill.cli.main import console, exit_stopped, print_metrics
     from clipdistill.config import load_config
     from clipdistill.data.bad_samples import default_policy
     from clipdistill.train.trainer import train

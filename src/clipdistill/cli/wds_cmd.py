@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from clipdistill.cli.common import console
+
 
 def to_wds_command(
     data: Annotated[Path, typer.Argument(help="Any dataset load_dataset reads (Karpathy, CSV, folder, wds).")],
@@ -18,7 +20,6 @@ def to_wds_command(
     ] = None,
 ) -> None:
     """Write tar shards (KEY.<image ext> + KEY.json with ids, split and captions) and sizes.json."""
-    from clipdistill.cli.main import console
     from clipdistill.data.dataset import SPLITS
     from clipdistill.data.loading import load_dataset
     from clipdistill.data.wds import write_wds

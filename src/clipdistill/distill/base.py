@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clipdistill.config import ConfigError, check_value
+from clipdistill.errors import UserError
 
 if TYPE_CHECKING:
     from clipdistill.models.fusion import FusionStates, FusionTeacher
@@ -36,7 +37,7 @@ TEACHER_OF_NEED = {
 }
 
 
-class MethodConfigError(ValueError):
+class MethodConfigError(UserError, ValueError):
     """A method name or a method argument that is unknown, mistyped or inconsistent."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from clipdistill.errors import UserError
+
 SCHEMAS: dict[str, str] = {
     "openclip": "openclip:NAME@PRETRAINED  (open_clip zoo, e.g. openclip:ViT-B-32@laion2b_s34b_b79k)",
     "hf-hub": "hf-hub:ORG/REPO  (an open_clip model on the Hugging Face hub)",
@@ -25,7 +27,7 @@ SCHEMAS: dict[str, str] = {
 FUSION_SCHEMAS = ("blip-itm", "fusion")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """A model spec that cannot be parsed or names nothing that exists."""
 
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from clipdistill.errors import UserError
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.models.spec import close_matches
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class StudentConfigError(ValueError):
+class StudentConfigError(UserError, ValueError):
     """An unknown preset or a student config open_clip cannot build."""
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipdistill.errors import UserError
+
 MINILM_DIM = 384
 
 
-class TextModelMissingError(RuntimeError):
+class TextModelMissingError(UserError, RuntimeError):
     """The bundled MiniLM weights are not installed."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from clipdistill.cli.main import reports_user_errors
+from clipdistill.cli.common import reports_user_errors
 from clipdistill.cli.train_cmd import train_command
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipdistill.errors import UserError
 from clipdistill.io import atomic_path
 
 LATEST = "latest.pt"
@@ -28,7 +29,7 @@ BEST = "best.pt"
 PREVIOUS = "latest.prev.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or from a different run."""
 
 
