@@ -149,6 +149,18 @@ def test_build_method_args_names_each_clipkd_key() -> None:
     assert build_method_args(cls, {"w_fd": 1000}).w_fd == 1000.0  # ints accepted for floats
 
 
+def test_method_args_are_checked_like_every_config_key() -> None:
+    """method_args go through the training config's type checker: a YAML 1.1 ``1e3`` (read as a
+    string) is a number there as anywhere in the config, a bool is not a number, and an optional
+    number is checked too."""
+    clipkd = get_method("clipkd")
+    assert build_method_args(clipkd, {"w_fd": "1e3"}).w_fd == 1000.0
+    with pytest.raises(MethodConfigError, match=r"method_args\.w_fd' must be a number, got bool"):
+        build_method_args(clipkd, {"w_fd": True})
+    with pytest.raises(MethodConfigError, match=r"method_args\.attention_c' must be a number, got str"):
+        build_method_args(get_method("comkd"), {"attention_c": "wide"})
+
+
 def test_default_args() -> None:
     assert build_method_args(get_method("clip"), None).w_task == 1.0
     openclip = build_method_args(get_method("openclip"), None)
