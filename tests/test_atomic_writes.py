@@ -72,9 +72,9 @@ def _read_config(path: Path) -> Any:
 
 
 def _cache_shard(path: Path, version: int) -> None:
-    from clipdistill.distill.cache import _write_shard
+    from clipdistill.distill.cache.format import write_shard
 
-    _write_shard(path, {"image": torch.full((16, 32), float(version))}, {"version": str(version)})
+    write_shard(path, {"image": torch.full((16, 32), float(version))}, {"version": str(version)})
 
 
 def _read_cache_shard(path: Path) -> Any:

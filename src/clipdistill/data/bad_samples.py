@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipdistill.data.dataset import DatasetError
+from clipdistill.data.errors import DatasetError
 
 POLICIES = ("error", "skip")
 SHOWN = 10  # offenders kept verbatim in the summary; the counts cover all of them

@@ -9,29 +9,17 @@ cache (keyed by sample id and caption id, never by row index) both depend on tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from clipdistill.data.errors import DatasetError, MissingImagesError
 
 if TYPE_CHECKING:
     from clipdistill.data.bad_samples import BadSamples
 
 SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """Bad dataset input: the message names the file, the row or index, the field and the value."""
-
-
-class MissingImagesError(DatasetError):
-    """Image files referenced by a dataset do not exist on disk."""
-
-    def __init__(self, missing: Sequence[Path], source: str) -> None:
-        self.missing = list(missing)
-        shown = ", ".join(str(p) for p in self.missing[:5])
-        more = f" (and {len(self.missing) - 5} more)" if len(self.missing) > 5 else ""
-        super().__init__(f"{len(self.missing)} image file(s) listed in {source} are missing: {shown}{more}")
 
 
 @dataclass(frozen=True)
@@ -130,7 +118,7 @@ class PairedDataset:
         return sum(len(record.captions) for record in self.images)
 
     def missing_images(self) -> list[Path]:
-        from clipdistill.data.wds import member_exists  # images inside webdataset shards
+        from clipdistill.data.members import member_exists  # images inside webdataset shards
 
         return [
             record.path for record in self.images if not Path(record.path).is_file() and not member_exists(record.path)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipdistill.data.dataset import DatasetError
+from clipdistill.data.errors import DatasetError
 
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb limit (~9.5K x 9.5K)
 
@@ -44,7 +44,7 @@ def image_problem(path: str | Path) -> str | None:
     try:
         size = path.stat().st_size
     except (FileNotFoundError, NotADirectoryError) as error:
-        from clipdistill.data.wds import read_member
+        from clipdistill.data.members import read_member
 
         member = read_member(path)  # SHARD.tar/MEMBER (webdataset reader): check the member's bytes
         if member is None:
@@ -96,7 +96,7 @@ def open_rgb(path: str | Path, size: int | tuple[int, int] | None = None) -> Ima
     ``SHARD.tar/MEMBER`` (webdataset reader) is read from inside the tar."""
     source: Any = path
     if not Path(path).exists():
-        from clipdistill.data.wds import read_member
+        from clipdistill.data.members import read_member
 
         data = read_member(path)
         if data is not None:

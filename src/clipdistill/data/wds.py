@@ -11,7 +11,7 @@ Two ways in, one format:
 
 - :func:`read_wds` gives the :class:`PairedDataset` every other reader gives (training,
   caching, evaluation, embedding work unchanged). Image paths are *member paths*
-  ``SHARD.tar/MEMBER``, which :func:`read_member` serves from an index of member offsets, so
+  ``SHARD.tar/MEMBER``, which :func:`~clipdistill.data.members.read_member` serves from an index of member offsets, so
   nothing is extracted to disk.
 - :class:`WdsStream` streams samples with shard-level splitting: rank r of N takes shards
   r, r+N, ..., and DataLoader worker w of W takes every W-th of those, so each sample is read
@@ -29,12 +29,12 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from clipdistill.data.dataset import SPLITS, Caption, DatasetError, ImageRecord, PairedDataset, make_dataset
+from clipdistill.data.members import read_member
 from clipdistill.io import atomic_path, atomic_write_json
 
 SIZES_FILE = "sizes.json"
@@ -189,48 +189,6 @@ def read_wds(source: str | Path, *, split: str = "train", name: str | None = Non
             )
     title = name or (paths[0].parent.name if "{" not in str(source) else "wds")
     return make_dataset(title, records, source=str(source))
-
-
-# --- member paths: images served from inside the tars ------------------------------------------
-def split_member_path(path: str | Path) -> tuple[Path, str] | None:
-    """``(shard, member)`` for a path ``.../NAME.tar/MEMBER``, else ``None``."""
-    parts = Path(path).parts
-    for index in range(len(parts) - 1, 0, -1):
-        if parts[index - 1].endswith(".tar"):
-            return Path(*parts[:index]), "/".join(parts[index:])
-    return None
-
-
-@lru_cache(maxsize=64)
-def _member_index(shard: str, mtime: float) -> dict[str, tuple[int, int]]:
-    """Member name -> (data offset, size), read once per shard version."""
-    with tarfile.open(shard, "r") as tar:
-        return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
-
-
-def read_member(path: str | Path) -> bytes | None:
-    """The bytes of a tar member path, or ``None`` if ``path`` is not one / does not exist."""
-    located = split_member_path(path)
-    if located is None:
-        return None
-    shard, member = located
-    if not shard.is_file():
-        return None
-    index = _member_index(str(shard), shard.stat().st_mtime)
-    if member not in index:
-        return None
-    offset, size = index[member]
-    with open(shard, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
-
-
-def member_exists(path: str | Path) -> bool:
-    located = split_member_path(path)
-    if located is None or not located[0].is_file():
-        return False
-    shard, member = located
-    return member in _member_index(str(shard), shard.stat().st_mtime)
 
 
 # --- streaming ----------------------------------------------------------------------------------

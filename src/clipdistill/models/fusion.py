@@ -719,7 +719,7 @@ def load_fusion_encoder(directory: str | Path, *, with_dual: bool = True) -> Fus
     config = read_fusion_config(directory)
     dual = None
     if with_dual:
-        from clipdistill.distill.cache import teacher_fingerprint
+        from clipdistill.models.fingerprint import teacher_fingerprint
         from clipdistill.models.teachers import load_model
 
         current = teacher_fingerprint(config.dual_spec)
@@ -841,7 +841,7 @@ def same_dual_teacher(fusion: FusionTeacher, spec: str) -> bool:
     """Whether ``fusion``'s heads g, h map into the space of dual teacher ``spec``: the same
     weights by fingerprint when both are known (a moved folder still matches), else the same
     spec (path specs compared as absolute paths)."""
-    from clipdistill.distill.cache import teacher_fingerprint
+    from clipdistill.models.fingerprint import teacher_fingerprint
     from clipdistill.models.spec import parse_spec
 
     if fusion.dual_spec is None:

@@ -13,7 +13,6 @@ package (its checksum is recorded and checked so a different MiniLM is refused).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipdistill.hashing import file_sha256
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder
 from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
@@ -64,14 +64,6 @@ class LiTConfig:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LiTModel(DualEncoder):
@@ -189,7 +181,7 @@ class LiTModel(DualEncoder):
         meta = {
             "kind": "lit",
             "config": config,
-            "text_model": {"name": "all-MiniLM-L6-v2", "sha256": _file_sha256(minilm_path() / "model.safetensors")},
+            "text_model": {"name": "all-MiniLM-L6-v2", "sha256": file_sha256(minilm_path() / "model.safetensors")},
         }
         atomic_write_json(directory / MODEL_FILE, meta)
         return directory
@@ -204,7 +196,7 @@ def load_lit(directory: str | Path, spec: str = "") -> LiTModel:
     if meta.get("kind") != "lit":
         raise ValueError(f"{directory / MODEL_FILE}: field 'kind' is {meta.get('kind')!r}, expected 'lit'")
     expected = meta.get("text_model", {}).get("sha256")
-    actual = _file_sha256(minilm_path() / "model.safetensors")
+    actual = file_sha256(minilm_path() / "model.safetensors")
     if expected and expected != actual:
         raise ValueError(
             f"{directory}: trained against a different MiniLM (sha256 {expected[:12]}…, installed {actual[:12]}…)"

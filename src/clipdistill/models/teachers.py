@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipdistill.models.base import DualEncoder, FrozenTeacher
+from clipdistill.models.run_dir import resolve_run_dir
 from clipdistill.models.spec import FUSION_SCHEMAS, ModelSpec, ModelSpecError, close_matches, parse_spec
 
 if TYPE_CHECKING:
@@ -37,24 +38,6 @@ def _check_openclip_name(spec: ModelSpec) -> None:
                 f"unknown pretrained tag {spec.pretrained!r} for open_clip model {spec.name!r}; "
                 f"valid tags: {', '.join(tags) or '(none)'}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
-
-
-def resolve_run_dir(path: str | Path) -> tuple[str, Path]:
-    """Find the model inside a clipdistill checkpoint or run folder: ('lit' | 'openclip', dir)."""
-    from clipdistill.models.lit import MODEL_FILE
-    from clipdistill.models.students import CONFIG_FILE
-
-    root = Path(path)
-    for candidate in (root, root / "model"):
-        if (candidate / MODEL_FILE).is_file():
-            return "lit", candidate
-        if (candidate / CONFIG_FILE).is_file():
-            return "openclip", candidate
-    if not root.exists():
-        raise ModelSpecError(f"run:{path}: folder does not exist")
-    raise ModelSpecError(
-        f"run:{path}: no model found (looked for {MODEL_FILE} or {CONFIG_FILE} in {root} and {root / 'model'})"
-    )
 
 
 def load_model(spec: str | ModelSpec, *, device: str | torch.device = "cpu", load_weights: bool = True) -> DualEncoder:

@@ -7,16 +7,9 @@ because the serving side verifies encoder files with ``file_sha256``.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from clipdistill.hashing import file_sha256 as file_sha256  # re-exported: serve/ verifies files with it
 
 
 def weights_sha256(model: Any) -> str:

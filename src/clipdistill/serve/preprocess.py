@@ -42,7 +42,7 @@ def open_image(image: ImageInput) -> Image.Image:
     try:
         source: Any = io.BytesIO(image) if isinstance(image, bytes) else image
         if isinstance(image, str | Path) and not Path(image).exists():
-            from clipdistill.data.wds import read_member  # SHARD.tar/MEMBER: an image inside a webdataset shard
+            from clipdistill.data.members import read_member  # SHARD.tar/MEMBER: an image inside a webdataset shard
 
             member = read_member(image)
             source = source if member is None else io.BytesIO(member)
