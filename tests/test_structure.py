@@ -39,47 +39,7 @@ CYCLES_SHOWN = 100  # elementary cycles listed per knot (their number can grow e
 # tolerates any import cycle among (a subset of) those modules. Empty this set once they are
 # merged: `test_known_elsewhere_is_current` fails, naming the entry, as soon as one no longer
 # applies, and the two checks below warn with exactly what is still tolerated.
-KNOWN_ELSEWHERE: set[str | frozenset[str]] = {
-    # issue 19, serve helper: serve/app.py (707 lines) becomes a package
-    "clipdistill.serve.app",
-    # issue 19, fusion helper: models/fusion.py (865 lines) becomes a package
-    "clipdistill.models.fusion",
-    # issue 19a: cli/*_cmd.py import console/reports_user_errors back from cli/main.py
-    frozenset(
-        {
-            "clipdistill.cli.main",
-            "clipdistill.cli.cache_cmd",
-            "clipdistill.cli.deploy_cmd",
-            "clipdistill.cli.fusion_cmd",
-            "clipdistill.cli.serve_cmd",
-            "clipdistill.cli.train_cmd",
-            "clipdistill.cli.wds_cmd",
-        }
-    ),
-    # issue 19a: distill/base.py imports distill/methods (to register them), which import base
-    frozenset(
-        {
-            "clipdistill.distill.base",
-            "clipdistill.distill.methods",
-            "clipdistill.distill.methods.clip",
-            "clipdistill.distill.methods.clipkd",
-            "clipdistill.distill.methods.comkd",
-            "clipdistill.distill.methods.conaclip",
-            "clipdistill.distill.methods.dcd",
-            "clipdistill.distill.methods.mcad",
-            "clipdistill.distill.methods.openclip",
-        }
-    ),
-    # issue 19, serve helper: serve/index.py <-> serve/index_chunks.py
-    frozenset({"clipdistill.serve.index", "clipdistill.serve.index_chunks"}),
-    # issue 19, fusion helper: models/fusion.py loads its dual teacher (load_fusion_encoder ->
-    # teachers.load_model) and checks its identity (-> fingerprint.teacher_fingerprint), while
-    # teachers.py loads fusion teachers and fingerprint.py reads a fusion folder's config
-    # (read_fusion_config, CONFIG_FILE, WEIGHTS_FILE). Once fusion is a package, fingerprint.py's
-    # lazy import must name its config module, not the package, and the dual-teacher loading
-    # must not sit where teachers.py's import of the fusion loader reaches back to it.
-    frozenset({"clipdistill.models.fingerprint", "clipdistill.models.fusion", "clipdistill.models.teachers"}),
-}
+KNOWN_ELSEWHERE: set[str | frozenset[str]] = set()
 
 
 # --- the graph ---------------------------------------------------------------------------------

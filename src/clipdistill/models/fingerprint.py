@@ -24,11 +24,11 @@ def teacher_files(spec: str) -> list[Path] | None:
     id already names fixed weights)."""
     parsed = parse_spec(spec)
     if parsed.schema == "fusion":
-        from clipdistill.models import fusion
+        from clipdistill.models.fusion.encoder import CONFIG_FILE, WEIGHTS_FILE, read_fusion_config
 
         directory = Path(parsed.name)
-        fusion.read_fusion_config(directory)  # a missing or foreign folder is an error naming it
-        return [directory / name for name in (fusion.CONFIG_FILE, fusion.WEIGHTS_FILE) if (directory / name).is_file()]
+        read_fusion_config(directory)  # a missing or foreign folder is an error naming it
+        return [directory / name for name in (CONFIG_FILE, WEIGHTS_FILE) if (directory / name).is_file()]
     if parsed.schema == "run":
         from clipdistill.models import lit, students
 

@@ -7,16 +7,12 @@ and config key accepts the same names and fails with the same helpful errors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from clipdistill.models.base import DualEncoder, FrozenTeacher
 from clipdistill.models.run_dir import resolve_run_dir
 from clipdistill.models.spec import FUSION_SCHEMAS, ModelSpec, ModelSpecError, close_matches, parse_spec
-
-if TYPE_CHECKING:
-    from clipdistill.models.fusion import FusionTeacher
 
 
 def _check_openclip_name(spec: ModelSpec) -> None:
@@ -86,15 +82,3 @@ def load_model(spec: str | ModelSpec, *, device: str | torch.device = "cpu", loa
 def load_teacher(spec: str | ModelSpec, *, device: str | torch.device = "cpu") -> FrozenTeacher:
     """A frozen, eval-mode teacher: no gradients, no autograd graph, never in train mode."""
     return FrozenTeacher(load_model(spec, device=device))
-
-
-def load_fusion_teacher(
-    spec: str | ModelSpec, *, device: str | torch.device = "cpu", with_encoders: bool = True
-) -> FusionTeacher:
-    """A frozen fusion teacher (``blip-itm:`` or ``fusion:``), see :mod:`clipdistill.models.fusion`.
-
-    ``with_encoders=False`` loads only what scores pairs from per-item states (enough when the
-    states come from the teacher cache): for ``fusion:`` it skips loading the dual teacher."""
-    from clipdistill.models.fusion import load_fusion
-
-    return load_fusion(spec, device=device, with_encoders=with_encoders)

@@ -113,7 +113,8 @@ def build_teacher_source(config: TrainConfig, dataset: PairedDataset, device: to
         return source
     if config.teacher.spec:
         from clipdistill.distill.teacher_source import OnlineTeacher
-        from clipdistill.models.teachers import load_fusion_teacher, load_teacher
+        from clipdistill.models.fusion import load_fusion_teacher
+        from clipdistill.models.teachers import load_teacher
 
         online: TeacherSource = OnlineTeacher(load_teacher(config.teacher.spec, device=device))
         if config.teacher.fusion:

@@ -70,7 +70,7 @@ class Teachers:
 
     def fusion(self) -> Any:
         if self._fusion is None:
-            from clipdistill.models.teachers import load_fusion_teacher
+            from clipdistill.models.fusion import load_fusion_teacher
 
             self._fusion = load_fusion_teacher(str(self.fusion_spec), device=self.device)
         return self._fusion

@@ -182,7 +182,7 @@ class CachedTeacher(TeacherSource):
                 fusion_fingerprint = None
             if not same_teacher(cached_fusion, fusion_spec, fusion_fingerprint):
                 raise refuse("fusion", cached_fusion["spec"], fusion_spec)
-            from clipdistill.models.teachers import load_fusion_teacher
+            from clipdistill.models.fusion import load_fusion_teacher
 
             # Only the pair head is needed: the states it scores come from the cache.
             fusion_teacher = load_fusion_teacher(fusion_spec, with_encoders=False)

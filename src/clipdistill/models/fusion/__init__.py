@@ -56,12 +56,11 @@ from clipdistill.models.fusion.encoder import (
     FusionConfig,
     FusionEncoder,
     dual_token_geometry,
-    load_fusion_encoder,
     pooled_cosine,
     read_fusion_config,
     save_fusion_encoder,
 )
-from clipdistill.models.fusion.factory import load_fusion
+from clipdistill.models.fusion.factory import load_fusion, load_fusion_encoder, load_fusion_teacher
 from clipdistill.models.fusion.identity import same_dual_teacher
 
 __all__ = [
@@ -81,6 +80,7 @@ __all__ = [
     "load_blip_itm",
     "load_fusion",
     "load_fusion_encoder",
+    "load_fusion_teacher",
     "pad_texts",
     "pooled_cosine",
     "read_fusion_config",

@@ -421,31 +421,3 @@ def read_fusion_config(directory: str | Path) -> FusionConfig:
     if meta.get("kind") != "fusion":
         raise FusionError(f"{file}: field 'kind' is {meta.get('kind')!r}, expected 'fusion'")
     return FusionConfig.from_dict(meta["config"])
-
-
-def load_fusion_encoder(directory: str | Path, *, with_dual: bool = True) -> FusionEncoder:
-    """Load a ``fusion:`` folder; with its dual teacher, checked to be the one it was trained on."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = read_fusion_config(directory)
-    dual = None
-    if with_dual:
-        from clipdistill.models.fingerprint import teacher_fingerprint
-        from clipdistill.models.teachers import load_model
-
-        current = teacher_fingerprint(config.dual_spec)
-        if config.dual_fingerprint and current and current != config.dual_fingerprint:
-            raise FusionError(
-                f"fusion teacher {directory} was trained on dual teacher {config.dual_spec} with weights "
-                f"{config.dual_fingerprint[:12]}, but that folder now holds weights {current[:12]}; retrain it with "
-                f"`clipdistill teacher train-fusion --teacher {config.dual_spec} ...`"
-            )
-        dual = load_model(config.dual_spec)
-    encoder = FusionEncoder(config, dual)
-    state = load_file(str(directory / WEIGHTS_FILE))
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not key.startswith("dual.")]
-    if missing or unexpected:
-        raise FusionError(f"{directory / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    return encoder.eval()
