@@ -5,7 +5,7 @@ GB. So the builder reads one ``img_emb_NNNN.npy`` at a time (memory-mapped), ver
 sha256 against ``embeddings.json``, normalises it and adds it. Factories that need training
 (IVF, PQ) train first on a sample: every vector when there are at most
 :data:`TRAIN_SAMPLE` of them, else :data:`TRAIN_SAMPLE` rows drawn without replacement with the
-same seeded draw the in-memory :func:`~clipdistill.serve.index.build_faiss` makes, so both paths
+same seeded draw the in-memory :func:`~clipdistill.serve.ann.build_faiss` makes, so both paths
 build the same index. Peak memory is then one shard plus the training sample plus the index.
 """
 
@@ -18,16 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill.serve.ann import TRAIN_SAMPLE, IndexBuildError, apply_search_params, new_index, train_index
 from clipdistill.serve.checksums import file_sha256
-from clipdistill.serve.index import TRAIN_SAMPLE
 
 
 def image_shards(emb_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, str | None]]:
     """``(img_emb shard path, expected sha256)`` in row order, from the embedding manifest.
     A shard the manifest lists without a checksum (a hand-built folder) is read unverified,
     at its positional name, as :func:`~clipdistill.serve.embed.read_embeddings` reads it."""
-    from clipdistill.serve.index import IndexBuildError
-
     shards: list[tuple[Path, str | None]] = []
     for number, entry in enumerate(manifest["shards"]):
         names = [name for name in entry if name.startswith("img_emb/")]
@@ -41,8 +39,6 @@ def image_shards(emb_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, st
 
 
 def _verified(path: Path, sha256: str | None) -> np.ndarray:
-    from clipdistill.serve.index import IndexBuildError
-
     if not path.is_file():
         raise IndexBuildError(f"embedding shard {path} is missing")
     if sha256 is not None and file_sha256(path) != sha256:
@@ -51,8 +47,6 @@ def _verified(path: Path, sha256: str | None) -> np.ndarray:
 
 
 def _unit(vectors: np.ndarray, path: Path) -> tuple[np.ndarray, float]:
-    from clipdistill.serve.index import IndexBuildError
-
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if (norms == 0).any():
@@ -100,8 +94,6 @@ def build_faiss_chunked(
     chunk_rows: int = 65536,
 ) -> tuple[Any, dict[str, Any], float]:
     """(trained, filled index, build parameters, largest input-norm deviation from 1)."""
-    from clipdistill.serve.index import IndexBuildError, apply_search_params, new_index, train_index
-
     shards = image_shards(emb_dir, manifest)
     total, dim = int(manifest["count"]), int(manifest["embed_dim"])
     index, params = new_index(dim, factory, ef_construction)
