@@ -1,4 +1,4 @@
-"""The HTTP service (serve/app.py) through FastAPI's TestClient: every route, every bad input
+"""The HTTP service (serve/app/) through FastAPI's TestClient: every route, every bad input
 the API promises a 4xx for, a hypothesis fuzz of the JSON body (never a 5xx), concurrency, and
 the ``clipdistill serve`` command.
 

@@ -1,0 +1,24 @@
+"""The index options of ``clipdistill serve``: ``--index NAME=DIR`` and the default name."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from clipdistill.serve.app.limits import INDEX_NAME
+
+
+def parse_index_option(value: str) -> tuple[str, Path]:
+    """``NAME=DIR`` of ``clipdistill serve --index``."""
+    name, sep, directory = value.partition("=")
+    if not sep or not name or not directory:
+        raise ValueError(f"--index takes NAME=DIR, got {value!r}")
+    if not INDEX_NAME.match(name):
+        raise ValueError(f"index name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return name, Path(directory)
+
+
+def default_index_name(directory: Path) -> str:
+    """A served name for INDEX_DIR: its folder name, made URL-safe."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", directory.resolve().name).strip("-.") or "index"
+    return name[:64] if INDEX_NAME.match(name[:64]) else "index"
