@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.paths import resolve_inside
 from clipdistill.serve.ann import (  # re-exported: callers import the build primitives from here
     TRAIN_SAMPLE,
     IndexBuildError,
@@ -36,6 +37,7 @@ from clipdistill.serve.ann import (  # re-exported: callers import the build pri
 from clipdistill.serve.checksums import file_sha256
 from clipdistill.serve.embed import EMBED_MANIFEST, METADATA_FILE, read_embedding_manifest
 from clipdistill.serve.encoders import EXPORT_CONFIG, TOWER_FILES, read_export_config
+from clipdistill.serve.tokenize import TOKENIZER_CONFIG
 
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -56,14 +58,17 @@ __all__ = [
 def _copy_encoders(export_dir: Path, target: Path) -> None:
     """Copy an export folder's serving files (not parity.json's inputs) into the index."""
     config = read_export_config(export_dir)
-    names = [*config["files"], EXPORT_CONFIG, "preprocess_config.json", "tokenizer_config.json"]
-    tokenizer = json.loads((export_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    names.append(tokenizer["file"])
+    listed = f"{export_dir / EXPORT_CONFIG}: files key"
+    names = [(name, listed) for name in config["files"]]
+    names += [(name, "fixed name") for name in (EXPORT_CONFIG, "preprocess_config.json", TOKENIZER_CONFIG)]
+    tokenizer = json.loads((export_dir / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    names.append((tokenizer.get("file"), f"{export_dir / TOKENIZER_CONFIG}: file"))
     if (export_dir / "parity.json").is_file():
-        names.append("parity.json")
-    for name in names:
+        names.append(("parity.json", "fixed name"))
+    for name, what in names:
+        source = resolve_inside(export_dir, name, what=what, error=IndexBuildError)  # names come from the export
         with atomic_path(target / name) as tmp:
-            shutil.copyfile(export_dir / name, tmp)
+            shutil.copyfile(source, tmp)
 
 
 def _write_thumbnails(paths: list[str], out: Path, size: int) -> list[str | None]:

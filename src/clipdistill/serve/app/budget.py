@@ -1,0 +1,55 @@
+"""``DecodeBudget``: how many bytes of decoded query pixels may exist at once.
+
+A 150 kB PNG can claim 6,000 x 6,000 pixels; decoded and converted that is hundreds of MB, so
+the number of concurrent decodes, not the number of requests, decides the server's memory.
+Each decode reserves its estimated cost before it starts and waits while the budget is spent;
+an image costing more than the whole budget waits until it is alone.
+
+Written here because the standard library's semaphores count permits, not weights; this is a
+weighted semaphore in a dozen lines over ``threading.Condition``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Bytes per pixel Pillow stores for a mode (RGB is kept as 4 bytes per pixel internally).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decode_cost(width: int, height: int, mode: str) -> int:
+    """Bytes a decode plus ``to_rgb`` may hold at its peak: the decoded image plus, for modes
+    with transparency or a palette, the RGBA copy, the white background and the composite
+    (16 bytes a pixel), else one RGB copy; 16-bit and float modes get the RGBA allowance too
+    (scaling them to 8 bits goes through wider intermediates)."""
+    decoded = _MODE_BYTES.get(mode, 4)
+    extra = 4 if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV") else 16
+    return width * height * (decoded + extra)
+
+
+class DecodeBudget:
+    """A weighted semaphore over bytes (thread-safe; used from the search executor)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"decode budget must be positive, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self.peak = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def reserve(self, cost: int) -> Iterator[None]:
+        cost = max(1, min(cost, self.capacity))  # over the whole budget: wait to be alone
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + cost <= self.capacity)
+            self.in_use += cost
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= cost
+                self._changed.notify_all()
