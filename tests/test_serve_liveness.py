@@ -209,13 +209,18 @@ def test_serve_command_bounds_uvicorn(monkeypatch: pytest.MonkeyPatch, index_dir
     import uvicorn
 
     from clipdistill.cli.main import app as cli
+    from clipdistill.serve.app import budget
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    heap: list[bool] = []
+    original = budget.return_freed_pixels_to_the_os
+    monkeypatch.setattr(budget, "return_freed_pixels_to_the_os", lambda: heap.append(original()) or heap[-1])
     args = ["serve", str(index_dir), "--no-caption-search", "--allow-host", "search.internal", "--port", "0"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     (call,) = calls
+    assert heap == [True]  # glibc here: freed image blocks go back to the OS (benchmarks/serve_memory.py)
     assert call["limit_concurrency"] == 64 and call["timeout_keep_alive"] == 5 and call["host"] == "127.0.0.1"
     assert "answering to Host: 127.0.0.1, localhost, ::1, search.internal" in result.output
     client = TestClient(call["app"])

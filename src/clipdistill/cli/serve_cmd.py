@@ -83,6 +83,10 @@ def serve_command(
     import faiss
 
     faiss.omp_set_num_threads(1)  # one query per search call: parallelism comes from concurrent requests
+    from clipdistill.serve.app.budget import return_freed_pixels_to_the_os
+
+    if not return_freed_pixels_to_the_os():
+        console.print("note: not glibc; freed image memory may stay with the process", highlight=False)
     hosts = allowed_hosts(host, allow_host)
     app = create_app(  # opens and checks every index
         indexes,
