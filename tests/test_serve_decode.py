@@ -204,11 +204,11 @@ def test_decode_budget_bounds_concurrent_decodes() -> None:
 
 
 def test_concurrent_large_image_queries_stay_inside_the_decode_budget(index_dir: Path) -> None:
-    """8 concurrent 1,500 x 1,500 PNG queries (each costs 18 MB to decode) under a 40 MB budget:
+    """8 concurrent 1,500 x 1,500 PNG queries (each reserves 27 MB to decode) under a 60 MB budget:
     every one answers, and decoded pixels never exceed the budget at once."""
     big = encoded(gradient("RGB", (64, 64)).resize((1500, 1500)), "PNG")
     cost = decode_cost(1500, 1500, "RGB")
-    app = create_app({"s": index_dir}, warmup=False, slots=8, decode_memory=40 * 1024 * 1024, caption_search=False)
+    app = create_app({"s": index_dir}, warmup=False, slots=8, decode_memory=60 * 1024 * 1024, caption_search=False)
     client = TestClient(app)
     with ThreadPoolExecutor(8) as pool:
         responses = list(
@@ -216,7 +216,7 @@ def test_concurrent_large_image_queries_stay_inside_the_decode_budget(index_dir:
         )
     assert [r.status_code for r in responses] == [200] * 8
     budget = app.state.service.budget
-    assert budget.peak <= 40 * 1024 * 1024 and budget.peak >= cost and budget.in_use == 0
+    assert budget.peak <= 60 * 1024 * 1024 and budget.peak >= cost and budget.in_use == 0
     assert budget.peak < 3 * cost  # at most two decodes at once (the executor alone would allow 8)
 
 
