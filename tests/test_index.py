@@ -109,3 +109,38 @@ def test_torch_embeddings_need_matching_encoders(tmp_path: Path, export_dir: Pat
     (other / "export.json").write_text(json.dumps(config))
     with pytest.raises(IndexMismatchError, match="weights checksum"):
         build_index(out, tmp_path / "index2", encoders=other)
+
+
+def test_thumbnails_follow_their_sources_across_rebuilds(tmp_path: Path) -> None:
+    """A rebuild into the same folder rewrites a thumbnail whose source changed, keeps the
+    unchanged ones, and deletes thumbnails of rows the new index does not have."""
+    import os
+
+    from PIL import Image
+
+    from clipdistill.serve.index import _write_thumbnails
+
+    sources = []
+    for i, colour in enumerate(("red", "green", "blue")):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 40), colour).save(path)
+        sources.append(str(path))
+    out = tmp_path / "index"
+
+    def colour_of(name: str) -> tuple[int, ...]:
+        with Image.open(out / name) as thumb:
+            return thumb.convert("RGB").getpixel((5, 5))
+
+    names = _write_thumbnails(sources, out, 16)
+    assert names == ["thumbs/0000000.jpg", "thumbs/0000001.jpg", "thumbs/0000002.jpg"]
+    assert colour_of(names[0])[0] > 200 and colour_of(names[2])[2] > 200
+    kept = (out / names[1]).stat().st_mtime_ns
+    Image.new("RGB", (40, 40), "yellow").save(sources[0])  # same path, new picture
+    os.utime(sources[0], ns=(os.stat(sources[0]).st_atime_ns, os.stat(sources[0]).st_mtime_ns + 10**9))
+    names = _write_thumbnails(sources[:2], out, 16)  # one row fewer
+    assert names == ["thumbs/0000000.jpg", "thumbs/0000001.jpg"]
+    red, green, blue = colour_of(names[0])
+    assert red > 200 and green > 200 and blue < 80  # yellow now, not the old red
+    assert (out / names[1]).stat().st_mtime_ns == kept  # unchanged source: reused
+    assert not (out / "thumbs" / "0000002.jpg").exists()  # no row 2 any more
+    assert _write_thumbnails(sources[:2], out, 24) == names and Image.open(out / names[1]).size == (24, 24)

@@ -332,24 +332,34 @@ def test_image_ids_are_looked_up_never_joined(client: TestClient, path: str, sta
     assert_error(client.get(path), status, needle)
 
 
+def rerecord_metadata(index: Path) -> None:
+    """After a test edits metadata.parquet on purpose: record its new sha256 in the manifest, so
+    the index opens (an unrecorded edit is refused, see test_service_hardening.py)."""
+    from clipdistill.serve.checksums import file_sha256
+
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["data"]["metadata_sha256"] = file_sha256(index / "metadata.parquet")
+    (index / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_thumbnails_outside_the_store_are_never_served(tmp_path: Path, index_dir: Path) -> None:
-    """Even a tampered metadata.parquet cannot make /images serve a file outside INDEX_DIR/thumbs."""
+    """A row without a thumbnail is a 404 and has no image_url. Entries that point outside
+    INDEX_DIR/thumbs now stop the index at open (test_service_hardening.py), so they never
+    reach /images at all."""
     import shutil
 
     copy = tmp_path / "index"
     shutil.copytree(index_dir, copy)
     metadata = pd.read_parquet(copy / "metadata.parquet")
-    metadata.loc[0, "thumbnail"] = "../index/manifest.json"
-    metadata.loc[1, "thumbnail"] = str((copy / "manifest.json").resolve())
     metadata.loc[2, "thumbnail"] = None
     metadata.to_parquet(copy / "metadata.parquet", index=False)
+    rerecord_metadata(copy)
     client = TestClient(create_app({"t": copy}, warmup=False))
-    for row in range(3):
-        image_id = str(metadata["id"].iat[row])
-        assert_error(client.get(f"/images/{image_id}"), 404, "no thumbnail")
+    image_id = str(metadata["id"].iat[2])
+    assert_error(client.get(f"/images/{image_id}"), 404, "no thumbnail")
     hits = client.post("/search", json={"text": "a red circle", "k": 12}).json()["hits"]
     urls = {h["id"]: h["image_url"] for h in hits}
-    assert urls[str(metadata["id"].iat[0])] is None and urls[str(metadata["id"].iat[5])] is not None
+    assert urls[str(metadata["id"].iat[2])] is None and urls[str(metadata["id"].iat[5])] is not None
 
 
 JSON_VALUES = st.recursive(

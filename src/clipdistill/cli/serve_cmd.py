@@ -36,11 +36,38 @@ def serve_command(
         int | None, typer.Option("--slots", min=1, help="Queries encoded at once (default: cores / threads).")
     ] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = True,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Another name clients may reach the server by (Host header; repeatable; '*': any). "
+            "Default: the --host address and localhost names.",
+        ),
+    ] = None,
+    limit_concurrency: Annotated[
+        int, typer.Option("--limit-concurrency", min=1, help="Connections + requests at once; beyond: 503.")
+    ] = 64,
+    timeout_keep_alive: Annotated[
+        int, typer.Option("--timeout-keep-alive", min=1, help="Seconds an idle connection is kept open.")
+    ] = 5,
+    body_timeout: Annotated[
+        float, typer.Option("--body-timeout", min=0.1, help="Seconds a request body may take to arrive (408).")
+    ] = 30.0,
+    decode_memory_mb: Annotated[
+        int, typer.Option("--decode-memory-mb", min=64, help="MiB of decoded query images held at once.")
+    ] = 512,
+    caption_search: Annotated[
+        bool,
+        typer.Option(
+            "--caption-search/--no-caption-search",
+            help="Embed every caption at start-up for target=text (off: faster start, target=text is a 422).",
+        ),
+    ] = True,
 ) -> None:
     """Serve indexes over HTTP: POST /search, GET /indexes, /images/{id}, /healthz, /metrics, and a web page at /."""
     import uvicorn
 
-    from clipdistill.serve.app import create_app, default_index_name, parse_index_option
+    from clipdistill.serve.app import allowed_hosts, create_app, default_index_name, parse_index_option
 
     indexes: dict[str, Path] = {}
     try:
@@ -55,7 +82,21 @@ def serve_command(
     import faiss
 
     faiss.omp_set_num_threads(1)  # one query per search call: parallelism comes from concurrent requests
-    app = create_app(indexes, variant=variant, threads=threads, slots=slots)  # opens and checks every index
+    from clipdistill.serve.app.budget import return_freed_pixels_to_the_os
+
+    if not return_freed_pixels_to_the_os():
+        console.print("note: not glibc; freed image memory may stay with the process", highlight=False)
+    hosts = allowed_hosts(host, allow_host)
+    app = create_app(  # opens and checks every index
+        indexes,
+        variant=variant,
+        threads=threads,
+        slots=slots,
+        caption_search=caption_search,
+        allowed_hosts=hosts,
+        decode_memory=decode_memory_mb * 1024 * 1024,
+        body_timeout=body_timeout,
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {host}: the service has no authentication", highlight=False)
     names = ", ".join(f"{key} ({app.state.indexes[key].count} items)" for key in indexes)
@@ -63,4 +104,13 @@ def serve_command(
         f"serving {names} on http://{host}:{port}/ (docs: /docs; {app.state.slots} slots x {threads} threads)",
         highlight=False,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    console.print(f"answering to Host: {', '.join(hosts)} (add names with --allow-host)", highlight=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=access_log,
+        limit_concurrency=limit_concurrency,
+        timeout_keep_alive=timeout_keep_alive,
+    )

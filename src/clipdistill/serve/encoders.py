@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill.paths import UnsafePathError
 from clipdistill.serve.checksums import file_sha256
 from clipdistill.serve.preprocess import ImageInput, ImagePreprocessor
 from clipdistill.serve.tokenize import load_tokenizer
@@ -72,7 +73,10 @@ class OnnxEncoders:
             self.paths[tower] = path
         self.embed_dim = int(self.config["embed_dim"])
         self.preprocess = ImagePreprocessor.from_dir(self.directory)
-        self.tokenizer = load_tokenizer(self.directory)
+        try:
+            self.tokenizer = load_tokenizer(self.directory)
+        except UnsafePathError as error:
+            raise ExportError(str(error)) from None
         self._image = _session(self.paths["image"], threads)
         self._text = _session(self.paths["text"], threads)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.paths import resolve_inside
 from clipdistill.serve.ann import (  # re-exported: callers import the build primitives from here
     TRAIN_SAMPLE,
     IndexBuildError,
@@ -36,6 +37,7 @@ from clipdistill.serve.ann import (  # re-exported: callers import the build pri
 from clipdistill.serve.checksums import file_sha256
 from clipdistill.serve.embed import EMBED_MANIFEST, METADATA_FILE, read_embedding_manifest
 from clipdistill.serve.encoders import EXPORT_CONFIG, TOWER_FILES, read_export_config
+from clipdistill.serve.tokenize import TOKENIZER_CONFIG
 
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -56,35 +58,83 @@ __all__ = [
 def _copy_encoders(export_dir: Path, target: Path) -> None:
     """Copy an export folder's serving files (not parity.json's inputs) into the index."""
     config = read_export_config(export_dir)
-    names = [*config["files"], EXPORT_CONFIG, "preprocess_config.json", "tokenizer_config.json"]
-    tokenizer = json.loads((export_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    names.append(tokenizer["file"])
+    listed = f"{export_dir / EXPORT_CONFIG}: files key"
+    names = [(name, listed) for name in config["files"]]
+    names += [(name, "fixed name") for name in (EXPORT_CONFIG, "preprocess_config.json", TOKENIZER_CONFIG)]
+    tokenizer = json.loads((export_dir / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    names.append((tokenizer.get("file"), f"{export_dir / TOKENIZER_CONFIG}: file"))
     if (export_dir / "parity.json").is_file():
-        names.append("parity.json")
-    for name in names:
+        names.append(("parity.json", "fixed name"))
+    for name, what in names:
+        source = resolve_inside(export_dir, name, what=what, error=IndexBuildError)  # names come from the export
         with atomic_path(target / name) as tmp:
-            shutil.copyfile(export_dir / name, tmp)
+            shutil.copyfile(source, tmp)
+
+
+THUMB_STAMPS = "stamps.json"  # row -> what its thumbnail was made from (thumbs/stamps.json)
+
+
+def _source_stamp(path: str, size: int) -> str | None:
+    """What a thumbnail depends on: the source's path, byte size and mtime, and the thumbnail
+    size. A webdataset member (``SHARD.tar/MEMBER``) is stamped by its shard file."""
+    import hashlib
+
+    target = Path(path)
+    if not target.exists() and ".tar/" in path:
+        target = Path(path[: path.index(".tar/") + 4])
+    try:
+        info = target.stat()
+    except OSError:
+        return None
+    key = json.dumps([path, info.st_size, info.st_mtime_ns, size])
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _write_thumbnails(paths: list[str], out: Path, size: int) -> list[str | None]:
+    """``thumbs/NNNNNNN.jpg`` for each row (None where the image cannot be read).
+
+    A rebuild into the same folder reuses a row's thumbnail only when ``thumbs/stamps.json``
+    says it was made from the same file (path, size, mtime) at the same size; any other
+    thumbnail is rewritten, and thumbnails of rows the new index does not have are deleted,
+    so a thumbnail never shows an image other than its row's.
+    """
     from PIL import Image
 
     from clipdistill.serve.preprocess import ImageInputError, open_image
 
+    store = out / THUMBS_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    stamps_path = store / THUMB_STAMPS
+    try:
+        previous = json.loads(stamps_path.read_text(encoding="utf-8")) if stamps_path.is_file() else {}
+    except ValueError:
+        previous = {}  # unreadable: every thumbnail is rewritten
+    stamps: dict[str, str] = {}
     names: list[str | None] = []
     for row, path in enumerate(paths):
         name = f"{THUMBS_DIR}/{row:07d}.jpg"
         target = out / name
-        if not target.is_file():
-            try:
-                image = open_image(path)
-            except ImageInputError:
-                names.append(None)
-                continue
-            image.thumbnail((size, size), Image.Resampling.BICUBIC)
-            with atomic_path(target) as tmp:
-                image.save(tmp, format="JPEG", quality=88)
+        stamp = _source_stamp(path, size)
+        if stamp is not None and previous.get(str(row)) == stamp and target.is_file() and not target.is_symlink():
+            stamps[str(row)] = stamp
+            names.append(name)
+            continue
+        target.unlink(missing_ok=True)
+        try:
+            image = open_image(path)
+        except ImageInputError:
+            names.append(None)
+            continue
+        image.thumbnail((size, size), Image.Resampling.BICUBIC)
+        with atomic_path(target) as tmp:
+            image.save(tmp, format="JPEG", quality=88)
+        if stamp is not None:
+            stamps[str(row)] = stamp
         names.append(name)
+    for old in store.glob("*.jpg"):  # rows this index does not have
+        if old.stem.isdigit() and int(old.stem) >= len(paths):
+            old.unlink()
+    atomic_write_json(stamps_path, stamps)
     return names
 
 

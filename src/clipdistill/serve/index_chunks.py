@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill.paths import resolve_inside
 from clipdistill.serve.ann import TRAIN_SAMPLE, IndexBuildError, apply_search_params, new_index, train_index
 from clipdistill.serve.checksums import file_sha256
 
@@ -31,8 +32,9 @@ def image_shards(emb_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, st
         names = [name for name in entry if name.startswith("img_emb/")]
         if len(names) > 1:
             raise IndexBuildError(f"{emb_dir}/embeddings.json: shard {number} lists {len(names)} img_emb files")
-        if names:
-            shards.append((emb_dir / names[0], entry[names[0]]))
+        if names:  # a name read from the manifest: it must stay inside the embedding folder
+            what = f"{emb_dir / 'embeddings.json'}: shard {number}"
+            shards.append((resolve_inside(emb_dir, names[0], what=what, error=IndexBuildError), entry[names[0]]))
         else:
             shards.append((emb_dir / "img_emb" / f"img_emb_{number:04d}.npy", None))
     return shards

@@ -15,10 +15,14 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from clipdistill.paths import check_relative
+from clipdistill.serve.checksums import file_sha256
 from clipdistill.serve.encoders import OnnxEncoders
 from clipdistill.serve.index import (
     ENCODERS_DIR,
     INDEX_FILE,
+    MANIFEST_FILE,
+    THUMBS_DIR,
     IndexBuildError,
     IndexMismatchError,
     apply_search_params,
@@ -28,6 +32,50 @@ from clipdistill.serve.index import (
 from clipdistill.serve.preprocess import ImageInput
 
 MAX_K = 1000
+METADATA_FILE = "metadata.parquet"
+
+
+def verify_recorded_checksums(directory: Path, manifest: dict[str, Any]) -> None:
+    """The index and metadata files must be the ones the manifest recorded: an edited or
+    half-copied file is refused at open, not discovered as wrong answers or a 500 later."""
+    recorded = manifest.get("data", {})
+    for name, key in ((INDEX_FILE, "index_sha256"), (METADATA_FILE, "metadata_sha256")):
+        path = directory / name
+        if not path.is_file():
+            raise IndexBuildError(f"{path} is missing")
+        expected = recorded.get(key)
+        if expected is None:
+            raise IndexBuildError(f"{directory / MANIFEST_FILE}: data.{key} is not recorded; rebuild the index")
+        if file_sha256(path) != expected:
+            raise IndexBuildError(
+                f"{path}: sha256 differs from {key} in {MANIFEST_FILE} (changed or corrupt after the index was built)"
+            )
+
+
+def check_counts(directory: Path, manifest: dict[str, Any], vectors: int, rows: int) -> None:
+    """One metadata row per vector, as many as the manifest says."""
+    if not vectors == rows == int(manifest["count"]):
+        raise IndexBuildError(
+            f"{directory}: {INDEX_FILE} holds {vectors} vectors, {METADATA_FILE} {rows} rows and "
+            f"{MANIFEST_FILE} says count {manifest['count']}; they must be equal"
+        )
+
+
+def check_thumbnails(directory: Path, metadata: Any) -> None:
+    """Every ``thumbnail`` entry names a file under ``thumbs/`` of this folder, and ``thumbs``
+    is not a link out of it; the service then opens each without following links."""
+    if "thumbnail" not in metadata:
+        return
+    store = directory / THUMBS_DIR
+    if store.is_symlink() or (store.exists() and store.resolve() != directory.resolve() / THUMBS_DIR):
+        raise IndexBuildError(f"{store} is a symbolic link (to {store.resolve()}); thumbnails must be inside the index")
+    for row, name in enumerate(metadata["thumbnail"]):
+        if name is None or (isinstance(name, float) and name != name):  # null: no thumbnail for this row
+            continue
+        what = f"{directory / METADATA_FILE}: row {row}, field thumbnail"
+        check_relative(name, what, IndexBuildError)
+        if not name.startswith(THUMBS_DIR + "/"):
+            raise IndexBuildError(f"{what}: {name!r} is not under {THUMBS_DIR}/")
 
 
 class Hit(TypedDict):
@@ -74,12 +122,15 @@ class Searcher:
         manifest = read_manifest(directory)
         onnx = OnnxEncoders(Path(encoders) if encoders else directory / ENCODERS_DIR, variant, threads=threads)
         check_encoders(manifest, onnx.identity)
+        verify_recorded_checksums(directory, manifest)
         index = faiss.read_index(str(directory / INDEX_FILE))
         if index.metric_type != faiss.METRIC_INNER_PRODUCT or index.d != manifest["dim"]:
             raise IndexBuildError(f"{directory / INDEX_FILE} does not match its manifest (metric or dim)")
         params = manifest.get("search_params", {})
         apply_search_params(index, ef_search=ef_search or params.get("efSearch"), nprobe=nprobe or params.get("nprobe"))
-        metadata = pd.read_parquet(directory / "metadata.parquet")
+        metadata = pd.read_parquet(directory / METADATA_FILE)
+        check_counts(directory, manifest, int(index.ntotal), len(metadata))
+        check_thumbnails(directory, metadata)
         return cls(directory=directory, manifest=manifest, index=index, metadata=metadata, encoders=onnx)
 
     @property

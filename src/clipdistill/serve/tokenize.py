@@ -28,6 +28,7 @@ import numpy as np
 TOKENIZER_CONFIG = "tokenizer_config.json"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 WORDPIECE_FILE = "tokenizer.json"
+BPE_CACHE_SIZE = 65536  # words; open_clip's own cache is an unbounded dict, fine for training, not a server
 
 
 class Tokenizer(Protocol):
@@ -83,7 +84,9 @@ class ClipBpeTokenizer:
         self.encoder = {token: index for index, token in enumerate(vocab)}
         self.bpe_ranks = {merge: rank for rank, merge in enumerate(merges)}
         self.byte_encoder = byte_encoder
-        self.cache: dict[str, str] = {token: token for token in special}
+        self.special = frozenset(special)
+        # bounded: every distinct word a client sends would otherwise stay in memory for good
+        self.bpe = lru_cache(maxsize=BPE_CACHE_SIZE)(self._bpe)
         self.pattern = regex.compile(
             "|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
             regex.IGNORECASE,
@@ -100,9 +103,9 @@ class ClipBpeTokenizer:
         text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         return " ".join(text.split()).strip().lower()
 
-    def bpe(self, token: str) -> str:
-        if token in self.cache:
-            return self.cache[token]
+    def _bpe(self, token: str) -> str:
+        if token in self.special:
+            return token
         word: tuple[str, ...] = (*token[:-1], token[-1] + "</w>")
         pairs = _pairs(word)
         if not pairs:
@@ -132,9 +135,7 @@ class ClipBpeTokenizer:
             if len(word) == 1:
                 break
             pairs = _pairs(word)
-        result = " ".join(word)
-        self.cache[token] = result
-        return result
+        return " ".join(word)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -181,15 +182,19 @@ class WordPieceTokenizer:
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer an export folder describes in ``tokenizer_config.json``."""
+    from clipdistill.paths import resolve_inside
+
     directory = Path(directory)
     config: dict[str, Any] = json.loads((directory / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
     kind = config.get("kind")
+    if kind not in ("clip_bpe", "wordpiece"):
+        raise ValueError(f"{directory / TOKENIZER_CONFIG}: unknown tokenizer kind {kind!r} (clip_bpe | wordpiece)")
+    # the file name comes from the config: it must stay inside the export folder
+    path = resolve_inside(directory, config.get("file"), what=f"{directory / TOKENIZER_CONFIG}: file")
     if kind == "clip_bpe":
         return ClipBpeTokenizer(
-            directory / config["file"],
+            path,
             config["context_length"],
             additional_special_tokens=config.get("additional_special_tokens", ()),
         )
-    if kind == "wordpiece":
-        return WordPieceTokenizer(directory / config["file"], config["context_length"], config["pad_token_id"])
-    raise ValueError(f"{directory / TOKENIZER_CONFIG}: unknown tokenizer kind {kind!r} (clip_bpe | wordpiece)")
+    return WordPieceTokenizer(path, config["context_length"], config["pad_token_id"])

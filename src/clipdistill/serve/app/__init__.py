@@ -12,22 +12,28 @@
     GET  /                  the web page (static/index.html, app.js, style.css)
 
 Bad input is a 4xx whose JSON ``detail`` is one readable sentence, never a 500: every limit
-below is checked before any model work, the request body is capped before it is read, and an
-image's pixel count is read from its header before it is decoded.
+below is checked before any model work, the request body is capped before it is read (and must
+arrive within ``body_timeout``), and an image's format (JPEG, PNG, WebP, GIF only) and pixel
+count are read from its header before it is decoded; every decoder failure is a 415.
 
 Concurrency (checked, not assumed): onnxruntime's ``InferenceSession.run`` and a FAISS index's
 ``search`` may be called from several threads at once, and the tokenizers only read shared
-state (the BPE cache is a dict filled under the GIL), so one :class:`Searcher` serves many
-threads. What is not safe is building the lazy caption index twice at once: that has its own
-lock. What would hurt is oversubscription: by default each onnxruntime session uses every
-core, so N concurrent queries would run N x cores spinning threads. The app therefore opens
-its sessions with one intra-op thread each (``threads=1``) and lets at most ``slots`` queries
-(default: the core count) encode and search at a time; parsing, base64 and image decoding
-run outside that bound.
+state (the BPE cache is a thread-safe, bounded ``functools.lru_cache``), so one
+:class:`Searcher` serves many threads; the caption index is built at start-up, so no request
+builds anything. What would hurt is oversubscription: by default each onnxruntime session uses
+every core, so N concurrent queries would run N x cores spinning threads. The app therefore
+opens its sessions with one intra-op thread each (``threads=1``) and runs searches on an
+executor of ``slots`` threads (default: the core count): decoding, encoding and searching
+happen there, and decoded pixels are further bounded by a byte budget (``decode_memory``)
+shared by all requests. Waiting searches queue on that executor, not on the event loop or
+Starlette's thread pool, so ``/healthz``, ``/metrics``, ``/indexes`` and ``/images`` keep
+answering. Requests whose ``Host`` is not an allowed name are refused (DNS rebinding).
 
 The package is split by job: ``limits`` (the numbers), ``schemas`` (pydantic models),
-``served_index``, ``metrics``, ``guard`` (the ASGI body cap), ``inputs`` (request parsing and
-decoding), ``routes`` (the route groups), ``factory`` (``create_app``) and ``options`` (CLI parsing).
+``served_index``, ``metrics``, ``guard`` (Host check, body cap and deadline, route metrics),
+``inputs`` (request parsing and decoding), ``budget`` (the decode memory budget),
+``thumbnails`` (reading a thumbnail without following links), ``routes`` (the route groups),
+``factory`` (``create_app``) and ``options`` (CLI parsing).
 """
 
 from clipdistill.serve.app.factory import create_app
@@ -41,7 +47,7 @@ from clipdistill.serve.app.limits import (
     MAX_K,
     MAX_TEXT_CHARS,
 )
-from clipdistill.serve.app.options import default_index_name, parse_index_option
+from clipdistill.serve.app.options import allowed_hosts, default_index_name, parse_index_option
 from clipdistill.serve.app.schemas import SearchHit, SearchParams, SearchRequest, SearchResponse
 from clipdistill.serve.app.served_index import ServedIndex
 
@@ -58,6 +64,7 @@ __all__ = [
     "SearchRequest",
     "SearchResponse",
     "ServedIndex",
+    "allowed_hosts",
     "check_image_id",
     "create_app",
     "decode_b64",

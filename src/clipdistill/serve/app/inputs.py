@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import unicodedata
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from clipdistill.serve.app.limits import MAX_ID_CHARS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from clipdistill.serve.app.budget import DecodeBudget, decode_cost
+from clipdistill.serve.app.limits import ACCEPTED_FORMATS, MAX_ID_CHARS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from clipdistill.serve.app.schemas import SearchParams, SearchRequest
+
+FORMATS = ", ".join(ACCEPTED_FORMATS)
 
 
 def error_text(error: ValidationError | RequestValidationError) -> str:
@@ -53,8 +57,15 @@ def decode_b64(value: str) -> bytes:
     return data
 
 
-def decode_image(data: bytes) -> Any:
-    """An RGB PIL image from encoded bytes, checking the byte and pixel limits first."""
+def decode_image(data: bytes, *, budget: DecodeBudget | None = None, size: tuple[int, int] | None = None) -> Any:
+    """An RGB PIL image from encoded bytes: byte limit, format and pixel count checked from the
+    header first, then decoded inside ``budget`` (bytes of pixels held at once by all requests)
+    and, given the model's ``size`` (height, width), resized to it before the budget is freed,
+    exactly as the preprocessor would (bicubic), so only the small image outlives the decode.
+
+    Every failure of the decoder is a 4xx: Pillow's decoders raise many exception types on
+    corrupt input (OSError, SyntaxError, struct.error, IndexError, TypeError, ...), none of
+    them a fault of the server. The body of the ``try`` blocks is Pillow calls only."""
     from PIL import Image, UnidentifiedImageError
 
     from clipdistill.serve.preprocess import to_rgb
@@ -62,24 +73,49 @@ def decode_image(data: bytes) -> Any:
     if len(data) > MAX_IMAGE_BYTES:
         raise HTTPException(413, f"image is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES} bytes (10 MB)")
     try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise HTTPException(
-                    413,
-                    f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
-                    f"the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels",
-                )
-            image.load()
-            return to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise HTTPException(
-            413, f"image is over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels ({error})"
-        ) from None
+        image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))  # reads the header only
     except UnidentifiedImageError:
-        raise HTTPException(415, "the uploaded data is not an image (Pillow cannot identify its format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise HTTPException(415, f"the image cannot be decoded (truncated or corrupt): {error}") from None
+        raise HTTPException(415, f"the uploaded data is not an image in an accepted format ({FORMATS})") from None
+    except Image.DecompressionBombError as error:
+        raise _bomb(error) from None
+    except MemoryError:
+        raise
+    except Exception as error:  # a header the format's parser chokes on
+        raise HTTPException(415, f"the image cannot be decoded (corrupt header): {_reason(error)}") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise HTTPException(
+                413,
+                f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
+                f"the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels",
+            )
+        if width < 1 or height < 1:
+            raise HTTPException(415, f"image is {width}x{height} pixels; it has no pixels")
+        with budget.reserve(decode_cost(width, height, image.mode)) if budget else nullcontext():
+            try:
+                image.load()
+                rgb = to_rgb(image)
+                if size is not None and rgb.size != (size[1], size[0]):
+                    rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            except Image.DecompressionBombError as error:
+                raise _bomb(error) from None
+            except MemoryError:
+                raise
+            except Exception as error:
+                raise HTTPException(
+                    415, f"the image cannot be decoded (truncated or corrupt): {_reason(error)}"
+                ) from None
+    return rgb
+
+
+def _bomb(error: Exception) -> HTTPException:
+    return HTTPException(413, f"image is over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels ({error})")
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def check_image_id(image_id: str) -> None:

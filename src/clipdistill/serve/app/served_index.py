@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+from fastapi import HTTPException
 
 from clipdistill.serve.app.limits import CAPTION_BATCH
 from clipdistill.serve.app.schemas import IndexInfo, SearchHit
-from clipdistill.serve.index import THUMBS_DIR
 from clipdistill.serve.search import Searcher
 
 
@@ -23,26 +22,27 @@ class ServedIndex:
     name: str
     searcher: Searcher
     variant: str
+    root: Path = Path()  # the index folder's real location; thumbnails are opened relative to it
     rows: dict[str, int] = field(default_factory=dict)  # image id -> metadata row
-    thumbs: list[Path | None] = field(default_factory=list)  # row -> thumbnail inside the store
+    thumbs: list[str | None] = field(default_factory=list)  # row -> "thumbs/NNNNNNN.jpg" (checked at open)
     ids: list[str] = field(default_factory=list)  # row -> image id
     captions: list[str] = field(default_factory=list)
-    _caption_index: Any = None
-    _caption_lock: threading.Lock = field(default_factory=threading.Lock)
+    caption_index: Any = None  # built by load(captions=True), at start-up, never inside a request
 
     @classmethod
-    def load(cls, name: str, searcher: Searcher, variant: str) -> ServedIndex:
-        served = cls(name=name, searcher=searcher, variant=variant)
+    def load(cls, name: str, searcher: Searcher, variant: str, *, captions: bool = True) -> ServedIndex:
+        """``captions``: embed every caption now for ``target=text`` (off: such queries are a 422)."""
+        served = cls(name=name, searcher=searcher, variant=variant, root=searcher.directory.resolve())
         metadata = searcher.metadata
-        store = (searcher.directory / THUMBS_DIR).resolve()
         thumbs = metadata["thumbnail"] if "thumbnail" in metadata else [None] * len(metadata)
         for row, (image_id, thumb) in enumerate(zip(metadata["id"], thumbs, strict=True)):
             served.rows.setdefault(str(image_id), row)
-            path = (searcher.directory / thumb).resolve() if isinstance(thumb, str) and thumb else None
-            # only files inside INDEX_DIR/thumbs are ever served, whatever the metadata says
-            served.thumbs.append(path if path is not None and path.is_relative_to(store) else None)
+            # Searcher.open refused any entry outside INDEX_DIR/thumbs; null means "no thumbnail"
+            served.thumbs.append(thumb if isinstance(thumb, str) and thumb else None)
         served.ids = [str(i) for i in metadata["id"]]
         served.captions = [str(c) for c in metadata["caption"]]
+        if captions:
+            served.caption_index = served._build_caption_index()
         return served
 
     @property
@@ -63,15 +63,12 @@ class ServedIndex:
             created=manifest.get("created"),
         )
 
-    def caption_index(self) -> Any:
-        """A flat inner-product index over the captions' text embeddings, built once on first
-        use (the index folder stores image vectors only)."""
-        with self._caption_lock:
-            if self._caption_index is None:
-                self._caption_index = self._build_caption_index()
-        return self._caption_index
+    def captions_off(self) -> str:
+        return f"target=text is off for index {self.name!r} (the server was started with --no-caption-search)"
 
     def _build_caption_index(self) -> Any:
+        """A flat inner-product index over the captions' text embeddings (the index folder
+        stores image vectors only)."""
         import faiss
 
         encoders = self.searcher.encoders
@@ -88,7 +85,9 @@ class ServedIndex:
         """Top-k items for a unit query vector (1, D) by their image (the index's FAISS index,
         as ``Searcher.search_vectors``) or by their caption; rows map to precomputed columns
         (a pandas row lookup per hit would cost more than the search)."""
-        ann = self.searcher.index if target == "image" else self.caption_index()
+        ann = self.searcher.index if target == "image" else self.caption_index
+        if ann is None:
+            raise HTTPException(422, self.captions_off())
         scores, rows = ann.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, ann.ntotal))
         return [self.hit(int(row), float(score)) for score, row in zip(scores[0], rows[0], strict=True) if row >= 0]
 
