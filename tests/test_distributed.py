@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def _parity(
     """Run ``configs`` under torchrun with ``nproc`` processes and their one-process references
     (``reference_of``: config name -> reference name), assert that every step's loss terms,
     parameter gradients and student buffers (BatchNorm running statistics) agree within 1e-5 in
-    every process, and return the largest absolute difference of each kind."""
+    every process, and return the largest absolute difference of each kind at each step."""
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"steps": steps, "configs": configs}))
     _torchrun(str(WORKER), str(tmp / "ddp"), str(spec), nproc=nproc)
@@ -113,7 +114,7 @@ def _parity(
     _one_process(str(WORKER), str(tmp / "ref"), str(reference_spec))
     reference = torch.load(tmp / "ref" / "rank0.pt")
     ranks = [torch.load(tmp / "ddp" / f"rank{r}.pt") for r in range(nproc)]
-    largest = {"losses": 0.0, "grads": 0.0, "buffers": 0.0}
+    largest = {f"{kind} step {step + 1}": 0.0 for step in range(steps) for kind in ("losses", "grads", "buffers")}
     for name in configs:
         expected_steps = reference[reference_of[name]]
         assert len(expected_steps) == steps
@@ -123,7 +124,8 @@ def _parity(
                 assert set(got["losses"]) == set(expected["losses"]) and expected["losses"], name
                 for key, value in expected["losses"].items():
                     assert got["losses"][key] == pytest.approx(value, rel=1e-5, abs=1e-5), (name, step, rank, key)
-                    largest["losses"] = max(largest["losses"], abs(got["losses"][key] - value))
+                    worst = f"losses step {step + 1}"
+                    largest[worst] = max(largest[worst], abs(got["losses"][key] - value))
                 for kind in ("grads", "buffers"):
                     assert set(got[kind]) == set(expected[kind]) and (expected[kind] or kind == "buffers"), name
                     for key, tensor in expected[kind].items():
@@ -134,8 +136,9 @@ def _parity(
                             atol=1e-5,
                             msg=lambda m, n=name, k=key, s=step, r=rank: f"{n} step {s} rank {r} {k}: {m}",
                         )
-                        if tensor.is_floating_point():
-                            largest[kind] = max(largest[kind], float((got[kind][key] - tensor).abs().max()))
+                        worst = f"{kind} step {step + 1}"
+                        difference = (got[kind][key].double() - tensor.double()).abs().max()
+                        largest[worst] = max(largest[worst], float(difference))
     return largest
 
 
@@ -227,6 +230,44 @@ def test_batchnorm_students_in_four_processes_match_one_process(
     _bn_parity(tmp_path, shapes_dataset_dir, cached_teacher, cases, nproc=4)
 
 
+@pytest.mark.slow
+def test_torchrun_saves_a_plain_batchnorm_student_with_the_one_process_statistics(
+    shapes_dataset_dir: Path, tmp_path: Path
+) -> None:
+    """The real entry point with the tiny preset (float32, one step): the run's model folder
+    loads with open_clip as ordinary BatchNorm2d layers whose running statistics are those of
+    the same run in one process, and the checkpoint holds the same keys."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from clipdistill.models.students import WEIGHTS_FILE, load_student
+
+    runs = {}
+    for nproc in (1, 2):
+        raw = _raw(tmp_path, shapes_dataset_dir, "", "", "clip", "global")
+        raw.update({"name": f"tiny-{nproc}", "student": {"preset": "tiny"}})
+        raw["optim"]["epochs"] = 1
+        path = tmp_path / f"tiny-{nproc}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        if nproc == 1:
+            _one_process("-m", "clipdistill.train", str(path), "--no-progress")
+        else:
+            _torchrun("-m", "clipdistill.train", str(path), "--no-progress", nproc=nproc)
+        runs[nproc] = tmp_path / "runs" / f"tiny-{nproc}"
+    one, two = (load_file(runs[n] / "model" / WEIGHTS_FILE) for n in (1, 2))
+    assert list(one) == list(two)
+    statistics = [k for k in one if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(statistics) == 3 * 112  # efficientvit_m0's BatchNorm2d layers
+    for key in statistics:
+        assert not torch.equal(one[key], torch.zeros_like(one[key]) if "var" not in key else torch.ones_like(one[key]))
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    student = load_student(runs[2] / "model")
+    kinds = {type(m) for m in student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds == {torch.nn.BatchNorm2d}
+    checkpoints = [torch.load(runs[n] / "checkpoints" / "latest.pt", weights_only=True) for n in (1, 2)]
+    assert list(checkpoints[0]["student"]) == list(checkpoints[1]["student"])
+
+
 def test_batchnorm_over_unequal_and_empty_shares_matches_the_whole_batch(tmp_path: Path) -> None:
     """GlobalBatchNorm weighs each process's statistics by its rows: outputs, input and
     parameter gradients and running statistics equal plain BatchNorm on the whole batch, for
@@ -240,6 +281,64 @@ def test_batchnorm_over_unequal_and_empty_shares_matches_the_whole_batch(tmp_pat
             assert {"output1", "input_grad1", "running_mean1", "running_var1"} <= set(diffs), case
             for key, value in diffs.items():
                 assert value < 1e-12, (rank, case, key, value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_batchnorm_conversion_keeps_keys_tensors_and_activations_and_is_undone(device: str) -> None:
+    """Converting in keeps every state_dict key and tensor object (checkpoints, resume and the
+    optimiser see the same state), turns timm's BatchNormAct2d into a variant that keeps its
+    activation (PyTorch's own converter drops it), and converting out restores the original
+    classes holding the trained tensors. ``cuda`` only builds the SyncBatchNorm modules."""
+    from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+    from torch import nn
+
+    from clipdistill.models.students import build_student
+    from clipdistill.train.sync_batchnorm import (
+        BatchNormConversionError,
+        GlobalBatchNorm,
+        GlobalBatchNormAct,
+        to_global_batchnorm,
+        to_plain_batchnorm,
+    )
+
+    torch.manual_seed(0)
+    student = build_student("small")  # fastvit_t8: BatchNorm2d and BatchNormAct2d
+    path = "model.visual.trunk.stem.0.conv_kxk.0.bn"
+    student.get_submodule(path).act = nn.GELU()  # a real activation (the preset's are Identity)
+    before = {name: type(m) for name, m in student.named_modules()}
+    state = student.state_dict(keep_vars=True)
+    pixels = torch.rand(2, 3, 64, 64)
+    expected = student.eval().encode_image(pixels)
+    kinds = {"cpu": (GlobalBatchNorm, GlobalBatchNormAct), "cuda": (nn.SyncBatchNorm, SyncBatchNormAct)}[device]
+
+    assert to_global_batchnorm(student, torch.device(device)) is student
+    converted = {name: type(m) for name, m in student.named_modules()}
+    assert {name for name, kind in before.items() if kind is BatchNormAct2d} == {
+        name for name, kind in converted.items() if kind is kinds[1]
+    }
+    assert {name for name, kind in before.items() if kind is nn.BatchNorm2d} == {
+        name for name, kind in converted.items() if kind is kinds[0]
+    }
+    assert isinstance(student.get_submodule(path).act, nn.GELU)
+    after = student.state_dict(keep_vars=True)
+    assert list(after) == list(state) and all(after[k] is state[k] for k in state)
+    if device == "cpu":  # outside a process group, eval and training are plain BatchNorm
+        torch.testing.assert_close(student.encode_image(pixels), expected, rtol=0, atol=0)
+
+    with torch.no_grad():
+        student.get_submodule(path).running_mean.add_(1.0)  # "trained" statistics
+    to_plain_batchnorm(student)
+    assert {name: type(m) for name, m in student.named_modules()} == before
+    assert list(student.state_dict()) == list(state)
+    assert float(student.get_submodule(path).running_mean.min()) >= 1.0
+    assert isinstance(student.get_submodule(path).act, nn.GELU)
+
+    class CustomBatchNorm(nn.BatchNorm2d):
+        pass
+
+    student.get_submodule(path.removesuffix(".bn")).bn = CustomBatchNorm(4)
+    with pytest.raises(BatchNormConversionError, match=rf"{re.escape(path)} is a .*CustomBatchNorm"):
+        to_global_batchnorm(student, torch.device(device))
 
 
 @pytest.mark.slow

@@ -4,12 +4,13 @@ for saving.
 A data-parallel run is the one-process run only if every BatchNorm layer normalises with the
 statistics of the whole global batch, as one process would see it. PyTorch's
 ``nn.SyncBatchNorm`` does that, but only for accelerator tensors (its kernels and its input
-check are CUDA/XPU/HPU-only), so on CPU (gloo) :class:`GlobalBatchNorm` does the same with the
-collectives gloo has: each process computes its rows' per-channel mean, biased variance and
-count, one all-gather with gradient shares them (its backward all-reduces, so the gradient
-that every process's outputs put on the statistics reaches every process's inputs, as in
-SyncBatchNorm's backward), and they are merged with count weights (Chan et al.'s parallel
-variance), so unequal per-process batches and empty ones weigh exactly by their rows.
+check accept only CUDA, HPU, XPU or a private accelerator), so on CPU (gloo)
+:class:`GlobalBatchNorm` does the same with the collectives gloo has: each process computes
+its rows' per-channel mean, biased variance and count, one all-gather with gradient shares them
+(its backward all-reduces, so the gradient that every process's outputs put on the statistics
+reaches every process's inputs, as in SyncBatchNorm's backward), and they are merged with
+count weights (Chan et al.'s parallel variance), so unequal per-process batches and empty ones
+weigh exactly by their rows.
 Written here because no library offers a CPU SyncBatchNorm; its semantics are
 ``nn.SyncBatchNorm``'s: synchronised only in training mode, running variance from the unbiased
 global variance, ``momentum=None`` a cumulative average over ``num_batches_tracked``, and eval
@@ -53,7 +54,12 @@ _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormAct2d)
 
 class _GatherStats(torch.autograd.Function):
     """all_gather of one row per process whose backward sums the gathered gradient over
-    processes (all-reduce) and returns this process's row: the exact adjoint."""
+    processes (all-reduce) and returns this process's row: the exact adjoint.
+
+    Not ``torch.distributed.nn.functional.all_gather``: that is deprecated in torch 2.14 (a
+    FutureWarning per call site) and its backward needs all_to_all; all_gather + all_reduce
+    exist on every backend (``distributed._GatherWithGrad`` is the same adjoint for features,
+    but takes the run's DistContext, which a layer inside the student does not have)."""
 
     @staticmethod
     def forward(ctx: Any, row: torch.Tensor) -> torch.Tensor:
