@@ -369,20 +369,14 @@ class TrainStep(nn.Module):
 
 
 def wrap_ddp(step: TrainStep, device: torch.device) -> nn.Module:
-    """DDP around the step module (one GPU per process on CUDA, none on CPU). BatchNorm layers
-    become SyncBatchNorm on CUDA so their statistics are over the whole batch; on CPU
-    (no SyncBatchNorm) a BatchNorm student normalises per process, which a warning names."""
+    """DDP around the step module (one GPU per process on CUDA, none on CPU). Every BatchNorm
+    layer first becomes one whose training statistics are over the global batch (SyncBatchNorm
+    on CUDA, :class:`~clipdistill.train.sync_batchnorm.GlobalBatchNorm` on CPU), so a BatchNorm
+    student trains as in one process; :func:`~clipdistill.train.sync_batchnorm.to_plain_batchnorm`
+    converts back before the student is saved."""
     from torch.nn.parallel import DistributedDataParallel
 
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in step.modules())
-    if has_bn and device.type == "cuda":
-        step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
-    elif has_bn and step.ctx.is_main:
-        import warnings
+    from clipdistill.train.sync_batchnorm import to_global_batchnorm
 
-        warnings.warn(
-            "the student has BatchNorm layers and SyncBatchNorm needs CUDA: on CPU each process normalises "
-            "its own rows, so a multi-process run is not numerically the one-process run",
-            stacklevel=2,
-        )
+    step = to_global_batchnorm(step, device)
     return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)

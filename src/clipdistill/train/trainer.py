@@ -65,6 +65,7 @@ from clipdistill.train.state import (
     prepare_run_folder,
     record_bad_samples,
 )
+from clipdistill.train.sync_batchnorm import to_plain_batchnorm
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
@@ -448,6 +449,7 @@ class Trainer:
             self._save(LATEST)
         if bar is not None:
             bar.close()
+        to_plain_batchnorm(self.student)  # ordinary BatchNorm layers again (a no-op in one process)
         if not self.dist.is_main:
             barrier(self.dist)  # wait for rank 0's final save, then report the same summary
             return _read_summary(self.run_dir)
