@@ -36,9 +36,9 @@ class ImageDecodeError(ValueError):
 
 
 def describe_error(error: BaseException) -> str:
-    """``Type: message``: a message alone ("unpack_from requires ...") does not say what broke."""
+    """``message (Type)``: a message alone ("unpack_from requires ...") does not say what broke."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return f"{text} ({type(error).__name__})" if text else type(error).__name__
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
