@@ -134,9 +134,13 @@ def _stage(name: str, done: bool) -> bool:
 
 
 # --- stages ------------------------------------------------------------------------------------
-def _dataset(out: Path, data: str | Path | None, images: str | Path | None) -> tuple[Any, str, str | None]:
-    from clipdistill.data.loading import load_dataset
+def _dataset(
+    out: Path, data: str | Path | None, images: str | Path | None, splits: Any = None
+) -> tuple[Any, str, str | None]:
+    from clipdistill.data.splits import SplitOptions, make_splits
 
+    if data is None and splits is not None and (splits.val_data or splits.test_data):
+        raise DemoError("--val-data/--test-data need --data (the train file) too")
     if data is None:
         from clipdistill.data.emoji import build_emoji_dataset
 
@@ -145,8 +149,8 @@ def _dataset(out: Path, data: str | Path | None, images: str | Path | None) -> t
         data_path, images_root = str(out / "data"), None
     else:
         _stage(f"data ({data})", True)
-        dataset = load_dataset(data, images)
-        data_path, images_root = str(data), None if images is None else str(images)
+        dataset, data_path, record = make_splits(out / "data", data, images, splits or SplitOptions())
+        images_root = None if record is not None or images is None else str(images)  # the split file is absolute
     missing = {"train", "val", "test"} - set(dataset.split_counts())
     if missing:
         raise DemoError(f"{data_path}: the demo needs train, val and test splits; missing {', '.join(sorted(missing))}")
@@ -318,10 +322,13 @@ def run_demo(
     preset: str | DemoPreset = "quick",
     methods: str | None = None,
     seeds: int | None = None,
+    splits: Any = None,
 ) -> dict[str, Any]:
     """Run every stage (skipping finished ones) and write the report; returns ``report.json``.
 
-    ``preset`` is a name from :data:`PRESETS` or a :class:`DemoPreset` (tests and sweeps)."""
+    ``preset`` is a name from :data:`PRESETS` or a :class:`DemoPreset` (tests and sweeps);
+    ``splits`` (:class:`~clipdistill.data.splits.SplitOptions`) says how a ``data`` without
+    train/val/test gets them (val/test files, or carved from train with a seed)."""
     from clipdistill.data.images import load_image_tensor
     from clipdistill.distill.methods import fusion_methods
     from clipdistill.models.text_minilm import clear_minilm_memo, minilm_memo
@@ -341,7 +348,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    dataset, data_path, images_root = _dataset(out, data, images)
+    dataset, data_path, images_root = _dataset(out, data, images, splits)
     with minilm_memo():  # the three stages encode the same captions with the same locked tower
         teacher_spec = _teacher(out, dataset, settings)
         fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(fusion_methods()) else None
@@ -402,6 +409,8 @@ def run_demo(
     best = _best_student(students)
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
     report["deploy"] = _deploy(out, best["spec"], data_path, images_root, settings.index_factory)
+    if data is not None and (out / "data" / "splits.json").is_file() and data_path == str(out / "data"):
+        report["splits"] = _read_json(out / "data" / "splits.json")  # how train/val/test were made
     if dataset.skipped is not None and dataset.skipped.samples:
         report["bad_samples"] = dataset.skipped.summary()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)

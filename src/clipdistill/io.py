@@ -3,6 +3,13 @@
 A crash mid-write must leave the previous version readable, so no writer in clipdistill
 opens its final path for writing directly. ``os.replace`` is atomic on POSIX within one
 filesystem, which is why the temp file is created beside the target, not in /tmp.
+
+A temp file is named ``.TARGET.HOST.PID-RANDOM.tmp``. A write killed before its rename (SIGKILL,
+OOM, power cut) leaves one behind, so the first atomic write of a process into a folder removes
+the ones whose process (on this host) is no longer running, and says so on stderr: an orphan is
+cleaned wherever artifacts are written (cache, export, index, run folders), never one a live
+writer still owns. The finished file gets the permissions the umask allows (``mkstemp``
+creates 0600, which would hide artifacts from the rest of a group).
 """
 
 from __future__ import annotations
@@ -10,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +41,63 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` can only be
+    read by setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9]+)\.(?P<pid>\d+)-[^.]*\.tmp$")
+_swept: set[str] = set()  # folders this process has already cleared of orphans
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def orphaned_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Temp files in ``directory`` left by a killed :func:`atomic_path` of this host: their
+    process is no longer running. Files of live processes and of other hosts are not listed."""
+    host = _host_tag()
+    found = []
+    for path in stale_temp_files(directory):
+        match = _TEMP_NAME.match(path.name)
+        if match and match["host"] == host and int(match["pid"]) != os.getpid() and not _pid_running(int(match["pid"])):
+            found.append(path)
+    return found
+
+
+def _sweep_orphans(directory: Path) -> None:
+    """Once per process and folder: delete :func:`orphaned_temp_files`, naming each on stderr."""
+    key = str(directory.absolute())
+    if key in _swept:
+        return
+    _swept.add(key)
+    for orphan in orphaned_temp_files(directory):
+        with contextlib.suppress(FileNotFoundError):
+            orphan.unlink()
+            print(f"removed {orphan}, left by a write that was killed before it finished", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``target``; on success fsync it and rename it over ``target``.
@@ -40,7 +107,9 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _sweep_orphans(target.parent)
+    prefix = f".{target.name}.{_host_tag()}.{os.getpid()}-"
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -48,6 +117,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         failpoint(f"atomic:{target.name}", tmp)  # crash tests: the bytes are written, the rename is not done
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # as open() would have created it
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:

@@ -171,9 +171,16 @@ def eval_command(
 def demo_command(
     out: Annotated[Path, typer.Option("--out")] = Path("runs/demo"),
     data: Annotated[
-        Path | None, typer.Option("--data", help="Karpathy JSON or dataset folder (default: builtin emoji).")
+        Path | None,
+        typer.Option("--data", help="Dataset (Karpathy, CSV/TSV, folder, shards; default: builtin emoji)."),
     ] = None,
     images: ImagesOpt = None,
+    val_data: Annotated[Path | None, typer.Option("--val-data", help="A file/folder that is the val split.")] = None,
+    test_data: Annotated[Path | None, typer.Option("--test-data", help="A file/folder that is the test split.")] = None,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of splits carved from train.")] = 0,
+    group_by: Annotated[
+        str | None, typer.Option("--group-by", help="CSV column whose groups a carved split keeps whole.")
+    ] = None,
     preset: Annotated[str, typer.Option("--preset", help="quick | full")] = "quick",
     methods: Annotated[
         str | None, typer.Option("--methods", help="Comma-separated methods (default: all seven).")
@@ -182,11 +189,13 @@ def demo_command(
 ) -> None:
     """The main job: data, teachers, cache, one student per method, evaluation, export, index,
     report. Finished stages are skipped, so a rerun resumes where a run stopped."""
+    from clipdistill.data.splits import SplitOptions
     from clipdistill.demo import run_demo
     from clipdistill.train.state import TrainingStopped
 
+    splits = SplitOptions(val_data=val_data, test_data=test_data, seed=split_seed, group_by=group_by)
     try:
-        report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds)
+        report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds, splits=splits)
     except TrainingStopped as stopped:  # SIGTERM/Ctrl-C during a student: its checkpoint is saved
         exit_stopped(stopped, f"demo stopped: {stopped}; rerun the same demo command to continue")
     print_demo_summary(report, out)

@@ -60,10 +60,11 @@ def _row_split(path: Path, row: int, split_key: str | None, value: str, default:
 class _Group:
     """Captions collected for one image path while scanning rows (first row fixes the split)."""
 
-    def __init__(self, first_row: int, split: str, origin: str) -> None:
+    def __init__(self, first_row: int, split: str, origin: str, concept: str = "") -> None:
         self.first_row = first_row
         self.split = split
         self.origin = origin
+        self.concept = concept
         self.captions: list[Caption] = []
 
 
@@ -86,10 +87,13 @@ def _group_rows(
     split_key: str | None,
     split: str,
     issues: BadSamples,
+    group_key: str | None = None,
 ) -> dict[str, _Group]:
     groups: dict[str, _Group] = {}  # insertion order = first appearance of each image
     splits = table[split_key] if split_key is not None else [""] * len(table)
-    for offset, (image, text, split_value) in enumerate(zip(table[img_key], table[caption_key], splits, strict=True)):
+    concepts = table[group_key] if group_key is not None else [""] * len(table)
+    rows = zip(table[img_key], table[caption_key], splits, concepts, strict=True)
+    for offset, (image, text, split_value, concept) in enumerate(rows):
         row = offset + 1
         try:
             _check_row(path, row, img_key, image, caption_key, text)
@@ -107,7 +111,7 @@ def _group_rows(
                 raise
             issues.bad(str(path), f"row {row}", str(error).split(f"row {row} ", 1)[-1], kind="caption")
             continue
-        group = groups.setdefault(image, _Group(row, row_split, origin=f"row {row}"))
+        group = groups.setdefault(image, _Group(row, row_split, origin=f"row {row}", concept=concept.strip()))
         group.captions.append(Caption(caption_id=f"{image}#row{row}", text=text.strip()))
     return groups
 
@@ -121,6 +125,7 @@ def read_csv(
     sep: str | None = None,
     split: str = "train",
     split_key: str | None = None,
+    group_key: str | None = None,
     name: str | None = None,
     issues: BadSamples | None = None,
 ) -> PairedDataset:
@@ -130,7 +135,9 @@ def read_csv(
     ``image_root`` (default: the table's folder). Every image gets ``split`` unless
     ``split_key`` names a column holding train/val/test/restval per row. Ids are the path as
     written (image) and ``<path>#row<N>`` (caption, N = 1-based data row), so they stay stable
-    as long as the file does. ``issues`` sets what a bad row does (default: stop, naming it).
+    as long as the file does. ``group_key`` names a column whose value (first row of an image)
+    becomes the image's ``concept``, what a seeded split groups by (:mod:`clipdistill.data.splits`).
+    ``issues`` sets what a bad row does (default: stop, naming it).
     """
     issues = issues if issues is not None else BadSamples("error")
     path = Path(path)
@@ -140,12 +147,18 @@ def read_csv(
     if sep is None:
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
     table = _read_table(path, sep)
-    _require_columns(path, table, [img_key, caption_key] + ([split_key] if split_key else []))
-    groups = _group_rows(path, table, img_key, caption_key, split_key, default_split, issues)
+    optional = [key for key in (split_key, group_key) if key]
+    _require_columns(path, table, [img_key, caption_key, *optional])
+    groups = _group_rows(path, table, img_key, caption_key, split_key, default_split, issues, group_key)
     root = Path(image_root) if image_root is not None else path.parent
     records = [
         ImageRecord(
-            image_id=image, path=root / image, split=group.split, captions=tuple(group.captions), origin=group.origin
+            image_id=image,
+            path=root / image,
+            split=group.split,
+            captions=tuple(group.captions),
+            concept=group.concept,
+            origin=group.origin,
         )
         for image, group in groups.items()
     ]

@@ -1,9 +1,9 @@
 """Decode a dataset's images once into one uint8 tensor kept in memory.
 
 Small datasets (emoji: ~3,600 images of 64x64) fit in a few MB, and decoding PNGs every step
-would make training bound by Pillow rather than by the model. Transparent images are put on
-white (emoji glyphs are RGBA), greyscale/CMYK/palette images are converted to RGB, and 16-bit
-or float images are scaled to 8 bits (Pillow's plain ``convert`` clips them to white).
+would make training bound by Pillow rather than by the model. Pixels come from the one decoder
+the service uses too (:mod:`clipdistill.imaging`: EXIF orientation applied, transparency on
+white, 16-bit or float images scaled to 8 bits, every other mode converted to RGB).
 
 :func:`image_problem` is the up-front check ``load_dataset`` runs on every file, so a file that
 will not decode is found before any work, not mid-epoch.
@@ -21,24 +21,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipdistill import imaging
 from clipdistill.data.errors import DatasetError
 
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb limit (~9.5K x 9.5K)
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and float greyscale to 8 bits by value range, not by clipping."""
-    array = np.asarray(image, dtype=np.float64)
-    top = 65535.0  # 16-bit integer modes
-    if image.mode == "F":
-        top = 1.0 if array.size and float(np.nanmax(array)) <= 1.0 else 255.0
-    return Image.fromarray(np.clip(np.nan_to_num(array) / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-
-
 def image_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be used as an image (missing, empty, not an image, truncated, a
-    decompression bomb), or ``None`` when it decodes. JPEGs decode at 1/8 scale: every byte of
-    the entropy-coded data is still read, so truncation is caught, at a fraction of the cost."""
+    decompression bomb), or ``None`` when it decodes. Any exception while decoding is a
+    problem named with its type and message, never a crash of the check. JPEGs decode at 1/8
+    scale: every byte of the entropy-coded data is still read, so truncation is caught, at a
+    fraction of the cost."""
     path = Path(path)
     source: Any = path
     try:
@@ -66,29 +60,21 @@ def image_problem(path: str | Path) -> str | None:
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                 image.load()
+                imaging.rgb_of(image)  # the conversion training will do (EXIF, mode) must work too
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return f"is too large to decode safely: {error}"
-    except (OSError, ValueError, SyntaxError, EOFError) as error:  # Pillow's ways of saying "broken"
-        return f"cannot be decoded: {error}"
+    except Exception as error:  # Pillow's plugins raise far more than OSError on bad bytes
+        return f"cannot be decoded: {imaging.describe_error(error)}"
     return None
 
 
 def decode_rgb(source: Any, name: str) -> Image.Image:
-    """Decode a file path or file object as RGB (alpha composited on white); errors name ``name``."""
+    """Decode a file path or file object as RGB with the one decoder (:func:`clipdistill.imaging.decode_rgb`:
+    EXIF orientation applied, 16-bit/float scaled, alpha on white); errors name ``name``."""
     try:
-        with Image.open(source) as image:
-            image.load()
-            if image.mode.startswith("I") or image.mode == "F":
-                rgb = _to_8bit(image).convert("RGB")
-            elif image.mode in ("RGBA", "LA", "P", "PA"):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                rgb = Image.alpha_composite(background, rgba).convert("RGB")
-            else:
-                rgb = image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DatasetError(f"cannot decode image {name}: {error}") from error
-    return rgb
+        return imaging.decode_rgb(source, name)
+    except imaging.ImageDecodeError as error:
+        raise DatasetError(str(error)) from error
 
 
 def open_rgb(path: str | Path, size: int | tuple[int, int] | None = None) -> Image.Image:

@@ -24,6 +24,8 @@ __all__ = ["FORMATS", "detect_format", "load_dataset"]
 
 FORMATS = ("auto", "karpathy", "csv", "folder", "wds")
 KARPATHY_FILE = "dataset.json"  # the name the Karpathy splits and our emoji builder use
+# The names of Karpathy's own published files, recognised in a folder as well.
+KARPATHY_FILES = (KARPATHY_FILE, "dataset_coco.json", "dataset_flickr30k.json", "dataset_flickr8k.json")
 _TABLE_SUFFIXES = (".csv", ".tsv")
 _READERS: dict[str, Callable[..., PairedDataset]] = {
     "karpathy": read_karpathy,
@@ -33,12 +35,24 @@ _READERS: dict[str, Callable[..., PairedDataset]] = {
 }
 
 
+def karpathy_json(folder: Path) -> Path | None:
+    """The Karpathy JSON of a folder (one of :data:`KARPATHY_FILES`), ``None`` when there is none;
+    two of them are ambiguous and refused, naming both."""
+    found = [folder / name for name in KARPATHY_FILES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise DatasetError(
+            f"{folder} holds several Karpathy files ({', '.join(p.name for p in found)}); "
+            "pass the one to use as --data FOLDER/FILE.json"
+        )
+    return found[0] if found else None
+
+
 def detect_format(data: Path) -> str:
     """Guess the format of an existing path; raise listing what was looked for."""
     if "{" in str(data) and is_wds(data):
         return "wds"
     if data.is_dir():
-        if (data / KARPATHY_FILE).is_file():
+        if karpathy_json(data) is not None:
             return "karpathy"
         if is_wds(data):
             return "wds"
@@ -49,8 +63,9 @@ def detect_format(data: Path) -> str:
     elif data.suffix.lower() in _TABLE_SUFFIXES:
         return "csv"
     raise DatasetError(
-        f"cannot tell the dataset format of {data}: looked for a directory containing {KARPATHY_FILE} "
-        f"(Karpathy), a .json file (Karpathy), a .csv/.tsv file (CSV), or a directory of images "
+        f"cannot tell the dataset format of {data}: looked for a directory containing "
+        f"{' or '.join(KARPATHY_FILES)} (Karpathy), a .json file (Karpathy), a .csv/.tsv file (CSV), "
+        f"or a directory of images "
         f"({', '.join(IMAGE_SUFFIXES)}) with .txt captions (folder), a directory of .tar shards or a "
         f"brace pattern DIR/{{00000..00099}}.tar (wds); pass fmt= one of "
         f"{', '.join(FORMATS[1:])} to choose"
@@ -70,12 +85,12 @@ def _read(fmt: str, data: Path, images: Path | None, kwargs: dict[str, Any], iss
     reader = _READERS[fmt]
     _check_kwargs(fmt, reader, kwargs)
     if fmt == "karpathy":
-        json_path = data / KARPATHY_FILE if data.is_dir() else data
+        json_path = (karpathy_json(data) or data / KARPATHY_FILE) if data.is_dir() else data
         return read_karpathy(json_path, image_root=images, issues=issues, **kwargs)
     if fmt == "wds":
         if images is not None:
             raise DatasetError(f"images={images} does not apply to the wds format (images live in the shards)")
-        return read_wds(data, **kwargs)
+        return read_wds(data, issues=issues, **kwargs)
     if fmt == "csv":
         if data.is_dir():
             raise DatasetError(f"{data}: is a directory; the csv format needs a .csv or .tsv file")
@@ -135,8 +150,9 @@ def load_dataset(
 ) -> PairedDataset:
     """Load a dataset from a Karpathy JSON, a CSV/TSV, or an image+caption folder.
 
-    ``fmt="auto"`` detects the format: a directory containing ``dataset.json`` or a ``.json``
-    file → Karpathy; ``.csv``/``.tsv`` → CSV; a directory of images → folder. ``images`` is the
+    ``fmt="auto"`` detects the format: a directory containing ``dataset.json`` (or Karpathy's
+    own ``dataset_coco.json``, ``dataset_flickr30k.json``, ``dataset_flickr8k.json``) or a
+    ``.json`` file → Karpathy; ``.csv``/``.tsv`` → CSV; a directory of images → folder. ``images`` is the
     image root for Karpathy and CSV (default: the file's folder). ``reader_kwargs`` go to the
     reader (e.g. ``img_key``/``caption_key`` for CSV, ``split`` for a folder, ``name``). With
     ``check_files`` every image is checked up front: missing files (:class:`MissingImagesError`),

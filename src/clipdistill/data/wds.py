@@ -33,6 +33,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from clipdistill.data.bad_samples import BadSamples, check_policy, default_policy
 from clipdistill.data.dataset import SPLITS, Caption, DatasetError, ImageRecord, PairedDataset, make_dataset
 from clipdistill.data.members import read_member
 from clipdistill.io import atomic_path, atomic_write_json
@@ -92,13 +93,34 @@ class WdsSample:
     image_member: str
     image: bytes
     meta: dict[str, Any]
+    captions: tuple[Caption, ...]
 
 
-def _captions(key: str, shard: Path, meta: dict[str, Any]) -> tuple[Caption, ...]:
+class _BadSample(Exception):
+    """One sample's problem: ``where`` (``sample 'KEY'``, ``member KEY.txt``) and ``reason``,
+    so the bad-sample policy (stop, naming shard and member, or skip) decides what happens."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where} {reason}")
+        self.where = where
+        self.reason = reason
+
+
+def _utf8(data: bytes, member: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _BadSample(
+            f"member {member}", f"is not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start})"
+        ) from None
+
+
+def _captions(key: str, meta: dict[str, Any]) -> tuple[Caption, ...]:
+    where = f"sample {key!r}"
     if "captions" in meta:
         raw = meta["captions"]
         if not isinstance(raw, list) or not raw:
-            raise DatasetError(f"{shard}: sample {key!r} field 'captions' must be a non-empty list, got {raw!r}")
+            raise _BadSample(where, f"field 'captions' must be a non-empty list, got {raw!r}")
         out = []
         for index, item in enumerate(raw):
             if isinstance(item, str):
@@ -106,12 +128,30 @@ def _captions(key: str, shard: Path, meta: dict[str, Any]) -> tuple[Caption, ...
             elif isinstance(item, dict) and isinstance(item.get("text"), str):
                 out.append(Caption(str(item.get("caption_id", f"{key}#{index}")), item["text"]))
             else:
-                raise DatasetError(f"{shard}: sample {key!r} field 'captions[{index}]' is not a caption: {item!r}")
+                raise _BadSample(where, f"field 'captions[{index}]' is not a caption: {item!r}")
         return tuple(out)
     text = meta.get("caption", meta.get("text"))
     if not isinstance(text, str) or not text.strip():
-        raise DatasetError(f"{shard}: sample {key!r} has no caption (a .txt member, or 'caption'/'captions' in .json)")
+        raise _BadSample(where, "has no caption (a .txt member, or 'caption'/'captions' in .json)")
     return (Caption(f"{key}#0", text.strip()),)
+
+
+def _meta_of(key: str, payloads: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+    """A sample's text side from its ``json``/``txt`` members (extension -> (member name, bytes))."""
+    if "json" in payloads:
+        name, data = payloads["json"]
+        try:
+            meta = json.loads(_utf8(data, name))
+        except json.JSONDecodeError as error:
+            raise _BadSample(f"member {name}", f"is not valid JSON: {error}") from None
+        if not isinstance(meta, dict):
+            raise _BadSample(f"member {name}", "must hold a JSON object")
+        if "txt" in payloads and "caption" not in meta and "captions" not in meta:
+            meta["caption"] = _utf8(payloads["txt"][1], payloads["txt"][0])
+        return meta
+    if "txt" in payloads:
+        return {"caption": _utf8(payloads["txt"][1], payloads["txt"][0])}
+    raise _BadSample(f"sample {key!r}", "has an image but no .txt or .json member")
 
 
 def _group(shard: Path, members: Sequence[tarfile.TarInfo]) -> dict[str, dict[str, tarfile.TarInfo]]:
@@ -129,52 +169,47 @@ def _group(shard: Path, members: Sequence[tarfile.TarInfo]) -> dict[str, dict[st
     return groups
 
 
-def _sample_meta(tar: tarfile.TarFile, shard: Path, key: str, parts: dict[str, tarfile.TarInfo]) -> dict[str, Any]:
-    def read(member: tarfile.TarInfo) -> bytes:
-        handle = tar.extractfile(member)
-        assert handle is not None
-        return handle.read()
-
-    if "json" in parts:
-        try:
-            meta = json.loads(read(parts["json"]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DatasetError(f"{shard}: member {parts['json'].name} is not valid JSON: {error}") from error
-        if not isinstance(meta, dict):
-            raise DatasetError(f"{shard}: member {parts['json'].name} must hold a JSON object")
-        if "txt" in parts and "caption" not in meta and "captions" not in meta:
-            meta["caption"] = read(parts["txt"]).decode("utf-8")
-        return meta
-    if "txt" in parts:
-        return {"caption": read(parts["txt"]).decode("utf-8")}
-    raise DatasetError(f"{shard}: sample {key!r} has an image but no .txt or .json member")
-
-
-def iter_shard(shard: Path) -> Iterator[WdsSample]:
-    """Every sample of one shard, in tar order; errors name the shard and the key."""
+def iter_shard(shard: Path, issues: BadSamples | None = None) -> Iterator[WdsSample]:
+    """Every sample of one shard, in tar order. A bad sample (no image, no caption, bad JSON,
+    a ``.txt`` that is not UTF-8) goes through ``issues`` (default: stop, naming shard and
+    member); an unreadable tar always stops."""
+    issues = issues if issues is not None else BadSamples("error")
     try:
         with tarfile.open(shard, "r") as tar:
-            groups = _group(shard, tar.getmembers())
-            for key, parts in groups.items():
-                image_ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
-                if image_ext is None:
-                    raise DatasetError(f"{shard}: sample {key!r} has no image member (.{', .'.join(IMAGE_EXTENSIONS)})")
-                meta = _sample_meta(tar, shard, key, parts)
-                handle = tar.extractfile(parts[image_ext])
+
+            def read(member: tarfile.TarInfo) -> bytes:
+                handle = tar.extractfile(member)
                 assert handle is not None
-                yield WdsSample(key, shard.name, parts[image_ext].name, handle.read(), meta)
+                return handle.read()
+
+            for key, parts in _group(shard, tar.getmembers()).items():
+                try:
+                    image_ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+                    if image_ext is None:
+                        raise _BadSample(f"sample {key!r}", f"has no image member (.{', .'.join(IMAGE_EXTENSIONS)})")
+                    texts = {e: (parts[e].name, read(parts[e])) for e in TEXT_EXTENSIONS if e in parts}
+                    meta = _meta_of(key, texts)
+                    captions = _captions(key, meta)
+                except _BadSample as bad:
+                    issues.bad(str(shard), bad.where, bad.reason)
+                    continue
+                yield WdsSample(key, shard.name, parts[image_ext].name, read(parts[image_ext]), meta, captions)
     except tarfile.TarError as error:
         raise DatasetError(f"cannot read shard {shard}: {error}") from error
 
 
-def read_wds(source: str | Path, *, split: str = "train", name: str | None = None) -> PairedDataset:
+def read_wds(
+    source: str | Path, *, split: str = "train", name: str | None = None, issues: BadSamples | None = None
+) -> PairedDataset:
     """All samples of the shards as a :class:`PairedDataset`; images stay inside the tars.
 
-    A sample's split is its JSON ``split`` field when present, else ``split``."""
+    A sample's split is its JSON ``split`` field when present, else ``split``. ``issues`` sets
+    what a bad sample does (``--on-bad-sample``: stop naming shard and member, or skip it)."""
+    issues = issues if issues is not None else BadSamples("error")
     paths = shard_paths(source)
     records = []
     for shard in paths:
-        for sample in iter_shard(shard):
+        for sample in iter_shard(shard, issues):
             meta = sample.meta
             record_split = str(meta.get("split", split))
             record_split = "train" if record_split == "restval" else record_split
@@ -183,12 +218,13 @@ def read_wds(source: str | Path, *, split: str = "train", name: str | None = Non
                     image_id=str(meta.get("image_id", f"{shard.stem}/{sample.key}")),
                     path=shard / sample.image_member,
                     split=record_split,
-                    captions=_captions(sample.key, shard, meta),
+                    captions=sample.captions,
                     concept=str(meta.get("concept", "")),
+                    origin=f"sample {sample.key!r} of {shard.name}",
                 )
             )
     title = name or (paths[0].parent.name if "{" not in str(source) else "wds")
-    return make_dataset(title, records, source=str(source))
+    return make_dataset(title, records, source=str(source), issues=issues)
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -212,11 +248,12 @@ class WdsStream(IterableDataset):  # type: ignore[misc]
     Fewer shards than processes × workers leaves some idle; :func:`write_wds` makes enough
     shards for that (``shard_size``). ``len()`` is this process's share from ``sizes.json``."""
 
-    def __init__(self, source: str | Path, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, source: str | Path, rank: int = 0, world: int = 1, on_bad_sample: str | None = None) -> None:
         self.paths = shard_paths(source)
         self.sizes = read_sizes(self.paths)
         self.rank, self.world = rank, world
         self.mine = rank_shards(self.paths, rank, world)
+        self.policy = check_policy(on_bad_sample or default_policy())
 
     def __len__(self) -> int:
         return sum(self.sizes[p.name] for p in self.mine)
@@ -231,26 +268,35 @@ class WdsStream(IterableDataset):  # type: ignore[misc]
         urls = [str(p) for p in rank_shards(self.paths, self.rank, self.world, worker, workers)]
         if not urls:
             return
+        issues = BadSamples(self.policy)  # skip: dropped samples are listed on stderr when the pass ends
         stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-        for sample in stream:
-            key = sample["__key__"]
-            shard = Path(sample["__url__"])
-            image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-            if image_ext is None:
-                raise DatasetError(f"{shard}: sample {key!r} has no image member")
-            if "json" in sample:
-                meta = json.loads(sample["json"].decode("utf-8"))
-            elif "txt" in sample:
-                meta = {"caption": sample["txt"].decode("utf-8")}
-            else:
-                raise DatasetError(f"{shard}: sample {key!r} has an image but no .txt or .json member")
-            yield {
-                "key": key,
-                "image": decode_rgb(io.BytesIO(sample[image_ext]), f"{shard}/{key}.{image_ext}"),
-                "captions": [c.text for c in _captions(key, shard, meta)],
-                "image_id": str(meta.get("image_id", f"{shard.stem}/{key}")),
-                "split": str(meta.get("split", "train")),
-            }
+        try:
+            for sample in stream:
+                key = sample["__key__"]
+                shard = Path(sample["__url__"])
+                try:
+                    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+                    if image_ext is None:
+                        raise _BadSample(f"sample {key!r}", "has no image member")
+                    texts = {e: (f"{key}.{e}", sample[e]) for e in TEXT_EXTENSIONS if e in sample}
+                    meta = _meta_of(key, texts)
+                    captions = _captions(key, meta)
+                    image = decode_rgb(io.BytesIO(sample[image_ext]), f"{shard}/{key}.{image_ext}")
+                except _BadSample as bad:
+                    issues.bad(str(shard), bad.where, bad.reason)
+                    continue
+                except DatasetError as error:  # the image does not decode (message names the member)
+                    issues.bad(str(shard), f"sample {key!r}", str(error))
+                    continue
+                yield {
+                    "key": key,
+                    "image": image,
+                    "captions": [c.text for c in captions],
+                    "image_id": str(meta.get("image_id", f"{shard.stem}/{key}")),
+                    "split": str(meta.get("split", "train")),
+                }
+        finally:
+            issues.announce(f"webdataset stream {', '.join(Path(u).name for u in urls)}")
 
 
 # --- writing ------------------------------------------------------------------------------------

@@ -59,10 +59,20 @@ class HFCLIPDualEncoder(DualEncoder):
 
 
 def load_hf_clip(identifier: str, *, spec: str) -> HFCLIPDualEncoder:
+    from pathlib import Path
+
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    model = CLIPModel.from_pretrained(identifier)
-    tokenizer = AutoTokenizer.from_pretrained(identifier)
+    try:
+        model = CLIPModel.from_pretrained(identifier)
+        tokenizer = AutoTokenizer.from_pretrained(identifier)
+    except OSError as error:  # transformers' way of saying "not cached and cannot be downloaded"
+        if Path(identifier).is_dir():
+            raise  # a local folder: its own error (a missing file in it) is the useful one
+        from clipdistill.models.openclip_model import cannot_fetch, hub_cache
+
+        local = "hf:/path/to/folder (a folder written by CLIPModel.save_pretrained, with its tokenizer)"
+        raise cannot_fetch(spec, f"model {identifier!r}", hub_cache(), error, local) from None
     try:
         processor = AutoImageProcessor.from_pretrained(identifier)
     except (OSError, ValueError):

@@ -6,12 +6,14 @@ Students are open_clip models too, so this one adapter serves both sides of dist
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from clipdistill.models.base import DualEncoder
+from clipdistill.models.spec import ModelSpecError
 
 
 def _as_pair(size: Any) -> tuple[int, int]:
@@ -60,10 +62,70 @@ class OpenCLIPDualEncoder(DualEncoder):
         return int(getattr(self._tokenizer, "context_length", 77))
 
 
+def hub_cache() -> str:
+    """The Hugging Face hub cache folder (``HF_HUB_CACHE`` / ``HF_HOME``), where weights are looked up."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def cannot_fetch(spec: str, what: str, cache: str, error: BaseException, local: str) -> ModelSpecError:
+    """The one-line error for weights that are neither cached nor downloadable (an air-gapped
+    machine): the spec, the cache looked in, why, and how to pass local weights instead."""
+    reason = " ".join(str(error).split())
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    return ModelSpecError(
+        f"cannot load {spec!r}: {what} could be neither found in the cache {cache} nor downloaded "
+        f"({type(error).__name__}: {reason}); without the hub, pass local weights: {local}"
+    )
+
+
+def _local_hint(model_name: str) -> str:
+    return (
+        f"openclip:{model_name}@/path/to/weights.safetensors (a file, as open_clip's `pretrained` takes it) "
+        "or local-dir:/path/to/folder (open_clip_config.json + weights)"
+    )
+
+
+def fetch_weights(model_name: str, pretrained: str | None, spec: str, *, weights: bool = True) -> None:
+    """Make sure the weights a spec names are on this machine before the model is built, so a
+    failed download is one line naming the spec and the cache, not a traceback from open_clip
+    (and an ``hf-hub:`` spec never falls back to random weights, as open_clip does with a
+    warning when only the config can be fetched). Cached files are found without a network."""
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf, get_pretrained_cfg
+
+    if model_name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo = model_name.removeprefix("hf-hub:")
+        hint = f"local-dir:/path/to/folder (a download of {repo}: open_clip_config.json + weights)"
+        try:
+            hf_hub_download(repo_id=repo, filename="open_clip_config.json")
+        except Exception as error:  # any failure to fetch (offline, no such repo, no access)
+            raise cannot_fetch(spec, "its open_clip_config.json", hub_cache(), error, hint) from None
+        if weights:
+            try:
+                download_pretrained_from_hf(repo)
+            except Exception as error:
+                raise cannot_fetch(spec, "its weights", hub_cache(), error, hint) from None
+        return
+    if not weights or not pretrained or Path(pretrained).is_file():
+        return
+    config = get_pretrained_cfg(model_name, pretrained)
+    if not config:
+        return  # an unknown tag is refused earlier (models.teachers), with the valid ones
+    cache = hub_cache() if config.get("hf_hub") else str(Path("~/.cache/clip").expanduser())
+    try:
+        download_pretrained(config)
+    except Exception as error:
+        raise cannot_fetch(spec, f"the weights of tag {pretrained!r}", cache, error, _local_hint(model_name)) from None
+
+
 def load_openclip(model_name: str, pretrained: str | None, *, load_weights: bool, spec: str) -> OpenCLIPDualEncoder:
     """Build through open_clip's own factory so any open_clip checkpoint loads unchanged."""
     import open_clip
 
+    fetch_weights(model_name, pretrained, spec, weights=load_weights)  # hf-hub: the config comes from the hub too
     model = open_clip.create_model(model_name, pretrained=pretrained, load_weights=load_weights)
     tokenizer = open_clip.get_tokenizer(model_name)
     return OpenCLIPDualEncoder(model, tokenizer, spec=spec)

@@ -1,9 +1,10 @@
 """Torch-free image preprocessing for serving, matching what the index was embedded with.
 
-Training and ``clipdistill embed`` decode an image with ``open_rgb`` (alpha composited on
-white, RGB) resized bicubically to the model's input size, then subtract the mean and divide
-by the std. This module does exactly that with Pillow and numpy, so a query image and an
-indexed image go through the same pixels path without torch.
+Training and ``clipdistill embed`` decode an image with the one decoder
+(:mod:`clipdistill.imaging`: EXIF orientation, 16-bit/float scaling, alpha composited on white)
+resized bicubically to the model's input size, then subtract the mean and divide by the std.
+This module does exactly that with Pillow and numpy, calling the same decoder, so a query
+image and an indexed image go through the same pixels path without torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from clipdistill import imaging
+
 PREPROCESS_CONFIG = "preprocess_config.json"
 ImageInput = Image.Image | bytes | str | Path
 
@@ -27,31 +30,30 @@ class ImageInputError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency put on white (emoji glyphs are RGBA), like ``data.images.open_rgb``."""
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    """A decoded PIL image as RGB by the one decoder's rules (:func:`clipdistill.imaging.rgb_of`);
+    a failure of the conversion (a malformed EXIF block, an unconvertible mode) is an
+    :class:`ImageInputError`."""
+    try:
+        return imaging.rgb_of(image)
+    except Exception as error:  # any failure here is the image's fault, see clipdistill.imaging
+        raise ImageInputError(f"cannot decode image: {imaging.describe_error(error)}") from error
 
 
 def open_image(image: ImageInput) -> Image.Image:
     """A PIL image, encoded bytes or a path, decoded to RGB."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    try:
-        source: Any = io.BytesIO(image) if isinstance(image, bytes) else image
-        if isinstance(image, str | Path) and not Path(image).exists():
-            from clipdistill.data.members import read_member  # SHARD.tar/MEMBER: an image inside a webdataset shard
+    source: Any = io.BytesIO(image) if isinstance(image, bytes) else image
+    if isinstance(image, str | Path) and not Path(image).exists():
+        from clipdistill.data.members import read_member  # SHARD.tar/MEMBER: an image inside a webdataset shard
 
-            member = read_member(image)
-            source = source if member is None else io.BytesIO(member)
-        with Image.open(source) as opened:
-            opened.load()
-            return to_rgb(opened)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        name = "uploaded bytes" if isinstance(image, bytes) else str(image)
-        raise ImageInputError(f"cannot decode image ({name}): {error}") from error
+        member = read_member(image)
+        source = source if member is None else io.BytesIO(member)
+    name = "(uploaded bytes)" if isinstance(image, bytes) else str(image)
+    try:
+        return imaging.decode_rgb(source, name)
+    except imaging.ImageDecodeError as error:
+        raise ImageInputError(str(error)) from error
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 Kept apart from the loop so the rules are in one place: a folder that holds another run is
 refused (naming the keys that differ), a run killed before its first checkpoint simply starts
-again, temp files a kill left behind are removed, and ``--resume`` must match the config.
+again, temp files a kill left behind are removed, ``--resume`` must match the config, and a
+folder another live process is training in is refused (``run.lock``, naming that process).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from clipdistill.io import atomic_write_json, remove_stale_temp_files
 from clipdistill.train.checkpoint import LATEST, CheckpointError, find_resume_checkpoint
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = "run.lock"
 RUN_LOGS = ("log.jsonl", "results.jsonl")
 # Keys that change how a run executes, never what it computes (the same pixels either way):
 # a run may be resumed with other values, e.g. with decoding workers on a bigger machine.
@@ -85,6 +88,7 @@ def prepare_run_folder(config: TrainConfig, resume: str | None) -> dict[str, Any
     run_dir = config.run_dir
     checkpoints = run_dir / "checkpoints"
     current = to_dict(config)
+    lock_run_folder(run_dir)
     orphans = [path for folder in (checkpoints, run_dir, run_dir / "model") for path in remove_stale_temp_files(folder)]
     for orphan in orphans:
         print(f"removed {orphan}, left by a write that was killed before it finished", file=sys.stderr)
@@ -111,6 +115,51 @@ def prepare_run_folder(config: TrainConfig, resume: str | None) -> dict[str, Any
         (run_dir / stale).unlink(missing_ok=True)
     save_config(config, run_dir / CONFIG_FILE)
     return None
+
+
+class RunFolderBusy(ConfigError):
+    """Another live process holds the run folder's lock."""
+
+
+_locks: dict[str, int] = {}  # run folder -> the open descriptor holding its lock (this process)
+
+
+def lock_run_folder(run_dir: Path) -> None:
+    """Take ``run_dir/run.lock`` for this process (an exclusive ``flock``, with our pid written in
+    it) or raise :class:`RunFolderBusy` naming the process that holds it. Two processes training
+    into one folder would interleave checkpoints and logs. The kernel drops the lock when the
+    holder exits however it exits (a SIGKILL included), so a stale lock cannot block a restart;
+    within one process taking it again is a no-op, and :class:`StopSignals` (the scope of one
+    ``fit``) releases the locks taken inside it."""
+    import fcntl
+
+    key = str(run_dir.absolute())
+    if key in _locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderBusy(
+            f"run folder {run_dir} is in use by another process (pid {holder}, see {path}); "
+            "wait for it to finish or stop it, or choose another 'name' or 'out_dir'"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    _locks[key] = fd
+
+
+def release_run_folder(run_dir: Path | None = None) -> None:
+    """Drop this process's lock on ``run_dir`` (every lock it holds when ``None``)."""
+    keys = list(_locks) if run_dir is None else [str(run_dir.absolute())]
+    for key in keys:
+        fd = _locks.pop(key, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
 
 
 def _check_not_another_run(run_dir: Path, current: dict[str, Any]) -> None:
@@ -170,11 +219,13 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
+        self._held_before: set[str] = set()
 
     def __enter__(self) -> StopSignals:
         import signal
         import threading
 
+        self._held_before = set(_locks)
         if threading.current_thread() is not threading.main_thread():
             return self
         for name in self.SIGNALS:
@@ -194,3 +245,5 @@ class StopSignals:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()
+        for key in set(_locks) - self._held_before:  # run folders locked during this fit
+            release_run_folder(Path(key))

@@ -25,7 +25,8 @@ MANIFEST_FILE = "manifest.json"
 # Names the pixel pipeline the cache replays. Bump it whenever decoding (load_image_tensor,
 # to_unit) or replay_augmentation changes its output, so old caches are refused, not misread.
 # v2: 16-bit images are scaled to 8 bits (v1 clipped them, so they decoded white).
-PIPELINE = "open_rgb(bicubic, rgb on white, 16-bit scaled) > to_unit > replay_augmentation/v2"
+# v3: one decoder (clipdistill.imaging): EXIF orientation applied, tRNS transparency on white.
+PIPELINE = "imaging.decode_rgb(exif, rgb on white, 16-bit scaled) > bicubic > to_unit > replay_augmentation/v3"
 KINDS = ("images", "texts", "image_tokens", "text_tokens")
 FUSION_KINDS = ("fusion_images", "fusion_texts")
 SHARD_RE = re.compile(r"^(images|texts|image_tokens|text_tokens|fusion_images|fusion_texts)-\d{5}\.safetensors$")
