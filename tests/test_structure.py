@@ -259,3 +259,20 @@ def test_relative_import_levels(tmp_path: Path, level: int) -> None:
     )
     expected = "pkg.sub.x" if level == 1 else "pkg.x"
     assert set(import_graph(package).successors("pkg.sub.y")) == {expected}
+
+
+SEED_METHODS = ("conaclip", "mcad", "dcd", "comkd")
+
+
+def test_seed_method_names_are_strings_only_in_their_own_file() -> None:
+    """Adding or renaming a method touches its file and one registry line: nothing else in the
+    package may spell a seed method's name as a string (the demo, report, benchmarks and
+    trainer read it from the registry)."""
+    offenders = []
+    for file in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in SEED_METHODS:
+                if file != SRC / "distill" / "methods" / f"{node.value}.py":
+                    offenders.append(f"{file.relative_to(SRC.parent)}:{node.lineno}: {node.value!r}")
+    assert not offenders, "seed method names outside their own method file:\n" + "\n".join(offenders)
