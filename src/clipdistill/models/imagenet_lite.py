@@ -81,7 +81,8 @@ _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.([^.]+)\.(.+)$")
 
 def lite_variant(name: str) -> LiteVariant:
     if name not in LITE_VARIANTS:
-        raise PretrainedWeightsError(f"unknown pretrained image weights {name!r}; available: {', '.join(LITE_VARIANTS)}")
+        known = ", ".join(LITE_VARIANTS)
+        raise PretrainedWeightsError(f"unknown pretrained image weights {name!r}; available: {known}")
     return LITE_VARIANTS[name]
 
 
