@@ -52,6 +52,17 @@ class DataConfig:
 class StudentConfig:
     preset: str = "tiny"
     model_config: str | None = None  # an open_clip model-config JSON file; overrides `preset`
+    # An open_clip-loadable model spec (local-dir:PATH, hf-hub:ORG/REPO, openclip:NAME@TAG) whose
+    # architecture AND weights the student starts from (distilling from MobileCLIP/TinyCLIP
+    # checkpoints); overrides `preset`, exclusive with `model_config`.
+    init: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.init and self.model_config:
+            raise ConfigError(
+                f"keys 'student.init' ({self.init}) and 'student.model_config' ({self.model_config}) both give the "
+                "student's architecture; set one"
+            )
 
 
 @dataclass(frozen=True)

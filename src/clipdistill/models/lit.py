@@ -46,12 +46,29 @@ class LiTConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    # Pretrained ImageNet weights for the trunk (``efficientnet-lite0/1/2``, models/imagenet_lite.py;
+    # image_model must then be the matching ``tf_efficientnet_lite*``); "" trains from scratch.
+    image_pretrained: str = ""
+    # Leading trunk stages kept frozen (stem + ``blocks[:n]``, BatchNorm statistics included):
+    # low-level ImageNet filters transfer as they are, and a frozen stage costs no backward.
+    frozen_stages: int = 0
 
     def __post_init__(self) -> None:
         if self.text_proj not in ("none", "linear"):
             raise ValueError(f"LiTConfig.text_proj must be 'none' or 'linear', got {self.text_proj!r}")
         if self.text_proj == "none" and self.embed_dim != MINILM_DIM:
             raise ValueError(f"LiTConfig.embed_dim must be {MINILM_DIM} when text_proj='none', got {self.embed_dim}")
+        if self.image_pretrained:
+            from clipdistill.models.imagenet_lite import lite_variant
+
+            expected = lite_variant(self.image_pretrained).timm_name
+            if self.image_model != expected:
+                raise ValueError(
+                    f"LiTConfig.image_pretrained {self.image_pretrained!r} needs image_model {expected!r}, "
+                    f"got {self.image_model!r}"
+                )
+        if self.frozen_stages < 0:
+            raise ValueError(f"LiTConfig.frozen_stages must be >= 0, got {self.frozen_stages}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> LiTConfig:
@@ -69,7 +86,9 @@ class LiTConfig:
 class LiTModel(DualEncoder):
     """timm image trunk + linear head, frozen MiniLM text tower (+ optional projection)."""
 
-    def __init__(self, config: LiTConfig, spec: str = "") -> None:
+    def __init__(self, config: LiTConfig, spec: str = "", load_pretrained: bool = True) -> None:
+        """``load_pretrained=False`` skips reading ``config.image_pretrained`` (a saved teacher
+        overwrites every trunk weight anyway)."""
         super().__init__()
         import timm
 
@@ -79,7 +98,15 @@ class LiTModel(DualEncoder):
         self.image_mean = config.image_mean
         self.image_std = config.image_std
         self.embed_dim = config.embed_dim
-        self.trunk = timm.create_model(config.image_model, pretrained=False, num_classes=0)
+        if config.image_pretrained:
+            from clipdistill.models.imagenet_lite import create_lite_trunk
+
+            self.trunk = create_lite_trunk(config.image_pretrained, num_classes=0, pretrained=load_pretrained)
+        else:
+            self.trunk = timm.create_model(config.image_model, pretrained=False, num_classes=0)
+        self.frozen_trunk = self._frozen_trunk_modules(config.frozen_stages)
+        for module in self.frozen_trunk:
+            module.requires_grad_(False)
         self.image_proj = nn.Linear(self.trunk.num_features, config.embed_dim)
         self.text = MiniLMTextEncoder(context_length=config.context_length)
         self.text.requires_grad_(False)
@@ -91,9 +118,23 @@ class LiTModel(DualEncoder):
                 self.text_proj.weight.copy_(torch.eye(config.embed_dim, MINILM_DIM))
         self.log_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
 
+    def _frozen_trunk_modules(self, stages: int) -> list[nn.Module]:
+        if stages == 0:
+            return []
+        blocks = getattr(self.trunk, "blocks", None)
+        if blocks is None or stages > len(blocks):
+            raise ValueError(
+                f"LiTConfig.frozen_stages {stages}: {self.config.image_model} has "
+                f"{'no blocks' if blocks is None else f'{len(blocks)} stages'}"
+            )
+        stem = [m for name in ("conv_stem", "bn1") if (m := getattr(self.trunk, name, None)) is not None]
+        return [*stem, *blocks[:stages]]
+
     def train(self, mode: bool = True) -> LiTModel:
         super().train(mode)
         self.text.eval()  # the locked tower never leaves eval mode (dropout stays off)
+        for module in self.frozen_trunk:
+            module.eval()  # frozen stages keep their ImageNet BatchNorm statistics
         return self
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -201,7 +242,7 @@ def load_lit(directory: str | Path, spec: str = "") -> LiTModel:
         raise ValueError(
             f"{directory}: trained against a different MiniLM (sha256 {expected[:12]}…, installed {actual[:12]}…)"
         )
-    model = LiTModel(LiTConfig.from_dict(meta["config"]), spec=spec)
+    model = LiTModel(LiTConfig.from_dict(meta["config"]), spec=spec, load_pretrained=False)
     state = load_file(str(directory / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("text.")]

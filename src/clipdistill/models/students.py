@@ -74,6 +74,13 @@ def _preprocess_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}
 
 
+def _student_preprocess_cfg(student: OpenCLIPDualEncoder, model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a saved folder tells open_clip about pixels: the student's own size/mean/std when it
+    came from a checkpoint with other statistics (``init_student``), else the presets' OpenAI ones."""
+    own = getattr(student, "preprocess_cfg", None)
+    return dict(own) if own else _preprocess_cfg(model_cfg)
+
+
 def build_student(model_cfg: dict[str, Any] | str, *, spec: str = "") -> OpenCLIPDualEncoder:
     """Build a randomly initialised student from a preset name or an open_clip model config.
 
@@ -113,7 +120,53 @@ def load_student(directory: str | Path, *, spec: str = "") -> OpenCLIPDualEncode
         root_logger.setLevel(level)
     student = OpenCLIPDualEncoder(model, open_clip.get_tokenizer(name), spec=spec or f"local-dir:{directory}")
     student.model_cfg = read_model_cfg(directory)
+    raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    if raw.get("preprocess_cfg"):
+        student.preprocess_cfg = raw["preprocess_cfg"]
     return student
+
+
+def init_student(spec: str) -> OpenCLIPDualEncoder:
+    """A student that starts from an open_clip checkpoint's architecture and weights.
+
+    Any spec open_clip can load works (``local-dir:``, ``hf-hub:``, ``openclip:NAME@TAG``);
+    the architecture config and pixel statistics travel with the weights, so the trained
+    student saves as an ordinary open_clip folder of the same architecture."""
+    import open_clip
+
+    from clipdistill.models.spec import parse_spec
+    from clipdistill.models.teachers import load_model
+
+    parsed = parse_spec(spec)
+    if parsed.schema not in ("local-dir", "hf-hub", "openclip"):
+        raise StudentConfigError(
+            f"key 'student.init': {spec!r} is not an open_clip checkpoint (local-dir:PATH, hf-hub:ORG/REPO or "
+            "openclip:NAME@TAG); a student must stay an open_clip model"
+        )
+    student = load_model(spec)
+    if not isinstance(student, OpenCLIPDualEncoder):
+        raise StudentConfigError(f"key 'student.init': {spec!r} did not load as an open_clip model")
+    if getattr(student, "model_cfg", None) is None:
+        name = f"hf-hub:{parsed.name}" if parsed.schema == "hf-hub" else parsed.name
+        model_cfg = _hub_model_cfg(parsed.name) if parsed.schema == "hf-hub" else open_clip.get_model_config(name)
+        if model_cfg is None:
+            raise StudentConfigError(f"key 'student.init': open_clip has no architecture config for {spec!r}")
+        student.model_cfg = copy.deepcopy(model_cfg)
+    if getattr(student, "preprocess_cfg", None) is None:
+        student.preprocess_cfg = {
+            "size": list(student.image_size),
+            "mean": list(student.image_mean),
+            "std": list(student.image_std),
+        }
+    return student.train()
+
+
+def _hub_model_cfg(repo: str) -> dict[str, Any]:
+    """The ``model_cfg`` of a hub checkpoint, read from the config file open_clip itself fetched."""
+    from huggingface_hub import hf_hub_download
+
+    raw = json.loads(Path(hf_hub_download(repo, CONFIG_FILE)).read_text(encoding="utf-8"))
+    return raw.get("model_cfg", raw)
 
 
 def save_student(student: OpenCLIPDualEncoder, directory: str | Path) -> Path:
@@ -132,7 +185,8 @@ def save_student(student: OpenCLIPDualEncoder, directory: str | Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in student.model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
-    atomic_write_json(directory / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(model_cfg)})
+    preprocess_cfg = _student_preprocess_cfg(student, model_cfg)
+    atomic_write_json(directory / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
     return directory
 
 

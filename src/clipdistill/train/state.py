@@ -73,7 +73,14 @@ def check_names(config: TrainConfig) -> None:
                 f"key 'teacher.spec': {parsed.schema} folder {parsed.name} does not exist "
                 "(train one with `clipdistill teacher train`, or fix the path)"
             )
-    if not config.student.model_config:
+    if config.student.init:
+        try:
+            parsed = parse_spec(config.student.init)
+        except ModelSpecError as error:
+            raise ConfigError(f"key 'student.init': {error}") from error
+        if parsed.schema == "local-dir" and not Path(parsed.name).is_dir():
+            raise ConfigError(f"key 'student.init': folder {parsed.name} does not exist")
+    elif not config.student.model_config:
         try:
             student_config(config.student.preset)
         except StudentConfigError as error:

@@ -158,8 +158,14 @@ def check_needs(config: TrainConfig, method_cls: type[DistillMethod]) -> None:
 def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
     import json
 
-    from clipdistill.models.students import build_student, student_config
+    from clipdistill.models.spec import ModelSpecError
+    from clipdistill.models.students import StudentConfigError, build_student, init_student, student_config
 
+    if config.student.init:
+        try:
+            return init_student(config.student.init)
+        except (StudentConfigError, ModelSpecError, FileNotFoundError) as error:
+            raise ConfigError(f"key 'student.init': {error}") from error
     if config.student.model_config:
         path = Path(config.student.model_config)
         if not path.is_file():

