@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipdistill.serve.checksums import file_sha256
+from clipdistill.hashing import file_sha256
 
 
 class PretrainedWeightsError(ValueError):
