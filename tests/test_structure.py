@@ -272,7 +272,7 @@ def test_seed_method_names_are_strings_only_in_their_own_file() -> None:
     for file in sorted(SRC.rglob("*.py")):
         tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in SEED_METHODS:
-                if file != SRC / "distill" / "methods" / f"{node.value}.py":
-                    offenders.append(f"{file.relative_to(SRC.parent)}:{node.lineno}: {node.value!r}")
+            is_name = isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in SEED_METHODS
+            if is_name and file != SRC / "distill" / "methods" / f"{node.value}.py":
+                offenders.append(f"{file.relative_to(SRC.parent)}:{node.lineno}: {node.value!r}")
     assert not offenders, "seed method names outside their own method file:\n" + "\n".join(offenders)
