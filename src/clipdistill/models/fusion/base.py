@@ -1,0 +1,270 @@
+"""The fusion-teacher interface: per-item states, the backend contract, pair scoring, the frozen wrapper.
+
+See :mod:`clipdistill.models.fusion` for how a backend splits its work into per-item states
+(cacheable) and a pair head (run per pair on the states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Pairs scored per forward of the pair head: bounds the (pairs × tokens × width) scratch.
+PAIR_CHUNK = 4096
+#: A pair set covering at least this share of all images × captions is scored as a full grid
+#: (broadcast, no per-pair gathers) and read off it: cheaper than gathering each pair's tokens.
+DENSE_FRACTION = 0.25
+
+
+class FusionError(ValueError):
+    """A fusion teacher that cannot be built, loaded or used as asked."""
+
+
+# --- per-item states ---------------------------------------------------------------------------
+@dataclass
+class FusionStates:
+    """Per-item inputs of a fusion teacher's pair head for a set of images and captions.
+
+    ``image`` (B_i, N, ...) and ``text`` (B_t, L, ...) are the backend's token states (float
+    features, or token ids for BLIP), ``text_mask`` (B_t, L) marks real caption tokens (text is
+    padded with zeros to the longest caption of the set), ``*_global`` are unit embeddings of the
+    backend's dual stage. Nothing here depends on how images and captions are paired."""
+
+    image: torch.Tensor
+    image_global: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    text_global: torch.Tensor
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def n_texts(self) -> int:
+        return int(self.text.shape[0])
+
+    def to(self, device: str | torch.device) -> FusionStates:
+        return FusionStates(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def pad_texts(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length caption states (L_j, ...) into (B, L_max, ...) zero-padded + mask."""
+    if not rows:
+        raise ValueError("no caption states to pad")
+    longest = max(int(row.shape[0]) for row in rows)
+    out = rows[0].new_zeros((len(rows), longest, *rows[0].shape[1:]))
+    mask = torch.zeros((len(rows), longest), dtype=torch.bool, device=rows[0].device)
+    for index, row in enumerate(rows):
+        out[index, : row.shape[0]] = row
+        mask[index, : row.shape[0]] = True
+    return out, mask
+
+
+def unpad_texts(text: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of :func:`pad_texts`: each caption's real token states (masks are prefixes)."""
+    lengths = mask.sum(dim=1).tolist()
+    return [text[index, : int(length)] for index, length in enumerate(lengths)]
+
+
+def _prepare_pixels(
+    unit_pixels: torch.Tensor, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Resize unit pixels to ``size`` and normalise (the same recipe as ``DualEncoder.prepare_pixels``)."""
+    if tuple(unit_pixels.shape[-2:]) != tuple(size):
+        unit_pixels = F.interpolate(unit_pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+        unit_pixels = unit_pixels.clamp(0.0, 1.0)
+    mean_t = torch.tensor(mean, dtype=unit_pixels.dtype, device=unit_pixels.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=unit_pixels.dtype, device=unit_pixels.device).view(1, 3, 1, 1)
+    return (unit_pixels - mean_t) / std_t
+
+
+# --- the backend interface ---------------------------------------------------------------------
+class FusionBackend(nn.Module):
+    """What a fusion backend implements. ``pooled_dim`` is the dim of its heads into a dual
+    teacher's space (``None``: it has none); ``dual_spec`` names that teacher."""
+
+    kind: str = ""
+    global_dim: int
+    pooled_dim: int | None = None
+    dual_spec: str | None = None
+    dual_fingerprint: str | None = None
+
+    def image_states(self, unit_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens (B, N, ...), unit global embedding (B, G))`` from unit pixels."""
+        raise NotImplementedError
+
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tokens (B, L, ...), mask (B, L) bool, unit global embedding (B, G))``."""
+        raise NotImplementedError
+
+    def prepare_pairs(self, states: FusionStates) -> Any:
+        """Per-item work of the pair head, done once for all pairs of a call."""
+        return states
+
+    def pair_forward(
+        self, prepared: Any, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(match logits (P,), pooled pair features (P, d))`` for pairs (image_index[p], text_index[p])."""
+        raise NotImplementedError
+
+    def dual_heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(f), h(f))``: pooled pair features mapped into the dual teacher's space."""
+        raise FusionError(f"the {self.kind} fusion teacher has no heads into a dual teacher's space")
+
+
+def score_pairs(
+    backend: FusionBackend,
+    states: FusionStates,
+    image_index: torch.Tensor,
+    text_index: torch.Tensor,
+    *,
+    pooled: bool = False,
+    chunk: int = PAIR_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Match logits (and pooled features) for the given pairs, in chunks of ``chunk`` pairs.
+    Gradients flow when called outside ``no_grad`` (fusion training uses it that way)."""
+    if image_index.shape != text_index.shape or image_index.dim() != 1:
+        raise ValueError(
+            f"pair indices must be two 1-D tensors of one length, got {tuple(image_index.shape)}, "
+            f"{tuple(text_index.shape)}"
+        )
+    prepared = backend.prepare_pairs(states)
+    n_pairs = int(image_index.numel())
+    if hasattr(backend, "pair_grid") and n_pairs >= DENSE_FRACTION * states.n_images * states.n_texts > 0:
+        return _score_dense(backend, prepared, states, image_index, text_index, pooled, chunk)
+    logits, features = [], []
+    for start in range(0, n_pairs, chunk):
+        part = slice(start, start + chunk)
+        logit, feature = backend.pair_forward(prepared, image_index[part], text_index[part])
+        logits.append(logit)
+        if pooled:
+            features.append(feature)
+    if not logits:
+        empty = states.image_global.new_zeros(0)
+        return empty, (states.image_global.new_zeros(0, 0) if pooled else None)
+    return torch.cat(logits), (torch.cat(features) if pooled else None)
+
+
+def _score_dense(
+    backend: Any,
+    prepared: Any,
+    states: FusionStates,
+    image_index: torch.Tensor,
+    text_index: torch.Tensor,
+    pooled: bool,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Score the whole images × captions grid (in blocks of images of about ``chunk`` pairs)
+    and read the requested pairs off it."""
+    rows = max(1, chunk // max(1, states.n_texts))
+    logit_blocks, feature_blocks = [], []
+    for start in range(0, states.n_images, rows):
+        logit, feature = backend.pair_grid(prepared, slice(start, start + rows))
+        logit_blocks.append(logit)
+        if pooled:
+            feature_blocks.append(feature)
+    logits = torch.cat(logit_blocks)[image_index, text_index]
+    return logits, (torch.cat(feature_blocks)[image_index, text_index] if pooled else None)
+
+
+class FusionTeacher(nn.Module):
+    """A frozen fusion backend: eval mode pinned, no gradients, no autograd graph.
+
+    ``score_matrix`` scores every image against every caption of a :class:`FusionStates`;
+    ``pair_logits`` only the listed pairs (what MCAD's top-k and DCD's candidates need)."""
+
+    def __init__(self, backend: FusionBackend, spec: str) -> None:
+        super().__init__()
+        self.backend = backend
+        self.spec = spec
+        backend.eval()
+        backend.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FusionTeacher:
+        super().train(False)
+        self.backend.eval()
+        return self
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def global_dim(self) -> int:
+        return int(self.backend.global_dim)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.backend.pooled_dim
+
+    @property
+    def dual_spec(self) -> str | None:
+        return self.backend.dual_spec
+
+    @property
+    def dual_fingerprint(self) -> str | None:
+        return self.backend.dual_fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backend.parameters()).device
+
+    @torch.no_grad()
+    def image_states(self, unit_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backend.image_states(unit_pixels.to(self.device))
+
+    @torch.no_grad()
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.backend.text_states(list(texts))
+
+    @torch.no_grad()
+    def states(self, unit_pixels: torch.Tensor, texts: Sequence[str], batch_size: int = 256) -> FusionStates:
+        """States of a set of images and captions, ``batch_size`` items per forward."""
+        if len(unit_pixels) == 0 or len(texts) == 0:
+            raise FusionError(f"states() needs images and captions, got {len(unit_pixels)} and {len(texts)}")
+        images = [self.image_states(unit_pixels[i : i + batch_size]) for i in range(0, len(unit_pixels), batch_size)]
+        captions = [self.text_states(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        text, mask = pad_texts([row for tokens, masks, _ in captions for row in unpad_texts(tokens, masks)])
+        return FusionStates(
+            image=torch.cat([tokens for tokens, _ in images]),
+            image_global=torch.cat([embedding for _, embedding in images]),
+            text=text,
+            text_mask=mask,
+            text_global=torch.cat([embedding for _, _, embedding in captions]),
+        )
+
+    @torch.no_grad()
+    def pair_logits(self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        return score_pairs(self.backend, states, image_index, text_index)[0]
+
+    @torch.no_grad()
+    def pair_features(
+        self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, pooled = score_pairs(self.backend, states, image_index, text_index, pooled=True)
+        assert pooled is not None
+        return logits, pooled
+
+    @torch.no_grad()
+    def score_matrix(self, states: FusionStates) -> torch.Tensor:
+        """(B_images, B_texts) match logits of every pair."""
+        rows = torch.arange(states.n_images, device=states.image.device)
+        cols = torch.arange(states.n_texts, device=states.image.device)
+        image_index = rows.repeat_interleave(states.n_texts)
+        text_index = cols.repeat(states.n_images)
+        return self.pair_logits(states, image_index, text_index).view(states.n_images, states.n_texts)
+
+    @torch.no_grad()
+    def matched_dual_features(self, states: FusionStates) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(f_ii), h(f_ii))`` for the matched pairs (image i, caption i) of a batch."""
+        if self.pooled_dim is None:
+            raise FusionError(f"fusion teacher {self.spec} gives no pooled features in a dual teacher's space")
+        index = torch.arange(states.n_images, device=states.image.device)
+        _, pooled = self.pair_features(states, index, index)
+        return self.backend.dual_heads(pooled)
