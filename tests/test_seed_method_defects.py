@@ -227,3 +227,38 @@ def test_comkd_align_reduction_knob() -> None:
     assert float(moment_alignment(x, y, "sum")) == pytest.approx(3 * float(moment_alignment(x, y, "mean")), rel=1e-6)
     with pytest.raises(MethodConfigError, match=r"method_args\.align_reduction"):
         build("comkd", 6, teacher, {"align_reduction": "max"})
+
+
+def test_a_fusion_folder_from_before_sides_heads_gives_mcad_no_fused_features() -> None:
+    """A fusion config written before ``heads_input`` has pair heads (g read the caption): MCAD
+    must not use them as image targets, and says so."""
+    raw = {
+        "dual_spec": "fake:teacher",
+        "image_token_dim": 5,
+        "image_tokens": 3,
+        "text_token_dim": 7,
+        "embed_dim": 8,
+        "width": 8,
+        "heads": 2,
+    }
+    old = FusionConfig.from_dict(raw)
+    assert old.heads_input == "pair"
+    assert FusionConfig.from_dict({**raw, "heads_input": "sides"}).heads_input == "sides"
+    image, text = clustered(4, 8, 2, 1.0, seed=0)
+    states = FusionStates(
+        image=torch.randn(4, 3, 8),
+        image_global=image,
+        text=torch.randn(4, 4, 8),
+        text_mask=torch.ones(4, 4, dtype=torch.bool),
+        text_global=text,
+    )
+    teacher = FixedTeacher(image, text, math.log(20.0), FusionTeacher(FusionEncoder(old), "fusion:old"), states)
+    with pytest.warns(UserWarning, match="carry the caption"):
+        method = build("mcad", 8, teacher)
+    assert not method.use_fusion_features
+    assert (
+        method(make_batch(4), StudentFeatures(image=image, text=text, logit_scale=torch.tensor(2.0))).report[
+            "fusion_features"
+        ]
+        == 0.0
+    )
