@@ -74,7 +74,8 @@ def main() -> None:
             dual = v @ t.t()
             add("corr_fusion_dual", pearson(logits, dual))
             same = images[:, None] == images[None, :]
-            hard = (kappa * dual).masked_fill(same, -math.inf).topk(7, dim=1).indices
+            top = min(7, int((~same).sum(dim=1).min()))  # DCD keeps 7 hard negatives
+            hard = (kappa * dual).masked_fill(same, -math.inf).topk(top, dim=1).indices
             add("fusion_positive", float(logits.diag().mean()))
             add("fusion_hard_negative", float(logits.gather(1, hard).mean()))
             add("dual_positive", float(kappa * dual.diag().mean()))
