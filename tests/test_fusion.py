@@ -282,7 +282,8 @@ def test_train_fusion_writes_a_loadable_teacher(fusion_dir: Path, teacher_spec: 
         assert (fusion_dir / name).is_file(), name
     summary = json.loads((fusion_dir / "train_summary.json").read_text())
     assert {"val", "test", "best_epoch", "teacher"} <= set(summary)
-    assert set(summary["test"]) == {"k", "dual", "reranked", "gain_R@1"}
+    assert set(summary["test"]) == {"k", "dual", "reranked", "gain_R@1", "fusion_dual_corr"}
+    assert -1.0 <= summary["test"]["fusion_dual_corr"] <= 1.0  # corr(z(F), S): what MCAD's Ŝ adds
     config = json.loads((fusion_dir / "fusion_config.json").read_text())["config"]
     assert config["dual_spec"] == f"run:{Path(teacher_spec.removeprefix('run:')).resolve()}"
     assert config["image_tokens"] == 5 and config["dual_fingerprint"]

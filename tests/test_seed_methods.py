@@ -298,12 +298,11 @@ def test_mcad_terms_against_naive(pairs: str) -> None:
         assert float(out.report["fused_pairs"]) == pytest.approx(float(mask.float().mean()))
         assert float(out.report["fused_pairs"]) < 1.0
 
-    # features: v̂ = norm(v + 0.3 g(f_ii)), f_ii from the matched pairs only
+    # features: v̂ = norm(v + 0.3 norm(g_i)), g_i from image i alone, h_i from caption i against image i
     index = torch.arange(B)
-    _, pooled = fusion.pair_features(teacher.states, index, index)
-    g, h = fusion.backend.dual_heads(pooled)
-    v_hat = F.normalize(teacher.image.detach() + 0.3 * g, dim=-1)
-    t_hat = F.normalize(teacher.text.detach() + 0.3 * h, dim=-1)
+    g, h = fusion.backend.pair_heads(teacher.states, index, index)
+    v_hat = F.normalize(teacher.image.detach() + 0.3 * F.normalize(g, dim=-1), dim=-1)
+    t_hat = F.normalize(teacher.text.detach() + 0.3 * F.normalize(h, dim=-1), dim=-1)
     projected_image = F.normalize(method.image_proj(s.image), dim=-1)
     projected_text = F.normalize(method.text_proj(s.text), dim=-1)
     expected_feat = 2000 * (((projected_image - v_hat) ** 2).mean() + ((projected_text - t_hat) ** 2).mean())
@@ -319,15 +318,14 @@ def test_mcad_terms_against_naive(pairs: str) -> None:
 
 
 def test_mcad_feature_targets_are_the_fused_features() -> None:
-    """A student already at v̂ = norm(v + λ·g(f_ii)), t̂ = norm(t + λ·h(f_ii)) has no feature
+    """A student already at v̂ = norm(v + λ·norm(g_i)), t̂ = norm(t + λ·norm(h_i)) has no feature
     loss; one at the plain teacher features has some."""
     teacher = FusionFakeTeacher()
     assert teacher.fusion is not None
     index = torch.arange(B)
-    _, pooled = teacher.fusion.pair_features(teacher.states, index, index)
-    g, h = teacher.fusion.backend.dual_heads(pooled)
-    v_hat = F.normalize(teacher.image.detach() + 0.3 * g, dim=-1)
-    t_hat = F.normalize(teacher.text.detach() + 0.3 * h, dim=-1)
+    g, h = teacher.fusion.backend.pair_heads(teacher.states, index, index)
+    v_hat = F.normalize(teacher.image.detach() + 0.3 * F.normalize(g, dim=-1), dim=-1)
+    t_hat = F.normalize(teacher.text.detach() + 0.3 * F.normalize(h, dim=-1), dim=-1)
     method = build("mcad", D, teacher)  # same dims: no projector
     scale = torch.tensor(0.0)
     at_target = method(make_batch(), StudentFeatures(image=v_hat, text=t_hat, logit_scale=scale))
@@ -424,7 +422,7 @@ def test_comkd_terms_against_naive() -> None:
     tv, tt = teacher.image.detach(), teacher.text.detach()
     expected_align = moment_alignment(p, tv) + moment_alignment(pt, tt)
     assert float(out.losses["align_loss"].detach()) == pytest.approx(float(expected_align.detach()), rel=1e-5)
-    read = torch.softmax(p @ tt.t() / math.sqrt(D), dim=1) @ tt
+    read = torch.softmax(20.0 * p @ tt.t(), dim=1) @ tt  # κ_a starts at the teacher's logit scale (20)
     f = F.normalize(p + 0.5 * method.attention_fc(read), dim=-1)
     expected_ref = naive_kl(20.0 * tv @ tt.t(), s.logit_scale.exp() * f @ tt.t())
     assert float(out.losses["ref_loss"].detach()) == pytest.approx(float(expected_ref.detach()), rel=1e-4)

@@ -297,8 +297,13 @@ def dcd_loss(
     temperature: float = 1.0,
     per_sample_kd_weight: bool = False,
     rows: slice | None = None,
+    distill_logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One direction of DCD on mined candidates; column 0 is each query's positive.
+
+    ``distill_logits`` (same shape as ``student_logits``, default: them) is what the distillation
+    MSE compares with the teacher: DCD's method passes its training-only affine of the student's
+    score there, so a constant teacher shift is absorbed by the affine's bias.
 
     ``teacher_logits``, ``student_logits``: (B, K) scores of each query's K candidates.
     Returns ``{"loss", "distill", "self", "shares", "kd_weights"}``:
@@ -326,7 +331,12 @@ def dcd_loss(
     rows = _query_rows(teacher_logits.shape[0], rows)
     share_factor = teacher_logits.shape[0] / (rows.stop - rows.start)
     teacher_rows = teacher_logits[rows]
-    per_query = ((teacher_rows / temperature - student_logits / temperature) ** 2).mean(dim=1) * temperature**2
+    fitted = student_logits if distill_logits is None else distill_logits
+    if fitted.shape != student_logits.shape:
+        raise ValueError(
+            f"distill_logits {tuple(fitted.shape)} differ from student_logits {tuple(student_logits.shape)}"
+        )
+    per_query = ((teacher_rows / temperature - fitted / temperature) ** 2).mean(dim=1) * temperature**2
     distill = (kd_weights[rows] * per_query).sum() * share_factor
     targets = torch.zeros_like(student_logits)
     targets[:, 0] = 1.0
@@ -342,14 +352,18 @@ def dcd_loss(
 
 
 # --- ComKD -----------------------------------------------------------------------------------------
-def moment_alignment(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """ComKD's IFAlign: Σ_d |μ_d(x) − μ_d(y)| + |σ²_d(x) − σ²_d(y)|, mean and (population)
-    variance of each feature dimension d over the batch, summed over dimensions."""
+def moment_alignment(features: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """ComKD's IFAlign: |μ_d(x) − μ_d(y)| + |σ²_d(x) − σ²_d(y)|, mean and (population) variance
+    of each feature dimension d over the batch, summed over dimensions (``reduction="sum"``, as
+    the paper writes it) or averaged (``"mean"``, *[ours]*: a gradient that does not grow with d)."""
     if features.shape[1] != target.shape[1]:
         raise ValueError(f"feature dims differ: {features.shape[1]} vs {target.shape[1]}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"moment_alignment reduction must be 'sum' or 'mean', got {reduction!r}")
     mean_gap = (features.mean(dim=0) - target.mean(dim=0)).abs()
     var_gap = (features.var(dim=0, unbiased=False) - target.var(dim=0, unbiased=False)).abs()
-    return (mean_gap + var_gap).sum()
+    gaps = mean_gap + var_gap
+    return gaps.sum() if reduction == "sum" else gaps.mean()
 
 
 def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

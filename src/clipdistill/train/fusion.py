@@ -64,6 +64,7 @@ class FusionTrainConfig:
     negatives: int = 31  # hard negatives per positive (bce: per direction); listwise lists are 1 + 31 images
     heads_lambda: float = 0.3  # λ in norm(v + λ·g(f)) while training g, h (MCAD's default λ)
     w_heads: float = 1.0  # weight of the heads loss; 0 leaves g, h untrained
+    heads_input: str = "sides"  # FusionConfig.heads_input: g from the image alone, h from the caption's side
     rerank_k: int = 16
     k_augmentations: int = 4  # replayed augmentations per training image (0 = the plain image)
     aug_seed: int = 0
@@ -82,6 +83,10 @@ class FusionTrainConfig:
                 raise FusionError(f"fusion training option {name!r} must be >= 1, got {getattr(self, name)}")
         if self.loss not in ("listwise", "bce"):
             raise FusionError(f"fusion training option 'loss' must be 'listwise' or 'bce', got {self.loss!r}")
+        if self.heads_input not in ("sides", "pair"):
+            raise FusionError(
+                f"fusion training option 'heads_input' must be 'sides' or 'pair', got {self.heads_input!r}"
+            )
         if self.batch_size < 2:
             raise FusionError(f"fusion training option 'batch_size' must be >= 2, got {self.batch_size}")
 
@@ -197,7 +202,64 @@ def _rerank(encoder: FusionEncoder, data: _Encoded, k: int) -> dict[str, Any]:
     def score(s: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
         return score_pairs(encoder, s, image_index, text_index)[0]
 
-    return rerank_from_states(states, data.text_to_image, score, k=k)
+    result = rerank_from_states(states, data.text_to_image, score, k=k)
+    result["fusion_dual_corr"] = _fusion_dual_corr(encoder, states, data.text_to_image)
+    return result
+
+
+@torch.no_grad()
+def _fusion_dual_corr(
+    encoder: FusionEncoder, states: FusionStates, text_to_image: torch.Tensor, batch: int = 128, batches: int = 8
+) -> float:
+    """Mean over ``batches`` random batches of ``batch`` (image, caption) pairs of corr(F, S) over
+    all B² pairs: what MCAD folds into its similarities (z standardising is affine, so this is
+    corr(z(F), S)). Near 1 the fusion logit is an affine function of the dual cosine and adds only
+    a sharper temperature. Seeded, so it does not move the training RNG."""
+    from clipdistill.distill.methods.mcad import pearson
+
+    generator = torch.Generator().manual_seed(0)
+    n = len(text_to_image)
+    values = []
+    for _ in range(batches):
+        captions = torch.randperm(n, generator=generator)[: min(batch, n)].to(text_to_image.device)
+        images = text_to_image[captions]
+        index = torch.arange(len(captions), device=images.device)
+        image_index, text_index = index.repeat_interleave(len(captions)), index.repeat(len(captions))
+        logits = score_pairs(encoder, states, images[image_index], captions[text_index])[0]
+        dual = (states.image_global[images[image_index]] * states.text_global[captions[text_index]]).sum(-1)
+        values.append(pearson(logits, dual))
+    return round(sum(values) / len(values), 4)
+
+
+def _heads_loss(
+    encoder: FusionEncoder,
+    config: FusionTrainConfig,
+    states: FusionStates,
+    image_local: torch.Tensor,
+    text_local: torch.Tensor,
+    dual_image: torch.Tensor,
+    dual_text: torch.Tensor,
+) -> torch.Tensor:
+    """Clip loss of (norm(v + λ·norm(g_i)), norm(t + λ·norm(h_i))) over the matched pairs (one per
+    distinct image), at the dual teacher's scale: g, h learn the nudges that help each item find
+    its partner *among the other items of the batch*. *[ours]* With ``heads_input="sides"`` g_i
+    sees only image i's states and h_i only caption i's side of the cross-attention, so no code
+    of the pair can satisfy both (before, g and h both read the pair feature f and the loss was
+    minimised by g_i = h_i = one large code of the pair: |g| ≈ 7.9, cos(v̂, v) 0.45). g, h are
+    unit-normalised as MCAD uses them, so λ keeps the nudge bounded. With ``match="cross"`` the
+    states are detached, so the heads loss leaves the match logit a pure ITM score."""
+    if encoder.config.match == "cross":
+        states = FusionStates(
+            *(
+                value.detach()
+                for value in (states.image, states.image_global, states.text, states.text_mask, states.text_global)
+            )
+        )
+    g, h = encoder.pair_heads(states, image_local, text_local)
+    image_hat = F.normalize(dual_image + config.heads_lambda * F.normalize(g, dim=-1), dim=-1)
+    text_hat = F.normalize(dual_text + config.heads_lambda * F.normalize(h, dim=-1), dim=-1)
+    log_scale = torch.tensor(float(encoder.config.dual_logit_scale), device=dual_image.device).log()
+    return clip_loss(image_hat, text_hat, log_scale)
 
 
 def _listwise_step(
@@ -227,22 +289,23 @@ def _listwise_step(
     all_rows, row_local = torch.unique(rows.reshape(-1), return_inverse=True)
     all_texts, text_local = torch.unique(texts, return_inverse=True)
     states = _states(encoder, data, all_rows, all_texts)
-    logits, pooled = score_pairs(
-        encoder, states, row_local, text_local.repeat_interleave(candidates.shape[1]), pooled=config.w_heads > 0
-    )
+    logits, _ = score_pairs(encoder, states, row_local, text_local.repeat_interleave(candidates.shape[1]))
     itm = F.cross_entropy(logits.view(b, -1), torch.zeros(b, dtype=torch.long, device=device))
     heads = torch.zeros((), device=device)
-    if pooled is not None:
+    if config.w_heads > 0:
         unique, inverse = torch.unique(images, return_inverse=True)
         first = torch.full((len(unique),), b, device=device).scatter_reduce(
             0, inverse, torch.arange(b, device=device), "amin"
         )
-        matched = pooled.view(b, -1, pooled.shape[-1])[first, 0]
-        g, h = encoder.dual_heads(matched if encoder.config.match == "pool" else matched.detach())
-        image_hat = F.normalize(data.image_global[rows[first, 0]] + config.heads_lambda * g, dim=-1)
-        text_hat = F.normalize(data.text_global[texts[first]] + config.heads_lambda * h, dim=-1)
-        log_scale = torch.tensor(float(encoder.config.dual_logit_scale), device=device).log()
-        heads = clip_loss(image_hat, text_hat, log_scale)
+        heads = _heads_loss(
+            encoder,
+            config,
+            states,
+            row_local.view(b, -1)[first, 0],
+            text_local[first],
+            data.image_global[rows[first, 0]],
+            data.text_global[texts[first]],
+        )
     return itm, heads
 
 
@@ -281,8 +344,7 @@ def _bce_step(
     image_index = torch.cat([pos_row, pos_row.repeat_interleave(n_t), neg_row.reshape(-1)])
     text_index = torch.cat([pos_text, neg_text.reshape(-1), pos_text.repeat_interleave(n_i)])
     states = _states(encoder, data, all_rows, all_texts)
-    logits, pooled = score_pairs(encoder, states, image_index, text_index, pooled=True)
-    assert pooled is not None
+    logits, _ = score_pairs(encoder, states, image_index, text_index)
     positive_logits, negative_logits = logits[:b], logits[b:]
     itm = 0.5 * (
         F.binary_cross_entropy_with_logits(positive_logits, torch.ones_like(positive_logits))
@@ -290,11 +352,9 @@ def _bce_step(
     )
     heads = torch.zeros((), device=device)
     if config.w_heads > 0:
-        g, h = encoder.dual_heads(pooled[:b].detach())
-        image_hat = F.normalize(data.image_global[rows] + config.heads_lambda * g, dim=-1)
-        text_hat = F.normalize(data.text_global[positive_text] + config.heads_lambda * h, dim=-1)
-        log_scale = torch.tensor(float(encoder.config.dual_logit_scale), device=device).log()
-        heads = clip_loss(image_hat, text_hat, log_scale)
+        heads = _heads_loss(
+            encoder, config, states, pos_row, pos_text, data.image_global[rows], data.text_global[positive_text]
+        )
     return itm, heads
 
 
@@ -324,12 +384,11 @@ def train_fusion_teacher(
 ) -> dict[str, Any]:
     """Train a ``fusion:`` teacher on the ``train`` split over the dual teacher ``teacher_spec``.
 
-    Loss per step: ``itm`` = ½[BCE(positives, 1) + BCE(hard negatives, 0)] on the match logit,
-    plus ``w_heads`` · clip loss of (norm(v + λ·g(f)), norm(t + λ·h(f))) over the batch's
-    matched pairs at the dual teacher's scale, with f the pooled feature of the matched pair
-    (detached, so the heads loss trains only g, h and the match logit stays a pure ITM score).
-    This makes g, h the directions in which the pair's joint view moves the dual embeddings
-    closer together, which is what MCAD's modified features need. The dual cosine's weight
+    Loss per step: ``itm`` (listwise CE over a caption's candidates, or ½[BCE(positives, 1) +
+    BCE(hard negatives, 0)]) on the match logit, plus ``w_heads`` · the heads loss
+    (:func:`_heads_loss`: a clip loss of (norm(v + λ·ĝ), norm(t + λ·ĥ)) over the batch's matched
+    pairs, g from the image alone and h from the caption's side, so a code of the pair cannot
+    win). The summary's ``fusion_dual_corr`` (val, test) is corr(F, S) over random batches. The dual cosine's weight
     starts at the dual teacher's κ and its bias at minus κ times the midpoint of positive and
     hard-negative cosines, so the untrained head already ranks exactly like the dual teacher.
 
@@ -367,6 +426,7 @@ def train_fusion_teacher(
         heads=config.heads,
         mlp_ratio=config.mlp_ratio,
         match=config.match,
+        heads_input=config.heads_input,
         **geometry,
     )
     encoder = FusionEncoder(fusion_config, dual).to(torch_device)

@@ -31,7 +31,6 @@ from clipdistill.distill.base import (
 from clipdistill.distill.common import check_non_negative, check_positive, frozen_teacher, require_teacher, scale_value
 from clipdistill.distill.losses import (
     MAX_SCALE,
-    attend,
     bidirectional_kl,
     clip_loss,
     contrastive_logits,
@@ -47,19 +46,30 @@ class ComKDMethod(DistillMethod):
     - P: learnable linear projectors student dim → teacher dim (``image_proj``, and
       ``text_proj`` with ``text_align``), always present (the paper's P is learnable even when
       dims agree); p = norm(P(v^S)) *[ours: re-normalised so it lives on the teacher's sphere]*.
-    - IFAlign (``align_loss``): Σ_d |μ_d(p) − μ_d(v^T)| + |σ²_d(p) − σ²_d(v^T)|, per feature
-      dimension over the batch *[ours: the axis is not given]*; ``text_align`` (true, *[ours]*)
-      adds the same for norm(P_t(t^S)) against t^T.
-    - EduAttention: a = softmax(p·t^Tᵀ / C)·t^T (the student image feature queries the batch's
+    - IFAlign (``align_loss``): |μ_d(p) − μ_d(v^T)| + |σ²_d(p) − σ²_d(v^T)| per feature
+      dimension d over the batch *[ours: the axis is not given]*, summed over d as the paper
+      writes it (``align_reduction: sum``, the default) or averaged (``mean`` *[ours]*: the summed
+      L1 has a gradient that never shrinks and, over 384 dims at w_align 1, set the global
+      gradient clip: grad norm 58 against 6 for scratch). ``sum`` stays the default because it
+      measured better at the tuned weight: benchmarks/methods.py's val sweep gave w_align 0.1
+      (sum) 88.7 rsum, w_align 0 86.3, and ``mean`` at 0.1 is sum at 0.1/384, i.e. about off.
+      ``text_align`` (true, *[ours]*) adds the same for
+      norm(P_t(t^S)) against t^T.
+    - EduAttention: a = softmax(κ_a·p·t^Tᵀ)·t^T (the student image feature queries the batch's
       teacher text features), f = norm(p + α·FC(a)) *[ours: re-normalised for a cosine logit]*,
-      α a learnable scalar initialised to ``alpha_init`` (0), C = ``attention_c`` (default √d).
+      α a learnable scalar initialised to ``alpha_init`` (0). *[ours]* κ_a is learnable (kept as
+      log κ_a, clamped at 100 like every logit scale) and initialised to the teacher's logit scale
+      on the first batch: the paper's 1/√d assumes unnormalised features, and on unit vectors it
+      makes the logits <= 0.05 and the weights uniform (a = the batch mean of teacher text, for
+      every row). ``attention_c`` (a number) restores the paper's fixed softmax(p·t^Tᵀ / C).
       Training only: it shapes p through the refinement loss below.
     - Refinement (``ref_loss``): ½[KL(softmax(q^T/τ) ‖ softmax(q^S/τ)) + the same on the
       transposes (caption → image)], q^T = κ_T·v^T·t^Tᵀ, q^S = κ_S·f·t^Tᵀ, τ = 1 (τ² factor).
       *[ours]* κ_S is the student's own scale (clamped at 100).
     - ``task_loss``: w_task · clip loss of the student.
 
-    Defaults: w_task 1, w_align 1, w_ref 1. Report: ``logit_scale``, ``edu_alpha`` (α)."""
+    Defaults: w_task 1, w_align 1, w_ref 1. Report: ``logit_scale``, ``edu_alpha`` (α),
+    ``edu_scale`` (κ_a), ``edu_entropy`` (mean attention entropy over log B: 1 is uniform)."""
 
     name = "comkd"
     summary = "ComKD-CLIP: IFAlign mean/variance alignment + EduAttention refinement (training-only modules)"
@@ -74,7 +84,8 @@ class ComKDMethod(DistillMethod):
 
     @dataclass(frozen=True)
     class Args(MethodArgs):
-        """Defaults: w_task 1, w_align 1, w_ref 1, text_align true, τ 1, α init 0, C = √d."""
+        """Defaults: w_task 1, w_align 1, w_ref 1, text_align true, τ 1, α init 0, align_reduction
+        sum, attention_c null (learnable κ_a from the teacher's scale; a number: the paper's fixed C)."""
 
         w_task: float = 1.0
         w_align: float = 1.0
@@ -82,7 +93,8 @@ class ComKDMethod(DistillMethod):
         text_align: bool = True
         temperature: float = 1.0
         alpha_init: float = 0.0
-        attention_c: float | None = None  # None: √(teacher dim)
+        attention_c: float | None = None  # None: learnable κ_a; a number C: softmax(p·t^Tᵀ / C), the paper's
+        align_reduction: str = "sum"  # IFAlign over feature dims: "sum" (the paper) or "mean"
 
         def __post_init__(self) -> None:
             check_non_negative(self, "w_task", "w_align", "w_ref")
@@ -98,6 +110,10 @@ class ComKDMethod(DistillMethod):
                     )
                 if not math.isfinite(self.attention_c) or self.attention_c <= 0:
                     raise MethodConfigError(f"key 'method_args.attention_c' must be > 0, got {self.attention_c!r}")
+            if self.align_reduction not in ("sum", "mean"):
+                raise MethodConfigError(
+                    f"key 'method_args.align_reduction' must be 'sum' or 'mean', got {self.align_reduction!r}"
+                )
             if self.w_task == self.w_align == self.w_ref == 0:
                 raise MethodConfigError("keys 'method_args.w_*' are all 0: nothing to train")
 
@@ -110,12 +126,38 @@ class ComKDMethod(DistillMethod):
         uses_attention = args.w_ref > 0
         self.attention_fc = nn.Linear(teacher_dim, teacher_dim) if uses_attention else None
         self.edu_alpha = nn.Parameter(torch.tensor(float(args.alpha_init))) if uses_attention else None
-        self.attention_c = float(args.attention_c) if args.attention_c is not None else math.sqrt(teacher_dim)
+        self.attention_c = float(args.attention_c) if args.attention_c is not None else None
+        learnable = uses_attention and self.attention_c is None
+        # [ours] log κ_a, set from the teacher's logit scale on the first batch (``edu_scale_set``
+        # records that, and travels in checkpoints, so a resumed run does not reset it).
+        self.edu_log_scale = nn.Parameter(torch.zeros(())) if learnable else None
+        self.register_buffer("edu_scale_set", torch.tensor(False))
 
-    def refined(self, projected: torch.Tensor, teacher_text: torch.Tensor) -> torch.Tensor:
-        """EduAttention: f = norm(p + α·FC(softmax(p·t^Tᵀ / C)·t^T))."""
+    def attention_scale(self, teacher_log_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention's inverse temperature: κ_a, or 1/C for a fixed ``attention_c``. The first
+        call with the teacher's log scale initialises κ_a to it."""
+        if self.edu_log_scale is None:
+            assert self.attention_c is not None
+            return torch.tensor(1.0 / self.attention_c)
+        if not bool(self.edu_scale_set) and teacher_log_scale is not None:
+            with torch.no_grad():
+                self.edu_log_scale.copy_(teacher_log_scale.detach().float().reshape(()))
+                self.edu_scale_set.fill_(True)
+        return self.edu_log_scale.exp().clamp(max=MAX_SCALE)
+
+    def attention_weights(
+        self, projected: torch.Tensor, teacher_text: torch.Tensor, teacher_log_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, B) EduAttention weights softmax(κ_a·p·t^Tᵀ) of each student image over the teacher texts."""
+        scale = self.attention_scale(teacher_log_scale).to(projected)
+        return torch.softmax(scale * projected @ teacher_text.t(), dim=1)
+
+    def refined(
+        self, projected: torch.Tensor, teacher_text: torch.Tensor, teacher_log_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """EduAttention: f = norm(p + α·FC(softmax(κ_a·p·t^Tᵀ)·t^T))."""
         assert self.attention_fc is not None and self.edu_alpha is not None
-        read = attend(projected, teacher_text, teacher_text, self.attention_c)
+        read = self.attention_weights(projected, teacher_text, teacher_log_scale) @ teacher_text
         return F.normalize(projected + self.edu_alpha * self.attention_fc(read), dim=-1)
 
     def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
@@ -128,17 +170,24 @@ class ComKDMethod(DistillMethod):
             losses["task_loss"] = args.w_task * task
         projected = F.normalize(self.image_proj(student.image), dim=-1)
         if args.w_align > 0:
-            align = moment_alignment(projected, teacher.image)
+            reduction = args.align_reduction
+            align = moment_alignment(projected, teacher.image, reduction)
             if self.text_proj is not None:
-                align = align + moment_alignment(F.normalize(self.text_proj(student.text), dim=-1), teacher.text)
+                text = F.normalize(self.text_proj(student.text), dim=-1)
+                align = align + moment_alignment(text, teacher.text, reduction)
             losses["align_loss"] = args.w_align * align
         if args.w_ref > 0:
             assert self.edu_alpha is not None
-            refined = self.refined(projected, teacher.text)
+            refined = self.refined(projected, teacher.text, teacher.logit_scale)
             teacher_logits = contrastive_logits(teacher.image, teacher.text, teacher.logit_scale)
             student_logits = student.logit_scale.exp().clamp(max=MAX_SCALE) * refined @ teacher.text.t()
             losses["ref_loss"] = args.w_ref * bidirectional_kl(
                 teacher_logits, student_logits, args.temperature, rows=student.rows
             )
             report["edu_alpha"] = float(self.edu_alpha.detach())
+            report["edu_scale"] = float(self.attention_scale().detach())
+            with torch.no_grad():
+                weights = self.attention_weights(projected, teacher.text)
+                entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=1).mean()
+                report["edu_entropy"] = float(entropy / math.log(max(2, weights.shape[1])))
         return MethodOutput(losses=losses, report=report)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from clipdistill.distill.base import (
     Batch,
@@ -86,7 +87,16 @@ class DCDMethod(DistillMethod):
       are not negatives (``exclude_same_text``, true). ``symmetric`` (true, *[ours]*: the
       paper's code is image→text) does the same caption→image and averages the directions.
     - Teacher score z: the fusion teacher's match logit when key ``teacher.fusion`` is set,
-      else the dual teacher's κ_T·cos (report ``fusion`` 1/0). Student score s: κ_S·cos.
+      else the dual teacher's κ_T·cos (report ``fusion`` 1/0). Student score s = a·κ_S·cos + b
+      *[ours, for a dual-encoder student]*: a, b a training-only affine (``student_affine``, true;
+      init 1, 0; trained with the student, never exported), as DCD's cross-encoder student scores
+      with its own ITM head. The MSE below is not shift-invariant: without b, a teacher whose
+      logits sit a constant below the student's scale (our fusion head's sit about 5.7 below the
+      dual teacher's) pulls the student's positive cosines toward that constant against its own
+      task loss. With b the constant is absorbed and the cosines see only the teacher's shape.
+      The affine is the distillation's read-out only: the self-learning BCE scores κ_S·cos, so
+      b cannot trade the BCE against the MSE and a teacher shift moves b and nothing else.
+      ``student_affine: false`` is the plain κ_S·cos (what this method did before).
     - Per direction (:func:`~clipdistill.distill.losses.dcd_loss`): entropy shares e_b,
       d = T²·MSE(z/T, s/T), n = Σ_b e_b·BCEWithLogits(s_b, [1, 0, …, 0]), loss = α·d + (1−α)·n,
       α 0.2, T 1. ``per_sample_kd_weight: false`` is the released code (its KD weights are a
@@ -94,7 +104,8 @@ class DCDMethod(DistillMethod):
     - Terms: ``dcd_distill_loss`` = w_dcd·α·d, ``dcd_self_loss`` = w_dcd·(1−α)·n (their sum is
       the DCD loss), ``task_loss`` = w_task · the student's clip loss on the whole batch.
 
-    Report: ``logit_scale``, ``fusion``, ``candidates`` (1 + negatives kept), ``max_share``."""
+    Report: ``logit_scale``, ``fusion``, ``candidates`` (1 + negatives kept), ``max_share``,
+    ``score_scale``/``score_bias`` (a, b) with ``student_affine``."""
 
     name = "dcd"
     summary = "DCD: teacher-mined hard negatives, score distillation + entropy-weighted self-learning"
@@ -104,7 +115,8 @@ class DCDMethod(DistillMethod):
     @dataclass(frozen=True)
     class Args(MethodArgs):
         """Defaults (the paper's): α 0.2, T 1, 63 random → 7 hard negatives, released KD
-        weighting (``per_sample_kd_weight`` false); ours: w_task 1, w_dcd 1, symmetric, exclude_same_text."""
+        weighting (``per_sample_kd_weight`` false); ours: w_task 1, w_dcd 1, symmetric, exclude_same_text,
+        student_affine (the student's score a·κ_S·cos + b, a and b trained)."""
 
         w_task: float = 1.0
         w_dcd: float = 1.0
@@ -115,6 +127,7 @@ class DCDMethod(DistillMethod):
         per_sample_kd_weight: bool = False
         symmetric: bool = True
         exclude_same_text: bool = True
+        student_affine: bool = True
 
         def __post_init__(self) -> None:
             check_non_negative(self, "w_task", "w_dcd")
@@ -135,6 +148,17 @@ class DCDMethod(DistillMethod):
     def __init__(self, student_dim: int, teacher: TeacherSource | None, args: Args) -> None:
         super().__init__(student_dim, require_teacher(self.name, teacher), args)
         self.args: DCDMethod.Args = args
+        # [ours] The student's training-only score affine (see the class docstring): a method
+        # parameter, so the optimiser trains it with the student and export never sees it.
+        self.score_scale = nn.Parameter(torch.tensor(1.0)) if args.student_affine else None
+        self.score_bias = nn.Parameter(torch.tensor(0.0)) if args.student_affine else None
+
+    def student_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The student's score the distillation fits to the teacher's: a·κ_S·cos + b, or κ_S·cos
+        without the affine."""
+        if self.score_scale is None or self.score_bias is None:
+            return logits
+        return self.score_scale * logits + self.score_bias
 
     def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
         args = self.args
@@ -188,6 +212,7 @@ class DCDMethod(DistillMethod):
                     temperature=args.temperature,
                     per_sample_kd_weight=args.per_sample_kd_weight,
                     rows=rows,
+                    distill_logits=self.student_scores(logits.gather(1, candidates[query])),
                 )
             )
         distill = torch.stack([r["distill"] for r in results]).mean()
@@ -196,4 +221,7 @@ class DCDMethod(DistillMethod):
         losses["dcd_self_loss"] = args.w_dcd * (1.0 - args.alpha) * self_learning
         report["candidates"] = float(mined[0].shape[1])
         report["max_share"] = float(max(float(r["shares"].max()) for r in results))
+        if self.score_scale is not None and self.score_bias is not None:
+            report["score_scale"] = float(self.score_scale.detach())
+            report["score_bias"] = float(self.score_bias.detach())
         return MethodOutput(losses=losses, report=report)

@@ -8,6 +8,7 @@ student's inference cost is unchanged: nothing of the fusion teacher is exported
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,14 @@ if TYPE_CHECKING:
     from clipdistill.models.fusion import FusionStates
 
 
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two flat tensors (0 when either is constant)."""
+    x, y = x.detach().double().flatten(), y.detach().double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    denominator = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denominator if denominator > 0 else 0.0
+
+
 @register_method
 class MCADMethod(DistillMethod):
     """MCAD: distribution + feature distillation from the fused teachers, plus the task loss.
@@ -62,10 +71,14 @@ class MCADMethod(DistillMethod):
       rescales it to the dual similarities' spread so μ is a fraction of it, ``unit`` leaves
       it at std 1). ``fusion_pairs: all`` scores all B² pairs; ``topk`` only each row's and
       each column's dual top-``topk`` (default 16) and keeps the dual similarity elsewhere.
-    - Modified features *[ours]*: v̂_i = norm(v^T_i + λ·g(f_ii)), t̂_i = norm(t^T_i + λ·h(f_ii)),
-      f_ii the fusion teacher's pooled feature of the matched pair and g, h its fixed heads into
-      the dual space. A fusion teacher without them (``blip-itm``), or ``use_fusion_features:
-      false``, distils v^T, t^T instead (report ``fusion_features`` = 0).
+    - Modified features *[ours]*: v̂_i = norm(v^T_i + λ·ĝ_i), t̂_i = norm(t^T_i + λ·ĥ_i), ĝ, ĥ the
+      fusion teacher's heads into the dual space **unit-normalised**, so with λ 0.3 the target is
+      a bounded nudge: cos(v̂, v^T) >= √(1 − λ²) ≈ 0.95. g_i is computed from image i's own states
+      (the teacher's ``heads_input: sides``), so the image target is the same whichever of the
+      image's captions is in the batch; h_i from caption i against its own image only. A fusion
+      teacher without such heads (``blip-itm``; a ``fusion:`` folder trained before ``sides``
+      heads, whose g read the pair), or ``use_fusion_features: false``, distils v^T, t^T instead
+      (report ``fusion_features`` = 0; a warning says why).
     - Terms: ``dist_loss`` = w_dist · ½[KL(softmax(κ_T·Ŝ/T) ‖ softmax(L^S/T)) + t2i] (T = 1, T²
       factor), L^S the student's own logits; ``feat_loss`` = w_feat · [MSE(P_v(v^S), v̂) +
       MSE(P_t(t^S), t̂)], P linear projectors when dims differ, projected features re-normalised
@@ -74,7 +87,8 @@ class MCADMethod(DistillMethod):
 
     Needs a fusion teacher (key ``teacher.fusion``); its g, h must map into the space of the
     configured dual teacher (checked by weights fingerprint). Report: ``logit_scale``,
-    ``fused_pairs`` (fraction of the B² pairs scored by the fusion teacher), ``fusion_features``."""
+    ``fused_pairs`` (fraction of the B² pairs scored by the fusion teacher), ``fusion_features``,
+    ``fusion_dual_corr`` (corr(z(F), S) over the scored pairs of the batch)."""
 
     name = "mcad"
     summary = "MCAD: teacher similarities and features refined by the single-stream fusion teacher, distilled jointly"
@@ -126,6 +140,14 @@ class MCADMethod(DistillMethod):
             raise MethodConfigError(f"method {self.name!r} needs a fusion teacher: set key 'teacher.fusion'")
         teacher_dim = int(self.teacher.embed_dim)
         self.use_fusion_features = args.use_fusion_features and fusion.pooled_dim is not None
+        if self.use_fusion_features and args.w_feat > 0 and not fusion.caption_free_image_heads:
+            warnings.warn(
+                f"method {self.name!r}: fusion teacher {fusion.spec} computes g from the image-caption pair, so "
+                "its image target would carry the caption; distilling the dual teacher's features instead "
+                "(retrain it with `clipdistill teacher train-fusion` for image-side heads)",
+                stacklevel=2,
+            )
+            self.use_fusion_features = False
         if self.use_fusion_features and args.w_feat > 0:
             from clipdistill.models.fusion import same_dual_teacher
 
@@ -139,8 +161,10 @@ class MCADMethod(DistillMethod):
         self.image_proj = make_projector(student_dim, teacher_dim) if args.w_feat > 0 else None
         self.text_proj = make_projector(student_dim, teacher_dim) if args.w_feat > 0 else None
 
-    def fused_teacher(self, teacher: TeacherOutputs, states: FusionStates) -> tuple[torch.Tensor, float]:
-        """``(Ŝ, fraction of pairs scored)`` for the batch."""
+    def fused_teacher(self, teacher: TeacherOutputs, states: FusionStates) -> tuple[torch.Tensor, float, float]:
+        """``(Ŝ, fraction of pairs scored, corr(F, S) over the scored pairs)`` for the batch. The
+        correlation says what the fusion teacher adds: near 1, F is an affine function of the dual
+        cosine and Ŝ is S at a sharper temperature (z standardising is affine, so corr(z(F), S) = corr(F, S))."""
         args = self.args
         fusion = fusion_of(self.teacher)
         assert fusion is not None
@@ -154,7 +178,17 @@ class MCADMethod(DistillMethod):
             logits = torch.zeros_like(dual)
             logits[image_index, text_index] = fusion.pair_logits(states, image_index, text_index).to(dual)
         fused = fused_similarity(dual, logits, mask, args.mu, args.fusion_standardise)  # type: ignore[arg-type]
-        return fused, float(mask.float().mean())
+        return fused, float(mask.float().mean()), pearson(logits[mask], dual[mask])
+
+    def fused_features(self, teacher: TeacherOutputs, states: FusionStates) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v̂, t̂)`` = norm(v^T + λ·norm(g)), norm(t^T + λ·norm(h)) for the batch's matched pairs."""
+        fusion = fusion_of(self.teacher)
+        assert fusion is not None
+        g, h = fusion.matched_dual_features(states)
+        lam = self.args.lam
+        image = F.normalize(teacher.image + lam * F.normalize(g.to(teacher.image), dim=-1), dim=-1)
+        text = F.normalize(teacher.text + lam * F.normalize(h.to(teacher.text), dim=-1), dim=-1)
+        return image, text
 
     def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
         args = self.args
@@ -169,19 +203,18 @@ class MCADMethod(DistillMethod):
             task = clip_loss(student.image, student.text, student.logit_scale, student.rows)
             losses["task_loss"] = args.w_task * task
         if args.w_dist > 0:
-            fused, fraction = self.fused_teacher(teacher, states)
+            fused, fraction, corr = self.fused_teacher(teacher, states)
             kappa = teacher.logit_scale.exp().clamp(max=MAX_SCALE)
             student_logits = contrastive_logits(student.image, student.text, student.logit_scale)
             losses["dist_loss"] = args.w_dist * bidirectional_kl(
                 kappa * fused, student_logits, args.temperature, rows=student.rows
             )
             report["fused_pairs"] = fraction
+            report["fusion_dual_corr"] = corr
         if args.w_feat > 0:
             image_target, text_target = teacher.image, teacher.text
             if self.use_fusion_features:
-                g, h = fusion.matched_dual_features(states)
-                image_target = F.normalize(image_target + args.lam * g.to(image_target), dim=-1)
-                text_target = F.normalize(text_target + args.lam * h.to(text_target), dim=-1)
+                image_target, text_target = self.fused_features(teacher, states)
             image = project_to_teacher(student.image, self.image_proj)
             text = project_to_teacher(student.text, self.text_proj)
             feat = feature_mse(image, image_target, student.rows) + feature_mse(text, text_target, student.rows)

@@ -117,6 +117,15 @@ class FusionBackend(nn.Module):
         """``(g(f), h(f))``: pooled pair features mapped into the dual teacher's space."""
         raise FusionError(f"the {self.kind} fusion teacher has no heads into a dual teacher's space")
 
+    #: Whether :meth:`pair_heads` gives an image's g from the image alone (MCAD needs that).
+    caption_free_image_heads: bool = False
+
+    def pair_heads(
+        self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g, h)`` in the dual teacher's space for the listed pairs."""
+        raise FusionError(f"the {self.kind} fusion teacher has no heads into a dual teacher's space")
+
 
 def score_pairs(
     backend: FusionBackend,
@@ -260,11 +269,15 @@ class FusionTeacher(nn.Module):
         text_index = cols.repeat(states.n_images)
         return self.pair_logits(states, image_index, text_index).view(states.n_images, states.n_texts)
 
+    @property
+    def caption_free_image_heads(self) -> bool:
+        """Whether g of an image depends on the image alone (not on the caption it is paired with)."""
+        return bool(self.backend.caption_free_image_heads)
+
     @torch.no_grad()
     def matched_dual_features(self, states: FusionStates) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(g(f_ii), h(f_ii))`` for the matched pairs (image i, caption i) of a batch."""
+        """``(g_i, h_i)`` (unnormalised) for the matched pairs (image i, caption i) of a batch."""
         if self.pooled_dim is None:
             raise FusionError(f"fusion teacher {self.spec} gives no pooled features in a dual teacher's space")
         index = torch.arange(states.n_images, device=states.image.device)
-        _, pooled = self.pair_features(states, index, index)
-        return self.backend.dual_heads(pooled)
+        return self.backend.pair_heads(states, index, index)

@@ -17,7 +17,7 @@ from torch import nn
 
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder
-from clipdistill.models.fusion.base import FusionBackend, FusionError, FusionStates
+from clipdistill.models.fusion.base import FusionBackend, FusionError, FusionStates, score_pairs
 from clipdistill.models.spec import ModelSpecError
 
 CONFIG_FILE = "fusion_config.json"
@@ -47,10 +47,19 @@ class FusionConfig:
     #: acting in MiniLM's token space transfers to unseen concepts, where the cross-attention
     #: correction learnt the training concepts and lowered held-out recall.
     match: str = "cross"
+    #: What the heads g, h into the dual space read *[ours]*. ``"sides"``: g_i from image i's own
+    #: states (mean of its projected tokens), h_i from caption i's side of the cross-attention
+    #: against its own image, so MCAD's image target cannot depend on which caption is in the batch
+    #: and g_i, h_i cannot share a code of the pair. ``"pair"``: both from the pooled feature f of
+    #: the matched pair (what fusion folders written before this option hold; ``from_dict`` reads a
+    #: config without the key as ``"pair"``); MCAD does not use such heads.
+    heads_input: str = "sides"
 
     def __post_init__(self) -> None:
         if self.match not in ("cross", "pool"):
             raise FusionError(f"fusion match must be 'cross' or 'pool', got {self.match!r}")
+        if self.heads_input not in ("sides", "pair"):
+            raise FusionError(f"fusion heads_input must be 'sides' or 'pair', got {self.heads_input!r}")
         if self.width < 1 or self.heads < 1 or self.width % self.heads:
             raise FusionError(f"fusion width {self.width} must be a positive multiple of heads {self.heads}")
         if self.mlp_ratio <= 0:
@@ -62,7 +71,7 @@ class FusionConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise FusionError(f"unknown fusion config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**raw)
+        return cls(**{"heads_input": "pair", **raw})  # folders from before the key have pair heads
 
 
 class CrossAttention(nn.Module):
@@ -184,6 +193,8 @@ class FusionEncoder(FusionBackend):
         self.dual_bias = nn.Parameter(torch.tensor(0.0))
         self.image_head = nn.Linear(width, config.embed_dim, bias=False)  # g
         self.text_head = nn.Linear(width, config.embed_dim, bias=False)  # h
+        if config.heads_input == "sides":
+            self.image_side_norm = nn.LayerNorm(width)  # g reads LN(mean of the image's projected tokens)
         if config.match == "pool":
             # The dual teacher's own linear heads, frozen copies (set by :meth:`copy_dual_heads`), so
             # the pooled cosine starts as the dual cosine and the states need no dual teacher.
@@ -369,6 +380,32 @@ class FusionEncoder(FusionBackend):
 
     def dual_heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image_head(pooled), self.text_head(pooled)
+
+    @property
+    def caption_free_image_heads(self) -> bool:
+        return self.config.heads_input == "sides"
+
+    def pair_heads(
+        self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g, h)`` (unnormalised) for pairs (image_index[p], text_index[p]); gradients flow.
+
+        ``heads_input="sides"`` *[ours]*: g from the image's own projected tokens only, h from the
+        caption's queries attending to that image (the caption side of the cross-attention), so g
+        of an image is the same whichever caption it is paired with. ``"pair"``: both from the
+        pooled pair feature f (:meth:`dual_heads`)."""
+        if self.config.heads_input == "pair":
+            _, pooled = score_pairs(self, states, image_index, text_index, pooled=True)
+            assert pooled is not None
+            return self.dual_heads(pooled)
+        width = self.config.width
+        image = states.image[image_index][..., :width]
+        text, mask = states.text[text_index][..., :width], states.text_mask[text_index]
+        g = self.image_head(self.image_side_norm(image.mean(dim=1)))
+        caption_side = self.text_to_image(
+            self.text_to_image.project(text, mask), self.text_to_image.project(image), query_mask=mask
+        )
+        return g, self.text_head(caption_side)
 
 
 def dual_token_geometry(dual: DualEncoder) -> dict[str, int]:
