@@ -22,9 +22,9 @@ from clipdistill.distill.base import (
     TeacherOutputs,
     TeacherSource,
     build_method_args,
-    get_method,
 )
 from clipdistill.distill.losses import moment_alignment
+from clipdistill.distill.methods import get_method
 from clipdistill.models.fusion import FusionConfig, FusionEncoder, FusionStates, FusionTeacher
 
 
