@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from _record import run_header
-
 from clipdistill.eval.onnx_timing import onnx_efficiency, speedup
 from clipdistill.io import atomic_write_json
 from clipdistill.models.teachers import load_model
