@@ -42,6 +42,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from _server import wait_until_healthy
 from clipdistill.io import atomic_write_json
 
 COLOURS = {
@@ -189,16 +190,7 @@ def start_server(index: Path, port: int, threads: int | None) -> subprocess.Pope
     if threads:
         command += ["--threads", str(threads)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit("server did not start:\n" + process.communicate()[0].decode()[-3000:]) from None
-            time.sleep(0.25)
+    return wait_until_healthy(process, port, timeout_s=120)
 
 
 def stage_means(port: int) -> dict[tuple[str, str], tuple[float, float]]:

@@ -33,6 +33,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from _record import run_header
+from _server import wait_until_healthy
 from clipdistill.io import atomic_write_json
 from load import build_index, free_port
 
@@ -71,16 +72,7 @@ def start(index: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-c", "from clipdistill.cli.main import main; main()", "serve", str(index)]
     command += ["--name", "mem", "--port", str(port), "--no-access-log", "--no-caption-search", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit("server did not start:\n" + process.communicate()[0].decode()[-3000:]) from None
-            time.sleep(0.3)
+    return wait_until_healthy(process, port, timeout_s=180)
 
 
 def upload(port: int, data: bytes) -> tuple[int, float, str]:
