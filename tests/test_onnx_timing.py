@@ -29,11 +29,12 @@ def test_every_model_and_tower_is_timed_in_one_run(tmp_path) -> None:
 
 
 def test_flops_follow_the_image_size() -> None:
-    """Same network at twice the side: four times the image FLOPs, the same text FLOPs."""
-    small = build_student(student_config("tiny", image_size=32))
-    large = build_student(student_config("tiny", image_size=64))
+    """Same network at twice the side: about four times the image FLOPs (the convolutions; the
+    final projection's cost is constant, 3.5x measured at 128 -> 256 px), the same text FLOPs."""
+    small = build_student(student_config("tiny", image_size=128))
+    large = build_student(student_config("tiny", image_size=256))
     ratio = _flops_per_item(large, "image") / _flops_per_item(small, "image")
-    assert ratio == pytest.approx(4, rel=0.15)
+    assert 3.2 < ratio <= 4.0
     assert _flops_per_item(large, "text") == _flops_per_item(small, "text")
 
 

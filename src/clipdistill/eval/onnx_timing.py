@@ -77,8 +77,10 @@ def _inputs(model: DualEncoder, tower: str, batch: int) -> np.ndarray:
 
 
 def _flops_per_item(model: DualEncoder, tower: str) -> int:
+    """FLOPs of one item through ``tower`` in eval mode (what the exported graph runs)."""
     import torch
 
+    model.eval()
     if tower == "image":
         height, width = model.image_size
         pixels = torch.zeros(1, 3, height, width)
