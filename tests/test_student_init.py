@@ -11,7 +11,8 @@ import torch
 
 from clipdistill.config import ConfigError, TrainConfig, from_dict
 from clipdistill.models.lit import LiTConfig, LiTModel
-from clipdistill.models.students import init_student, load_student
+from clipdistill.models.student_init import init_student
+from clipdistill.models.students import load_student
 from clipdistill.train.trainer import train
 
 

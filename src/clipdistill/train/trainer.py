@@ -159,7 +159,8 @@ def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
     import json
 
     from clipdistill.models.spec import ModelSpecError
-    from clipdistill.models.students import StudentConfigError, build_student, init_student, student_config
+    from clipdistill.models.student_init import init_student
+    from clipdistill.models.students import StudentConfigError, build_student, student_config
 
     if config.student.init:
         try:
