@@ -238,6 +238,11 @@ class StopSignals:
         for name in self.SIGNALS:
             number = getattr(signal, name)
             self._previous[number] = signal.signal(number, self._handle)
+            # Restart interrupted system calls (SA_RESTART): Python installs handlers that interrupt
+            # them, and a SIGTERM landing inside torch.save's C++ writes left a short write that
+            # failed the checkpoint ("unexpected pos", seen once in the crash-resume test). The flag
+            # is set per signal; the handler itself still only records the request.
+            signal.siginterrupt(number, False)
         return self
 
     def _handle(self, number: int, frame: Any) -> None:
