@@ -91,6 +91,25 @@ def test_teacher_train_then_eval_writes_metrics(shapes_dataset_dir: Path, tmp_pa
     assert metrics["rsum"] == pytest.approx(summary["test"]["rsum"], abs=1e-6)
 
 
+def test_teacher_train_from_a_lit_spec(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    """`--model lit:WEIGHTS@SIZE` trains the pretrained-trunk teacher; eval takes the same spec."""
+    teacher = tmp_path / "teacher"
+    args = ["teacher", "train", "--data", str(shapes_dataset_dir), "--out", str(teacher), "--epochs", "1"]
+    train = runner.invoke(app, [*args, "--model", "lit:efficientnet-lite0@64", "--frozen-stages", "5"])
+    assert train.exit_code == 0, train.output
+    saved = json.loads((teacher / "clipdistill_model.json").read_text())["config"]
+    assert (saved["image_pretrained"], saved["image_size"], saved["frozen_stages"]) == ("efficientnet-lite0", 64, 5)
+    out = tmp_path / "m.json"
+    untrained = runner.invoke(
+        app, ["eval", "--model", "lit:efficientnet-lite0@64", "--data", str(shapes_dataset_dir), "--out", str(out)]
+    )
+    assert untrained.exit_code == 0, untrained.output
+    both = runner.invoke(app, [*args, "--model", "lit:efficientnet-lite0", "--image-model", "resnet10t"])
+    assert both.exit_code != 0 and "not both" in both.output
+    wrong = runner.invoke(app, [*args, "--model", "run:somewhere"])
+    assert wrong.exit_code != 0 and "lit:WEIGHTS" in wrong.output
+
+
 def test_eval_matches_recall_on_embeddings_of_a_saved_student(shapes_dataset_dir: Path, tmp_path: Path) -> None:
     student_dir = tmp_path / "student"
     created = runner.invoke(

@@ -86,3 +86,61 @@ def test_lit_teacher_with_pretrained_frozen_stages(tmp_path) -> None:
 def test_pretrained_needs_the_matching_timm_name() -> None:
     with pytest.raises(ValueError, match="tf_efficientnet_lite2"):
         LiTConfig(image_model="resnet10t", image_pretrained="efficientnet-lite2")
+
+
+def test_frozen_split_reproduces_the_image_tower() -> None:
+    """Teacher training caches frozen_features; the embedding from the cache must be the tower's."""
+    config = LiTConfig(
+        image_model="tf_efficientnet_lite0", image_pretrained="efficientnet-lite0", frozen_stages=3, image_size=64
+    )
+    model = LiTModel(config).eval()
+    pixels = model.prepare_pixels(torch.rand(3, 3, 64, 64))
+    with torch.no_grad():
+        features = model.frozen_features(pixels)
+        assert features.shape[1] == model.trunk.blocks[2][-1].conv_pwl.out_channels  # 40 channels after stage 3
+        torch.testing.assert_close(model.encode_from_frozen(features), model.encode_image(pixels))
+    scratch = LiTModel(LiTConfig(image_model="resnet10t", image_size=32))
+    assert not scratch.splits_at_frozen()
+    with pytest.raises(ValueError, match="no frozen split"):
+        scratch.frozen_features(torch.rand(1, 3, 32, 32))
+
+
+def test_lit_spec_names_a_pretrained_teacher() -> None:
+    from clipdistill.models.lit import lit_config_from_spec
+    from clipdistill.models.spec import ModelSpecError
+    from clipdistill.models.teachers import load_model
+
+    config = lit_config_from_spec("efficientnet-lite1")
+    assert (config.image_model, config.image_size, config.image_mean) == ("tf_efficientnet_lite1", 240, (0.5,) * 3)
+    assert lit_config_from_spec("efficientnet-lite0@96", frozen_stages=2).image_size == 96
+    model = load_model("lit:efficientnet-lite0@64")
+    reference = create_lite_trunk("efficientnet-lite0")
+    assert torch.equal(model.trunk.conv_head.weight, reference.conv_head.weight)
+    assert model.encode_image(torch.rand(1, 3, 64, 64)).shape == (1, 384)
+    with pytest.raises(ModelSpecError, match="efficientnet-lite2"):
+        load_model("lit:efficientnet-lite7")
+    with pytest.raises(ModelSpecError, match="number of pixels"):
+        load_model("lit:efficientnet-lite0@big")
+
+
+def test_teacher_training_on_the_frozen_cache(shapes_dataset_dir, tmp_path) -> None:
+    """A pretrained teacher trains from cached frozen features (2 views), saves, and reloads."""
+    from clipdistill.data.loading import load_dataset
+    from clipdistill.models.lit import lit_config_from_spec
+    from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
+
+    dataset = load_dataset(shapes_dataset_dir / "dataset.json")
+    model = lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5)
+    frozen_before = create_lite_trunk("efficientnet-lite0").blocks[4][0].conv_pw.weight.clone()
+    summary = train_lit_teacher(
+        dataset,
+        tmp_path / "t",
+        TeacherTrainConfig(model=model, epochs=2, batch_size=16, warmup_steps=2),
+        progress=False,
+    )
+    assert summary["val"]["rsum"] > 0
+    loaded = load_lit(tmp_path / "t")
+    assert torch.equal(loaded.trunk.blocks[4][0].conv_pw.weight, frozen_before)  # frozen stays ImageNet's
+    assert not torch.equal(
+        loaded.trunk.blocks[5][0].conv_pw.weight, create_lite_trunk("efficientnet-lite0").blocks[5][0].conv_pw.weight
+    )

@@ -56,8 +56,19 @@ class StudentConfig:
     # architecture AND weights the student starts from (distilling from MobileCLIP/TinyCLIP
     # checkpoints); overrides `preset`, exclusive with `model_config`.
     init: str | None = None
+    # The preset's input size in pixels (None: the preset's own). Training decodes images at
+    # `data.image_size` and the student resizes to this, so teacher and student can see the
+    # same picture at different resolutions (resolution is a distillation lever).
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.image_size is not None and (self.init or self.model_config):
+            raise ConfigError(
+                f"key 'student.image_size' ({self.image_size}) resizes a preset; 'student.init'/'student.model_config' "
+                "give their own size"
+            )
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"key 'student.image_size' must be >= 16 pixels, got {self.image_size}")
         if self.init and self.model_config:
             raise ConfigError(
                 f"keys 'student.init' ({self.init}) and 'student.model_config' ({self.model_config}) both give the "

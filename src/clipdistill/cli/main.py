@@ -83,7 +83,16 @@ def teacher_train(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder for the teacher.")] = Path("runs/teacher"),
     images: ImagesOpt = None,
-    image_model: Annotated[str | None, typer.Option("--image-model", help="timm name of the image tower.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Architecture to train: lit:WEIGHTS[@SIZE], e.g. lit:efficientnet-lite2@260."),
+    ] = None,
+    image_model: Annotated[
+        str | None, typer.Option("--image-model", help="timm name of an image tower trained from scratch.")
+    ] = None,
+    frozen_stages: Annotated[
+        int | None, typer.Option("--frozen-stages", min=0, help="Leading trunk stages kept frozen (with --model).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=2)] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,
@@ -102,6 +111,7 @@ def teacher_train(
     from dataclasses import replace
 
     from clipdistill.data.loading import load_dataset
+    from clipdistill.models.lit import LiTConfig
     from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
 
     def given(**values: Any) -> dict[str, Any]:
@@ -109,7 +119,23 @@ def teacher_train(
 
     dataset = load_dataset(data, images)
     defaults = TeacherTrainConfig()
-    model_config = replace(defaults.model, **given(image_model=image_model, image_size=image_size, text_proj=text_proj))
+    base = defaults.model
+    if model is not None and image_model is not None:
+        raise typer.BadParameter("give --model (a pretrained trunk) or --image-model (from scratch), not both")
+    if model is not None:
+        from clipdistill.models.lit import lit_config_from_spec
+        from clipdistill.models.spec import ModelSpecError, parse_spec
+
+        parsed = parse_spec(model)
+        if parsed.schema != "lit":
+            raise ModelSpecError(f"--model {model!r}: teacher train trains lit:WEIGHTS[@SIZE] architectures")
+        try:
+            base = lit_config_from_spec(parsed.name, frozen_stages=base.frozen_stages)
+        except ValueError as error:
+            raise ModelSpecError(f"--model {model!r}: {error}") from error
+    elif image_model is not None:  # a scratch trunk: none of the pretrained defaults apply
+        base = LiTConfig(image_model=image_model)
+    model_config = replace(base, **given(image_size=image_size, text_proj=text_proj, frozen_stages=frozen_stages))
     config = replace(
         defaults,
         model=model_config,

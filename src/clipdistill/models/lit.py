@@ -83,6 +83,27 @@ class LiTConfig:
         return cls(**values)
 
 
+def lit_config_from_spec(identifier: str, frozen_stages: int = 0) -> LiTConfig:
+    """The architecture ``lit:WEIGHTS[@SIZE]`` names: the ImageNet EfficientNet-Lite trunk
+    ``WEIGHTS`` (``efficientnet-lite0/1/2``) at ``SIZE`` px (default: the weights' native size,
+    where their filters were trained) with its own pixel statistics, and the frozen MiniLM text
+    tower. Its image projection is untrained: ``teacher train --model`` aligns it."""
+    from clipdistill.models.imagenet_lite import LITE_MEAN, LITE_STD, lite_variant
+
+    weights, _, size = identifier.partition("@")
+    variant = lite_variant(weights.strip())
+    if size and not size.strip().isdigit():
+        raise ValueError(f"lit:{identifier}: the size after '@' must be a number of pixels, got {size!r}")
+    return LiTConfig(
+        image_model=variant.timm_name,
+        image_pretrained=weights.strip(),
+        image_size=int(size) if size else variant.native_size,
+        image_mean=LITE_MEAN,
+        image_std=LITE_STD,
+        frozen_stages=frozen_stages,
+    )
+
+
 class LiTModel(DualEncoder):
     """timm image trunk + linear head, frozen MiniLM text tower (+ optional projection)."""
 
@@ -139,6 +160,37 @@ class LiTModel(DualEncoder):
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_proj(self.trunk(pixels))
+
+    # --- the frozen / trained split of the trunk (teacher training caches the frozen part) -------
+    def splits_at_frozen(self) -> bool:
+        """Whether :meth:`frozen_features` + :meth:`encode_from_frozen` reproduce the image tower.
+
+        True for timm's EfficientNet family (stem, ``blocks``, ``conv_head``/``bn2``, pooled head:
+        the Lite trunks) with at least one frozen stage; other trunks train end to end."""
+        from timm.models.efficientnet import EfficientNet
+
+        return bool(self.frozen_trunk) and isinstance(self.trunk, EfficientNet)
+
+    @torch.no_grad()
+    def frozen_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen stem and stages on model-normalised pixels: a pure function of the image
+        (frozen weights, BatchNorm in eval), so teacher training computes it once per view."""
+        if not self.splits_at_frozen():
+            stages = self.config.frozen_stages
+            raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
+        features = pixels
+        for module in self.frozen_trunk:
+            features = module(features)
+        return features
+
+    def encode_from_frozen(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The image embedding from :meth:`frozen_features`: the trained stages, head and projection."""
+        trunk = self.trunk
+        for block in trunk.blocks[self.config.frozen_stages :]:
+            features = block(features)
+        pooled = trunk.forward_head(trunk.bn2(trunk.conv_head(features)))
+        embedding = self.image_proj(pooled)
+        return torch.nn.functional.normalize(embedding, dim=-1) if normalize else embedding
 
     def minilm_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Frozen MiniLM sentence features (before ``text_proj``); cacheable during training."""

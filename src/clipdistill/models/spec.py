@@ -19,6 +19,7 @@ SCHEMAS: dict[str, str] = {
     "local-dir": "local-dir:PATH  (an open_clip folder: open_clip_config.json + weights)",
     "hf": "hf:ID_OR_PATH  (a transformers CLIPModel, e.g. hf:openai/clip-vit-base-patch32)",
     "run": "run:PATH  (a clipdistill checkpoint or run folder)",
+    "lit": "lit:WEIGHTS[@SIZE]  (LiT teacher to train: ImageNet trunk + MiniLM, e.g. lit:efficientnet-lite2@260)",
     "blip-itm": "blip-itm:ID_OR_PATH  (fusion teacher: BLIP ITM, e.g. blip-itm:Salesforce/blip-itm-base-coco)",
     "fusion": "fusion:PATH  (fusion teacher: a folder written by `clipdistill teacher train-fusion`)",
 }

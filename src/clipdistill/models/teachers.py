@@ -62,6 +62,14 @@ def load_model(spec: str | ModelSpec, *, device: str | torch.device = "cpu", loa
         if not directory.is_dir():
             raise ModelSpecError(f"{text}: folder does not exist")
         model = load_student(directory, spec=text)
+    elif parsed.schema == "lit":
+        from clipdistill.models.lit import LiTModel, lit_config_from_spec
+
+        try:
+            config = lit_config_from_spec(parsed.name)
+        except ValueError as error:
+            raise ModelSpecError(str(error)) from error
+        model = LiTModel(config, spec=text, load_pretrained=load_weights)
     elif parsed.schema == "hf":
         from clipdistill.models.hf_clip import load_hf_clip
 

@@ -45,6 +45,10 @@ class TeacherTrainConfig:
     multi_positive: bool = True  # identical captions of different images in a batch are all positives
     seed: int = 0
     max_seconds: float | None = None  # stop early (after a full epoch) when the budget is spent
+    # With frozen leading stages (pretrained trunks), the frozen part's output is computed once
+    # for this many augmented views of every train image (view 0 unaugmented) and each step
+    # draws one view per image: a step then costs only the trained stages.
+    frozen_views: int = 2
 
 
 @torch.no_grad()
@@ -77,11 +81,42 @@ def _multi_positive_clip_loss(
 
 
 @torch.no_grad()
-def _evaluate(model: LiTModel, pixels: torch.Tensor, text_features: torch.Tensor, text_to_image: list[int]) -> dict:
+def _evaluate(model: LiTModel, images: torch.Tensor, text_features: torch.Tensor, text_to_image: list[int]) -> dict:
+    """Recall@K from uint8 pixels, or from precomputed frozen features (float) when given those."""
     model.eval()
-    image_emb = embed_images(model, pixels)
+    if images.is_floating_point():
+        image_emb = torch.cat([model.encode_from_frozen(images[i : i + 256]) for i in range(0, len(images), 256)])
+    else:
+        image_emb = embed_images(model, images)
     text_emb = F.normalize(model.text_proj(text_features), dim=-1)
     return recall_at_k(image_emb, text_emb, text_to_image)
+
+
+def _augment(pixels: torch.Tensor, config: TeacherTrainConfig, generator: torch.Generator) -> torch.Tensor:
+    return random_scale_translate(pixels, scale=config.aug_scale, max_shift=config.aug_shift, generator=generator)
+
+
+@torch.no_grad()
+def _frozen_bank(
+    model: LiTModel, pixels: torch.Tensor, views: int, config: TeacherTrainConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """(views, N, C, h, w) outputs of the frozen stages: view 0 of each image as it is, the others
+    augmented as a training step would augment them. Computed once, so the (dominant) cost of the
+    early high-resolution stages is paid ``views`` times per image instead of once per epoch."""
+    model.eval()
+    bank = []
+    for view in range(views):
+        chunks = []
+        for start in range(0, len(pixels), 128):
+            unit = to_unit(pixels[start : start + 128])
+            if view > 0:
+                unit = _augment(unit, config, generator)
+            prepared = model.prepare_pixels(unit)
+            if config.channels_last:
+                prepared = prepared.contiguous(memory_format=torch.channels_last)
+            chunks.append(model.frozen_features(prepared))
+        bank.append(torch.cat(chunks))
+    return torch.stack(bank)
 
 
 def train_lit_teacher(
@@ -119,6 +154,12 @@ def train_lit_teacher(
         model.trunk.to(memory_format=torch.channels_last)
         train_pixels = train_pixels.contiguous(memory_format=torch.channels_last)
         val_pixels = val_pixels.contiguous(memory_format=torch.channels_last)
+    frozen_bank: torch.Tensor | None = None
+    if model.splits_at_frozen() and config.frozen_views > 0:
+        views = config.frozen_views if config.augment else 1
+        frozen_bank = _frozen_bank(model, train_pixels, views, config, generator)
+        val_pixels = _frozen_bank(model, val_pixels, 1, config, generator)[0]  # _evaluate reads features
+        del train_pixels  # the bank replaces them
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = max(1, len(train) // config.batch_size)
@@ -146,14 +187,16 @@ def train_lit_teacher(
         for step in range(steps_per_epoch):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             pick = first[index] + (torch.rand(len(index), generator=generator) * counts[index]).long()
-            pixels = to_unit(train_pixels[index])
-            if config.augment:
-                pixels = random_scale_translate(
-                    pixels, scale=config.aug_scale, max_shift=config.aug_shift, generator=generator
-                )
-            if config.channels_last:
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
-            image = model.encode_image(model.prepare_pixels(pixels))
+            if frozen_bank is not None:
+                view = torch.randint(len(frozen_bank), (len(index),), generator=generator)
+                image = model.encode_from_frozen(frozen_bank[view, index])
+            else:
+                pixels = to_unit(train_pixels[index])
+                if config.augment:
+                    pixels = _augment(pixels, config, generator)
+                if config.channels_last:
+                    pixels = pixels.contiguous(memory_format=torch.channels_last)
+                image = model.encode_image(model.prepare_pixels(pixels))
             text = F.normalize(model.text_proj(train_features[pick]), dim=-1)
             if config.multi_positive:
                 loss = _multi_positive_clip_loss(image, text, model.logit_scale, caption_ids[pick])

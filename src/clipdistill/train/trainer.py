@@ -173,7 +173,7 @@ def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
             raise ConfigError(f"key 'student.model_config': file {path} does not exist")
         raw = json.loads(path.read_text(encoding="utf-8"))
         return build_student(raw.get("model_cfg", raw))
-    return build_student(student_config(config.student.preset))
+    return build_student(student_config(config.student.preset, image_size=config.student.image_size))
 
 
 def _truncate_log(path: Path, key: str, limit: int) -> None:
