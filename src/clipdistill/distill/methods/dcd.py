@@ -97,6 +97,9 @@ class DCDMethod(DistillMethod):
       The affine is the distillation's read-out only: the self-learning BCE scores κ_S·cos, so
       b cannot trade the BCE against the MSE and a teacher shift moves b and nothing else.
       ``student_affine: false`` is the plain κ_S·cos (what this method did before).
+    - Self-learning read-out κ_S·cos + c *[ours]* (``self_bias``, true): c a learnable bias
+      (init 0, training-only) as SigLIP's sigmoid loss has, so the BCE's 0 targets for hard
+      negatives ask "below c", not "cos → −1" (see ``__init__``).
     - Per direction (:func:`~clipdistill.distill.losses.dcd_loss`): entropy shares e_b,
       d = T²·MSE(z/T, s/T), n = Σ_b e_b·BCEWithLogits(s_b, [1, 0, …, 0]), loss = α·d + (1−α)·n,
       α 0.2, T 1. ``per_sample_kd_weight: false`` is the released code (its KD weights are a
@@ -128,6 +131,7 @@ class DCDMethod(DistillMethod):
         symmetric: bool = True
         exclude_same_text: bool = True
         student_affine: bool = True
+        self_bias: bool = True
 
         def __post_init__(self) -> None:
             check_non_negative(self, "w_task", "w_dcd")
@@ -152,6 +156,11 @@ class DCDMethod(DistillMethod):
         # parameter, so the optimiser trains it with the student and export never sees it.
         self.score_scale = nn.Parameter(torch.tensor(1.0)) if args.student_affine else None
         self.score_bias = nn.Parameter(torch.tensor(0.0)) if args.student_affine else None
+        # [ours] The self-learning BCE's own learnable bias c (SigLIP's, for the same reason): a
+        # sigmoid target of 0 for a hard negative scored κ_S·cos is only reached at cos → −1, so
+        # without c the BCE pushes the captions most like the query to the far side of the sphere
+        # against the contrastive geometry; with c it only has to rank them below c.
+        self.bce_bias = nn.Parameter(torch.tensor(0.0)) if args.self_bias else None
 
     def student_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The student's score the distillation fits to the teacher's: a·κ_S·cos + b, or κ_S·cos
@@ -204,15 +213,16 @@ class DCDMethod(DistillMethod):
         mined = [keep_hard(scores, columns, args.hard_negatives) for scores, _, columns in directions]
         results = []
         for (scores, logits, _), candidates in zip(directions, mined, strict=True):
+            picked = logits.gather(1, candidates[query])
             results.append(
                 dcd_loss(
                     scores.gather(1, candidates),
-                    logits.gather(1, candidates[query]),
+                    picked if self.bce_bias is None else picked + self.bce_bias,
                     alpha=args.alpha,
                     temperature=args.temperature,
                     per_sample_kd_weight=args.per_sample_kd_weight,
                     rows=rows,
-                    distill_logits=self.student_scores(logits.gather(1, candidates[query])),
+                    distill_logits=self.student_scores(picked),
                 )
             )
         distill = torch.stack([r["distill"] for r in results]).mean()
@@ -224,4 +234,6 @@ class DCDMethod(DistillMethod):
         if self.score_scale is not None and self.score_bias is not None:
             report["score_scale"] = float(self.score_scale.detach())
             report["score_bias"] = float(self.score_bias.detach())
+        if self.bce_bias is not None:
+            report["bce_bias"] = float(self.bce_bias.detach())
         return MethodOutput(losses=losses, report=report)
