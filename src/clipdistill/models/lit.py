@@ -159,7 +159,22 @@ class LiTModel(DualEncoder):
         return self
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._channels_last():
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.image_proj(self.trunk(pixels))
+
+    def _channels_last(self) -> bool:
+        """EfficientNet trunks run in NHWC: PyTorch's CPU depthwise convolutions are about 1.5x
+        faster there (measured on the Lite0 teacher), and the cache build, the fusion teacher's
+        encoding and evaluation all run this tower over every image."""
+        from timm.models.efficientnet import EfficientNet
+
+        if not isinstance(self.trunk, EfficientNet):
+            return False
+        if not getattr(self, "_nhwc", False):
+            self.trunk.to(memory_format=torch.channels_last)
+            self._nhwc = True
+        return True
 
     # --- the frozen / trained split of the trunk (teacher training caches the frozen part) -------
     def splits_at_frozen(self) -> bool:
@@ -178,7 +193,7 @@ class LiTModel(DualEncoder):
         if not self.splits_at_frozen():
             stages = self.config.frozen_stages
             raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
-        features = pixels
+        features = pixels.contiguous(memory_format=torch.channels_last) if self._channels_last() else pixels
         for module in self.frozen_trunk:
             features = module(features)
         return features
@@ -211,6 +226,8 @@ class LiTModel(DualEncoder):
         features the image embedding pools: a CNN map (B, C, h, w) becomes h·w tokens in
         row-major order (channels-last maps (B, h, w, C), e.g. MambaOut's, too); a
         transformer trunk already returns (B, N, C)."""
+        if self._channels_last():
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         features = self.trunk.forward_features(pixels)
         channels = int(self.trunk.num_features)
         if features.dim() == 4 and features.shape[1] == channels:
