@@ -56,8 +56,25 @@ class StudentConfig:
     # architecture AND weights the student starts from (distilling from MobileCLIP/TinyCLIP
     # checkpoints); overrides `preset`, exclusive with `model_config`.
     init: str | None = None
+    # Pretrained starting points for a preset's towers (models/student_towers.py). image_init:
+    # random | imagenet (the ImageNet EfficientNet-Lite weights; a tf_efficientnet_lite trunk such
+    # as preset lite0). text_init: random | teacher (TinyCLIP-style inheritance from the teacher's
+    # MiniLM text tower; needs its WordPiece vocabulary, as preset lite0 has).
+    image_init: str = "random"
+    text_init: str = "random"
 
     def __post_init__(self) -> None:
+        for key, value, valid in (
+            ("image_init", self.image_init, ("random", "imagenet")),
+            ("text_init", self.text_init, ("random", "teacher")),
+        ):
+            if value not in valid:
+                raise ConfigError(f"key 'student.{key}' has value {value!r}; valid: {', '.join(valid)}")
+            if self.init and value != "random":
+                raise ConfigError(
+                    f"keys 'student.init' ({self.init}) and 'student.{key}' ({value}) both give the student's first "
+                    f"weights; set one (student.init already loads a checkpoint's weights)"
+                )
         if self.init and self.model_config:
             raise ConfigError(
                 f"keys 'student.init' ({self.init}) and 'student.model_config' ({self.model_config}) both give the "

@@ -127,7 +127,9 @@ def _pad_tokens(tokens: np.ndarray, context_length: int, pad_id: int) -> np.ndar
 def write_tokenizer(model: Any, out: Path) -> dict[str, Any]:
     """Copy the model's tokenizer files beside the graphs and describe them."""
     tokenizer = getattr(model, "_tokenizer", None)
-    if tokenizer is not None:  # open_clip
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):  # open_clip HFTokenizer
+        config = _hf_tokenizer_config(tokenizer, out)
+    elif tokenizer is not None:  # open_clip
         from open_clip.tokenizer import SimpleTokenizer, _clean_lower, default_bpe
 
         if not isinstance(tokenizer, SimpleTokenizer):
@@ -163,6 +165,34 @@ def write_tokenizer(model: Any, out: Path) -> dict[str, Any]:
         raise ExportConfigError(f"do not know how to export the tokenizer of {type(model).__name__}")
     atomic_write_json(out / TOKENIZER_CONFIG, config)
     return config
+
+
+def _hf_tokenizer_config(tokenizer: Any, out: Path) -> dict[str, Any]:
+    """open_clip's ``HFTokenizer`` (a student on the teacher's MiniLM WordPiece): its fast
+    tokenizer's ``tokenizer.json`` served by the WordPiece path, after the same text cleaning
+    open_clip applies first, padded with the pad id to ``context_length`` and truncated there as
+    ``padding='max_length', truncation=True`` does."""
+    from open_clip.tokenizer import _clean_lower, _clean_whitespace
+
+    cleans = {_clean_whitespace: "whitespace", _clean_lower: "lower"}
+    clean = cleans.get(tokenizer.clean_fn)
+    hf = tokenizer.tokenizer
+    if clean is None or tokenizer.tokenizer_mode or tokenizer.strip_sep_token:
+        raise ExportConfigError(
+            "only open_clip HFTokenizer with clean 'whitespace' or 'lower', no tokenizer_mode and no "
+            "strip_sep_token is served"
+        )
+    if not getattr(hf, "is_fast", False) or hf.padding_side != "right" or hf.truncation_side != "right":
+        raise ExportConfigError(f"cannot serve {type(hf).__name__}: a fast tokenizer padded and truncated right")
+    with atomic_path(out / WORDPIECE_FILE) as tmp:
+        hf.backend_tokenizer.save(str(tmp))
+    return {
+        "kind": "wordpiece",
+        "file": WORDPIECE_FILE,
+        "context_length": int(tokenizer.context_length),
+        "pad_token_id": int(hf.pad_token_id),
+        "clean": clean,
+    }
 
 
 def write_preprocess(model: Any, out: Path) -> ImagePreprocessor:
