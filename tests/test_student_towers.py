@@ -153,3 +153,21 @@ def test_lite0_trains_from_pretrained_towers(shapes_dataset_dir: Path, tmp_path:
     assert saved["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert saved["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5]
     assert load_student(config.run_dir / "model").tokenize(["a red heart"])[0, 0] == 101
+
+
+def test_exported_lite0_serves_open_clips_token_ids(lite0, tmp_path: Path) -> None:
+    import open_clip
+
+    from clipdistill.serve.export import export_model
+    from clipdistill.serve.tokenize import load_tokenizer
+
+    folder = save_student(lite0.eval(), tmp_path / "student")
+    parity = export_model(f"local-dir:{folder}", tmp_path / "export")
+    served = load_tokenizer(tmp_path / "export")(CAPTIONS)
+    expected = open_clip.get_tokenizer(f"local-dir:{folder}")(CAPTIONS).numpy()
+    assert served.shape == expected.shape == (len(CAPTIONS), 32)
+    assert (served == expected).all()
+    assert parity["tokenizer_mismatched_captions"] == 0
+    assert parity["onnx_fp32"]["text"]["min_cosine"] > 0.9999
+    config = json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+    assert config["kind"] == "wordpiece" and config["clean"] == "whitespace"

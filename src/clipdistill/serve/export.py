@@ -15,8 +15,10 @@ moves weights into a separate ``.onnx.data`` file and cannot produce opset 17 (i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ def export_tower(model: Any, tower: str, path: Path, *, opset: int = 17, exporte
         example = _pad_tokens(example.numpy(), _context_length(model), _pad_id(model))
         example = torch.from_numpy(example)
         input_name = "input_ids"
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -76,6 +78,21 @@ def export_tower(model: Any, tower: str, path: Path, *, opset: int = 17, exporte
             dynamo=exporter == "dynamo",
             external_data=False,
         )
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """Trace ``nn.MultiheadAttention`` through its plain ops: without an attention mask (the
+    bidirectional text tower of the ``lite0`` student) torch's eval fast path calls
+    ``aten::_native_multi_head_attention``, which has no ONNX export. Same numbers either way."""
+    import torch
+
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def last_projection_nodes(path: Path) -> list[str]:
