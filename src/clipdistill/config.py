@@ -76,7 +76,7 @@ class StudentConfig:
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"key 'student.image_size' must be >= 16 pixels, got {self.image_size}")
         for key, value, valid in (
-            ("image_init", self.image_init, ("random", "imagenet")),
+            ("image_init", self.image_init, ("random", "imagenet", "teacher")),
             ("text_init", self.text_init, ("random", "teacher")),
         ):
             if value not in valid:

@@ -52,7 +52,7 @@ import torch
 from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.models.students import MINILM_TOKENIZER, StudentConfigError
 
-IMAGE_INITS = ("random", "imagenet")
+IMAGE_INITS = ("random", "imagenet", "teacher")
 TEXT_INITS = ("random", "teacher")
 TEACHER_HEAD_DIM = 32  # all-MiniLM-L6-v2: 12 heads x 32 = 384
 
@@ -62,7 +62,7 @@ class TowerInitError(StudentConfigError):
 
 
 def apply_tower_init(
-    student: OpenCLIPDualEncoder, image_init: str = "random", text_init: str = "random"
+    student: OpenCLIPDualEncoder, image_init: str = "random", text_init: str = "random", teacher_spec: str | None = None
 ) -> dict[str, Any]:
     """Initialise the student's towers in place; returns what was done (for the run's log)."""
     if image_init not in IMAGE_INITS:
@@ -72,6 +72,8 @@ def apply_tower_init(
     done: dict[str, Any] = {"image_init": image_init, "text_init": text_init}
     if image_init == "imagenet":
         done["image_weights"] = init_image_from_imagenet(student)
+    if image_init == "teacher":
+        done["image_weights"] = init_image_from_teacher(student, teacher_spec)
     if text_init == "teacher":
         done["text_layers"] = init_text_from_minilm(student)
     return done
@@ -100,6 +102,43 @@ def init_image_from_imagenet(student: OpenCLIPDualEncoder) -> str:
     except RuntimeError as error:
         raise PretrainedWeightsError(f"{name}: weights do not fit the student's {trunk_name} trunk: {error}") from error
     return name
+
+
+def init_image_from_teacher(student: OpenCLIPDualEncoder, teacher_spec: str | None) -> str:
+    """The teacher's own image tower (trunk + projection into the shared space) as the student's
+    start: TinyCLIP's weight inheritance where the architectures agree, as a Lite teacher's trunk
+    and a lite student's do. The student then runs it at its own (smaller) input size, so what
+    distillation has to teach is the change of resolution, not the whole embedding space."""
+    from clipdistill.models.lit import LiTModel
+    from clipdistill.models.teachers import load_model
+
+    if not teacher_spec:
+        raise TowerInitError("key 'student.image_init' is 'teacher' but no 'teacher.spec' is set")
+    teacher = load_model(teacher_spec)
+    visual = getattr(student.model, "visual", None)
+    trunk, proj = getattr(visual, "trunk", None), getattr(getattr(visual, "head", None), "proj", None)
+    if not isinstance(teacher, LiTModel) or trunk is None or not isinstance(proj, torch.nn.Linear):
+        raise TowerInitError(
+            f"key 'student.image_init' is 'teacher': needs a LiT teacher (got {type(teacher).__name__} from "
+            f"{teacher_spec}) and a student with a timm trunk and a linear projection"
+        )
+    if teacher.config.image_model != _model_cfg(student).get("vision_cfg", {}).get("timm_model_name"):
+        raise TowerInitError(
+            f"key 'student.image_init' is 'teacher': the teacher's trunk {teacher.config.image_model} differs from "
+            f"the student's {_model_cfg(student).get('vision_cfg', {}).get('timm_model_name')}"
+        )
+    try:
+        trunk.load_state_dict(teacher.trunk.state_dict(), strict=True)
+        if proj.weight.shape != teacher.image_proj.weight.shape or (proj.bias is None) != (
+            teacher.image_proj.bias is None
+        ):
+            raise RuntimeError(
+                f"projection {tuple(proj.weight.shape)} vs the teacher's {tuple(teacher.image_proj.weight.shape)}"
+            )
+        proj.load_state_dict(teacher.image_proj.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise TowerInitError(f"key 'student.image_init' is 'teacher': {teacher_spec} does not fit: {error}") from error
+    return teacher_spec
 
 
 # --- text -------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def _config(
     layers: int,
     image_size: int,
     text: dict[str, Any] | None = None,
+    proj_bias: bool = False,
 ) -> dict[str, Any]:
     text_cfg = dict(text) if text else {"context_length": 32, "vocab_size": 49408}
     return {
@@ -64,6 +65,7 @@ def _config(
             "timm_model_pretrained": False,
             "timm_pool": "avg",
             "timm_proj": "linear",
+            "timm_proj_bias": proj_bias,
             "image_size": image_size,
         },
         "text_cfg": {**text_cfg, "width": width, "heads": heads, "layers": layers},
@@ -80,7 +82,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": _config("fastvit_t8", embed_dim=256, width=256, heads=4, layers=4, image_size=64),
     "base": _config("fastvit_sa12", embed_dim=384, width=384, heads=6, layers=6, image_size=64),
     "lite0": _config(
-        "tf_efficientnet_lite0", embed_dim=384, width=256, heads=8, layers=2, image_size=96, text=_MINILM_TEXT
+        "tf_efficientnet_lite0",
+        embed_dim=384,
+        width=256,
+        heads=8,
+        layers=2,
+        image_size=96,
+        text=_MINILM_TEXT,
+        proj_bias=True,  # so student.image_init=teacher copies the LiT teacher's projection (it has a bias) exactly
     ),
 }
 

@@ -177,7 +177,7 @@ def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
     else:
         student = build_student(student_config(config.student.preset, image_size=config.student.image_size))
     try:
-        apply_tower_init(student, config.student.image_init, config.student.text_init)
+        apply_tower_init(student, config.student.image_init, config.student.text_init, config.teacher.spec)
     except StudentConfigError as error:
         raise ConfigError(str(error)) from error
     return student
