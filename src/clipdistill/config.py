@@ -60,6 +60,12 @@ class StudentConfig:
     # `data.image_size` and the student resizes to this, so teacher and student can see the
     # same picture at different resolutions (resolution is a distillation lever).
     image_size: int | None = None
+    # Pretrained starting points for a preset's towers (models/student_towers.py). image_init:
+    # random | imagenet (the ImageNet EfficientNet-Lite weights; a tf_efficientnet_lite trunk such
+    # as preset lite0). text_init: random | teacher (TinyCLIP-style inheritance from the teacher's
+    # MiniLM text tower; needs its WordPiece vocabulary, as preset lite0 has).
+    image_init: str = "random"
+    text_init: str = "random"
 
     def __post_init__(self) -> None:
         if self.image_size is not None and (self.init or self.model_config):
@@ -69,6 +75,17 @@ class StudentConfig:
             )
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"key 'student.image_size' must be >= 16 pixels, got {self.image_size}")
+        for key, value, valid in (
+            ("image_init", self.image_init, ("random", "imagenet", "teacher")),
+            ("text_init", self.text_init, ("random", "teacher")),
+        ):
+            if value not in valid:
+                raise ConfigError(f"key 'student.{key}' has value {value!r}; valid: {', '.join(valid)}")
+            if self.init and value != "random":
+                raise ConfigError(
+                    f"keys 'student.init' ({self.init}) and 'student.{key}' ({value}) both give the student's first "
+                    f"weights; set one (student.init already loads a checkpoint's weights)"
+                )
         if self.init and self.model_config:
             raise ConfigError(
                 f"keys 'student.init' ({self.init}) and 'student.model_config' ({self.model_config}) both give the "

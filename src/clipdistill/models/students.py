@@ -6,6 +6,13 @@ trained student is an ordinary open_clip folder that loads with
 
 Measured fact (DESIGN.md): open_clip 3.3's timm wrapper breaks on trunks whose conv head
 widens the pooled features (mobilenetv3/v4); the presets use trunks that build fine.
+
+The ``lite0`` preset is the one built to start from weights (``student.image_init`` /
+``student.text_init``, models/student_towers.py): an EfficientNet-Lite0 trunk (ImageNet weights
+exist offline) and a bidirectional text transformer on the teacher's MiniLM WordPiece vocabulary,
+named through open_clip's own ``text_cfg.hf_tokenizer_name``: open_clip then builds an
+``HFTokenizer`` from the tokenizer files saved inside the folder, so the folder stays plain
+open_clip.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 
 from clipdistill.errors import UserError
 from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.models.imagenet_lite import LITE_MEAN, LITE_STD, LITE_VARIANTS
 from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.models.spec import close_matches
 
@@ -24,9 +32,32 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# The hub id of the teacher's text model (all-MiniLM-L6-v2). open_clip reads it only for
+# ``hf-hub:`` folders; a ``local-dir:`` folder always loads the tokenizer files saved inside it.
+MINILM_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
+# BERT/MiniLM WordPiece: 30522 ids, [PAD]=0, [CLS]=101 first. Bidirectional attention, pooled
+# at [CLS] (open_clip's pool_type 'first'), as BERT-style towers are.
+_MINILM_TEXT = {
+    "context_length": 32,
+    "vocab_size": 30522,
+    "hf_tokenizer_name": MINILM_TOKENIZER,
+    "no_causal_mask": True,
+    "pool_type": "first",
+}
+_LITE_TRUNKS = frozenset(variant.timm_name for variant in LITE_VARIANTS.values())
 
 
-def _config(trunk: str, embed_dim: int, width: int, heads: int, layers: int, image_size: int) -> dict[str, Any]:
+def _config(
+    trunk: str,
+    embed_dim: int,
+    width: int,
+    heads: int,
+    layers: int,
+    image_size: int,
+    text: dict[str, Any] | None = None,
+    proj_bias: bool = False,
+) -> dict[str, Any]:
+    text_cfg = dict(text) if text else {"context_length": 32, "vocab_size": 49408}
     return {
         "embed_dim": embed_dim,
         "vision_cfg": {
@@ -34,17 +65,32 @@ def _config(trunk: str, embed_dim: int, width: int, heads: int, layers: int, ima
             "timm_model_pretrained": False,
             "timm_pool": "avg",
             "timm_proj": "linear",
+            "timm_proj_bias": proj_bias,
             "image_size": image_size,
         },
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": width, "heads": heads, "layers": layers},
+        "text_cfg": {**text_cfg, "width": width, "heads": heads, "layers": layers},
     }
 
 
 # Sizes at 64 px (measured with open_clip 3.3): tiny image tower 2.2M, small 3.4M, base 10.8M.
+# lite0: image tower 3.9M (the trunk's 1280 features, linear proj to 384), text 9.5M of which
+# 7.8M is the 30522 x 256 token table (a lookup, no compute); 2 layers at width 256 are several
+# times cheaper than the teacher's 6 x 384 MiniLM. heads 8 keeps MiniLM's head size (32), so
+# ``text_init=teacher`` copies whole teacher heads (models/student_towers.py).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _config("efficientvit_m0", embed_dim=256, width=128, heads=4, layers=3, image_size=64),
     "small": _config("fastvit_t8", embed_dim=256, width=256, heads=4, layers=4, image_size=64),
     "base": _config("fastvit_sa12", embed_dim=384, width=384, heads=6, layers=6, image_size=64),
+    "lite0": _config(
+        "tf_efficientnet_lite0",
+        embed_dim=384,
+        width=256,
+        heads=8,
+        layers=2,
+        image_size=96,
+        text=_MINILM_TEXT,
+        proj_bias=True,  # so student.image_init=teacher copies the LiT teacher's projection (it has a bias) exactly
+    ),
 }
 
 
@@ -71,7 +117,50 @@ def student_config(preset: str, *, image_size: int | None = None, **text_overrid
 
 
 def _preprocess_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}
+    """OpenAI statistics, except for EfficientNet-Lite trunks: their ImageNet weights (and timm's
+    pretrained config for them) take mean = std = 0.5, so a student that may start from those
+    weights must see pixels normalised that way."""
+    vision = model_cfg["vision_cfg"]
+    lite = vision.get("timm_model_name") in _LITE_TRUNKS
+    mean, std = (LITE_MEAN, LITE_STD) if lite else (OPENAI_MEAN, OPENAI_STD)
+    return {"size": vision["image_size"], "mean": list(mean), "std": list(std)}
+
+
+def _write_config_tokenizer(model_cfg: dict[str, Any], directory: Path) -> None:
+    """Put the tokenizer files a config's ``hf_tokenizer_name`` names into a fresh folder, from
+    this machine (the teacher's MiniLM is installed as a package; other names come from the
+    Hugging Face cache), so open_clip's ``get_tokenizer("local-dir:...")`` finds them."""
+    name = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    if not name:
+        return
+    from transformers import AutoTokenizer
+
+    if name == MINILM_TOKENIZER:
+        from clipdistill.models.text_minilm import minilm_path
+
+        source = str(minilm_path())
+    else:
+        source = name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise StudentConfigError(f"text_cfg.hf_tokenizer_name {name!r}: cannot load the tokenizer ({error})") from error
+    tokenizer.save_pretrained(str(directory))
+
+
+def _save_tokenizer(student: OpenCLIPDualEncoder, directory: Path) -> None:
+    """Save an open_clip ``HFTokenizer``'s files into the folder (open_clip's own
+    ``save_pretrained``), each file moved in atomically; a BPE ``SimpleTokenizer`` needs none."""
+    import os
+    import tempfile
+
+    tokenizer = getattr(student, "_tokenizer", None)
+    if not hasattr(tokenizer, "save_pretrained"):
+        return
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=directory) as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            os.replace(path, directory / path.name)
 
 
 def _student_preprocess_cfg(student: OpenCLIPDualEncoder, model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +181,7 @@ def build_student(model_cfg: dict[str, Any] | str, *, spec: str = "") -> OpenCLI
     config = student_config(model_cfg) if isinstance(model_cfg, str) else copy.deepcopy(model_cfg)
     with tempfile.TemporaryDirectory(prefix="clipdistill-student-") as tmp:
         atomic_write_json(Path(tmp) / CONFIG_FILE, {"model_cfg": config, "preprocess_cfg": _preprocess_cfg(config)})
+        _write_config_tokenizer(config, Path(tmp))
         try:
             return load_student(tmp, spec=spec or "student")
         except (RuntimeError, ValueError) as error:
@@ -127,7 +217,8 @@ def load_student(directory: str | Path, *, spec: str = "") -> OpenCLIPDualEncode
 
 
 def save_student(student: OpenCLIPDualEncoder, directory: str | Path) -> Path:
-    """Write an open_clip folder: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+    """Write an open_clip folder: ``open_clip_config.json`` + ``open_clip_model.safetensors``
+    (+ the tokenizer files when the text tower uses a Hugging Face tokenizer).
 
     The config is the one open_clip built the model from (kept on the wrapper), so
     ``open_clip.create_model_and_transforms("local-dir:DIR")`` reproduces the same network.
@@ -142,6 +233,7 @@ def save_student(student: OpenCLIPDualEncoder, directory: str | Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in student.model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
+    _save_tokenizer(student, directory)
     preprocess_cfg = _student_preprocess_cfg(student, model_cfg)
     atomic_write_json(directory / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
     return directory

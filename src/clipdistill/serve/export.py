@@ -15,8 +15,10 @@ moves weights into a separate ``.onnx.data`` file and cannot produce opset 17 (i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ def export_tower(model: Any, tower: str, path: Path, *, opset: int = 17, exporte
         example = _pad_tokens(example.numpy(), _context_length(model), _pad_id(model))
         example = torch.from_numpy(example)
         input_name = "input_ids"
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -76,6 +78,21 @@ def export_tower(model: Any, tower: str, path: Path, *, opset: int = 17, exporte
             dynamo=exporter == "dynamo",
             external_data=False,
         )
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """Trace ``nn.MultiheadAttention`` through its plain ops: without an attention mask (the
+    bidirectional text tower of the ``lite0`` student) torch's eval fast path calls
+    ``aten::_native_multi_head_attention``, which has no ONNX export. Same numbers either way."""
+    import torch
+
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def last_projection_nodes(path: Path) -> list[str]:
@@ -127,7 +144,9 @@ def _pad_tokens(tokens: np.ndarray, context_length: int, pad_id: int) -> np.ndar
 def write_tokenizer(model: Any, out: Path) -> dict[str, Any]:
     """Copy the model's tokenizer files beside the graphs and describe them."""
     tokenizer = getattr(model, "_tokenizer", None)
-    if tokenizer is not None:  # open_clip
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):  # open_clip HFTokenizer
+        config = _hf_tokenizer_config(tokenizer, out)
+    elif tokenizer is not None:  # open_clip
         from open_clip.tokenizer import SimpleTokenizer, _clean_lower, default_bpe
 
         if not isinstance(tokenizer, SimpleTokenizer):
@@ -163,6 +182,34 @@ def write_tokenizer(model: Any, out: Path) -> dict[str, Any]:
         raise ExportConfigError(f"do not know how to export the tokenizer of {type(model).__name__}")
     atomic_write_json(out / TOKENIZER_CONFIG, config)
     return config
+
+
+def _hf_tokenizer_config(tokenizer: Any, out: Path) -> dict[str, Any]:
+    """open_clip's ``HFTokenizer`` (a student on the teacher's MiniLM WordPiece): its fast
+    tokenizer's ``tokenizer.json`` served by the WordPiece path, after the same text cleaning
+    open_clip applies first, padded with the pad id to ``context_length`` and truncated there as
+    ``padding='max_length', truncation=True`` does."""
+    from open_clip.tokenizer import _clean_lower, _clean_whitespace
+
+    cleans = {_clean_whitespace: "whitespace", _clean_lower: "lower"}
+    clean = cleans.get(tokenizer.clean_fn)
+    hf = tokenizer.tokenizer
+    if clean is None or tokenizer.tokenizer_mode or tokenizer.strip_sep_token:
+        raise ExportConfigError(
+            "only open_clip HFTokenizer with clean 'whitespace' or 'lower', no tokenizer_mode and no "
+            "strip_sep_token is served"
+        )
+    if not getattr(hf, "is_fast", False) or hf.padding_side != "right" or hf.truncation_side != "right":
+        raise ExportConfigError(f"cannot serve {type(hf).__name__}: a fast tokenizer padded and truncated right")
+    with atomic_path(out / WORDPIECE_FILE) as tmp:
+        hf.backend_tokenizer.save(str(tmp))
+    return {
+        "kind": "wordpiece",
+        "file": WORDPIECE_FILE,
+        "context_length": int(tokenizer.context_length),
+        "pad_token_id": int(hf.pad_token_id),
+        "clean": clean,
+    }
 
 
 def write_preprocess(model: Any, out: Path) -> ImagePreprocessor:

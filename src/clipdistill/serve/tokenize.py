@@ -6,7 +6,9 @@ tokenizer (which skips ftfy's text repair and HTML unescaping, so unicode and ``
 captions tokenise differently), :class:`ClipBpeTokenizer` is a line-by-line port of it on
 numpy, reading the same BPE merges file (copied into the export folder). It needs only
 ``ftfy`` and ``regex``, which open_clip already depends on. The LiT teacher's WordPiece
-tokenizer is served with the ``tokenizers`` library from its own ``tokenizer.json``.
+tokenizer is served with the ``tokenizers`` library from its own ``tokenizer.json``; so is a
+student on open_clip's ``HFTokenizer`` (the ``lite0`` preset), after open_clip's text cleaning
+(``clean`` in the config: ``whitespace`` or ``lower``).
 
 Both write fixed-width (B, context_length) int64 arrays padded with the pad id, which is what
 the exported text graphs take.
@@ -98,10 +100,7 @@ class ClipBpeTokenizer:
 
     @staticmethod
     def clean(text: str) -> str:
-        import ftfy
-
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-        return " ".join(text.split()).strip().lower()
+        return _open_clip_clean(text, lower=True)
 
     def _bpe(self, token: str) -> str:
         if token in self.special:
@@ -157,14 +156,29 @@ class ClipBpeTokenizer:
         return out
 
 
+CLEANS = (None, "whitespace", "lower")
+
+
+def _open_clip_clean(text: str, *, lower: bool) -> str:
+    """open_clip's ``_clean_whitespace`` / ``_clean_lower``: ftfy, HTML unescape twice, collapse
+    whitespace (and lowercase). Written out so serving needs no torch (open_clip imports it)."""
+    import ftfy
+
+    text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).strip().split()).strip()
+    return text.lower() if lower else text
+
+
 class WordPieceTokenizer:
     """A Hugging Face ``tokenizer.json`` (the LiT teacher's MiniLM), truncated and padded to
     ``context_length``. Padding to the full width is safe for the LiT text graph: its mean
     pooling masks pad ids, so features equal those of the training-time longest-padding."""
 
-    def __init__(self, path: str | Path, context_length: int, pad_token_id: int) -> None:
+    def __init__(self, path: str | Path, context_length: int, pad_token_id: int, clean: str | None = None) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
+        if clean not in CLEANS:
+            raise ValueError(f"unknown tokenizer clean {clean!r} (valid: {', '.join(map(str, CLEANS))})")
+        self.clean = clean
         self.context_length = int(context_length)
         self.pad_token_id = int(pad_token_id)
         self.tokenizer = HFTokenizer.from_file(str(path))
@@ -175,6 +189,8 @@ class WordPieceTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         out = np.full((len(texts), self.context_length), self.pad_token_id, dtype=np.int64)
+        if self.clean is not None:
+            texts = [_open_clip_clean(text, lower=self.clean == "lower") for text in texts]
         for row, encoding in enumerate(self.tokenizer.encode_batch(list(texts))):
             out[row, : len(encoding.ids)] = encoding.ids
         return out
@@ -197,4 +213,4 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             config["context_length"],
             additional_special_tokens=config.get("additional_special_tokens", ()),
         )
-    return WordPieceTokenizer(path, config["context_length"], config["pad_token_id"])
+    return WordPieceTokenizer(path, config["context_length"], config["pad_token_id"], config.get("clean"))

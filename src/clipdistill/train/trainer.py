@@ -160,6 +160,7 @@ def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
 
     from clipdistill.models.spec import ModelSpecError
     from clipdistill.models.student_init import init_student
+    from clipdistill.models.student_towers import apply_tower_init
     from clipdistill.models.students import StudentConfigError, build_student, student_config
 
     if config.student.init:
@@ -172,8 +173,14 @@ def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
         if not path.is_file():
             raise ConfigError(f"key 'student.model_config': file {path} does not exist")
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return build_student(raw.get("model_cfg", raw))
-    return build_student(student_config(config.student.preset, image_size=config.student.image_size))
+        student = build_student(raw.get("model_cfg", raw))
+    else:
+        student = build_student(student_config(config.student.preset, image_size=config.student.image_size))
+    try:
+        apply_tower_init(student, config.student.image_init, config.student.text_init, config.teacher.spec)
+    except StudentConfigError as error:
+        raise ConfigError(str(error)) from error
+    return student
 
 
 def _truncate_log(path: Path, key: str, limit: int) -> None:
