@@ -211,3 +211,9 @@ def test_terminal_summary_shows_onnx_latency(
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 8}
     assert [cell.strip() for cell in rows["teacher"].split("│")[1:-1]][6] == "10.00"
     assert [cell.strip() for cell in rows["clip"].split("│")[1:-1]][6] == "1.00"
+
+
+def test_onnx_figures_without_their_measurement_settings_are_refused(onnx_report: dict[str, Any]) -> None:
+    report = {k: v for k, v in onnx_report.items() if k != "efficiency"}
+    with pytest.raises(ValueError, match="onnx_ms but no 'efficiency'"):
+        results_table(report)

@@ -96,13 +96,17 @@ def method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def _latency_line(report: dict[str, Any], source: str, missing: list[str]) -> str:
     """How the latency columns were measured, in the words the numbers deserve."""
     if source == "onnx":
-        eff = report.get("efficiency") or {}
+        eff = report.get("efficiency")
+        if not eff:  # the figures mean little without how they were measured
+            raise ValueError("report.json has onnx_ms but no 'efficiency' (threads, repeats, matmul peak)")
         return (
-            f"Latency: ONNX Runtime fp32 on CPU, {eff.get('threads', '?')} thread(s); teacher and students "
-            f"exported and timed in one process, interleaved, median of {eff.get('repeats', '?')} repeats; "
+            "Latency: ONNX Runtime fp32 on CPU"
+            + (f" ({eff['runtime']})" if "runtime" in eff else "")
+            + f", {eff['threads']} thread(s); teacher and students "
+            f"exported and timed in one process, interleaved, median of {eff['repeats']} repeats; "
             "milliseconds per image + caption at batch 1 (`ms b1`) and per image + caption at batch 64 "
             "(`ms b64`: batch time / 64); speed-up = teacher / student (image + caption). Students of one network "
-            f"share one timing. fp32 matmul peak in the same run: {eff.get('matmul_peak_gflops', '?')} GFLOP/s"
+            f"share one timing. fp32 matmul peak in the same run: {eff['matmul_peak_gflops']} GFLOP/s"
             + (f", measured {eff['measured_utc']} UTC." if "measured_utc" in eff else ".")
         )
     return (
