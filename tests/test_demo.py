@@ -98,9 +98,17 @@ def _check_schema(report: dict, methods: list[str]) -> None:
         assert set(entry["metrics"]) == set(METRIC_KEYS)
         assert set(entry["latency_ms"]) == {"image_b1", "text_b1", "image_b64", "text_b64"}
         assert all(value > 0 and math.isfinite(value) for value in entry["latency_ms"].values())
+        assert set(entry["onnx_ms"]) == {"image_b1", "text_b1", "image_b64", "text_b64"}  # ONNX Runtime
+        assert all(value > 0 and math.isfinite(value) for value in entry["onnx_ms"].values())
+        assert set(entry["flops_per_item"]) == {"image", "text"} and min(entry["flops_per_item"].values()) > 0
+        assert set(entry["peak_share"]) == set(entry["onnx_ms"]) and min(entry["peak_share"].values()) > 0
         assert entry["params"]["total"] > 0 and entry["flops"]["image"] > 0
         assert all(0.0 <= entry["metrics"][k] <= 100.0 for k in METRIC_KEYS if k != "rsum")
     assert [s["method"] for s in report["students"]] == methods
+    assert report["efficiency"]["repeats"] >= 30 and report["efficiency"]["matmul_peak_gflops"] > 0
+    assert report["efficiency"]["threads"] >= 1 and report["efficiency"]["measured_utc"]
+    # Every method trains the same student network, timed once: one figure for all of them.
+    assert len({json.dumps(s["onnx_ms"], sort_keys=True) for s in report["students"]}) == 1
     assert all(s["train_seconds"] > 0 for s in report["students"])
     assert [row["method"] for row in report["summary"]] == methods
     for row in report["summary"]:
@@ -121,15 +129,17 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     assert json.loads((out / "report.json").read_text()) == report
     markdown = (out / "report.md").read_text()
     assert "| `clip` |" in markdown and "| `openclip` |" in markdown and "![quality vs latency](pareto.png)" in markdown
+    assert "| ms b1 | ms b64 | speed-up b1 | speed-up b64 |" in markdown and "## Efficiency" in markdown
     index_manifest = json.loads((out / "index" / "manifest.json").read_text())
     assert index_manifest["count"] == 16
     best = report["best_student"]
     assert report["deploy"]["spec"].endswith(f"{best['method']}-s{best['seed']}/model")
 
     # A rerun finds every stage finished: nothing is retrained (same summaries, same timestamps).
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.rglob("summary.json"), out / "efficiency.json"]}
     again = run_demo(out, data=scenes, images=scenes.parent / "pictures", preset=TINY, methods="clip,openclip")
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in [*out.rglob("summary.json"), out / "efficiency.json"]} == stamps
+    assert again["teacher"]["onnx_ms"] == report["teacher"]["onnx_ms"]
     assert again["students"] == report["students"]
 
 

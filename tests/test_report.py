@@ -104,3 +104,116 @@ def test_terminal_summary_shows_the_report_rows(
     assert set(rows) == {"teacher", "clip", "dcd"}
     clip = [cell.strip() for cell in rows["clip"].split("│")[1:-1]]
     assert clip[1] == "4.5" and clip[5] == "27.0 ± 3.0" and clip[6] == "3.00", clip
+
+
+def _onnx(image_b1: float, text_b1: float, image_b64: float, text_b64: float) -> dict[str, Any]:
+    """The ONNX figures the demo's efficiency stage writes under an entry."""
+    ms = {"image_b1": image_b1, "text_b1": text_b1, "image_b64": image_b64, "text_b64": text_b64}
+    return {
+        "onnx_ms": ms,
+        "flops_per_item": {"image": 4_000_000, "text": 1_000_000},
+        "peak_share": {key: 0.25 for key in ms},
+    }
+
+
+@pytest.fixture
+def onnx_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` after the ONNX stage: the teacher takes 8 + 2 ms per image + caption at batch 1
+    and 3 + 1 ms per item at batch 64; every student 0.8 + 0.2 and 0.15 + 0.05 (one network);
+    the eager latency_ms stays and says something else (35 ms vs 3 ms: 11.7x)."""
+    teacher = {**report["teacher"], **_onnx(8.0, 2.0, 3.0, 1.0)}
+    students = [{**student, **_onnx(0.8, 0.2, 0.15, 0.05)} for student in report["students"]]
+    efficiency = {"matmul_peak_gflops": 123.4, "threads": 2, "repeats": 30, "measured_utc": "2026-12-01 13:00"}
+    return {**report, "teacher": teacher, "students": students, "efficiency": efficiency}
+
+
+def test_table_latency_and_speedup_come_from_onnx_ms(onnx_report: dict[str, Any]) -> None:
+    """Teacher / student per image + caption: 10 / 1 = 10.0x at batch 1, 4 / 0.2 = 20.0x at
+    batch 64, not the eager 11.7x; the intro line says how it was measured."""
+    table = results_table(onnx_report)
+    header = next(line for line in table.splitlines() if line.startswith("| model"))
+    assert header.endswith("| params (M) | ms b1 | ms b64 | speed-up b1 | speed-up b64 |"), header
+    separator = table.splitlines()[3]
+    assert separator.count("---") == header.count("|") - 1
+    cells = {line.split(" | ")[0]: line.rstrip(" |").split(" | ")[-4:] for line in table.splitlines()[4:]}
+    assert cells["| teacher `run:teacher`"] == ["10.00", "4.00", "1.0x", "1.0x"]
+    assert cells["| `clip`"] == ["1.00", "0.20", "10.0x", "20.0x"]
+    assert cells["| `dcd`"] == ["1.00", "0.20", "10.0x", "20.0x"]
+    intro = table.splitlines()[0]
+    for words in ("ONNX Runtime fp32", "2 thread(s)", "median of 30 repeats", "interleaved", "123.4 GFLOP/s"):
+        assert words in intro, words
+    assert "eager" not in table and "11.7x" not in table
+
+
+def test_efficiency_section_lists_work_and_peak_share(onnx_report: dict[str, Any]) -> None:
+    from clipdistill.report import efficiency_lines, method_rows
+
+    lines = efficiency_lines(onnx_report, method_rows(onnx_report))
+    assert "## Efficiency" in lines and any("123.4 GFLOP/s" in line for line in lines)
+    teacher = next(line for line in lines if line.startswith("| teacher"))
+    assert teacher == "| teacher `run:teacher` | 4.0 | 1.0 | 8.000 | 2.000 | 3.000 | 1.000 | 25.0% | 25.0% |"
+    old = {**onnx_report, "teacher": {k: v for k, v in onnx_report["teacher"].items() if k != "onnx_ms"}}
+    assert efficiency_lines(old, method_rows(old)) == []
+
+
+def test_a_report_without_onnx_ms_renders_eager_latency_labelled(
+    report: dict[str, Any], onnx_report: dict[str, Any]
+) -> None:
+    """An older report.json (no onnx_ms) renders with its eager-torch columns, labelled so and
+    saying which entries lack the ONNX timing; one entry without it is enough to fall back."""
+    from clipdistill.report import latency_source
+
+    assert latency_source(report) == ("eager", ["teacher", "clip-s0", "clip-s1", "dcd-s0"])
+    table = results_table(report)
+    header = next(line for line in table.splitlines() if line.startswith("| model"))
+    assert header.endswith("| latency ms (eager torch) | speed-up (eager torch) |")
+    assert "Latency: eager torch" in table and "`onnx_ms`, for teacher, clip-s0, clip-s1, dcd-s0" in table
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert all(row.split(" | ")[-2:] == ["3.00", "11.7x |"] for row in rows), rows  # 35 / 3 ms
+
+    partial = {**onnx_report, "students": [*onnx_report["students"][:2], report["students"][2]]}
+    assert latency_source(partial) == ("eager", ["dcd-s0"])
+    assert "latency ms (eager torch)" in results_table(partial)
+
+
+@pytest.mark.parametrize("with_onnx", [True, False])
+def test_pareto_x_axis_is_onnx_ms_at_batch_1(
+    with_onnx: bool, report: dict[str, Any], onnx_report: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib
+
+    import clipdistill.report as report_module
+
+    matplotlib.use("Agg")
+    figures: list[Any] = []
+    monkeypatch.setattr(report_module, "_save", lambda figure, path: figures.append(figure))
+    plot_pareto(onnx_report if with_onnx else report, Path("unused.png"))
+    (axes,) = figures[0].axes
+    xs = sorted(float(x) for collection in axes.collections for x, _ in collection.get_offsets())
+    if with_onnx:
+        assert "ONNX Runtime fp32, batch 1" in axes.get_xlabel()
+        assert xs == pytest.approx([1.0, 1.0, 1.0, 10.0])  # three students, the teacher
+    else:
+        assert "eager torch, batch 1" in axes.get_xlabel()
+        assert xs == pytest.approx([3.0, 3.0, 10.0, 35.0])  # the eager figures, clip-s0 slowed to 9 + 1
+
+
+def test_terminal_summary_shows_onnx_latency(
+    onnx_report: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipdistill.cli.main import print_demo_summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    report = {**onnx_report, "best_student": {"method": "clip", "seed": 0, "selected_by": "val rsum"}}
+    print_demo_summary({**report, "deploy": {"index": "runs/x/index"}}, Path("runs/x"))
+    out = capsys.readouterr().out
+    assert "ms b1 (ONNX)" in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 8}
+    assert [cell.strip() for cell in rows["teacher"].split("│")[1:-1]][6] == "10.00"
+    assert [cell.strip() for cell in rows["clip"].split("│")[1:-1]][6] == "1.00"
+
+
+def test_onnx_figures_without_their_measurement_settings_are_refused(onnx_report: dict[str, Any]) -> None:
+    report = {k: v for k, v in onnx_report.items() if k != "efficiency"}
+    with pytest.raises(ValueError, match="onnx_ms but no 'efficiency'"):
+        results_table(report)

@@ -1,7 +1,7 @@
 """The main job, stage by stage, each stage skipped when its finished output exists.
 
 data -> LiT teacher -> fusion teacher -> teacher cache -> one student per method and seed
-(identical budgets) -> test-split evaluation -> export of the best student -> embeddings ->
+(identical budgets) -> test-split evaluation + ONNX timing -> export of the best student -> embeddings ->
 index -> report (``report.json``, ``report.md``, plots). Every stage writes its output with a
 completion marker (a model file, ``summary.json``, ``export.json``, ``manifest.json``), so a
 rerun after a crash, or with more methods or seeds, only does what is missing.
@@ -13,6 +13,7 @@ Layout of ``OUT``::
     cache/                teacher outputs (+ fusion states) for the train split
     students/<method>-s<seed>/   normal training runs (+ test_metrics.json)
     export/  embeddings/  index/ the best student, deployed
+    efficiency.json       teacher + students timed in ONNX Runtime (eval/demo_efficiency.py)
     report.json report.md pareto.png curves.png examples.png
 """
 
@@ -406,6 +407,9 @@ def run_demo(
         "students": students,
         "summary": _summary(students),
     }
+    from clipdistill.eval.demo_efficiency import add_onnx_efficiency  # OUT/efficiency.json, memoised
+
+    add_onnx_efficiency(out, report, stage=_stage, say=_say)  # onnx_ms etc. under teacher + students
     best = _best_student(students)
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
     report["deploy"] = _deploy(out, best["spec"], data_path, images_root, settings.index_factory)

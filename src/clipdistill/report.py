@@ -31,9 +31,21 @@ def scratch_method() -> str | None:
     return baseline_method()
 
 
-def _pair_latency(entry: dict[str, Any]) -> float:
-    """Batch-1 milliseconds to embed one image and one caption: the cost of a query plus an item."""
-    return entry["latency_ms"]["image_b1"] + entry["latency_ms"]["text_b1"]
+def latency_source(report: dict[str, Any]) -> tuple[str, list[str]]:
+    """Which latency the report shows: ``("onnx", [])`` when the teacher and every student carry
+    ``onnx_ms`` (the demo's ONNX Runtime stage, ``eval/demo_efficiency.py``), else
+    ``("eager", [entries without it])``: a report.json from before that stage still renders,
+    with its eager-torch ``latency_ms`` labelled as such."""
+    entries = [("teacher", report["teacher"])] + [(f"{s['method']}-s{s['seed']}", s) for s in report["students"]]
+    missing = [name for name, entry in entries if "onnx_ms" not in entry]
+    return ("eager", missing) if missing else ("onnx", [])
+
+
+def pair_ms(entry: dict[str, Any], source: str, batch: int = 1) -> float:
+    """Milliseconds per image + caption at ``batch`` (per item: batch time / batch), the cost of
+    a query plus an item; ``source`` "onnx" reads ``onnx_ms``, "eager" the eager ``latency_ms``."""
+    times = entry["onnx_ms"] if source == "onnx" else entry["latency_ms"]
+    return times[f"image_b{batch}"] + times[f"text_b{batch}"]
 
 
 def _weights(row: dict[str, Any]) -> str:
@@ -61,7 +73,9 @@ def shared_latency(students: list[dict[str, Any]]) -> dict[str, dict[str, float]
 
 def method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per method: metrics averaged over seeds, size of the first seed (same network),
-    latency the median over every student with that network (see :func:`shared_latency`)."""
+    eager latency the median over every student with that network (see :func:`shared_latency`);
+    ``onnx_ms`` is the first seed's too, already one measurement per network
+    (``eval/demo_efficiency.py``)."""
     latency = shared_latency(report["students"])
     rows = []
     for summary in report["summary"]:
@@ -79,13 +93,40 @@ def method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _latency_line(report: dict[str, Any], source: str, missing: list[str]) -> str:
+    """How the latency columns were measured, in the words the numbers deserve."""
+    if source == "onnx":
+        eff = report.get("efficiency")
+        if not eff:  # the figures mean little without how they were measured
+            raise ValueError("report.json has onnx_ms but no 'efficiency' (threads, repeats, matmul peak)")
+        return (
+            "Latency: ONNX Runtime fp32 on CPU"
+            + (f" ({eff['runtime']})" if "runtime" in eff else "")
+            + f", {eff['threads']} thread(s); teacher and students "
+            f"exported and timed in one process, interleaved, median of {eff['repeats']} repeats; "
+            "milliseconds per image + caption at batch 1 (`ms b1`) and per image + caption at batch 64 "
+            "(`ms b64`: batch time / 64); speed-up = teacher / student (image + caption). Students of one network "
+            f"share one timing. fp32 matmul peak in the same run: {eff['matmul_peak_gflops']} GFLOP/s"
+            + (f", measured {eff['measured_utc']} UTC." if "measured_utc" in eff else ".")
+        )
+    return (
+        f"Latency: eager torch (this report.json has no ONNX Runtime timing, `onnx_ms`, for {', '.join(missing)}: "
+        "a run from before it was measured), CPU, batch 1, milliseconds per image + per caption; the students "
+        "share one network, so theirs is the median over all their runs."
+    )
+
+
 def results_table(report: dict[str, Any]) -> str:
-    """The methods × metrics table with its budget line (``report.md`` and the README use it)."""
+    """The methods × metrics table with its budget line (``report.md`` and the README use it).
+
+    Latency and speed-up come from ``onnx_ms`` (batch 1 and 64, ONNX Runtime); a report without
+    it (an older run) gets the eager-torch columns, labelled so (:func:`latency_source`)."""
     teacher = report["teacher"]
     rows = method_rows(report)
     baseline = scratch_method()
     scratch = next((r for r in rows if r["method"] == baseline), None)
     budget = report["budget"]
+    source, missing = latency_source(report)
     machine = report.get("machine")
     measured = (
         f" Measured on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
@@ -93,26 +134,39 @@ def results_table(report: dict[str, Any]) -> str:
         if machine
         else ""
     )
+    if source == "onnx":
+        header = "| ms b1 | ms b64 | speed-up b1 | speed-up b64 |"
+        n_columns = 14
+    else:
+        header = "| latency ms (eager torch) | speed-up (eager torch) |"
+        n_columns = 12
     lines = [
         f"Test split: {report['n_images']} images, {report['n_texts']} captions (concepts unseen in training). "
         f"Students: `{budget['student']}` preset, {budget['epochs']} epochs, batch {budget['batch_size']}, "
         f"lr {budget['lr']}, {budget['k_augmentations']} replayed augmentations, {budget['seeds']} seed(s), "
-        "identical for every method. Latency: CPU, batch 1, milliseconds per image + per caption; the students "
-        "share one network, so theirs is the median over all their runs." + measured,
+        "identical for every method. " + _latency_line(report, source, missing) + measured,
         "",
         "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | vs scratch | params (M) "
-        "| latency ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + header,
+        "|" + "---|" * n_columns,
     ]
+
+    def timing(entry: dict[str, Any]) -> str:
+        if source == "onnx":
+            from clipdistill.eval.onnx_timing import speedup
+
+            ms = [f"{pair_ms(entry, source, batch):.2f}" for batch in (1, 64)]
+            ratios = [f"{speedup(teacher['onnx_ms'], entry['onnx_ms'], batch):.1f}x" for batch in (1, 64)]
+            return " | ".join(ms + ratios)
+        return f"{pair_ms(entry, source):.2f} | {pair_ms(teacher, source) / pair_ms(entry, source):.1f}x"
 
     def row(label: str, entry: dict[str, Any], spread: str = "") -> str:
         m = entry["metrics"]
         cells = [f"{m[k]:.1f}" for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")]
         delta = "" if scratch is None or entry is teacher else f"{m['rsum'] - scratch['metrics']['rsum']:+.1f}"
-        speed = _pair_latency(teacher) / _pair_latency(entry)
         return (
             f"| {label} | {' | '.join(cells)} | {m['rsum']:.1f}{spread} | {delta} | "
-            f"{entry['params']['total'] / 1e6:.2f} | {_pair_latency(entry):.2f} | {speed:.1f}x |"
+            f"{entry['params']['total'] / 1e6:.2f} | {timing(entry)} |"
         )
 
     lines.append(row(f"teacher `{teacher['spec']}`", teacher))
@@ -148,6 +202,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{rerank['dual']['t2i_R@1']:.1f} -> {rerank['reranked']['t2i_R@1']:.1f} "
             f"(R@5 {rerank['dual']['t2i_R@5']:.1f} -> {rerank['reranked']['t2i_R@5']:.1f}).",
         ]
+    lines += efficiency_lines(report, rows)
     deploy = report["deploy"]
     parity = deploy["parity"]
     lines += [
@@ -173,6 +228,34 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines += _bad_samples_lines(report.get("bad_samples"))
     return "\n".join(lines) + "\n"
+
+
+def efficiency_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """``report.md``'s efficiency section: per tower and batch, the ONNX Runtime time, the work
+    (FLOPs per item) and the share of the matmul peak reached, so a speed-up can be read against
+    the work saved; empty for a report without ``onnx_ms``."""
+    if latency_source(report)[0] != "onnx":
+        return []
+    peak = report["efficiency"]["matmul_peak_gflops"]
+    lines = [
+        "",
+        "## Efficiency",
+        "ONNX Runtime fp32, milliseconds per item (batch time / batch size); MFLOPs per item from torch's "
+        f"flop counter; peak share = achieved GFLOP/s / this run's fp32 matmul peak ({peak} GFLOP/s).",
+        "",
+        "| model | MFLOPs image | MFLOPs caption | image ms b1 | caption ms b1 | image ms b64 | caption ms b64 "
+        "| peak share image b64 | peak share caption b64 |",
+        "|" + "---|" * 9,
+    ]
+    for label, entry in [(f"teacher `{report['teacher']['spec']}`", report["teacher"])] + [
+        (f"`{row['method']}`", row) for row in rows
+    ]:
+        ms, flops, share = entry["onnx_ms"], entry["flops_per_item"], entry["peak_share"]
+        cells = [f"{flops['image'] / 1e6:.1f}", f"{flops['text'] / 1e6:.1f}"]
+        cells += [f"{ms[key]:.3f}" for key in ("image_b1", "text_b1", "image_b64", "text_b64")]
+        cells += [f"{100 * share[key]:.1f}%" for key in ("image_b64", "text_b64")]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return lines
 
 
 def _bad_samples_lines(bad: dict[str, Any] | None) -> list[str]:
@@ -228,30 +311,33 @@ def curves_by_method(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def plot_pareto(report: dict[str, Any], path: Path) -> None:
-    """Test rsum against per-pair latency: every student seed as a dot in its method's colour,
-    the method named once at its seeds' mean, the teacher as a star."""
+    """Test rsum against per-pair latency at batch 1 (``onnx_ms``; eager torch for an older
+    report, said on the axis): every student seed as a dot in its method's colour, the method
+    named once at its seeds' mean, the teacher as a star."""
     import matplotlib.pyplot as plt
 
     colours = _method_colours(report)
+    source, _ = latency_source(report)
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     for method, colour in colours.items():
         seeds = [student for student in report["students"] if student["method"] == method]
-        xs = [_pair_latency(student) for student in seeds]
+        xs = [pair_ms(student, source) for student in seeds]
         ys = [student["metrics"]["rsum"] for student in seeds]
         axes.scatter(xs, ys, s=30, color=colour, alpha=0.8)
         mean = (statistics.fmean(xs), statistics.fmean(ys))
         axes.annotate(method, mean, textcoords="offset points", xytext=(5, 3), fontsize=8, color=colour)
     teacher = report["teacher"]
-    axes.scatter(_pair_latency(teacher), teacher["metrics"]["rsum"], marker="*", s=220, color="black")
+    axes.scatter(pair_ms(teacher, source), teacher["metrics"]["rsum"], marker="*", s=220, color="black")
     axes.annotate(
         "teacher",
-        (_pair_latency(teacher), teacher["metrics"]["rsum"]),
+        (pair_ms(teacher, source), teacher["metrics"]["rsum"]),
         xytext=(6, -10),
         textcoords="offset points",
         fontsize=9,
     )
     axes.set_xscale("log")
-    axes.set_xlabel("CPU latency, batch 1: one image + one caption (ms, log)")
+    runtime = "ONNX Runtime fp32" if source == "onnx" else "eager torch"
+    axes.set_xlabel(f"CPU latency, {runtime}, batch 1: one image + one caption (ms, log)")
     axes.set_ylabel("test rsum")
     axes.set_title(f"{report['dataset']}: quality vs latency")
     axes.grid(alpha=0.3)

@@ -231,19 +231,21 @@ def print_demo_summary(report: dict[str, Any], out: Path) -> None:
     """The terminal's last word: the table and the commands that use the result."""
     from rich.table import Table
 
-    from clipdistill.report import method_rows
+    from clipdistill.report import latency_source, method_rows, pair_ms
 
+    source, _ = latency_source(report)  # report.md's latency: ONNX Runtime, or eager torch for an older run
+    latency = "ms b1 (ONNX)" if source == "onnx" else "latency ms (eager torch)"
     table = Table(title=f"{report['dataset']} test split ({report['n_images']} images, {report['n_texts']} captions)")
-    for column in ("model", "t2i R@1", "t2i R@10", "i2t R@1", "i2t R@10", "rsum", "latency ms", "params M"):
+    for column in ("model", "t2i R@1", "t2i R@10", "i2t R@1", "i2t R@10", "rsum", latency, "params M"):
         table.add_column(column, justify="right")
 
     def add(label: str, entry: dict[str, Any], rsum: str) -> None:
-        m, lat = entry["metrics"], entry["latency_ms"]
+        m = entry["metrics"]
         table.add_row(
             label,
             *(f"{m[k]:.1f}" for k in ("t2i_R@1", "t2i_R@10", "i2t_R@1", "i2t_R@10")),
             rsum,
-            f"{lat['image_b1'] + lat['text_b1']:.2f}",
+            f"{pair_ms(entry, source):.2f}",
             f"{entry['params']['total'] / 1e6:.2f}",
         )
 
