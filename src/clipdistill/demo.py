@@ -65,18 +65,42 @@ class DemoPreset:
     batch_size: int = 128
     lr: float = 2e-3
     k_augmentations: int = 2
-    image_size: int = 64
+    image_size: int = 64  # decode size: the teacher cache, student training and the test split read this
     student: str = "tiny"
     index_factory: str = "HNSW32"
+    # The teacher: a lit:WEIGHTS[@SIZE] spec (a pretrained trunk, models/lit.py) with its first
+    # stages frozen, or None for LiTConfig's scratch default (tests use that: it trains in seconds).
+    teacher_model: str | None = None
+    teacher_frozen_stages: int = 0
+    teacher_lr: float | None = None  # None: TeacherTrainConfig's
+    data_size: int = 64  # the builtin emoji set's render size (ignored with --data)
+    student_image_size: int | None = None  # None: the student preset's own
+    student_image_init: str = "random"  # student.image_init
+    student_text_init: str = "random"  # student.text_init
 
+
+# The teacher and student every preset distils (issue 17, measured in docs/results.md): the
+# ImageNet EfficientNet-Lite0 trunk at its native 224 px, stages 0-4 frozen, aligned to frozen
+# MiniLM (test rsum 223.5 after 4 epochs on the 128 px emoji set, against 157.3 for the old
+# scratch resnet10t); the student is the same trunk at 96 px starting from the teacher's own
+# image tower, with a 2-layer text tower inherited from MiniLM (test rsum 189.0 after 2
+# conaclip epochs, against 136.3 from ImageNet weights and 113.6 at 64 px).
+_PRETRAINED = {
+    "teacher_model": "lit:efficientnet-lite0",
+    "teacher_frozen_stages": 5,
+    "teacher_lr": 2e-3,
+    "data_size": 128,  # Noto's bitmaps are 136 x 128: the teacher upsamples, the student downsamples
+    "image_size": 128,
+    "student": "lite0",
+    "student_image_size": 96,
+    "student_image_init": "teacher",
+    "student_text_init": "teacher",
+}
 
 PRESETS: dict[str, DemoPreset] = {
     # quick: budgets in epochs, not seconds, so a loaded machine takes longer instead of
-    # shipping a weaker teacher (a 240 s teacher budget gave test t2i R@1 4.0 instead of 11.3
-    # when other jobs shared the 2 cores).
-    # Measured on an idle 2-core machine (2026-11-23, fresh clone): teacher 10 epochs + fusion
-    # 4 augmentations x 31 negatives + students 4 epochs took 29.5 min with install, so quick
-    # is cut to 6 / 2 x 15 / 2 (students warm up over 10 steps of their 44).
+    # shipping a weaker teacher. Sized for `make demo` on 2 cores: teacher 4 epochs, fusion head
+    # 1 epoch on 2 augmentations x 15 negatives, students 2 epochs (warm-up 10 of their 44 steps).
     "quick": DemoPreset(
         seeds=1,
         student_epochs=2,
@@ -84,14 +108,21 @@ PRESETS: dict[str, DemoPreset] = {
         teacher_max_seconds=None,
         fusion_max_seconds=None,
         fusion_epochs=1,
-        teacher_epochs=6,
+        teacher_epochs=4,
         fusion_k_augmentations=2,
         fusion_negatives=15,
+        **_PRETRAINED,
     ),
-    # full: the teacher of docs/results.md (TeacherTrainConfig's 12 epochs), its fusion head
-    # (3 epochs), 3 seeds of 4 student epochs (about an hour on 2 cores; benchmarks/methods.py
-    # trains 6 epochs and sweeps each method's weight on val).
-    "full": DemoPreset(seeds=3, student_epochs=4, teacher_max_seconds=None, fusion_max_seconds=None, fusion_epochs=3),
+    # full: a longer teacher (8 epochs), its fusion head (3 epochs), 3 seeds of 4 student epochs.
+    "full": DemoPreset(
+        seeds=3,
+        student_epochs=4,
+        teacher_max_seconds=None,
+        fusion_max_seconds=None,
+        fusion_epochs=3,
+        teacher_epochs=8,
+        **_PRETRAINED,
+    ),
 }
 
 
@@ -136,7 +167,7 @@ def _stage(name: str, done: bool) -> bool:
 
 # --- stages ------------------------------------------------------------------------------------
 def _dataset(
-    out: Path, data: str | Path | None, images: str | Path | None, splits: Any = None
+    out: Path, data: str | Path | None, images: str | Path | None, splits: Any, preset: DemoPreset
 ) -> tuple[Any, str, str | None]:
     from clipdistill.data.splits import SplitOptions, make_splits
 
@@ -146,7 +177,7 @@ def _dataset(
         from clipdistill.data.emoji import build_emoji_dataset
 
         _stage("data (builtin emoji)", (out / "data" / "dataset.json").is_file())
-        dataset = build_emoji_dataset(out / "data")  # skips rendering when already complete
+        dataset = build_emoji_dataset(out / "data", size=preset.data_size)  # skips rendering when complete
         data_path, images_root = str(out / "data"), None
     else:
         _stage(f"data ({data})", True)
@@ -159,13 +190,22 @@ def _dataset(
 
 
 def _teacher(out: Path, dataset: Any, preset: DemoPreset) -> str:
-    from clipdistill.models.lit import MODEL_FILE
+    from clipdistill.models.lit import MODEL_FILE, LiTConfig, lit_config_from_spec
+    from clipdistill.models.spec import parse_spec
     from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
 
     teacher_dir = out / "teacher"
     if _stage("teacher (LiT)", (teacher_dir / MODEL_FILE).is_file() and (teacher_dir / "train_summary.json").is_file()):
-        epochs = {} if preset.teacher_epochs is None else {"epochs": preset.teacher_epochs}
-        train_lit_teacher(dataset, teacher_dir, TeacherTrainConfig(max_seconds=preset.teacher_max_seconds, **epochs))
+        model = LiTConfig()
+        if preset.teacher_model is not None:
+            model = lit_config_from_spec(parse_spec(preset.teacher_model).name, preset.teacher_frozen_stages)
+        budget: dict[str, Any] = {"epochs": preset.teacher_epochs, "lr": preset.teacher_lr}
+        config = TeacherTrainConfig(
+            model=model,
+            max_seconds=preset.teacher_max_seconds,
+            **{key: value for key, value in budget.items() if value is not None},
+        )
+        train_lit_teacher(dataset, teacher_dir, config)
     return f"run:{teacher_dir}"
 
 
@@ -222,7 +262,12 @@ def _student_config(
                 "image_size": preset.image_size,
                 "on_bad_sample": default_policy(),  # `clipdistill --on-bad-sample skip demo`
             },
-            "student": {"preset": preset.student},
+            "student": {
+                "preset": preset.student,
+                "image_size": preset.student_image_size,
+                "image_init": preset.student_image_init,
+                "text_init": preset.student_text_init,
+            },
             "teacher": {"spec": teacher["spec"], "cache": teacher["cache"], "fusion": fusion},
             "augment": {"k": preset.k_augmentations},
             "optim": {
@@ -349,7 +394,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    dataset, data_path, images_root = _dataset(out, data, images, splits)
+    dataset, data_path, images_root = _dataset(out, data, images, splits, settings)
     with minilm_memo():  # the three stages encode the same captions with the same locked tower
         teacher_spec = _teacher(out, dataset, settings)
         fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(fusion_methods()) else None
@@ -396,6 +441,10 @@ def run_demo(
             "lr": settings.lr,
             "k_augmentations": settings.k_augmentations,
             "image_size": settings.image_size,
+            "student_image_size": settings.student_image_size,
+            "image_init": settings.student_image_init,
+            "text_init": settings.student_text_init,
+            "teacher_model": settings.teacher_model,
             "seeds": n_seeds,
         },
         "teacher": {

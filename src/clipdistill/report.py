@@ -116,6 +116,16 @@ def _latency_line(report: dict[str, Any], source: str, missing: list[str]) -> st
     )
 
 
+def _student_start(budget: dict[str, Any]) -> str:
+    """ " at 96 px, image tower from the teacher, text tower from the teacher" (older reports: "")."""
+    parts = [f" at {budget['student_image_size']} px"] if budget.get("student_image_size") else []
+    names = {"teacher": "the teacher", "imagenet": "ImageNet", "random": "random init"}
+    for tower in ("image", "text"):
+        if budget.get(f"{tower}_init"):
+            parts.append(f"{tower} tower from {names.get(budget[f'{tower}_init'], budget[f'{tower}_init'])}")
+    return (" " + ", ".join(parts)).replace("  ", " ") if parts else ""
+
+
 def results_table(report: dict[str, Any]) -> str:
     """The methods × metrics table with its budget line (``report.md`` and the README use it).
 
@@ -142,7 +152,8 @@ def results_table(report: dict[str, Any]) -> str:
         n_columns = 12
     lines = [
         f"Test split: {report['n_images']} images, {report['n_texts']} captions (concepts unseen in training). "
-        f"Students: `{budget['student']}` preset, {budget['epochs']} epochs, batch {budget['batch_size']}, "
+        f"Students: `{budget['student']}` preset{_student_start(budget)}, {budget['epochs']} epochs, "
+        f"batch {budget['batch_size']}, "
         f"lr {budget['lr']}, {budget['k_augmentations']} replayed augmentations, {budget['seeds']} seed(s), "
         "identical for every method. " + _latency_line(report, source, missing) + measured,
         "",
