@@ -144,3 +144,15 @@ def test_teacher_training_on_the_frozen_cache(shapes_dataset_dir, tmp_path) -> N
     assert not torch.equal(
         loaded.trunk.blocks[5][0].conv_pw.weight, create_lite_trunk("efficientnet-lite0").blocks[5][0].conv_pw.weight
     )
+
+
+def test_demo_and_cli_train_the_same_default_teacher() -> None:
+    from clipdistill.demo import PRESETS
+    from clipdistill.train.lit import DEFAULT_FROZEN_STAGES, DEFAULT_TEACHER_SPEC, PRETRAINED_LR
+
+    for preset in PRESETS.values():
+        assert (preset.teacher_model, preset.teacher_frozen_stages, preset.teacher_lr) == (
+            DEFAULT_TEACHER_SPEC,
+            DEFAULT_FROZEN_STAGES,
+            PRETRAINED_LR,
+        )

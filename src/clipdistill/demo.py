@@ -85,7 +85,7 @@ class DemoPreset:
 # scratch resnet10t); the student is the same trunk at 96 px starting from the teacher's own
 # image tower, with a 2-layer text tower inherited from MiniLM (test rsum 189.0 after 2
 # conaclip epochs, against 136.3 from ImageNet weights and 113.6 at 64 px).
-_PRETRAINED = {
+_PRETRAINED = {  # the teacher keys equal train.lit's DEFAULT_TEACHER_SPEC/_FROZEN_STAGES, PRETRAINED_LR (tested)
     "teacher_model": "lit:efficientnet-lite0",
     "teacher_frozen_stages": 5,
     "teacher_lr": 2e-3,

@@ -103,39 +103,37 @@ def teacher_train(
         float | None, typer.Option("--max-seconds", help="Stop after the epoch that passes this.")
     ] = None,
 ) -> None:
-    """Train the LiT teacher: timm image tower vs frozen all-MiniLM-L6-v2 text tower.
+    """Train the LiT teacher: an image tower against the frozen all-MiniLM-L6-v2 text tower.
 
-    Options left out keep the defaults of ``TeacherTrainConfig`` / ``LiTConfig`` (measured
-    on the emoji set), so the CLI and the library never disagree.
+    By default the ImageNet EfficientNet-Lite0 trunk (``lit:efficientnet-lite0``, 224 px, stages
+    0-4 frozen; ``train.lit.pretrained_teacher_config``); ``--image-model`` trains a timm trunk
+    from scratch instead (``TeacherTrainConfig``'s budget). Options left out keep those
+    defaults (measured on the emoji set), so the CLI and the library never disagree.
     """
     from dataclasses import replace
 
     from clipdistill.data.loading import load_dataset
     from clipdistill.models.lit import LiTConfig
-    from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
+    from clipdistill.train.lit import (
+        DEFAULT_TEACHER_SPEC,
+        TeacherTrainConfig,
+        pretrained_teacher_config,
+        train_lit_teacher,
+    )
 
     def given(**values: Any) -> dict[str, Any]:
         return {key: value for key, value in values.items() if value is not None}
 
-    dataset = load_dataset(data, images)
-    defaults = TeacherTrainConfig()
-    base = defaults.model
     if model is not None and image_model is not None:
         raise typer.BadParameter("give --model (a pretrained trunk) or --image-model (from scratch), not both")
-    if model is not None:
-        from clipdistill.models.lit import lit_config_from_spec
-        from clipdistill.models.spec import ModelSpecError, parse_spec
-
-        parsed = parse_spec(model)
-        if parsed.schema != "lit":
-            raise ModelSpecError(f"--model {model!r}: teacher train trains lit:WEIGHTS[@SIZE] architectures")
-        try:
-            base = lit_config_from_spec(parsed.name, frozen_stages=base.frozen_stages)
-        except ValueError as error:
-            raise ModelSpecError(f"--model {model!r}: {error}") from error
-    elif image_model is not None:  # a scratch trunk: none of the pretrained defaults apply
-        base = LiTConfig(image_model=image_model)
-    model_config = replace(base, **given(image_size=image_size, text_proj=text_proj, frozen_stages=frozen_stages))
+    dataset = load_dataset(data, images)
+    if image_model is not None:  # a scratch trunk: TeacherTrainConfig's measured scratch budget
+        defaults = replace(TeacherTrainConfig(), model=LiTConfig(image_model=image_model))
+    else:
+        defaults = pretrained_teacher_config(model or DEFAULT_TEACHER_SPEC)
+    model_config = replace(
+        defaults.model, **given(image_size=image_size, text_proj=text_proj, frozen_stages=frozen_stages)
+    )
     config = replace(
         defaults,
         model=model_config,
