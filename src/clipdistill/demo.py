@@ -72,7 +72,7 @@ class DemoPreset:
     # stages frozen, or None for LiTConfig's scratch default (tests use that: it trains in seconds).
     teacher_model: str | None = None
     teacher_frozen_stages: int = 0
-    teacher_lr: float | None = None  # None: TeacherTrainConfig's
+    teacher_lr: float | None = None  # None: the teacher config's (scratch or pretrained_teacher_config)
     data_size: int = 64  # the builtin emoji set's render size (ignored with --data)
     student_image_size: int | None = None  # None: the student preset's own
     student_image_init: str = "random"  # student.image_init
@@ -190,18 +190,20 @@ def _dataset(
 
 
 def _teacher(out: Path, dataset: Any, preset: DemoPreset) -> str:
-    from clipdistill.models.lit import MODEL_FILE, LiTConfig, lit_config_from_spec
-    from clipdistill.models.spec import parse_spec
-    from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
+    from dataclasses import replace
+
+    from clipdistill.models.lit import MODEL_FILE
+    from clipdistill.train.lit import TeacherTrainConfig, pretrained_teacher_config, train_lit_teacher
 
     teacher_dir = out / "teacher"
     if _stage("teacher (LiT)", (teacher_dir / MODEL_FILE).is_file() and (teacher_dir / "train_summary.json").is_file()):
-        model = LiTConfig()
-        if preset.teacher_model is not None:
-            model = lit_config_from_spec(parse_spec(preset.teacher_model).name, preset.teacher_frozen_stages)
-        budget: dict[str, Any] = {"epochs": preset.teacher_epochs, "lr": preset.teacher_lr}
-        config = TeacherTrainConfig(
-            model=model,
+        if preset.teacher_model is None:
+            config = TeacherTrainConfig()  # LiTConfig's scratch default
+        else:
+            config = pretrained_teacher_config(preset.teacher_model, preset.teacher_frozen_stages)
+        budget = {"epochs": preset.teacher_epochs, "lr": preset.teacher_lr}
+        config = replace(
+            config,
             max_seconds=preset.teacher_max_seconds,
             **{key: value for key, value in budget.items() if value is not None},
         )

@@ -118,12 +118,12 @@ def _latency_line(report: dict[str, Any], source: str, missing: list[str]) -> st
 
 def _student_start(budget: dict[str, Any]) -> str:
     """ " at 96 px, image tower from the teacher, text tower from the teacher" (older reports: "")."""
-    parts = [f" at {budget['student_image_size']} px"] if budget.get("student_image_size") else []
+    parts = [f"at {budget['student_image_size']} px"] if budget.get("student_image_size") else []
     names = {"teacher": "the teacher", "imagenet": "ImageNet", "random": "random init"}
     for tower in ("image", "text"):
         if budget.get(f"{tower}_init"):
             parts.append(f"{tower} tower from {names.get(budget[f'{tower}_init'], budget[f'{tower}_init'])}")
-    return (" " + ", ".join(parts)).replace("  ", " ") if parts else ""
+    return " " + ", ".join(parts) if parts else ""
 
 
 def results_table(report: dict[str, Any]) -> str:

@@ -122,19 +122,14 @@ def init_image_from_teacher(student: OpenCLIPDualEncoder, teacher_spec: str | No
             f"key 'student.image_init' is 'teacher': needs a LiT teacher (got {type(teacher).__name__} from "
             f"{teacher_spec}) and a student with a timm trunk and a linear projection"
         )
-    if teacher.config.image_model != _model_cfg(student).get("vision_cfg", {}).get("timm_model_name"):
+    student_trunk = _model_cfg(student).get("vision_cfg", {}).get("timm_model_name")
+    if teacher.config.image_model != student_trunk:
         raise TowerInitError(
             f"key 'student.image_init' is 'teacher': the teacher's trunk {teacher.config.image_model} differs from "
-            f"the student's {_model_cfg(student).get('vision_cfg', {}).get('timm_model_name')}"
+            f"the student's {student_trunk}"
         )
-    try:
+    try:  # strict: a projection of another shape, or with/without a bias, is refused by torch itself
         trunk.load_state_dict(teacher.trunk.state_dict(), strict=True)
-        if proj.weight.shape != teacher.image_proj.weight.shape or (proj.bias is None) != (
-            teacher.image_proj.bias is None
-        ):
-            raise RuntimeError(
-                f"projection {tuple(proj.weight.shape)} vs the teacher's {tuple(teacher.image_proj.weight.shape)}"
-            )
         proj.load_state_dict(teacher.image_proj.state_dict(), strict=True)
     except RuntimeError as error:
         raise TowerInitError(f"key 'student.image_init' is 'teacher': {teacher_spec} does not fit: {error}") from error

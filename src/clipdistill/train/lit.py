@@ -139,10 +139,7 @@ def _frozen_bank(
             unit = to_unit(pixels[start : start + 128])
             if view > 0:
                 unit = _augment(unit, config, generator)
-            prepared = model.prepare_pixels(unit)
-            if config.channels_last:
-                prepared = prepared.contiguous(memory_format=torch.channels_last)
-            chunks.append(model.frozen_features(prepared))
+            chunks.append(model.frozen_features(model.prepare_pixels(unit)))  # NHWC inside (LiTModel)
         bank.append(torch.cat(chunks))
     return torch.stack(bank)
 
