@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -127,6 +128,28 @@ class ShiftedFusion:
         return self.scores[image_index, text_index] + self.shift
 
 
+def _gradient_after_fitting(
+    method: torch.nn.Module, loss: Callable[[], torch.Tensor], raw: torch.Tensor
+) -> torch.Tensor:
+    """``raw``'s gradient of ``loss`` after fitting the method's own trainable parameters to it
+    (LBFGS, as training would settle them), so a test sees what the student is pushed towards."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    if params:
+        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+    raw.grad = None
+    loss().backward()
+    assert raw.grad is not None
+    return raw.grad.clone()
+
+
 def _dcd_student_gradient(shift: float) -> torch.Tensor:
     """Gradient of the DCD loss on a fixed student's features, after fitting the method's own
     parameters (the student's score affine, where there is one) to the shifted teacher."""
@@ -153,21 +176,7 @@ def _dcd_student_gradient(shift: float) -> torch.Tensor:
         )
         return method(make_batch(n), student).total()
 
-    params = list(method.parameters())
-    if params:
-        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            value = loss()
-            value.backward()
-            return value
-
-        optimizer.step(closure)
-    raw_image.grad = None
-    loss().backward()
-    assert raw_image.grad is not None
-    return raw_image.grad.clone()
+    return _gradient_after_fitting(method, loss, raw_image)
 
 
 def test_dcd_student_gradient_does_not_move_with_a_constant_teacher_shift() -> None:
@@ -286,21 +295,7 @@ def _dcd_self_learning_gradient(self_bias: bool) -> torch.Tensor:
         )
         return method(make_batch(n), student).total()
 
-    params = [p for p in method.parameters() if p.requires_grad]
-    if params:
-        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            value = loss()
-            value.backward()
-            return value
-
-        optimizer.step(closure)
-    raw_image.grad = None
-    loss().backward()
-    assert raw_image.grad is not None
-    return raw_image.grad.clone()
+    return _gradient_after_fitting(method, loss, raw_image)
 
 
 def test_dcd_self_learning_does_not_push_ranked_negatives_to_the_far_side() -> None:

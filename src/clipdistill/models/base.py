@@ -11,6 +11,7 @@ different preprocessing and vocabulary (open_clip's distillation assumes they ar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -152,3 +153,19 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.model.embed_texts(texts)
+
+
+def load_trained_weights(
+    module: nn.Module, path: Path, frozen_prefix: str, error: type[Exception] = ValueError
+) -> None:
+    """Load a safetensors file that holds only ``module``'s trained parameters.
+
+    Saved teachers leave out the frozen tower they wrap (MiniLM for the LiT teacher, the dual
+    teacher for a fusion head), which comes from its own source; every other key must match
+    exactly, else ``error`` names the file and the first missing or unexpected keys."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    missing = [key for key in missing if not key.startswith(frozen_prefix)]
+    if missing or unexpected:
+        raise error(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")

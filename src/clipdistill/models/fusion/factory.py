@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from clipdistill.models.base import load_trained_weights
 from clipdistill.models.fusion.base import FusionBackend, FusionError, FusionTeacher
 from clipdistill.models.fusion.blip import load_blip_itm
 from clipdistill.models.fusion.encoder import WEIGHTS_FILE, FusionEncoder, read_fusion_config
@@ -27,8 +28,6 @@ def load_fusion(
 
 def load_fusion_encoder(directory: str | Path, *, with_dual: bool = True) -> FusionEncoder:
     """Load a ``fusion:`` folder; with its dual teacher, checked to be the one it was trained on."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = read_fusion_config(directory)
     dual = None
@@ -47,11 +46,7 @@ def load_fusion_encoder(directory: str | Path, *, with_dual: bool = True) -> Fus
             )
         dual = load_model(config.dual_spec)
     encoder = FusionEncoder(config, dual)
-    state = load_file(str(directory / WEIGHTS_FILE))
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not key.startswith("dual.")]
-    if missing or unexpected:
-        raise FusionError(f"{directory / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    load_trained_weights(encoder, directory / WEIGHTS_FILE, "dual.", FusionError)  # the dual teacher: its own folder
     return encoder.eval()
 
 
