@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipdistill.models import text_minilm
-from clipdistill.models.text_minilm import MiniLMTextEncoder, clear_minilm_memo, minilm_memo
+from clipdistill.models import encoding_memo as memo_module
+from clipdistill.models.encoding_memo import clear_encoding_memos as clear_minilm_memo
+from clipdistill.models.encoding_memo import encoding_memo as minilm_memo
+from clipdistill.models.text_minilm import MiniLMTextEncoder
 
 CAPTIONS = ["a red heart", "a smiling face with sunglasses", "a cat", "a red heart", "two hands clapping loudly"]
 
@@ -58,7 +60,7 @@ def test_memo_is_off_outside_the_context_and_for_a_trainable_tower(encoder: Mini
     encoder(tokens)
     encoder(tokens)
     assert rows == [2, 2]  # no context: every call runs the transformer
-    assert not text_minilm._MEMOS
+    assert not memo_module._MEMOS
     encoder.model.embeddings.word_embeddings.weight.requires_grad_(True)
     try:
         with minilm_memo():
@@ -71,7 +73,7 @@ def test_memo_is_off_outside_the_context_and_for_a_trainable_tower(encoder: Mini
 
 
 def test_memo_evicts_least_recently_used_rows_past_its_byte_budget() -> None:
-    memo = text_minilm._HiddenStateMemo(max_bytes=2 * 4 * 4)  # two rows of four float32 values
+    memo = memo_module.RowMemo(max_bytes=2 * 4 * 4)  # two rows of four float32 values
     memo.put(b"a", torch.zeros(4))
     memo.put(b"b", torch.ones(4))
     assert memo.get(b"a") is not None  # "a" is now the most recent

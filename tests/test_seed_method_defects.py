@@ -188,6 +188,45 @@ def test_dcd_student_gradient_does_not_move_with_a_constant_teacher_shift() -> N
     assert float((shifted - base).norm()) <= 1e-3 * float(base.norm()) + 1e-6
 
 
+def _dcd_first_step(shift: float) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The student's gradient of DCD at the very first step (no fitting beyond the method's own
+    first-batch fit), against a fusion teacher shifted by ``shift``."""
+    n, dim = 8, 16
+    image, text = clustered(n, dim, 4, 0.8, seed=5)
+    states = FusionStates(
+        image=torch.zeros(n, 1, 1),
+        image_global=image,
+        text=torch.zeros(n, 1, 1),
+        text_mask=torch.ones(n, 1, dtype=torch.bool),
+        text_global=text,
+    )
+    teacher = FixedTeacher(image, text, math.log(30.0), ShiftedFusion(30.0 * image @ text.t(), shift), states)
+    method = build("dcd", dim, teacher, {"w_task": 0.0, "random_negatives": 7, "hard_negatives": 7})
+    raw_image, raw_text = clustered(n, dim, 4, 1.0, seed=6)
+    raw_image.requires_grad_(True)
+    torch.manual_seed(0)
+    student = StudentFeatures(
+        image=F.normalize(raw_image, dim=-1), text=F.normalize(raw_text, dim=-1), logit_scale=torch.tensor(2.6)
+    )
+    method(make_batch(n), student).total().backward()
+    assert raw_image.grad is not None
+    return raw_image.grad.clone(), method
+
+
+def test_dcd_fits_its_score_affine_and_bias_on_the_first_batch() -> None:
+    """AdamW moves a scalar by about lr per step, so a, b, c left at (1, 0, 0) stayed there for a
+    whole demo run (44 steps) while a constant teacher shift of -5.7 needs b ≈ -5.7: the first
+    batch sets them, so already the first step is blind to the shift and the BCE starts balanced."""
+    base, method = _dcd_first_step(0.0)
+    shifted, shifted_method = _dcd_first_step(-5.7)
+    assert bool(method.scores_fitted)
+    assert float(shifted_method.score_bias.detach()) == pytest.approx(float(method.score_bias.detach()) - 5.7, abs=1e-4)
+    assert float((shifted - base).norm()) <= 1e-4 * float(base.norm())
+    assert float(method.bce_bias.detach()) < -1.0  # κ_S·cos of positives and hard negatives sit well above 0
+    state = method.state_dict()
+    assert bool(state["scores_fitted"])  # travels in checkpoints: a resumed run does not refit
+
+
 # ---------------------------------------------------------------- ComKD
 def test_comkd_attention_attends_on_teacher_like_features() -> None:
     """On unit teacher-like features (d = 384, B = 64) the attention's entropy is well below

@@ -205,6 +205,7 @@ def _teacher(out: Path, dataset: Any, preset: DemoPreset) -> str:
         config = replace(
             config,
             max_seconds=preset.teacher_max_seconds,
+            decode_size=preset.image_size,  # the cache's pixels: its frozen rows are reused (encoding_memo)
             **{key: value for key, value in budget.items() if value is not None},
         )
         train_lit_teacher(dataset, teacher_dir, config)
@@ -221,6 +222,7 @@ def _fusion(out: Path, dataset: Any, teacher_spec: str, preset: DemoPreset) -> s
             max_seconds=preset.fusion_max_seconds,
             k_augmentations=preset.fusion_k_augmentations,
             negatives=preset.fusion_negatives,
+            image_size=preset.image_size,  # as the teacher and the cache decode (encoding_memo reuses rows)
         )
         train_fusion_teacher(teacher_spec, dataset, fusion_dir, config)
     return f"fusion:{fusion_dir}"
@@ -379,7 +381,7 @@ def run_demo(
     train/val/test gets them (val/test files, or carved from train with a seed)."""
     from clipdistill.data.images import load_image_tensor
     from clipdistill.distill.methods import fusion_methods
-    from clipdistill.models.text_minilm import clear_minilm_memo, minilm_memo
+    from clipdistill.models.encoding_memo import clear_encoding_memos, encoding_memo
     from clipdistill.report import write_report
 
     if isinstance(preset, DemoPreset):
@@ -397,11 +399,11 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
 
     dataset, data_path, images_root = _dataset(out, data, images, splits, settings)
-    with minilm_memo():  # the three stages encode the same captions with the same locked tower
+    with encoding_memo():  # the three stages encode the same captions and images with the same frozen towers
         teacher_spec = _teacher(out, dataset, settings)
         fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(fusion_methods()) else None
         cache = _cache(out, dataset, teacher_spec, fusion_spec, settings)
-    clear_minilm_memo()
+    clear_encoding_memos()
     teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}
 
     runs = []

@@ -25,6 +25,7 @@ from torch import nn
 from clipdistill.hashing import file_sha256
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder, load_trained_weights
+from clipdistill.models.encoding_memo import memo_active, memo_for, module_key, tensor_key
 from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
 
 MODEL_FILE = "clipdistill_model.json"
@@ -168,7 +169,7 @@ class LiTModel(DualEncoder):
         return self
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_proj(self.trunk(self._trunk_layout(pixels)))
+        return self.image_proj(self.trunk.forward_head(self._upper_features(pixels)))
 
     def _trunk_layout(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels`` in the trunk's memory format (NHWC for EfficientNet trunks, see ``__init__``)."""
@@ -185,14 +186,54 @@ class LiTModel(DualEncoder):
     @torch.no_grad()
     def frozen_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The frozen stem and stages on model-normalised pixels: a pure function of the image
-        (frozen weights, BatchNorm in eval), so teacher training computes it once per view."""
+        (frozen weights, BatchNorm in eval), so teacher training computes it once per view, and
+        inside :func:`~clipdistill.models.encoding_memo.encoding_memo` every later pass (fusion
+        teacher, cache, evaluation) reuses the rows it has already seen."""
         if not self.splits_at_frozen():
             stages = self.config.frozen_stages
             raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
-        features = self._trunk_layout(pixels)
-        for module in self.frozen_trunk:
-            features = module(features)
-        return features
+        if not memo_active():
+            return self._run_frozen(pixels)
+        memo = memo_for(self._frozen_key())
+        keys = [tensor_key(row) for row in pixels]
+        found = [memo.get(key) for key in keys]
+        first_row = {key: i for i, key in reversed(list(enumerate(keys)))}  # a repeated row runs once
+        missing = [i for i, value in enumerate(found) if value is None and first_row[keys[i]] == i]
+        if missing:
+            computed = self._run_frozen(pixels[missing])
+            for row, i in enumerate(missing):
+                memo.put(keys[i], computed[row].to("cpu").clone())
+        rows = [value if value is not None else memo.get(keys[i]) for i, value in enumerate(found)]
+        if any(row is None for row in rows):  # evicted within this very batch (a memo smaller than it)
+            return self._run_frozen(pixels)
+        stacked = torch.stack(rows).to(pixels.device)  # type: ignore[arg-type]
+        return stacked.contiguous(memory_format=torch.channels_last)
+
+    def _frozen_key(self) -> str:
+        return module_key(f"lit-frozen:{self.config.frozen_stages}", self.frozen_trunk)
+
+    def _run_frozen(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen stages through :class:`~clipdistill.models.frozen_stages.FrozenStages`
+        (ONNX Runtime on CPU: 2x eager), rebuilt whenever the frozen weights (or the device)
+        change, e.g. after a load."""
+        from clipdistill.models.frozen_stages import FrozenStages
+
+        key = f"{self._frozen_key()}@{pixels.device}"
+        cached = self.__dict__.get("_fast_frozen")  # a plain attribute: not in state_dict, not moved by .to()
+        if cached is None or cached[0] != key:
+            cached = (key, FrozenStages(self.frozen_trunk, pixels.device))
+            self.__dict__["_fast_frozen"] = cached
+        return cached[1](pixels)
+
+    def _upper_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``trunk.forward_features`` (before pooling), through the memoised frozen stages when a
+        memo is open and nothing trains: bit-for-bit the same computation otherwise."""
+        if self.splits_at_frozen() and memo_active() and not torch.is_grad_enabled():
+            features = self.frozen_features(pixels)
+            for block in self.trunk.blocks[self.config.frozen_stages :]:
+                features = block(features)
+            return self.trunk.bn2(self.trunk.conv_head(features))
+        return self.trunk.forward_features(self._trunk_layout(pixels))
 
     def encode_from_frozen(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The image embedding from :meth:`frozen_features`: the trained stages, head and projection."""
@@ -222,7 +263,7 @@ class LiTModel(DualEncoder):
         features the image embedding pools: a CNN map (B, C, h, w) becomes h·w tokens in
         row-major order (channels-last maps (B, h, w, C), e.g. MambaOut's, too); a
         transformer trunk already returns (B, N, C)."""
-        features = self.trunk.forward_features(self._trunk_layout(pixels))
+        features = self._upper_features(pixels)
         channels = int(self.trunk.num_features)
         if features.dim() == 4 and features.shape[1] == channels:
             return features.flatten(2).transpose(1, 2)

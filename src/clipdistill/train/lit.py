@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipdistill.data.augment import random_scale_translate
+from clipdistill.data.augment import random_scale_translate, replay_augmentation
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import load_image_tensor, to_unit
 from clipdistill.distill.losses import clip_loss
@@ -49,6 +49,13 @@ class TeacherTrainConfig:
     # for this many augmented views of every train image (view 0 unaugmented) and each step
     # draws one view per image: a step then costs only the trained stages.
     frozen_views: int = 2
+    # Those views are augmentation 0..frozen_views-1 of replay_augmentation (0 = the plain image)
+    # with this seed and aug_scale/aug_shift: the views the teacher cache replays (same defaults),
+    # so inside an encoding_memo the cache and the fusion teacher find their frozen rows computed.
+    aug_seed: int = 0
+    # Size the images are decoded at before the model resizes them to its input size; None: the
+    # input size. The demo decodes at the cache's size for the same reason as aug_seed.
+    decode_size: int | None = None
 
 
 #: The default teacher (issue 17, docs/results.md): the ImageNet EfficientNet-Lite0 trunk at its
@@ -126,19 +133,24 @@ def _augment(pixels: torch.Tensor, config: TeacherTrainConfig, generator: torch.
 
 @torch.no_grad()
 def _frozen_bank(
-    model: LiTModel, pixels: torch.Tensor, views: int, config: TeacherTrainConfig, generator: torch.Generator
+    model: LiTModel, pixels: torch.Tensor, image_ids: list[str], views: int, config: TeacherTrainConfig
 ) -> torch.Tensor:
-    """(views, N, C, h, w) outputs of the frozen stages: view 0 of each image as it is, the others
-    augmented as a training step would augment them. Computed once, so the (dominant) cost of the
-    early high-resolution stages is paid ``views`` times per image instead of once per epoch."""
+    """(views, N, C, h, w) outputs of the frozen stages: view v of each image is its replayed
+    augmentation v (0 = as it is). Computed once, so the (dominant) cost of the early
+    high-resolution stages is paid ``views`` times per image instead of once per epoch."""
     model.eval()
     bank = []
     for view in range(views):
         chunks = []
-        for start in range(0, len(pixels), 128):
-            unit = to_unit(pixels[start : start + 128])
-            if view > 0:
-                unit = _augment(unit, config, generator)
+        for start in range(0, len(pixels), 64):
+            unit = replay_augmentation(
+                to_unit(pixels[start : start + 64]),
+                image_ids[start : start + 64],
+                [view] * len(image_ids[start : start + 64]),
+                seed=config.aug_seed,
+                scale=config.aug_scale,
+                max_shift=config.aug_shift,
+            )
             chunks.append(model.frozen_features(model.prepare_pixels(unit)))  # NHWC inside (LiTModel)
         bank.append(torch.cat(chunks))
     return torch.stack(bank)
@@ -161,7 +173,7 @@ def train_lit_teacher(
 
     train, val = dataset.split("train"), dataset.split("val")
     model = LiTModel(config.model, spec=f"run:{out}")
-    size = config.model.image_size
+    size = config.decode_size or config.model.image_size
     train_pixels = load_image_tensor(train.image_paths(), size, progress=progress)
     val_pixels = load_image_tensor(val.image_paths(), size, progress=progress)
 
@@ -182,8 +194,9 @@ def train_lit_teacher(
     frozen_bank: torch.Tensor | None = None
     if model.splits_at_frozen() and config.frozen_views > 0:
         views = config.frozen_views if config.augment else 1
-        frozen_bank = _frozen_bank(model, train_pixels, views, config, generator)
-        val_pixels = _frozen_bank(model, val_pixels, 1, config, generator)[0]  # _evaluate reads features
+        frozen_bank = _frozen_bank(model, train_pixels, [r.image_id for r in train.images], views, config)
+        val_ids = [r.image_id for r in val.images]
+        val_pixels = _frozen_bank(model, val_pixels, val_ids, 1, config)[0]  # _evaluate reads features
         del train_pixels  # the bank replaces them
 
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -32,11 +32,11 @@ from clipdistill.distill.cache.job import BuildJob, Rows, Teachers, batches
 from clipdistill.distill.cache.manifest import dataset_fingerprint, manifest_matches, preprocessing
 from clipdistill.hashing import canonical_hash
 from clipdistill.io import atomic_write_json
+from clipdistill.models.encoding_memo import encoding_memo
 from clipdistill.models.fingerprint import teacher_fingerprint
-from clipdistill.models.text_minilm import minilm_memo
 
 
-@minilm_memo()  # its dual pass and fusion pass encode the same captions (and captions repeat)
+@encoding_memo()  # its dual pass and fusion pass encode the same captions and images (captions repeat)
 def build_cache(
     teacher_spec: str,
     dataset: PairedDataset,

@@ -97,6 +97,7 @@ class DCDMethod(DistillMethod):
       The affine is the distillation's read-out only: the self-learning BCE scores κ_S·cos, so
       b cannot trade the BCE against the MSE and a teacher shift moves b and nothing else.
       ``student_affine: false`` is the plain κ_S·cos (what this method did before).
+      a, b (and c below) start from the first batch (:meth:`fit_scores`), then train.
     - Self-learning read-out κ_S·cos + c *[ours]* (``self_bias``, true): c a learnable bias
       (init 0, training-only) as SigLIP's sigmoid loss has, so the BCE's 0 targets for hard
       negatives ask "below c", not "cos → −1" (see ``__init__``).
@@ -161,6 +162,34 @@ class DCDMethod(DistillMethod):
         # without c the BCE pushes the captions most like the query to the far side of the sphere
         # against the contrastive geometry; with c it only has to rank them below c.
         self.bce_bias = nn.Parameter(torch.tensor(0.0)) if args.self_bias else None
+        # [ours] a, b and c are fitted to the first batch (``scores_fitted`` records that and
+        # travels in checkpoints, so a resumed run does not refit): AdamW moves a scalar by about
+        # lr per step, so from (1, 0, 0) they stayed at their init for a whole demo run (44 steps
+        # at lr 2e-3, measured) while the right values are several units away.
+        self.register_buffer("scores_fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit_scores(self, teacher_scores: list[torch.Tensor], student_scores: list[torch.Tensor]) -> None:
+        """Set a, b, c from one batch's candidates (per direction (B, K), column 0 the positive;
+        the whole batch, so every process of a distributed run sets the same values).
+
+        a, b match the student's scores to the teacher's first two moments (a = σ_z/σ_s, always
+        positive; b = μ_z − a·μ_s): the distillation then starts at the teacher's shape, whatever
+        constant the teacher's logits carry. c is minus the midpoint of the mean positive and mean
+        negative student score, so the BCE starts balanced instead of asking every hard negative
+        for cos → −1 (the fusion teacher's own bias starts the same way)."""
+        z = torch.cat([scores.flatten() for scores in teacher_scores]).float()
+        student = torch.cat([scores.flatten() for scores in student_scores]).float()
+        if self.score_scale is not None and self.score_bias is not None:
+            scale = z.std() / student.std().clamp_min(1e-6)
+            self.score_scale.copy_(scale)
+            self.score_bias.copy_(z.mean() - scale * student.mean())
+        if self.bce_bias is not None:
+            positives = torch.cat([scores[:, 0] for scores in student_scores]).float()
+            negatives = torch.cat([scores[:, 1:].flatten() for scores in student_scores]).float()
+            if negatives.numel():
+                self.bce_bias.copy_(-0.5 * (positives.mean() + negatives.mean()))
+        self.scores_fitted.fill_(True)
 
     def student_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The student's score the distillation fits to the teacher's: a·κ_S·cos + b, or κ_S·cos
@@ -211,6 +240,14 @@ class DCDMethod(DistillMethod):
         if args.symmetric:
             directions.append((z.t(), student_directions[1], drawn[1]))
         mined = [keep_hard(scores, columns, args.hard_negatives) for scores, _, columns in directions]
+        if not bool(self.scores_fitted):
+            with torch.no_grad():  # the whole batch's student scores (each process holds all features)
+                full = contrastive_logits(student.image, student.text, student.logit_scale)
+            pairs = list(zip(directions, [full, full.t()][: len(mined)], mined, strict=True))
+            self.fit_scores(
+                [scores.gather(1, candidates) for (scores, _, _), _, candidates in pairs],
+                [logits.gather(1, candidates) for _, logits, candidates in pairs],
+            )
         results = []
         for (scores, logits, _), candidates in zip(directions, mined, strict=True):
             picked = logits.gather(1, candidates[query])

@@ -248,7 +248,10 @@ class FusionEncoder(FusionBackend):
         return self.dual
 
     # per-item projections (trained) of the dual teacher's raw tokens
-    def project_image(self, tokens: torch.Tensor) -> torch.Tensor:
+    def project_image(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token states of an image. ``patches``, when given, is ``patch_proj(tokens)``
+        computed beforehand: it is frozen, and on the teacher's 1280-wide tokens it was a third
+        of a fusion training step (the trainer computes it once per image row)."""
         if tokens.shape[1] != self.config.image_tokens:
             raise FusionError(
                 f"the dual teacher gave {tokens.shape[1]} image tokens but this fusion teacher was trained on "
@@ -256,7 +259,7 @@ class FusionEncoder(FusionBackend):
             )
         projected = self.image_in(tokens) + self.image_pos
         if self.config.match == "pool":  # states carry the patch embeddings in the dual space too
-            projected = torch.cat([projected, self.patch_proj(tokens)], dim=-1)
+            projected = torch.cat([projected, self.patch_proj(tokens) if patches is None else patches], dim=-1)
         return projected
 
     def project_text(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
