@@ -188,9 +188,9 @@ def test_dcd_student_gradient_does_not_move_with_a_constant_teacher_shift() -> N
     assert float((shifted - base).norm()) <= 1e-3 * float(base.norm()) + 1e-6
 
 
-def _dcd_first_step(shift: float) -> tuple[torch.Tensor, torch.nn.Module]:
-    """The student's gradient of DCD at the very first step (no fitting beyond the method's own
-    first-batch fit), against a fusion teacher shifted by ``shift``."""
+def _dcd_step(shift: float, log_scale: float = 2.6) -> tuple[torch.Tensor, dict[str, float]]:
+    """The student's gradient of one DCD step and its report, against a fusion teacher shifted
+    by ``shift``, for a student whose logit scale is exp(``log_scale``)."""
     n, dim = 8, 16
     image, text = clustered(n, dim, 4, 0.8, seed=5)
     states = FusionStates(
@@ -206,25 +206,28 @@ def _dcd_first_step(shift: float) -> tuple[torch.Tensor, torch.nn.Module]:
     raw_image.requires_grad_(True)
     torch.manual_seed(0)
     student = StudentFeatures(
-        image=F.normalize(raw_image, dim=-1), text=F.normalize(raw_text, dim=-1), logit_scale=torch.tensor(2.6)
+        image=F.normalize(raw_image, dim=-1),
+        text=F.normalize(raw_text, dim=-1),
+        logit_scale=torch.tensor(log_scale),
     )
-    method(make_batch(n), student).total().backward()
+    output = method(make_batch(n), student)
+    output.total().backward()
     assert raw_image.grad is not None
-    return raw_image.grad.clone(), method
+    return raw_image.grad.clone(), output.report
 
 
-def test_dcd_fits_its_score_affine_and_bias_on_the_first_batch() -> None:
-    """AdamW moves a scalar by about lr per step, so a, b, c left at (1, 0, 0) stayed there for a
-    whole demo run (44 steps) while a constant teacher shift of -5.7 needs b ≈ -5.7: the first
-    batch sets them, so already the first step is blind to the shift and the BCE starts balanced."""
-    base, method = _dcd_first_step(0.0)
-    shifted, shifted_method = _dcd_first_step(-5.7)
-    assert bool(method.scores_fitted)
-    assert float(shifted_method.score_bias.detach()) == pytest.approx(float(method.score_bias.detach()) - 5.7, abs=1e-4)
+def test_dcd_read_outs_are_fitted_to_every_batch() -> None:
+    """Learned by AdamW, a, b, c moved ~lr per step and stayed at their init (1, 0, 0) for a whole
+    demo run while a teacher shift of -5.7 needs b ≈ -5.7; fitted once, a held the student to its
+    first spread. Fitted per batch, the very first step is blind to the shift, the BCE starts
+    balanced, and a follows the student's scale (twice the logit scale: half the a)."""
+    base, report = _dcd_step(0.0)
+    shifted, shifted_report = _dcd_step(-5.7)
+    assert shifted_report["score_bias"] == pytest.approx(report["score_bias"] - 5.7, abs=1e-4)
     assert float((shifted - base).norm()) <= 1e-4 * float(base.norm())
-    assert float(method.bce_bias.detach()) < -1.0  # κ_S·cos of positives and hard negatives sit well above 0
-    state = method.state_dict()
-    assert bool(state["scores_fitted"])  # travels in checkpoints: a resumed run does not refit
+    assert report["bce_bias"] < -1.0  # κ_S·cos of positives and hard negatives sit well above 0
+    _, sharper = _dcd_step(0.0, log_scale=2.6 + math.log(2.0))
+    assert sharper["score_scale"] == pytest.approx(report["score_scale"] / 2, rel=1e-4)
 
 
 # ---------------------------------------------------------------- ComKD

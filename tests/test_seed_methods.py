@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -349,11 +350,11 @@ def test_mcad_mu_zero_is_plain_logit_distillation_and_fallback_uses_teacher_feat
 
 
 # ---------------------------------------------------------------- DCD
-def naive_dcd_method(
-    z: torch.Tensor, s: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, k: int, h: int, per_sample: bool
-) -> tuple[float, float]:
-    """One direction of the DCD method by loops: random K of the valid columns (smallest keys),
-    keep the teacher's top H, positive first."""
+def naive_dcd_candidates(
+    z: torch.Tensor, s: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, k: int, h: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """One direction's candidate scores by loops (teacher rows, student rows): random K of the
+    valid columns (smallest keys), keep the teacher's top H, positive first."""
     z, s = z.detach(), s.detach()
     teacher_rows, student_rows = [], []
     k = min(k, int(valid.sum(1).min()))
@@ -363,7 +364,29 @@ def naive_dcd_method(
         hard = sorted(drawn, key=lambda j: -float(z[i, j]))[:h]
         teacher_rows.append([float(z[i, i])] + [float(z[i, j]) for j in hard])
         student_rows.append([float(s[i, i])] + [float(s[i, j]) for j in hard])
-    return naive_dcd(torch.tensor(teacher_rows), torch.tensor(student_rows), 0.2, per_sample)
+    return teacher_rows, student_rows
+
+
+def naive_read_outs(directions: list[tuple[list[list[float]], list[list[float]]]]) -> tuple[float, float, float]:
+    """(a, b, c) of DCD's per-batch read-outs, by loops over both directions' candidates."""
+    z = [x for teacher, _ in directions for row in teacher for x in row]
+    s = [x for _, student in directions for row in student for x in row]
+    a = statistics.stdev(z) / statistics.stdev(s)
+    rows = [row for _, student in directions for row in student]
+
+    def mean_bce(c: float) -> float:
+        terms = [
+            math.log1p(math.exp(-(x + c))) if k == 0 else math.log1p(math.exp(x + c))
+            for row in rows
+            for k, x in enumerate(row)
+        ]
+        return sum(terms) / len(terms)
+
+    low, high = -100.0, 100.0  # the convex mean BCE's minimiser, by ternary search
+    for _ in range(200):
+        left, right = low + (high - low) / 3, high - (high - low) / 3
+        low, high = (low, right) if mean_bce(left) < mean_bce(right) else (left, high)
+    return a, statistics.mean(z) - a * statistics.mean(s), (low + high) / 2
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -389,10 +412,22 @@ def test_dcd_method_against_naive(per_sample: bool, with_fusion: bool) -> None:
         z = 20.0 * teacher.image.detach() @ teacher.text.detach().t()
     valid = ~torch.eye(B, dtype=torch.bool)
     valid[0, 3] = valid[3, 0] = False
-    d1, n1 = naive_dcd_method(z, student_logits, valid, keys[0], 3, 2, per_sample)
-    d2, n2 = naive_dcd_method(z.t(), student_logits.t(), valid, keys[1], 3, 2, per_sample)
-    assert float(out.losses["dcd_distill_loss"].detach()) == pytest.approx(0.2 * (d1 + d2) / 2, rel=1e-4)
-    assert float(out.losses["dcd_self_loss"].detach()) == pytest.approx(0.8 * (n1 + n2) / 2, rel=1e-4)
+    directions = [
+        naive_dcd_candidates(z, student_logits, valid, keys[0], 3, 2),
+        naive_dcd_candidates(z.t(), student_logits.t(), valid, keys[1], 3, 2),
+    ]
+    a, b, c = naive_read_outs(directions)
+    assert (out.report["score_scale"], out.report["score_bias"], out.report["bce_bias"]) == pytest.approx(
+        (a, b, c), rel=1e-4, abs=1e-5
+    )
+    distill, self_learning = [], []
+    for teacher_rows, student_rows in directions:
+        fitted = torch.tensor([[a * x + b for x in row] for row in student_rows])
+        shifted = torch.tensor([[x + c for x in row] for row in student_rows])
+        distill.append(naive_dcd(torch.tensor(teacher_rows), fitted, 0.2, per_sample)[0])
+        self_learning.append(naive_dcd(torch.tensor(teacher_rows), shifted, 0.2, per_sample)[1])
+    assert float(out.losses["dcd_distill_loss"].detach()) == pytest.approx(0.2 * sum(distill) / 2, rel=1e-4)
+    assert float(out.losses["dcd_self_loss"].detach()) == pytest.approx(0.8 * sum(self_learning) / 2, rel=1e-4)
     out.total().backward()
     assert raw[0].grad is not None and all(t.grad is None for t in teacher.tensors())
 

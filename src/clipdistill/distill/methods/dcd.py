@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from clipdistill.distill.base import (
     Batch,
@@ -75,6 +74,27 @@ def fusion_scores(fusion: FusionTeacher, states: FusionStates, drawn: list[torch
     return logits
 
 
+@torch.no_grad()
+def best_bce_bias(scores: list[torch.Tensor], iterations: int = 20) -> torch.Tensor:
+    """The bias c minimising the mean BCE of ``scores`` + c against [1, 0, …, 0] per row (each
+    (B, K), column 0 the positive): a 1-D convex problem, solved by Newton's method from the
+    midpoint of the mean positive and mean negative score. This is the value a learned bias
+    (SigLIP's) converges to; computed per batch it is there from the first step."""
+    values = torch.cat([part.float() for part in scores])
+    targets = torch.zeros_like(values)
+    targets[:, 0] = 1.0
+    bias = -0.5 * (values[:, 0].mean() + values[:, 1:].mean())
+    for _ in range(iterations):
+        probability = torch.sigmoid(values + bias)
+        gradient = (probability - targets).mean()
+        curvature = (probability * (1 - probability)).mean().clamp_min(1e-6)
+        step = (gradient / curvature).clamp(-5.0, 5.0)
+        bias = bias - step
+        if float(step.abs()) < 1e-5:
+            break
+    return bias
+
+
 @register_method
 class DCDMethod(DistillMethod):
     """DCD on teacher-mined candidates, both retrieval directions, plus the task loss.
@@ -88,19 +108,23 @@ class DCDMethod(DistillMethod):
       paper's code is image→text) does the same caption→image and averages the directions.
     - Teacher score z: the fusion teacher's match logit when key ``teacher.fusion`` is set,
       else the dual teacher's κ_T·cos (report ``fusion`` 1/0). Student score s = a·κ_S·cos + b
-      *[ours, for a dual-encoder student]*: a, b a training-only affine (``student_affine``, true;
-      init 1, 0; trained with the student, never exported), as DCD's cross-encoder student scores
-      with its own ITM head. The MSE below is not shift-invariant: without b, a teacher whose
-      logits sit a constant below the student's scale (our fusion head's sit about 5.7 below the
-      dual teacher's) pulls the student's positive cosines toward that constant against its own
-      task loss. With b the constant is absorbed and the cosines see only the teacher's shape.
-      The affine is the distillation's read-out only: the self-learning BCE scores κ_S·cos, so
-      b cannot trade the BCE against the MSE and a teacher shift moves b and nothing else.
-      ``student_affine: false`` is the plain κ_S·cos (what this method did before).
-      a, b (and c below) start from the first batch (:meth:`fit_scores`), then train.
-    - Self-learning read-out κ_S·cos + c *[ours]* (``self_bias``, true): c a learnable bias
-      (init 0, training-only) as SigLIP's sigmoid loss has, so the BCE's 0 targets for hard
-      negatives ask "below c", not "cos → −1" (see ``__init__``).
+      *[ours, for a dual-encoder student]* (``student_affine``, true), as DCD's cross-encoder
+      student scores with its own ITM head: a, b are fitted to every batch in closed form (first
+      two moments of the candidates' scores: a = σ_z/σ_s, b = μ_z − a·μ_s; no gradient, never
+      exported), so the MSE compares shapes. Two failures this removes, both measured: a fixed
+      read-out is not shift-invariant (our fusion head's logits sit about 5.7 below the dual
+      teacher's, pulling the student's positive cosines toward that constant), and a read-out
+      fitted once (or learned: AdamW moved the scalars by ~lr per step and they never left
+      their init in a 44-step demo run) holds the student to the spread it had when fitted,
+      so the MSE fought the task loss as the student's cosines separated. The fit reads the
+      whole batch's scores (every process holds all features), so it is the same in every
+      process of a distributed run, and it has no state to checkpoint.
+      ``student_affine: false`` is the plain κ_S·cos (what this method did first).
+    - Self-learning read-out κ_S·cos + c *[ours]* (``self_bias``, true): c the bias that
+      minimises the batch's BCE (:func:`best_bce_bias`), what SigLIP's learned bias converges
+      to: the BCE's 0 targets for hard negatives then ask "below c", not "cos → −1" (which
+      pushes the captions most like the query to the far side of the sphere against the
+      contrastive geometry).
     - Per direction (:func:`~clipdistill.distill.losses.dcd_loss`): entropy shares e_b,
       d = T²·MSE(z/T, s/T), n = Σ_b e_b·BCEWithLogits(s_b, [1, 0, …, 0]), loss = α·d + (1−α)·n,
       α 0.2, T 1. ``per_sample_kd_weight: false`` is the released code (its KD weights are a
@@ -109,7 +133,7 @@ class DCDMethod(DistillMethod):
       the DCD loss), ``task_loss`` = w_task · the student's clip loss on the whole batch.
 
     Report: ``logit_scale``, ``fusion``, ``candidates`` (1 + negatives kept), ``max_share``,
-    ``score_scale``/``score_bias`` (a, b) with ``student_affine``."""
+    ``score_scale``/``score_bias`` (a, b) with ``student_affine``, ``bce_bias`` (c) with ``self_bias``."""
 
     name = "dcd"
     summary = "DCD: teacher-mined hard negatives, score distillation + entropy-weighted self-learning"
@@ -153,50 +177,24 @@ class DCDMethod(DistillMethod):
     def __init__(self, student_dim: int, teacher: TeacherSource | None, args: Args) -> None:
         super().__init__(student_dim, require_teacher(self.name, teacher), args)
         self.args: DCDMethod.Args = args
-        # [ours] The student's training-only score affine (see the class docstring): a method
-        # parameter, so the optimiser trains it with the student and export never sees it.
-        self.score_scale = nn.Parameter(torch.tensor(1.0)) if args.student_affine else None
-        self.score_bias = nn.Parameter(torch.tensor(0.0)) if args.student_affine else None
-        # [ours] The self-learning BCE's own learnable bias c (SigLIP's, for the same reason): a
-        # sigmoid target of 0 for a hard negative scored κ_S·cos is only reached at cos → −1, so
-        # without c the BCE pushes the captions most like the query to the far side of the sphere
-        # against the contrastive geometry; with c it only has to rank them below c.
-        self.bce_bias = nn.Parameter(torch.tensor(0.0)) if args.self_bias else None
-        # [ours] a, b and c are fitted to the first batch (``scores_fitted`` records that and
-        # travels in checkpoints, so a resumed run does not refit): AdamW moves a scalar by about
-        # lr per step, so from (1, 0, 0) they stayed at their init for a whole demo run (44 steps
-        # at lr 2e-3, measured) while the right values are several units away.
-        self.register_buffer("scores_fitted", torch.tensor(False))
 
     @torch.no_grad()
-    def fit_scores(self, teacher_scores: list[torch.Tensor], student_scores: list[torch.Tensor]) -> None:
-        """Set a, b, c from one batch's candidates (per direction (B, K), column 0 the positive;
-        the whole batch, so every process of a distributed run sets the same values).
-
-        a, b match the student's scores to the teacher's first two moments (a = σ_z/σ_s, always
-        positive; b = μ_z − a·μ_s): the distillation then starts at the teacher's shape, whatever
-        constant the teacher's logits carry. c is minus the midpoint of the mean positive and mean
-        negative student score, so the BCE starts balanced instead of asking every hard negative
-        for cos → −1 (the fusion teacher's own bias starts the same way)."""
+    def fit_read_outs(
+        self, teacher_scores: list[torch.Tensor], student_scores: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The batch's read-outs (see the class docstring) from its candidates' scores, per
+        direction (B, K) with column 0 the positive: ``score_scale`` a and ``score_bias`` b with
+        ``student_affine``, ``bce_bias`` c with ``self_bias``; detached."""
         z = torch.cat([scores.flatten() for scores in teacher_scores]).float()
         student = torch.cat([scores.flatten() for scores in student_scores]).float()
-        if self.score_scale is not None and self.score_bias is not None:
+        fitted: dict[str, torch.Tensor] = {}
+        if self.args.student_affine:
             scale = z.std() / student.std().clamp_min(1e-6)
-            self.score_scale.copy_(scale)
-            self.score_bias.copy_(z.mean() - scale * student.mean())
-        if self.bce_bias is not None:
-            positives = torch.cat([scores[:, 0] for scores in student_scores]).float()
-            negatives = torch.cat([scores[:, 1:].flatten() for scores in student_scores]).float()
-            if negatives.numel():
-                self.bce_bias.copy_(-0.5 * (positives.mean() + negatives.mean()))
-        self.scores_fitted.fill_(True)
-
-    def student_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The student's score the distillation fits to the teacher's: a·κ_S·cos + b, or κ_S·cos
-        without the affine."""
-        if self.score_scale is None or self.score_bias is None:
-            return logits
-        return self.score_scale * logits + self.score_bias
+            fitted["score_scale"] = scale
+            fitted["score_bias"] = z.mean() - scale * student.mean()
+        if self.args.self_bias and student_scores[0].shape[1] > 1:
+            fitted["bce_bias"] = best_bce_bias(student_scores)
+        return fitted
 
     def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
         args = self.args
@@ -240,26 +238,27 @@ class DCDMethod(DistillMethod):
         if args.symmetric:
             directions.append((z.t(), student_directions[1], drawn[1]))
         mined = [keep_hard(scores, columns, args.hard_negatives) for scores, _, columns in directions]
-        if not bool(self.scores_fitted):
-            with torch.no_grad():  # the whole batch's student scores (each process holds all features)
-                full = contrastive_logits(student.image, student.text, student.logit_scale)
-            pairs = list(zip(directions, [full, full.t()][: len(mined)], mined, strict=True))
-            self.fit_scores(
-                [scores.gather(1, candidates) for (scores, _, _), _, candidates in pairs],
-                [logits.gather(1, candidates) for _, logits, candidates in pairs],
-            )
+        with torch.no_grad():  # the whole batch's student scores (each process holds all features)
+            full = contrastive_logits(student.image, student.text, student.logit_scale)
+        pairs = list(zip(directions, [full, full.t()][: len(mined)], mined, strict=True))
+        read_outs = self.fit_read_outs(
+            [scores.gather(1, candidates) for (scores, _, _), _, candidates in pairs],
+            [logits.gather(1, candidates) for _, logits, candidates in pairs],
+        )
+        scale, bias = read_outs.get("score_scale"), read_outs.get("score_bias")
+        bce_bias = read_outs.get("bce_bias")
         results = []
         for (scores, logits, _), candidates in zip(directions, mined, strict=True):
             picked = logits.gather(1, candidates[query])
             results.append(
                 dcd_loss(
                     scores.gather(1, candidates),
-                    picked if self.bce_bias is None else picked + self.bce_bias,
+                    picked if bce_bias is None else picked + bce_bias.to(picked),
                     alpha=args.alpha,
                     temperature=args.temperature,
                     per_sample_kd_weight=args.per_sample_kd_weight,
                     rows=rows,
-                    distill_logits=self.student_scores(picked),
+                    distill_logits=picked if scale is None or bias is None else scale * picked + bias,
                 )
             )
         distill = torch.stack([r["distill"] for r in results]).mean()
@@ -268,9 +267,5 @@ class DCDMethod(DistillMethod):
         losses["dcd_self_loss"] = args.w_dcd * (1.0 - args.alpha) * self_learning
         report["candidates"] = float(mined[0].shape[1])
         report["max_share"] = float(max(float(r["shares"].max()) for r in results))
-        if self.score_scale is not None and self.score_bias is not None:
-            report["score_scale"] = float(self.score_scale.detach())
-            report["score_bias"] = float(self.score_bias.detach())
-        if self.bce_bias is not None:
-            report["bce_bias"] = float(self.bce_bias.detach())
+        report.update({name: float(value) for name, value in read_outs.items()})
         return MethodOutput(losses=losses, report=report)
