@@ -422,9 +422,18 @@ def test_dcd_method_against_naive(per_sample: bool, with_fusion: bool) -> None:
     )
     distill, self_learning = [], []
     for teacher_rows, student_rows in directions:
-        fitted = torch.tensor([[a * x + b for x in row] for row in student_rows])
+        mapped = [[(x - b) / a for x in row] for row in teacher_rows]  # the teacher on the student's scale
         shifted = torch.tensor([[x + c for x in row] for row in student_rows])
-        distill.append(naive_dcd(torch.tensor(teacher_rows), fitted, 0.2, per_sample)[0])
+        per_query = [
+            sum((t - x) ** 2 for t, x in zip(tr, sr, strict=True)) / len(tr)
+            for tr, sr in zip(mapped, student_rows, strict=True)
+        ]
+        if per_sample:  # the KD weights come from the raw teacher rows' entropy shares
+            rows = torch.tensor(teacher_rows)
+            shares = dcd_loss(rows, rows, per_sample_kd_weight=True)["kd_weights"].tolist()
+            distill.append(sum(w * q for w, q in zip(shares, per_query, strict=True)))
+        else:
+            distill.append(sum(per_query) / len(per_query))
         self_learning.append(naive_dcd(torch.tensor(teacher_rows), shifted, 0.2, per_sample)[1])
     assert float(out.losses["dcd_distill_loss"].detach()) == pytest.approx(0.2 * sum(distill) / 2, rel=1e-4)
     assert float(out.losses["dcd_self_loss"].detach()) == pytest.approx(0.8 * sum(self_learning) / 2, rel=1e-4)

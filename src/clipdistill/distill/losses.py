@@ -297,13 +297,16 @@ def dcd_loss(
     temperature: float = 1.0,
     per_sample_kd_weight: bool = False,
     rows: slice | None = None,
-    distill_logits: torch.Tensor | None = None,
+    distill_targets: torch.Tensor | None = None,
+    self_bias: torch.Tensor | float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """One direction of DCD on mined candidates; column 0 is each query's positive.
 
-    ``distill_logits`` (same shape as ``student_logits``, default: them) is what the distillation
-    MSE compares with the teacher: DCD's method passes its training-only affine of the student's
-    score there, so a constant teacher shift is absorbed by the affine's bias.
+    ``distill_targets`` (same shape as ``teacher_logits``, default: them) is what the
+    distillation MSE fits the student's scores to; the entropy shares always come from
+    ``teacher_logits``. DCD's method passes the teacher's scores mapped onto the student's
+    scale there, so a constant teacher shift cannot move the student's cosines. ``self_bias`` c
+    is added to the student's scores in the self-learning BCE only.
 
     ``teacher_logits``, ``student_logits``: (B, K) scores of each query's K candidates.
     Returns ``{"loss", "distill", "self", "shares", "kd_weights"}``:
@@ -313,7 +316,7 @@ def dcd_loss(
       MSE (mean over the K slots) weighted by r_b = softmax_b((1 − e_b)²) and summed. Without
       (the released code): the batch-mean MSE; the code multiplies that already batch-reduced
       value by per-sample weights that sum to 1, so the weights do nothing (r_b = 1/B here);
-    - self-learning n = Σ_b e_b · BCEWithLogits(s_b, [1, 0, …, 0]) (mean over the K slots);
+    - self-learning n = Σ_b e_b · BCEWithLogits(s_b + c, [1, 0, …, 0]) (mean over the K slots);
     - loss = α·d + (1 − α)·n.
 
     ``rows`` (module doc): ``teacher_logits`` covers the whole batch (the shares and KD weights
@@ -330,17 +333,17 @@ def dcd_loss(
         kd_weights = torch.full_like(shares, 1.0 / shares.numel())
     rows = _query_rows(teacher_logits.shape[0], rows)
     share_factor = teacher_logits.shape[0] / (rows.stop - rows.start)
-    teacher_rows = teacher_logits[rows]
-    fitted = student_logits if distill_logits is None else distill_logits
-    if fitted.shape != student_logits.shape:
+    targets_all = teacher_logits if distill_targets is None else distill_targets
+    if targets_all.shape != teacher_logits.shape:
         raise ValueError(
-            f"distill_logits {tuple(fitted.shape)} differ from student_logits {tuple(student_logits.shape)}"
+            f"distill_targets {tuple(targets_all.shape)} differ from teacher_logits {tuple(teacher_logits.shape)}"
         )
-    per_query = ((teacher_rows / temperature - fitted / temperature) ** 2).mean(dim=1) * temperature**2
+    teacher_rows = targets_all[rows]
+    per_query = ((teacher_rows / temperature - student_logits / temperature) ** 2).mean(dim=1) * temperature**2
     distill = (kd_weights[rows] * per_query).sum() * share_factor
     targets = torch.zeros_like(student_logits)
     targets[:, 0] = 1.0
-    bce = F.binary_cross_entropy_with_logits(student_logits, targets, reduction="none").mean(dim=1)
+    bce = F.binary_cross_entropy_with_logits(student_logits + self_bias, targets, reduction="none").mean(dim=1)
     self_learning = (shares[rows] * bce).sum() * share_factor
     return {
         "loss": alpha * distill + (1.0 - alpha) * self_learning,

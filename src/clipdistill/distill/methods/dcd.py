@@ -107,19 +107,20 @@ class DCDMethod(DistillMethod):
       are not negatives (``exclude_same_text``, true). ``symmetric`` (true, *[ours]*: the
       paper's code is image→text) does the same caption→image and averages the directions.
     - Teacher score z: the fusion teacher's match logit when key ``teacher.fusion`` is set,
-      else the dual teacher's κ_T·cos (report ``fusion`` 1/0). Student score s = a·κ_S·cos + b
-      *[ours, for a dual-encoder student]* (``student_affine``, true), as DCD's cross-encoder
-      student scores with its own ITM head: a, b are fitted to every batch in closed form (first
-      two moments of the candidates' scores: a = σ_z/σ_s, b = μ_z − a·μ_s; no gradient, never
-      exported), so the MSE compares shapes. Two failures this removes, both measured: a fixed
-      read-out is not shift-invariant (our fusion head's logits sit about 5.7 below the dual
-      teacher's, pulling the student's positive cosines toward that constant), and a read-out
-      fitted once (or learned: AdamW moved the scalars by ~lr per step and they never left
-      their init in a 44-step demo run) holds the student to the spread it had when fitted,
-      so the MSE fought the task loss as the student's cosines separated. The fit reads the
-      whole batch's scores (every process holds all features), so it is the same in every
+      else the dual teacher's κ_T·cos (report ``fusion`` 1/0). *[ours, for a dual-encoder
+      student]* (``student_affine``, true): the MSE fits the student's κ_S·cos to the teacher's
+      scores mapped onto the student's scale, (z − b)/a with a = σ_z/σ_s and b = μ_z − a·μ_s the
+      first two moments of the batch's candidate scores (no gradient), i.e. only the teacher's
+      shape; DCD's cross-encoder student scores with its own ITM head, which our dual-encoder
+      student lacks. Three versions failed, measured in the demo: no read-out (our fusion head's
+      logits sit about 5.7 below the dual teacher's and pulled the student's positive cosines
+      toward that constant); a learned affine a·κ_S·cos + b (AdamW moved the scalars by ~lr per
+      step: they never left their init in 44 steps); that affine fitted once or per batch on the
+      student's side (a held the student to its first spread, or, at a ≈ 12, multiplied the
+      distillation gradient by a² and the clip factor then starved the task loss). The fit reads
+      the whole batch's scores (every process holds all features), so it is the same in every
       process of a distributed run, and it has no state to checkpoint.
-      ``student_affine: false`` is the plain κ_S·cos (what this method did first).
+      ``student_affine: false`` compares raw scores (what this method did first).
     - Self-learning read-out κ_S·cos + c *[ours]* (``self_bias``, true): c the bias that
       minimises the batch's BCE (:func:`best_bce_bias`), what SigLIP's learned bias converges
       to: the BCE's 0 targets for hard negatives then ask "below c", not "cos → −1" (which
@@ -249,16 +250,17 @@ class DCDMethod(DistillMethod):
         bce_bias = read_outs.get("bce_bias")
         results = []
         for (scores, logits, _), candidates in zip(directions, mined, strict=True):
-            picked = logits.gather(1, candidates[query])
+            teacher_scores = scores.gather(1, candidates)
             results.append(
                 dcd_loss(
-                    scores.gather(1, candidates),
-                    picked if bce_bias is None else picked + bce_bias.to(picked),
+                    teacher_scores,
+                    logits.gather(1, candidates[query]),
                     alpha=args.alpha,
                     temperature=args.temperature,
                     per_sample_kd_weight=args.per_sample_kd_weight,
                     rows=rows,
-                    distill_logits=picked if scale is None or bias is None else scale * picked + bias,
+                    distill_targets=None if scale is None or bias is None else (teacher_scores - bias) / scale,
+                    self_bias=0.0 if bce_bias is None else bce_bias.to(logits),
                 )
             )
         distill = torch.stack([r["distill"] for r in results]).mean()
