@@ -101,6 +101,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--k-aug", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=64, help="decode size (cache and training)")
+    parser.add_argument("--student", default="tiny", help="student preset (the demo's: lite0)")
+    parser.add_argument("--student-image-size", type=int, default=None, help="student input size (demo: 96)")
+    parser.add_argument("--image-init", default="random", help="student.image_init (demo: teacher)")
+    parser.add_argument("--text-init", default="random", help="student.text_init (demo: teacher)")
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--runs", default="runs/bench/methods", help="folder of the training runs")
     parser.add_argument("--no-sweep", action="store_true", help="use each method's default weight")
     parser.add_argument("--ablation", action="store_true", help="also run ConaCLIP's edge ablation")
     parser.add_argument("--out", default="benchmarks/results/methods.json")
@@ -112,15 +119,35 @@ def main() -> None:
     # The cache (with fusion states when a fusion teacher is given) is built by the CLI in its
     # own process, as a user would; `cache build` keeps a finished cache that matches.
     command = [sys.executable, "-m", "clipdistill.cli.main", "cache", "build", "--teacher", args.teacher]
-    command += ["--data", args.data, "--out", args.cache, "--k-aug", str(args.k_aug), "--image-size", "64"]
+    command += [
+        "--data",
+        args.data,
+        "--out",
+        args.cache,
+        "--k-aug",
+        str(args.k_aug),
+        "--image-size",
+        str(args.image_size),
+    ]
     subprocess.run(command + (["--fusion", args.fusion] if args.fusion else []), check=True, stdout=subprocess.DEVNULL)
     teacher = {"spec": args.teacher, "cache": args.cache, **({"fusion": args.fusion} if args.fusion else {})}
     base = {
-        "out_dir": "runs/bench/methods",
-        "data": {"path": args.data, "image_size": 64},
+        "out_dir": args.runs,
+        "data": {"path": args.data, "image_size": args.image_size},
         "teacher": teacher,
+        "student": {
+            "preset": args.student,
+            "image_size": args.student_image_size,
+            "image_init": args.image_init,
+            "text_init": args.text_init,
+        },
         "augment": {"k": args.k_aug},
-        "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+        "optim": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "warmup_steps": args.warmup_steps,
+        },
     }
     methods = args.methods.split(",")
     chosen: dict[str, dict[str, Any]] = {m: {} for m in methods}
@@ -160,12 +187,20 @@ def main() -> None:
         for m in methods
     }
     notes.update({m: notes[m] + f" (swept on val: {sweep_log[m]})" for m in sweep_log})
-    print_table(f"emoji test split, {args.seeds} seeds, tiny student, {args.epochs} epochs", table, notes)
+    print_table(f"emoji test split, {args.seeds} seeds, {args.student} student, {args.epochs} epochs", table, notes)
 
     result: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "budget": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "k_aug": args.k_aug},
+        "budget": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "k_aug": args.k_aug,
+            "image_size": args.image_size,
+            "student": base["student"],
+            "warmup_steps": args.warmup_steps,
+        },
         "teacher": {"spec": args.teacher, "test": teacher_metrics},
         "chosen_weights": chosen,
         "sweeps_on_val": sweep_log,
