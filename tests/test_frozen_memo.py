@@ -22,9 +22,9 @@ def _count_frozen_rows(model: LiTModel, monkeypatch: pytest.MonkeyPatch) -> list
     rows: list[int] = []
     original = model._run_frozen
 
-    def counting(pixels: torch.Tensor) -> torch.Tensor:
+    def counting(pixels: torch.Tensor, weights: str) -> torch.Tensor:
         rows.append(pixels.shape[0])
-        return original(pixels)
+        return original(pixels, weights)
 
     monkeypatch.setattr(model, "_run_frozen", counting)
     return rows

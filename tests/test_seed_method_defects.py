@@ -150,12 +150,12 @@ def _gradient_after_fitting(
     return raw.grad.clone()
 
 
-def _dcd_student_gradient(shift: float) -> torch.Tensor:
-    """Gradient of the DCD loss on a fixed student's features, after fitting the method's own
-    parameters (the student's score affine, where there is one) to the shifted teacher."""
+def _dcd_against_shifted_fusion(shift: float) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """``(method, raw image, raw text)``: DCD (no task loss, all 7 negatives kept) against a
+    fusion teacher whose logits are 30·cos plus ``shift``, and a fixed student's raw features
+    (the image's gradient is what the tests read)."""
     n, dim = 8, 16
     image, text = clustered(n, dim, 4, 0.8, seed=5)
-    scores = 30.0 * image @ text.t()
     states = FusionStates(
         image=torch.zeros(n, 1, 1),
         image_global=image,
@@ -163,18 +163,24 @@ def _dcd_student_gradient(shift: float) -> torch.Tensor:
         text_mask=torch.ones(n, 1, dtype=torch.bool),
         text_global=text,
     )
-    teacher = FixedTeacher(image, text, math.log(30.0), ShiftedFusion(scores, shift), states)
+    teacher = FixedTeacher(image, text, math.log(30.0), ShiftedFusion(30.0 * image @ text.t(), shift), states)
     method = build("dcd", dim, teacher, {"w_task": 0.0, "random_negatives": 7, "hard_negatives": 7})
     raw_image, raw_text = clustered(n, dim, 4, 1.0, seed=6)
-    raw_image.requires_grad_(True)
-    raw_text.requires_grad_(True)
+    return method, raw_image.requires_grad_(True), raw_text.requires_grad_(True)
+
+
+def _dcd_student_gradient(shift: float) -> torch.Tensor:
+    """Gradient of the DCD loss on a fixed student's features against the shifted teacher,
+    after fitting whatever trainable parameters the method has (none now: its read-outs are
+    fitted per batch)."""
+    method, raw_image, raw_text = _dcd_against_shifted_fusion(shift)
 
     def loss() -> torch.Tensor:
         torch.manual_seed(0)  # the same candidates every call
         student = StudentFeatures(
             image=F.normalize(raw_image, dim=-1), text=F.normalize(raw_text, dim=-1), logit_scale=torch.tensor(2.0)
         )
-        return method(make_batch(n), student).total()
+        return method(make_batch(8), student).total()
 
     return _gradient_after_fitting(method, loss, raw_image)
 
@@ -191,26 +197,14 @@ def test_dcd_student_gradient_does_not_move_with_a_constant_teacher_shift() -> N
 def _dcd_step(shift: float, log_scale: float = 2.6) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's gradient of one DCD step and its report, against a fusion teacher shifted
     by ``shift``, for a student whose logit scale is exp(``log_scale``)."""
-    n, dim = 8, 16
-    image, text = clustered(n, dim, 4, 0.8, seed=5)
-    states = FusionStates(
-        image=torch.zeros(n, 1, 1),
-        image_global=image,
-        text=torch.zeros(n, 1, 1),
-        text_mask=torch.ones(n, 1, dtype=torch.bool),
-        text_global=text,
-    )
-    teacher = FixedTeacher(image, text, math.log(30.0), ShiftedFusion(30.0 * image @ text.t(), shift), states)
-    method = build("dcd", dim, teacher, {"w_task": 0.0, "random_negatives": 7, "hard_negatives": 7})
-    raw_image, raw_text = clustered(n, dim, 4, 1.0, seed=6)
-    raw_image.requires_grad_(True)
+    method, raw_image, raw_text = _dcd_against_shifted_fusion(shift)
     torch.manual_seed(0)
     student = StudentFeatures(
         image=F.normalize(raw_image, dim=-1),
         text=F.normalize(raw_text, dim=-1),
         logit_scale=torch.tensor(log_scale),
     )
-    output = method(make_batch(n), student)
+    output = method(make_batch(8), student)
     output.total().backward()
     assert raw_image.grad is not None
     return raw_image.grad.clone(), output.report

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -54,6 +54,21 @@ class RowMemo:
         while self.bytes > self.max_bytes and self.rows:
             _, dropped = self.rows.popitem(last=False)
             self.bytes -= dropped.numel() * dropped.element_size()
+
+    def fetch(self, keys: list[bytes], compute: Callable[[list[int]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The row of every key: memoised ones from the memo, the others from ``compute``
+        (given the positions of the rows to compute, a repeated key only once; it returns one
+        tensor per position, which is stored). Rows computed here are returned even if storing
+        them evicted them again (a memo smaller than the batch)."""
+        found = [self.get(key) for key in keys]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        missing = [i for i, value in enumerate(found) if value is None and first[keys[i]] == i]
+        fresh: dict[bytes, torch.Tensor] = {}
+        if missing:
+            for i, value in zip(missing, compute(missing), strict=True):
+                fresh[keys[i]] = value
+                self.put(keys[i], value)
+        return [value if value is not None else fresh[key] for value, key in zip(found, keys, strict=True)]
 
 
 @contextlib.contextmanager

@@ -192,33 +192,27 @@ class LiTModel(DualEncoder):
         if not self.splits_at_frozen():
             stages = self.config.frozen_stages
             raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
+        weights = self._frozen_key()
         if not memo_active():
-            return self._run_frozen(pixels)
-        memo = memo_for(self._frozen_key())
-        keys = [tensor_key(row) for row in pixels]
-        found = [memo.get(key) for key in keys]
-        first_row = {key: i for i, key in reversed(list(enumerate(keys)))}  # a repeated row runs once
-        missing = [i for i, value in enumerate(found) if value is None and first_row[keys[i]] == i]
-        if missing:
-            computed = self._run_frozen(pixels[missing])
-            for row, i in enumerate(missing):
-                memo.put(keys[i], computed[row].to("cpu").clone())
-        rows = [value if value is not None else memo.get(keys[i]) for i, value in enumerate(found)]
-        if any(row is None for row in rows):  # evicted within this very batch (a memo smaller than it)
-            return self._run_frozen(pixels)
-        stacked = torch.stack(rows).to(pixels.device)  # type: ignore[arg-type]
-        return stacked.contiguous(memory_format=torch.channels_last)
+            return self._run_frozen(pixels, weights)
+
+        def compute(missing: list[int]) -> list[torch.Tensor]:
+            computed = self._run_frozen(pixels[missing], weights)
+            return [row.to("cpu").clone() for row in computed]
+
+        rows = memo_for(weights).fetch([tensor_key(row) for row in pixels], compute)
+        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
 
     def _frozen_key(self) -> str:
         return module_key(f"lit-frozen:{self.config.frozen_stages}", self.frozen_trunk)
 
-    def _run_frozen(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _run_frozen(self, pixels: torch.Tensor, weights: str) -> torch.Tensor:
         """The frozen stages through :class:`~clipdistill.models.frozen_stages.FrozenStages`
-        (ONNX Runtime on CPU: 2x eager), rebuilt whenever the frozen weights (or the device)
-        change, e.g. after a load."""
+        (ONNX Runtime on CPU: 2x eager), rebuilt whenever the frozen weights (``weights``, their
+        :meth:`_frozen_key`) or the device change, e.g. after a load."""
         from clipdistill.models.frozen_stages import FrozenStages
 
-        key = f"{self._frozen_key()}@{pixels.device}"
+        key = f"{weights}@{pixels.device}"
         cached = self.__dict__.get("_fast_frozen")  # a plain attribute: not in state_dict, not moved by .to()
         if cached is None or cached[0] != key:
             cached = (key, FrozenStages(self.frozen_trunk, pixels.device))
@@ -229,19 +223,19 @@ class LiTModel(DualEncoder):
         """``trunk.forward_features`` (before pooling), through the memoised frozen stages when a
         memo is open and nothing trains: bit-for-bit the same computation otherwise."""
         if self.splits_at_frozen() and memo_active() and not torch.is_grad_enabled():
-            features = self.frozen_features(pixels)
-            for block in self.trunk.blocks[self.config.frozen_stages :]:
-                features = block(features)
-            return self.trunk.bn2(self.trunk.conv_head(features))
+            return self._upper_from_frozen(self.frozen_features(pixels))
         return self.trunk.forward_features(self._trunk_layout(pixels))
+
+    def _upper_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
+        """The trained stages and the head convolution on :meth:`frozen_features`: the rest of
+        ``trunk.forward_features``."""
+        for block in self.trunk.blocks[self.config.frozen_stages :]:
+            features = block(features)
+        return self.trunk.bn2(self.trunk.conv_head(features))
 
     def encode_from_frozen(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The image embedding from :meth:`frozen_features`: the trained stages, head and projection."""
-        trunk = self.trunk
-        for block in trunk.blocks[self.config.frozen_stages :]:
-            features = block(features)
-        pooled = trunk.forward_head(trunk.bn2(trunk.conv_head(features)))
-        embedding = self.image_proj(pooled)
+        embedding = self.image_proj(self.trunk.forward_head(self._upper_from_frozen(features)))
         return torch.nn.functional.normalize(embedding, dim=-1) if normalize else embedding
 
     def minilm_features(self, tokens: torch.Tensor) -> torch.Tensor:

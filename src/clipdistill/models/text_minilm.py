@@ -85,23 +85,18 @@ class MiniLMTextEncoder(nn.Module):
         mask = tokens != self.pad_token_id
         if not self._memo_usable():
             return self._forward_hidden(tokens, mask), mask
-        memo = memo_for(self._memo_key)
         lengths = mask.sum(dim=1).tolist()
-        keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(tokens, lengths, strict=True)]
-        found = [memo.get(key) for key in keys]
-        first_row = {key: i for i, key in reversed(list(enumerate(keys)))}  # a repeated row runs once
-        missing = [i for i, value in enumerate(found) if value is None and first_row[keys[i]] == i]
-        if missing:
+
+        def compute(missing: list[int]) -> list[torch.Tensor]:
             longest = max(lengths[i] for i in missing)
             computed = self._forward_hidden(tokens[missing, :longest], mask[missing, :longest])
-            fresh = {}
-            for row, i in enumerate(missing):
-                fresh[keys[i]] = computed[row, : lengths[i]].detach().to("cpu", torch.float32).clone()
-                memo.put(keys[i], fresh[keys[i]])
-            found = [value if value is not None else fresh[key] for value, key in zip(found, keys, strict=True)]
+            return [
+                computed[row, : lengths[i]].detach().to("cpu", torch.float32).clone() for row, i in enumerate(missing)
+            ]
+
+        keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(tokens, lengths, strict=True)]
         hidden = torch.zeros(tokens.shape[0], tokens.shape[1], self.width, device=tokens.device)
-        for i, value in enumerate(found):
-            assert value is not None
+        for i, value in enumerate(memo_for(self._memo_key).fetch(keys, compute)):
             hidden[i, : lengths[i]] = value.to(tokens.device)
         return hidden, mask
 

@@ -143,10 +143,11 @@ def _frozen_bank(
     for view in range(views):
         chunks = []
         for start in range(0, len(pixels), 64):
+            ids = image_ids[start : start + 64]
             unit = replay_augmentation(
                 to_unit(pixels[start : start + 64]),
-                image_ids[start : start + 64],
-                [view] * len(image_ids[start : start + 64]),
+                ids,
+                [view] * len(ids),
                 seed=config.aug_seed,
                 scale=config.aug_scale,
                 max_shift=config.aug_shift,

@@ -239,8 +239,11 @@ class DCDMethod(DistillMethod):
         if args.symmetric:
             directions.append((z.t(), student_directions[1], drawn[1]))
         mined = [keep_hard(scores, columns, args.hard_negatives) for scores, _, columns in directions]
-        with torch.no_grad():  # the whole batch's student scores (each process holds all features)
-            full = contrastive_logits(student.image, student.text, student.logit_scale)
+        if rows is None:
+            full = student_directions[0].detach()
+        else:  # the whole batch's student scores for the fit (each process holds all features)
+            with torch.no_grad():
+                full = contrastive_logits(student.image, student.text, student.logit_scale)
         pairs = list(zip(directions, [full, full.t()][: len(mined)], mined, strict=True))
         read_outs = self.fit_read_outs(
             [scores.gather(1, candidates) for (scores, _, _), _, candidates in pairs],
