@@ -34,12 +34,14 @@ from clipdistill.train.trainer import train
 
 METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 # The main weight of each method and the values swept on val (the first is the paper default).
-SWEEPS: dict[str, tuple[str, list[Any]]] = {
+# A tuple of keys sweeps them together: each value is then a tuple, one entry per key.
+SWEEPS: dict[str, tuple[str | tuple[str, ...], list[Any]]] = {
     "openclip": ("w_distill", [1.0, 3.0]),
     "clipkd": ("w_fd", [2000.0, 500.0]),
     "conaclip": ("tau_sd", [0.07, 0.2]),
     "mcad": ("mu", [0.5, 0.2]),
-    "dcd": ("w_dcd", [1.0, 3.0]),
+    # DCD: the paper's score MSE at its alpha, and (ours) a KL over the candidates (issue 18).
+    "dcd": (("distill", "alpha"), [("mse", 0.2), ("kl", 0.2), ("kl", 0.5)]),
     "dcd-per-sample": ("w_dcd", [1.0, 3.0]),
     "comkd": ("w_align", [1.0, 0.1, 0.0]),
 }
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--student-image-size", type=int, default=None, help="student input size (demo: 96)")
     parser.add_argument("--image-init", default="random", help="student.image_init (demo: teacher)")
     parser.add_argument("--text-init", default="random", help="student.text_init (demo: teacher)")
+    parser.add_argument("--frozen-stages", type=int, default=0, help="student.frozen_stages (demo: see demo.py)")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--runs", default="runs/bench/methods", help="folder of the training runs")
     parser.add_argument("--no-sweep", action="store_true", help="use each method's default weight")
@@ -140,6 +143,7 @@ def main() -> None:
             "image_size": args.student_image_size,
             "image_init": args.image_init,
             "text_init": args.text_init,
+            "frozen_stages": args.frozen_stages,
         },
         "augment": {"k": args.k_aug},
         "optim": {
@@ -157,14 +161,19 @@ def main() -> None:
             if method not in SWEEPS:
                 continue
             key, values = SWEEPS[method]
-            trials = []
+            keys = key if isinstance(key, tuple) else (key,)
+            fixed = FIXED_ARGS.get(method, {})
+            trials, settings = [], []
             for value in values:
-                fixed = FIXED_ARGS.get(method, {})
-                name = "-".join([f"sweep-{method}", *(f"{k}{v}" for k, v in fixed.items()), f"{key}{value}"])
-                summary = run(base, name, method, 0, {**fixed, key: value})
-                trials.append({"value": value, "val_rsum": summary["val"]["rsum"]})
+                setting = dict(zip(keys, value if isinstance(key, tuple) else (value,), strict=True))
+                name = "-".join([f"sweep-{method}", *(f"{k}{v}" for k, v in {**fixed, **setting}.items())])
+                summary = run(base, name, method, 0, {**fixed, **setting})
+                shown = setting if isinstance(key, tuple) else value
+                trials.append({"value": shown, "val_rsum": summary["val"]["rsum"]})
+                settings.append(setting)
             sweep_log[method] = trials
-            chosen[method] = {**FIXED_ARGS.get(method, {}), key: max(trials, key=lambda t: t["val_rsum"])["value"]}
+            best = max(range(len(trials)), key=lambda i: trials[i]["val_rsum"])
+            chosen[method] = {**fixed, **settings[best]}
 
     per_method: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}

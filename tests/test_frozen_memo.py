@@ -1,16 +1,22 @@
 """The frozen-stage memo of the LiT teacher (models/encoding_memo.py): inside ``encoding_memo``
 every image's frozen stages run once across passes (teacher bank, fusion teacher, cache), the
 embeddings and tokens equal a plain forward, and outside the block (or while training) nothing
-is memoised."""
+is memoised. And ``student.frozen_stages``: a student's leading EfficientNet stages stay fixed,
+run through the memoised ONNX Runtime prefix (models/trunk_split.py), and the model is still the
+plain open_clip one (same weights, same function, same saved folder)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from clipdistill.config import ConfigError, TrainConfig, from_dict
 from clipdistill.models import encoding_memo as memo_module
 from clipdistill.models.encoding_memo import clear_encoding_memos, encoding_memo
+from clipdistill.models.frozen_stages import FrozenStages
 from clipdistill.models.lit import LiTModel, lit_config_from_spec
+from clipdistill.models.students import build_student, student_config
+from clipdistill.train.trainer import build_student_model
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +24,16 @@ def teacher() -> LiTModel:
     return LiTModel(lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5)).eval()
 
 
-def _count_frozen_rows(model: LiTModel, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _count_frozen_rows(model: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch sizes ``model.frozen_prefix`` computes (rows not found in the memo)."""
     rows: list[int] = []
-    original = model._run_frozen
+    original = model.frozen_prefix.run
 
-    def counting(pixels: torch.Tensor, weights: str) -> torch.Tensor:
+    def counting(pixels: torch.Tensor, key: str | None = None) -> torch.Tensor:
         rows.append(pixels.shape[0])
-        return original(pixels, weights)
+        return original(pixels, key)
 
-    monkeypatch.setattr(model, "_run_frozen", counting)
+    monkeypatch.setattr(model.frozen_prefix, "run", counting)
     return rows
 
 
@@ -75,3 +82,64 @@ def test_a_changed_frozen_tower_does_not_read_the_old_rows(teacher: LiTModel) ->
             torch.testing.assert_close(other.frozen_features(pixels), expected)
     assert len(memo_module._MEMOS) == 2
     clear_encoding_memos()
+
+
+# --- student.frozen_stages: the same split on a student (models/openclip_model.py) ----------------
+def _lite0(frozen: int) -> object:
+    torch.manual_seed(0)
+    student = build_student(student_config("lite0", image_size=32))
+    student.freeze_trunk_stages(frozen)
+    return student
+
+
+def test_frozen_student_is_the_plain_model_and_computes_each_row_once(monkeypatch) -> None:
+    clear_encoding_memos()
+    student = _lite0(5)
+    plain = _lite0(0)
+    assert student.state_dict().keys() == plain.state_dict().keys()
+    pixels = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():  # before any training step (those move the upper BatchNorm statistics)
+        torch.testing.assert_close(
+            student.eval().encode_image(pixels), plain.eval().encode_image(pixels), atol=1e-5, rtol=1e-4
+        )
+    clear_encoding_memos()
+    student.train()
+    trunk = student.model.visual.trunk
+    assert not trunk.bn1.training and not trunk.blocks[4].training and trunk.blocks[5].training
+    frozen = {id(p) for module in student.frozen_prefix.modules for p in module.parameters()}
+    assert frozen and all(not p.requires_grad for module in student.frozen_prefix.modules for p in module.parameters())
+    rows = _count_frozen_rows(student, monkeypatch)
+    embedding = student.encode_image(pixels)  # training mode: grads reach the upper stages only
+    embedding.sum().backward()
+    assert rows == [4]
+    grads = [p for p in student.parameters() if p.grad is not None]
+    assert grads and not [p for p in grads if id(p) in frozen]
+    assert trunk.blocks[5][0].conv_pw.weight.grad is not None
+    again = student.encode_image(torch.cat([pixels[2:], torch.rand(1, 3, 32, 32)]))
+    assert rows == [4, 1]  # rows met before come from the memo
+    assert again.shape == (3, student.embed_dim)
+    clear_encoding_memos()
+
+
+def test_onnx_prefix_rows_do_not_depend_on_their_batch() -> None:
+    """What makes the memo exact (and resume bit-for-bit): on CPU a row's frozen features are the
+    same bits whichever rows share its batch."""
+    student = _lite0(5)
+    runner = FrozenStages(student.frozen_prefix.modules, torch.device("cpu"))
+    pixels = torch.randn(9, 3, 32, 32)
+    whole = runner(pixels)
+    for rows in ([0], [4, 2], [8, 0, 5, 1]):
+        assert torch.equal(runner(pixels[rows]), whole[rows])
+
+
+def test_frozen_stages_key_builds_and_rejects_other_trunks(tmp_path) -> None:
+    base = {"name": "s", "out_dir": str(tmp_path), "method": "clip", "data": {"path": str(tmp_path)}}
+    config = from_dict(TrainConfig, {**base, "student": {"preset": "lite0", "image_size": 32, "frozen_stages": 3}})
+    student = build_student_model(config)
+    assert student.frozen_stages == 3 and len(student.frozen_prefix.modules) == 2 + 3
+    with pytest.raises(ConfigError, match=r"student.frozen_stages.*EfficientNet"):
+        build_student_model(from_dict(TrainConfig, {**base, "student": {"preset": "tiny", "frozen_stages": 2}}))
+    with pytest.raises(ConfigError, match=r"student.frozen_stages.*8.*7 stages"):
+        build_student_model(from_dict(TrainConfig, {**base, "student": {"preset": "lite0", "frozen_stages": 8}}))
+    with pytest.raises(ConfigError, match=r"frozen_stages' must be >= 0"):
+        from_dict(TrainConfig, {**base, "student": {"preset": "lite0", "frozen_stages": -1}})

@@ -178,6 +178,40 @@ def test_pair_scores_do_not_depend_on_batching_or_padding(match: str) -> None:
     torch.testing.assert_close(teacher.score_matrix(noisy), matrix, atol=1e-5, rtol=0)
 
 
+def test_dense_grids_are_memoised_per_weights_and_states(monkeypatch) -> None:
+    """MCAD and DCD score the same batches in one demo process: the second scoring of a batch's
+    states reads the first's grid (the same numbers), while other states or other weights, and
+    passes with gradients, compute their own."""
+    from clipdistill.models.encoding_memo import clear_encoding_memos
+
+    clear_encoding_memos()
+    encoder = _random_encoder(match="cross")
+    calls: list[int] = []
+    original = encoder.pair_grid
+
+    def counting(prepared: object, images: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return original(prepared, images)
+
+    monkeypatch.setattr(encoder, "pair_grid", counting)
+    teacher = FusionTeacher(encoder, spec="fusion:fake")
+    states = _random_states()
+    matrix = teacher.score_matrix(states)
+    first = len(calls)
+    assert first > 0
+    image_index, text_index = torch.tensor([0, 1, 2, 3, 3, 2]), torch.tensor([0, 1, 2, 3, 4, 0])
+    again = teacher.pair_logits(states, image_index, text_index)  # a dense-enough subset: the memoised grid
+    assert len(calls) == first and torch.equal(again, matrix[image_index, text_index])
+    teacher.score_matrix(_random_states(seed=2))
+    assert len(calls) == 2 * first  # other states
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.add_(0.1)
+    changed = teacher.score_matrix(states)
+    assert len(calls) == 3 * first and not torch.equal(changed, matrix)  # other weights
+    clear_encoding_memos()
+
+
 def test_untrained_head_scores_like_the_dual_stage() -> None:
     config = FusionConfig(
         "fake:dual", image_token_dim=6, image_tokens=3, text_token_dim=5, embed_dim=4, width=8, heads=2

@@ -202,6 +202,28 @@ def test_dcd_loss_against_naive(per_sample: bool) -> None:
     assert float(out["shares"].sum()) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_dcd_kl_distillation_against_naive_and_blind_to_a_teacher_shift() -> None:
+    """``distill="kl"`` (ours): T²·KL(softmax(z/T) ‖ softmax(s/T)) per query, batch mean; a
+    constant added to a query's teacher scores changes nothing, unlike the MSE."""
+    g = torch.Generator().manual_seed(5)
+    teacher, student = torch.randn(5, 8, generator=g) * 3, torch.randn(5, 8, generator=g) * 3
+    out = dcd_loss(teacher, student, distill="kl", temperature=2.0)
+    expected = 0.0
+    for z, s in zip(teacher.tolist(), student.tolist(), strict=True):
+        p = [math.exp(v / 2.0) for v in z]
+        q = [math.exp(v / 2.0) for v in s]
+        p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+        expected += 4.0 * sum(a * math.log(a / b) for a, b in zip(p, q, strict=True)) / 5
+    assert float(out["distill"]) == pytest.approx(expected, rel=1e-5)
+    shift = torch.arange(5.0)[:, None] * 4.0
+    shifted = dcd_loss(teacher, student, distill="kl", temperature=2.0, distill_targets=teacher + shift)
+    torch.testing.assert_close(shifted["distill"], out["distill"])
+    mse = dcd_loss(teacher, student, distill_targets=teacher + shift)
+    assert not torch.allclose(mse["distill"], dcd_loss(teacher, student)["distill"])
+    with pytest.raises(ValueError, match="'mse' or 'kl'"):
+        dcd_loss(teacher, student, distill="l1")
+
+
 def test_dcd_weighting_variants_differ_exactly_in_the_distillation_term() -> None:
     g = torch.Generator().manual_seed(3)
     teacher, student = torch.randn(5, 8, generator=g) * 3, torch.randn(5, 8, generator=g)

@@ -66,8 +66,15 @@ class StudentConfig:
     # MiniLM text tower; needs its WordPiece vocabulary, as preset lite0 has).
     image_init: str = "random"
     text_init: str = "random"
+    # Leading image-trunk stages kept fixed during training (stem + blocks[:n], BatchNorm in eval;
+    # a timm EfficientNet trunk such as preset lite0's). They get no gradient and their output is
+    # computed once per image view in the process (models/trunk_split.py), so a step costs only
+    # the upper stages; from the teacher's or ImageNet's trunk the low-level filters transfer.
+    frozen_stages: int = 0
 
     def __post_init__(self) -> None:
+        if self.frozen_stages < 0:
+            raise ConfigError(f"key 'student.frozen_stages' must be >= 0, got {self.frozen_stages}")
         if self.image_size is not None and (self.init or self.model_config):
             raise ConfigError(
                 f"key 'student.image_size' ({self.image_size}) resizes a preset; 'student.init'/'student.model_config' "

@@ -77,6 +77,7 @@ class DemoPreset:
     student_image_size: int | None = None  # None: the student preset's own
     student_image_init: str = "random"  # student.image_init
     student_text_init: str = "random"  # student.text_init
+    student_frozen_stages: int = 0  # student.frozen_stages
 
 
 # The teacher and student every preset distils (issue 17, measured in docs/results.md): the
@@ -271,6 +272,7 @@ def _student_config(
                 "image_size": preset.student_image_size,
                 "image_init": preset.student_image_init,
                 "text_init": preset.student_text_init,
+                "frozen_stages": preset.student_frozen_stages,
             },
             "teacher": {"spec": teacher["spec"], "cache": teacher["cache"], "fusion": fusion},
             "augment": {"k": preset.k_augmentations},

@@ -299,6 +299,7 @@ def dcd_loss(
     rows: slice | None = None,
     distill_targets: torch.Tensor | None = None,
     self_bias: torch.Tensor | float = 0.0,
+    distill: str = "mse",
 ) -> dict[str, torch.Tensor]:
     """One direction of DCD on mined candidates; column 0 is each query's positive.
 
@@ -312,8 +313,10 @@ def dcd_loss(
     Returns ``{"loss", "distill", "self", "shares", "kd_weights"}``:
 
     - shares e_b: :func:`entropy_shares` of the teacher logits;
-    - distillation d = T²·MSE(z/T, s/T). With ``per_sample_kd_weight`` (the paper): per-query
-      MSE (mean over the K slots) weighted by r_b = softmax_b((1 − e_b)²) and summed. Without
+    - distillation d = T²·MSE(z/T, s/T) (``distill="mse"``, the paper's), or *[ours]*
+      (``distill="kl"``) T²·KL(softmax(z/T) ‖ softmax(s/T)) over each query's K candidates: the
+      teacher's ranking of them, not its score values. With ``per_sample_kd_weight`` (the paper):
+      per-query term (MSE: mean over the K slots) weighted by r_b = softmax_b((1 − e_b)²) and summed. Without
       (the released code): the batch-mean MSE; the code multiplies that already batch-reduced
       value by per-sample weights that sum to 1, so the weights do nothing (r_b = 1/B here);
     - self-learning n = Σ_b e_b · BCEWithLogits(s_b + c, [1, 0, …, 0]) (mean over the K slots);
@@ -339,7 +342,14 @@ def dcd_loss(
             f"distill_targets {tuple(targets_all.shape)} differ from teacher_logits {tuple(teacher_logits.shape)}"
         )
     teacher_rows = targets_all[rows]
-    per_query = ((teacher_rows / temperature - student_logits / temperature) ** 2).mean(dim=1) * temperature**2
+    if distill == "mse":
+        per_query = ((teacher_rows / temperature - student_logits / temperature) ** 2).mean(dim=1)
+    elif distill == "kl":
+        target_log = F.log_softmax(teacher_rows / temperature, dim=1)
+        per_query = (target_log.exp() * (target_log - F.log_softmax(student_logits / temperature, dim=1))).sum(dim=1)
+    else:
+        raise ValueError(f"dcd_loss distill must be 'mse' or 'kl', got {distill!r}")
+    per_query = per_query * temperature**2
     distill = (kd_weights[rows] * per_query).sum() * share_factor
     targets = torch.zeros_like(student_logits)
     targets[:, 0] = 1.0

@@ -9,7 +9,11 @@ are keyed by their content (plus the tower's identity) and computed once. No lib
 a module's forward per input row, hence this small module.
 
 Users: :class:`~clipdistill.models.text_minilm.MiniLMTextEncoder` (hidden states per token row)
-and :class:`~clipdistill.models.lit.LiTModel` (its frozen trunk stages per image).
+and :class:`~clipdistill.models.lit.LiTModel` (its frozen trunk stages per image), inside the
+block. Outside it, two users whose rows are exact: a student's frozen trunk stages
+(models/trunk_split.py: the ONNX Runtime graph gives a row the same bits whatever its batch) and
+the fusion teacher's dense logits grids (models/fusion/base.py: the same states give the same
+computation).
 
 A row first met in another batch can differ from a fresh forward in the last float bits
 (different padding or batch size), which bitwise-exact training resume must not see, so the

@@ -25,8 +25,9 @@ from torch import nn
 from clipdistill.hashing import file_sha256
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder, load_trained_weights
-from clipdistill.models.encoding_memo import memo_active, memo_for, module_key, tensor_key
+from clipdistill.models.encoding_memo import memo_active
 from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
+from clipdistill.models.trunk_split import FrozenPrefix, is_efficientnet, leading_stages, upper_features
 
 MODEL_FILE = "clipdistill_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -126,16 +127,15 @@ class LiTModel(DualEncoder):
             self.trunk = create_lite_trunk(config.image_pretrained, num_classes=0, pretrained=load_pretrained)
         else:
             self.trunk = timm.create_model(config.image_model, pretrained=False, num_classes=0)
-        from timm.models.efficientnet import EfficientNet
-
         # EfficientNet trunks (the Lite ones) run in NHWC: PyTorch's CPU depthwise convolutions are
         # about 1.5x faster there (measured on the Lite0 teacher), and the cache build, the fusion
         # teacher's encoding and evaluation all run this tower over every image. They are also the
         # trunks whose frozen stages split off (stem, ``blocks``, ``conv_head``/``bn2``, pooled head).
-        self.efficientnet_trunk = isinstance(self.trunk, EfficientNet)
+        self.efficientnet_trunk = is_efficientnet(self.trunk)
         if self.efficientnet_trunk:
             self.trunk.to(memory_format=torch.channels_last)
-        self.frozen_trunk = self._frozen_trunk_modules(config.frozen_stages)
+        self.frozen_trunk = leading_stages(self.trunk, config.frozen_stages, "LiTConfig.frozen_stages")
+        self.frozen_prefix = FrozenPrefix(self.frozen_trunk, f"lit-frozen:{config.frozen_stages}")
         for module in self.frozen_trunk:
             module.requires_grad_(False)
         self.image_proj = nn.Linear(self.trunk.num_features, config.embed_dim)
@@ -148,18 +148,6 @@ class LiTModel(DualEncoder):
             with torch.no_grad():  # start as the identity map so training begins in MiniLM's space
                 self.text_proj.weight.copy_(torch.eye(config.embed_dim, MINILM_DIM))
         self.log_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
-
-    def _frozen_trunk_modules(self, stages: int) -> list[nn.Module]:
-        if stages == 0:
-            return []
-        blocks = getattr(self.trunk, "blocks", None)
-        if blocks is None or stages > len(blocks):
-            raise ValueError(
-                f"LiTConfig.frozen_stages {stages}: {self.config.image_model} has "
-                f"{'no blocks' if blocks is None else f'{len(blocks)} stages'}"
-            )
-        stem = [m for name in ("conv_stem", "bn1") if (m := getattr(self.trunk, name, None)) is not None]
-        return [*stem, *blocks[:stages]]
 
     def train(self, mode: bool = True) -> LiTModel:
         super().train(mode)
@@ -192,32 +180,9 @@ class LiTModel(DualEncoder):
         if not self.splits_at_frozen():
             stages = self.config.frozen_stages
             raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
-        weights = self._frozen_key()
         if not memo_active():
-            return self._run_frozen(pixels, weights)
-
-        def compute(missing: list[int]) -> list[torch.Tensor]:
-            computed = self._run_frozen(pixels[missing], weights)
-            return [row.to("cpu").clone() for row in computed]
-
-        rows = memo_for(weights).fetch([tensor_key(row) for row in pixels], compute)
-        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
-
-    def _frozen_key(self) -> str:
-        return module_key(f"lit-frozen:{self.config.frozen_stages}", self.frozen_trunk)
-
-    def _run_frozen(self, pixels: torch.Tensor, weights: str) -> torch.Tensor:
-        """The frozen stages through :class:`~clipdistill.models.frozen_stages.FrozenStages`
-        (ONNX Runtime on CPU: 2x eager), rebuilt whenever the frozen weights (``weights``, their
-        :meth:`_frozen_key`) or the device change, e.g. after a load."""
-        from clipdistill.models.frozen_stages import FrozenStages
-
-        key = f"{weights}@{pixels.device}"
-        cached = self.__dict__.get("_fast_frozen")  # a plain attribute: not in state_dict, not moved by .to()
-        if cached is None or cached[0] != key:
-            cached = (key, FrozenStages(self.frozen_trunk, pixels.device))
-            self.__dict__["_fast_frozen"] = cached
-        return cached[1](pixels)
+            return self.frozen_prefix.run(pixels)
+        return self.frozen_prefix.memoised(pixels)
 
     def _upper_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``trunk.forward_features`` (before pooling), through the memoised frozen stages when a
@@ -229,9 +194,7 @@ class LiTModel(DualEncoder):
     def _upper_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         """The trained stages and the head convolution on :meth:`frozen_features`: the rest of
         ``trunk.forward_features``."""
-        for block in self.trunk.blocks[self.config.frozen_stages :]:
-            features = block(features)
-        return self.trunk.bn2(self.trunk.conv_head(features))
+        return upper_features(self.trunk, features, self.config.frozen_stages)
 
     def encode_from_frozen(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The image embedding from :meth:`frozen_features`: the trained stages, head and projection."""

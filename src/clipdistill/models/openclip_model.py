@@ -14,6 +14,7 @@ from torch import nn
 
 from clipdistill.models.base import DualEncoder
 from clipdistill.models.spec import ModelSpecError
+from clipdistill.models.trunk_split import FrozenPrefix, is_efficientnet, leading_stages, traced, upper_features
 
 
 def _as_pair(size: Any) -> tuple[int, int]:
@@ -46,10 +47,46 @@ class OpenCLIPDualEncoder(DualEncoder):
         # weights stay as they are (convolutions follow the input's layout), so saving, export
         # and the optimiser see nothing different.
         self.channels_last_pixels = any(isinstance(m, nn.BatchNorm2d) for m in model.visual.modules())
+        self.frozen_stages = 0
+        self.frozen_prefix: FrozenPrefix | None = None
+
+    def freeze_trunk_stages(self, stages: int) -> None:
+        """Keep the image trunk's stem and first ``stages`` blocks fixed (``student.frozen_stages``):
+        no gradient, BatchNorm statistics fixed (eval mode), and in training and evaluation their
+        output comes from :class:`~clipdistill.models.trunk_split.FrozenPrefix`, each image row
+        computed once per process (models/trunk_split.py says why). Only timm EfficientNet
+        trunks split this way (the lite0 preset). The module tree and the weights stay as they
+        are, so the saved folder and the exported graph are the plain open_clip model."""
+        trunk = getattr(self.model.visual, "trunk", None)
+        if stages < 0:
+            raise ValueError(f"student.frozen_stages must be >= 0, got {stages}")
+        if stages and (trunk is None or not is_efficientnet(trunk)):
+            found = "no timm trunk" if trunk is None else f"a {type(trunk).__name__} trunk"
+            raise ValueError(
+                f"student.frozen_stages {stages}: only a timm EfficientNet image trunk (preset lite0) splits; "
+                f"this student has {found}"
+            )
+        modules = leading_stages(trunk, stages, "student.frozen_stages") if stages else []
+        for module in modules:
+            module.requires_grad_(False)
+        self.frozen_stages = stages
+        self.frozen_prefix = FrozenPrefix(modules, f"student-frozen:{stages}") if modules else None
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> OpenCLIPDualEncoder:
+        super().train(mode)
+        if self.frozen_prefix is not None:
+            for module in self.frozen_prefix.modules:
+                module.eval()  # frozen stages keep their BatchNorm statistics
+        return self
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.channels_last_pixels and pixels.dim() == 4:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
+        if self.frozen_prefix is not None and not traced():
+            visual = self.model.visual
+            upper = upper_features(visual.trunk, self.frozen_prefix.memoised(pixels), self.frozen_stages)
+            return visual.head(visual.trunk.forward_head(upper))
         return self.model.encode_image(pixels, normalize=False)
 
     def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

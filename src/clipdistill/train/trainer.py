@@ -156,6 +156,17 @@ def check_needs(config: TrainConfig, method_cls: type[DistillMethod]) -> None:
 
 
 def build_student_model(config: TrainConfig) -> OpenCLIPDualEncoder:
+    """The student of ``config.student``: its architecture and first weights, then its frozen
+    trunk stages (``student.frozen_stages``)."""
+    student = _initial_student(config)
+    try:
+        student.freeze_trunk_stages(config.student.frozen_stages)
+    except ValueError as error:
+        raise ConfigError(f"key 'student.frozen_stages': {error}") from error
+    return student
+
+
+def _initial_student(config: TrainConfig) -> OpenCLIPDualEncoder:
     import json
 
     from clipdistill.models.spec import ModelSpecError

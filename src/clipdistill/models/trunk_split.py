@@ -1,0 +1,96 @@
+"""An EfficientNet trunk split into frozen leading stages and trained upper stages.
+
+Why: the ImageNet Lite trunks' first stages (stem + ``blocks[:5]`` of Lite0) hold generic
+low-level filters that transfer as they are, and at training resolution they are most of the
+trunk's cost: the activations are largest there and their backward is twice their forward. A
+frozen prefix (weights fixed, BatchNorm statistics fixed: eval mode) is a pure function of the
+image row, so it runs without autograd, through :class:`~clipdistill.models.frozen_stages.FrozenStages`
+(ONNX Runtime on CPU), and each row's output is memoised; only the upper stages train. The LiT
+teacher (models/lit.py) and a student with ``student.frozen_stages`` (models/openclip_model.py)
+both split this way. timm has no such split, hence this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipdistill.models.encoding_memo import RowMemo, memo_for, module_key, tensor_key
+
+
+def is_efficientnet(trunk: nn.Module) -> bool:
+    """Whether ``trunk`` is timm's EfficientNet family (the Lite trunks): stem, ``blocks``,
+    ``conv_head``/``bn2``, pooled head: the layout :func:`upper_features` continues."""
+    from timm.models.efficientnet import EfficientNet
+
+    return isinstance(trunk, EfficientNet)
+
+
+def leading_stages(trunk: nn.Module, stages: int, owner: str) -> list[nn.Module]:
+    """The stem and the first ``stages`` blocks of ``trunk`` in forward order ([] for 0);
+    ``owner`` names the setting in the error for a trunk without that many stages."""
+    if stages == 0:
+        return []
+    blocks = getattr(trunk, "blocks", None)
+    if blocks is None or stages > len(blocks):
+        found = "no blocks" if blocks is None else f"{len(blocks)} stages"
+        raise ValueError(f"{owner} {stages}: the image trunk {type(trunk).__name__} has {found}")
+    stem = [m for name in ("conv_stem", "bn1") if (m := getattr(trunk, name, None)) is not None]
+    return [*stem, *blocks[:stages]]
+
+
+def upper_features(trunk: nn.Module, features: torch.Tensor, stages: int) -> torch.Tensor:
+    """The rest of an EfficientNet's ``forward_features`` after its stem and first ``stages``
+    blocks: the remaining blocks and the head convolution (before pooling)."""
+    for block in trunk.blocks[stages:]:
+        features = block(features)
+    return trunk.bn2(trunk.conv_head(features))
+
+
+def traced() -> bool:
+    """Whether a graph is being traced or compiled (an exported graph must hold the
+    computation, not a lookup or an ONNX Runtime call)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class FrozenPrefix:
+    """Runs a trunk's frozen leading stages fast and, on request, memoised per row.
+
+    The runner (:class:`FrozenStages`) is rebuilt whenever the frozen weights or the device
+    change (e.g. after a checkpoint load); the memo is keyed by the weights too, so two models
+    with the same frozen stages (every student that starts from the teacher's image tower)
+    share their rows. On CPU the ONNX Runtime graph gives each row bit-for-bit the same output
+    whatever else is in its batch (tested), so a memoised row equals a fresh one exactly."""
+
+    def __init__(self, modules: list[nn.Module], name: str) -> None:
+        self.modules = modules
+        self.name = name
+        self._runner: tuple[str, Any] | None = None
+
+    def key(self) -> str:
+        """The frozen weights' identity (a hash of their parameters and buffers)."""
+        return module_key(self.name, self.modules)
+
+    def run(self, pixels: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """The frozen stages on model-normalised ``pixels`` (no memo), channels-last."""
+        from clipdistill.models.frozen_stages import FrozenStages
+
+        weights = key or self.key()
+        runner_key = f"{weights}@{pixels.device}"
+        if self._runner is None or self._runner[0] != runner_key:
+            self._runner = (runner_key, FrozenStages(self.modules, pixels.device))
+        return self._runner[1](pixels)
+
+    def memoised(self, pixels: torch.Tensor, memo: RowMemo | None = None) -> torch.Tensor:
+        """:meth:`run`, each row computed once per weights in this process (``memo``: the
+        process-wide one of these weights unless given)."""
+        weights = self.key()
+        rows_memo = memo if memo is not None else memo_for(weights)
+
+        def compute(missing: list[int]) -> list[torch.Tensor]:
+            return [row.to("cpu").clone() for row in self.run(pixels[missing], weights)]
+
+        rows = rows_memo.fetch([tensor_key(row) for row in pixels], compute)
+        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
