@@ -135,7 +135,8 @@ class DCDMethod(DistillMethod):
       scratch (alone, α 1: test rsum 32.8; without it, α 0: 95.2), since the teacher's near-ties on
       its hardest negatives ask the student to narrow exactly the margins its task loss widens;
       ``tuned`` says which the val sweep picked. ``per_sample_kd_weight: false`` is the released
-      code (its KD weights are a no-op); ``true`` the paper's per-sample r_b = softmax_b((1 − e_b)²) on the distillation.
+      code (its KD weights are a no-op); ``true`` the paper's per-sample r_b = softmax_b((1 − e_b)²)
+      on the distillation.
     - Terms: ``dcd_distill_loss`` = w_dcd·α·d, ``dcd_self_loss`` = w_dcd·(1−α)·n (their sum is
       the DCD loss), ``task_loss`` = w_task · the student's clip loss on the whole batch.
 
