@@ -143,3 +143,18 @@ def test_frozen_stages_key_builds_and_rejects_other_trunks(tmp_path) -> None:
         build_student_model(from_dict(TrainConfig, {**base, "student": {"preset": "lite0", "frozen_stages": 8}}))
     with pytest.raises(ConfigError, match=r"frozen_stages' must be >= 0"):
         from_dict(TrainConfig, {**base, "student": {"preset": "lite0", "frozen_stages": -1}})
+
+
+def test_a_copied_frozen_student_builds_its_own_runner() -> None:
+    """``copy.deepcopy`` of a student (EMA copies, tests) must not try to copy an ONNX Runtime
+    session; the copy's prefix runs on its own copied stages."""
+    import copy
+
+    student = _lite0(5).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = student.encode_image(pixels)  # builds the original's runner
+        twin = copy.deepcopy(student)
+        assert twin.frozen_prefix._runner is None
+        assert twin.frozen_prefix.modules[0] is twin.model.visual.trunk.conv_stem
+        torch.testing.assert_close(twin.encode_image(pixels), expected)

@@ -69,6 +69,11 @@ class FrozenPrefix:
         self.name = name
         self._runner: tuple[str, Any] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the runner behind (an ONNX Runtime session is neither); the
+        copy builds its own on first use."""
+        return {**self.__dict__, "_runner": None}
+
     def key(self) -> str:
         """The frozen weights' identity (a hash of their parameters and buffers)."""
         return module_key(self.name, self.modules)
