@@ -26,7 +26,7 @@ import torch
 
 from clipdistill.config import TrainConfig, from_dict
 from clipdistill.data.loading import load_dataset
-from clipdistill.distill.methods import fusion_methods
+from clipdistill.distill.methods import fusion_methods, tuned_method_args
 from clipdistill.eval.evaluate import evaluate_loaded
 from clipdistill.io import atomic_write_json
 from clipdistill.models.teachers import load_model
@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--runs", default="runs/bench/methods", help="folder of the training runs")
     parser.add_argument("--no-sweep", action="store_true", help="use each method's default weight")
+    parser.add_argument(
+        "--tuned", action="store_true", help="no sweep: each method's tuned arguments (what the demo trains)"
+    )
     parser.add_argument("--ablation", action="store_true", help="also run ConaCLIP's edge ablation")
     parser.add_argument("--out", default="benchmarks/results/methods.json")
     parser.add_argument("--teacher-label", default="teacher (LiT)")
@@ -156,7 +159,9 @@ def main() -> None:
     methods = args.methods.split(",")
     chosen: dict[str, dict[str, Any]] = {m: {} for m in methods}
     sweep_log: dict[str, list[dict[str, Any]]] = {}
-    if not args.no_sweep:
+    if args.tuned:
+        chosen = {m: dict(tuned_method_args().get(m, {})) for m in methods}
+    elif not args.no_sweep:
         for method in methods:
             if method not in SWEEPS:
                 continue
@@ -212,6 +217,7 @@ def main() -> None:
         },
         "teacher": {"spec": args.teacher, "test": teacher_metrics},
         "chosen_weights": chosen,
+        "weights_from": "tuned" if args.tuned else "defaults" if args.no_sweep else "val sweep",
         "sweeps_on_val": sweep_log,
         "methods": {
             m: {"runs": per_method[m], "mean_std": aggregate(per_method[m]), "train_seconds": seconds[m]}
