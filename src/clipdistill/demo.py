@@ -105,8 +105,8 @@ _PRETRAINED = {  # the teacher keys equal train.lit's DEFAULT_TEACHER_SPEC/_FROZ
 PRESETS: dict[str, DemoPreset] = {
     # quick: budgets in epochs, not seconds, so a loaded machine takes longer instead of
     # shipping a weaker teacher. Sized for `make demo` on 2 cores: teacher 4 epochs, fusion head
-    # 1 epoch on 1 augmentation x 15 negatives (its test re-ranking gain was within noise with 2:
-    # R@1 -0.1 to +1.9 over three runs, at 9 of the demo's 38 minutes), students 2 epochs
+    # 1 epoch (a pass over the captions: 226 steps) of 15 negatives on 1 augmentation (2 gave the
+    # same val re-ranking, R@1 17.9 vs 18.1, and cost one more view to encode), students 2 epochs
     # (warm-up 10 of their 44 steps).
     "quick": DemoPreset(
         seeds=1,
