@@ -58,15 +58,13 @@ class OpenCLIPDualEncoder(DualEncoder):
         trunks split this way (the lite0 preset). The module tree and the weights stay as they
         are, so the saved folder and the exported graph are the plain open_clip model."""
         trunk = getattr(self.model.visual, "trunk", None)
-        if stages < 0:
-            raise ValueError(f"student.frozen_stages must be >= 0, got {stages}")
-        if stages and (trunk is None or not is_efficientnet(trunk)):
+        if stages > 0 and (trunk is None or not is_efficientnet(trunk)):
             found = "no timm trunk" if trunk is None else f"a {type(trunk).__name__} trunk"
             raise ValueError(
                 f"student.frozen_stages {stages}: only a timm EfficientNet image trunk (preset lite0) splits; "
                 f"this student has {found}"
             )
-        modules = leading_stages(trunk, stages, "student.frozen_stages") if stages else []
+        modules = leading_stages(trunk, stages, "student.frozen_stages")  # checks the count; [] for 0
         for module in modules:
             module.requires_grad_(False)
         self.frozen_stages = stages

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipdistill.models.encoding_memo import RowMemo, memo_for, module_key, tensor_key
+from clipdistill.models.encoding_memo import memo_for, module_key, tensor_key
 
 
 def is_efficientnet(trunk: nn.Module) -> bool:
@@ -31,6 +31,8 @@ def is_efficientnet(trunk: nn.Module) -> bool:
 def leading_stages(trunk: nn.Module, stages: int, owner: str) -> list[nn.Module]:
     """The stem and the first ``stages`` blocks of ``trunk`` in forward order ([] for 0);
     ``owner`` names the setting in the error for a trunk without that many stages."""
+    if stages < 0:
+        raise ValueError(f"{owner} must be >= 0, got {stages}")
     if stages == 0:
         return []
     blocks = getattr(trunk, "blocks", None)
@@ -88,14 +90,13 @@ class FrozenPrefix:
             self._runner = (runner_key, FrozenStages(self.modules, pixels.device))
         return self._runner[1](pixels)
 
-    def memoised(self, pixels: torch.Tensor, memo: RowMemo | None = None) -> torch.Tensor:
-        """:meth:`run`, each row computed once per weights in this process (``memo``: the
-        process-wide one of these weights unless given)."""
+    def memoised(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`run`, each row computed once per weights in this process (the process-wide
+        memo of these weights)."""
         weights = self.key()
-        rows_memo = memo if memo is not None else memo_for(weights)
 
         def compute(missing: list[int]) -> list[torch.Tensor]:
             return [row.to("cpu").clone() for row in self.run(pixels[missing], weights)]
 
-        rows = rows_memo.fetch([tensor_key(row) for row in pixels], compute)
+        rows = memo_for(weights).fetch([tensor_key(row) for row in pixels], compute)
         return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)

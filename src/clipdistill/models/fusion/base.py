@@ -146,10 +146,10 @@ def score_pairs(
             f"pair indices must be two 1-D tensors of one length, got {tuple(image_index.shape)}, "
             f"{tuple(text_index.shape)}"
         )
-    prepared = backend.prepare_pairs(states)
     n_pairs = int(image_index.numel())
     if hasattr(backend, "pair_grid") and n_pairs >= DENSE_FRACTION * states.n_images * states.n_texts > 0:
-        return _score_dense(backend, prepared, states, image_index, text_index, pooled, chunk)
+        return _score_dense(backend, states, image_index, text_index, pooled, chunk)
+    prepared = backend.prepare_pairs(states)
     logits, features = [], []
     for start in range(0, n_pairs, chunk):
         part = slice(start, start + chunk)
@@ -165,7 +165,6 @@ def score_pairs(
 
 def _score_dense(
     backend: Any,
-    prepared: Any,
     states: FusionStates,
     image_index: torch.Tensor,
     text_index: torch.Tensor,
@@ -181,11 +180,11 @@ def _score_dense(
     (about 160 s of a 2-core demo). A memoised grid is the one a fresh pass over the same states
     gives, bit for bit (same inputs, same shapes, same code), so training is unchanged."""
     if pooled or torch.is_grad_enabled():
-        logits, features = _dense_grid(backend, prepared, states, pooled, chunk)
+        logits, features = _dense_grid(backend, states, pooled, chunk)
         return logits[image_index, text_index], (features[image_index, text_index] if pooled else None)
     key = _grid_key(backend, states)
     memo = memo_for("fusion-grids", max_bytes=GRID_MEMO_BYTES)
-    (grid,) = memo.fetch([key], lambda _: [_dense_grid(backend, prepared, states, False, chunk)[0]])
+    (grid,) = memo.fetch([key], lambda _: [_dense_grid(backend, states, False, chunk)[0]])
     return grid.to(states.image_global.device)[image_index, text_index], None
 
 
@@ -194,8 +193,9 @@ GRID_MEMO_BYTES = 256 << 20
 
 
 def _dense_grid(
-    backend: Any, prepared: Any, states: FusionStates, pooled: bool, chunk: int
+    backend: Any, states: FusionStates, pooled: bool, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    prepared = backend.prepare_pairs(states)  # here, not before the memo: a memoised grid needs none
     rows = max(1, chunk // max(1, states.n_texts))
     logit_blocks, feature_blocks = [], []
     for start in range(0, states.n_images, rows):
