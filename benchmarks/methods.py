@@ -40,15 +40,30 @@ SWEEPS: dict[str, tuple[str | tuple[str, ...], list[Any]]] = {
     "clipkd": ("w_fd", [2000.0, 500.0]),
     "conaclip": ("tau_sd", [0.07, 0.2]),
     "mcad": ("mu", [0.5, 0.2]),
-    # DCD: the paper's score MSE at its alpha, and (ours) a KL over the candidates (issue 18).
-    "dcd": (("distill", "alpha"), [("mse", 0.2), ("kl", 0.2), ("kl", 0.5)]),
+    # DCD (issue 18): the paper's score MSE at its alpha gave val 85.6, a KL over the candidates
+    # (ours) 103.3 at alpha 0.2 and 106.3 at 0.5 (benchmarks/results/methods_dcd_lite0.json). Then:
+    # the KL against the teacher's own sharpness (student_affine false) and more kept negatives.
+    "dcd": (
+        ("distill", "alpha", "student_affine", "hard_negatives"),
+        [
+            ("kl", 0.5, True, 7),
+            ("kl", 0.5, False, 7),
+            ("kl", 0.8, False, 7),
+            ("kl", 0.5, False, 31),
+            ("kl", 0.5, True, 31),
+            ("kl", 0.8, False, 31),
+            ("kl", 0.5, False, 63),
+        ],
+    ),
     "dcd-per-sample": ("w_dcd", [1.0, 3.0]),
-    "comkd": ("w_align", [1.0, 0.1, 0.0]),
+    # ComKD: w_align 1 / 0.1 / 0 gave val 19.6 / 84.9 / 85.0 on this student (w_ref 3,
+    # benchmarks/results/methods_comkd_lite0.json); then the refinement's weight and temperature.
+    "comkd": (("w_ref", "temperature"), [(3.0, 1.0), (1.0, 1.0), (10.0, 1.0), (3.0, 4.0), (1.0, 4.0), (0.3, 1.0)]),
 }
-# Weights held fixed while the main one is swept. ComKD: w_ref 3 beat 1 on val (40.8 vs 26.3 rsum
-# at w_align 1, 2026-11-23); IFAlign then turned out to be what held it below scratch (align alone:
-# 28.0 vs scratch 76.3 on val), so its weight is the one swept.
-FIXED_ARGS: dict[str, dict[str, Any]] = {"comkd": {"w_ref": 3.0}}
+# Weights held fixed while the main ones are swept. ComKD: IFAlign held it below scratch (align
+# alone: 28.0 vs scratch 76.3 on val, 2026-11-23) and adds nothing on the demo's student (w_align
+# 0 and 0.1 tie), so it is off while the refinement is swept.
+FIXED_ARGS: dict[str, dict[str, Any]] = {"comkd": {"w_align": 0.0}}
 # Table labels that are a registered method with fixed extra arguments.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dcd": ("dcd", {"per_sample_kd_weight": False}),  # the released code's behaviour (KD weight a no-op)

@@ -109,6 +109,7 @@ def _check_schema(report: dict, methods: list[str]) -> None:
     assert report["efficiency"]["threads"] >= 1 and report["efficiency"]["measured_utc"]
     # Every method trains the same student network, timed once: one figure for all of them.
     assert len({json.dumps(s["onnx_ms"], sort_keys=True) for s in report["students"]}) == 1
+    assert len({json.dumps(s["latency_ms"], sort_keys=True) for s in report["students"]}) == 1  # eager: once too
     assert all(s["train_seconds"] > 0 for s in report["students"])
     assert [row["method"] for row in report["summary"]] == methods
     for row in report["summary"]:
@@ -127,6 +128,9 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     for name in ("report.json", "report.md", "pareto.png", "curves.png", "examples.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == report
+    # The teacher's test recall is read inside the encoding memo: the numbers its training reported.
+    teacher_summary = json.loads((out / "teacher" / "train_summary.json").read_text())
+    assert report["teacher"]["metrics"]["rsum"] == pytest.approx(teacher_summary["test"]["rsum"])
     markdown = (out / "report.md").read_text()
     assert "| `clip` |" in markdown and "| `openclip` |" in markdown and "![quality vs latency](pareto.png)" in markdown
     assert "| ms b1 | ms b64 | speed-up b1 | speed-up b64 |" in markdown and "## Efficiency" in markdown
@@ -187,4 +191,5 @@ def test_demo_all_methods_teacher_beats_scratch(scenes: Path, tmp_path: Path) ->
     for student in report["students"]:
         assert student["method_args"] == TUNED_METHOD_ARGS.get(student["method"], {})
     markdown = (tmp_path / "demo" / "report.md").read_text()
-    assert "- `comkd`: ComKD-CLIP" in markdown and "weights w_ref=3.0, w_align=0.1 (tuned on val)" in markdown
+    weights = ", ".join(f"{key}={value}" for key, value in TUNED_METHOD_ARGS["comkd"].items())
+    assert "- `comkd`: ComKD-CLIP" in markdown and f"weights {weights} (tuned on val)" in markdown

@@ -44,12 +44,15 @@ def test_memo_reuses_frozen_rows_and_matches_a_plain_forward(teacher: LiTModel, 
     pixels = teacher.prepare_pixels(torch.rand(5, 3, 48, 48, generator=generator))
     plain_embedding, plain_tokens = teacher.encode_image(pixels), teacher.encode_image_tokens(pixels)
     rows = _count_frozen_rows(teacher, monkeypatch)
+    upper: list[int] = []
+    original_upper = teacher._upper_from_frozen
+    monkeypatch.setattr(teacher, "_upper_from_frozen", lambda f: upper.append(len(f)) or original_upper(f))
     with encoding_memo():
         embedding = teacher.encode_image(pixels)
-        tokens = teacher.encode_image_tokens(pixels)  # the fusion teacher's second pass: no frozen rows
-        assert rows == [5]
+        tokens = teacher.encode_image_tokens(pixels)  # the fusion teacher's second pass: nothing runs
+        assert rows == [5] and upper == [5]
         reordered = teacher.encode_image(torch.cat([pixels[3:], pixels[:1], torch.flip(pixels[:1], dims=[3])]))
-        assert rows == [5, 1]  # another batch: only the new (flipped) image runs the frozen stages
+        assert rows == [5, 1] and upper == [5, 1]  # another batch: only the new (flipped) image runs
     torch.testing.assert_close(embedding, plain_embedding, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(tokens, plain_tokens, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(reordered[:3], plain_embedding[[3, 4, 0]], atol=1e-5, rtol=1e-4)
@@ -81,6 +84,23 @@ def test_a_changed_frozen_tower_does_not_read_the_old_rows(teacher: LiTModel) ->
             teacher.frozen_features(pixels)
             torch.testing.assert_close(other.frozen_features(pixels), expected)
     assert len(memo_module._MEMOS) == 2
+    clear_encoding_memos()
+
+
+@torch.no_grad()
+def test_changed_trained_stages_do_not_read_the_old_trunk_rows(teacher: LiTModel) -> None:
+    """The whole-trunk memo is keyed by every trunk weight: other trained stages (a teacher saved
+    at another epoch) compute their own rows, while the frozen rows are still shared."""
+    clear_encoding_memos()
+    pixels = teacher.prepare_pixels(torch.rand(2, 3, 48, 48))
+    other = LiTModel(lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5)).eval()
+    other.load_state_dict(teacher.state_dict())
+    other.trunk.conv_head.weight.mul_(0.5)
+    expected = other.encode_image_tokens(pixels)
+    with encoding_memo():
+        teacher.encode_image_tokens(pixels)
+        torch.testing.assert_close(other.encode_image_tokens(pixels), expected, atol=1e-5, rtol=1e-4)
+    assert len(memo_module._MEMOS) == 3  # one frozen-stage memo, two whole-trunk memos
     clear_encoding_memos()
 
 

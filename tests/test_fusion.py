@@ -32,6 +32,7 @@ from clipdistill.models.fusion import (
     dual_token_geometry,
     load_fusion,
     pad_texts,
+    score_pairs,
     unpad_texts,
 )
 from clipdistill.models.lit import LiTConfig, LiTModel
@@ -189,9 +190,9 @@ def test_dense_grids_are_memoised_per_weights_and_states(monkeypatch) -> None:
     calls: list[int] = []
     original = encoder.pair_grid
 
-    def counting(prepared: object, images: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def counting(prepared: object, images: slice, with_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
-        return original(prepared, images)
+        return original(prepared, images, with_pooled=with_pooled)
 
     monkeypatch.setattr(encoder, "pair_grid", counting)
     teacher = FusionTeacher(encoder, spec="fusion:fake")
@@ -251,6 +252,31 @@ def test_pooled_cosine_equals_naive() -> None:
     )
     scale = encoder.config.dual_logit_scale
     torch.testing.assert_close(untrained.score_matrix(states), scale * dual, atol=1e-5, rtol=0)
+
+
+def test_pool_logits_never_read_the_cross_attention_half() -> None:
+    """With ``match="pool"`` a logits-only call skips the pair cross-attention (it only makes f):
+    the same logits as a call that asks for f, also when the trained half of the states is NaN
+    (what the fusion trainer's listwise scoring feeds it), and with gradients for the pooling."""
+    encoder = _random_encoder(match="pool").train()
+    runs: list[str] = []
+    for name in ("text_to_image", "image_to_text"):
+        getattr(encoder, name).register_forward_hook(lambda *_, name=name: runs.append(name))
+    states = _random_states(extra=4)
+    image_index, text_index = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([4, 0, 2, 3, 3])
+    with_f, pooled = score_pairs(encoder, states, image_index, text_index, pooled=True)
+    assert runs == ["text_to_image", "image_to_text"]
+    alone, none = score_pairs(encoder, states, image_index, text_index)
+    assert pooled is not None and none is None and len(runs) == 2
+    torch.testing.assert_close(alone, with_f, atol=1e-6, rtol=0)
+    image = states.image.clone()
+    image[..., :8] = float("nan")
+    blind = FusionStates(image, states.image_global, states.text, states.text_mask, states.text_global)
+    logits, _ = score_pairs(encoder, blind, image_index, text_index)
+    torch.testing.assert_close(logits, with_f, atol=1e-6, rtol=0)
+    logits.sum().backward()
+    assert encoder.word_score.weight.grad is not None and torch.isfinite(encoder.word_score.weight.grad).all()
+    assert len(runs) == 2  # the cross-attention ran only for the call that asked for f
 
 
 def test_pool_states_reproduce_the_lit_dual_cosine(teacher_spec: str) -> None:

@@ -164,6 +164,7 @@ def tower_efficiency(
     repeats: int = 10,
     device: str = "cpu",
     num_threads: int | None = None,
+    warmup: int = 3,
 ) -> dict[str, dict[str, float]]:
     """Parameters, FLOPs, per-item latency and peak memory of each tower.
 
@@ -193,8 +194,8 @@ def tower_efficiency(
 
         latency: dict[str, float] = {}
         for b in batch_sizes:
-            latency[f"image_b{b}"] = measure_latency_ms(image(b), repeats=repeats) / b
-            latency[f"text_b{b}"] = measure_latency_ms(text(b), repeats=repeats) / b
+            latency[f"image_b{b}"] = measure_latency_ms(image(b), warmup=warmup, repeats=repeats) / b
+            latency[f"text_b{b}"] = measure_latency_ms(text(b), warmup=warmup, repeats=repeats) / b
         return {
             "params": {
                 "image": count_parameters(model.image_tower()),

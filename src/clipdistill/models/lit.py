@@ -25,7 +25,7 @@ from torch import nn
 from clipdistill.hashing import file_sha256
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder, load_trained_weights
-from clipdistill.models.encoding_memo import memo_active
+from clipdistill.models.encoding_memo import memo_active, memo_for, module_key, tensor_key
 from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
 from clipdistill.models.trunk_split import FrozenPrefix, is_efficientnet, leading_stages, upper_features
 
@@ -185,11 +185,27 @@ class LiTModel(DualEncoder):
         return self.frozen_prefix.memoised(pixels)
 
     def _upper_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``trunk.forward_features`` (before pooling), through the memoised frozen stages when a
-        memo is open and nothing trains: bit-for-bit the same computation otherwise."""
+        """``trunk.forward_features`` (before pooling); when a memo is open and nothing trains,
+        memoised per row for the whole trunk, its frozen stages memoised on their own (teacher
+        training's bank): bit-for-bit the same computation otherwise."""
         if self.splits_at_frozen() and memo_active() and not torch.is_grad_enabled():
-            return self._upper_from_frozen(self.frozen_features(pixels))
+            return self._memoised_upper(pixels)
         return self.trunk.forward_features(self._trunk_layout(pixels))
+
+    def _memoised_upper(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Every row of ``forward_features`` once per trunk weights: the cache's dual pass and the
+        fusion teacher's token and embedding calls ask for the same rows of a frozen teacher,
+        and the trained stages at 224 px were half of the cache stage. A miss runs the trained
+        stages on the (memoised) frozen rows; both memos share one hash of each pixel row."""
+        keys = [tensor_key(row) for row in pixels]
+        prefix = self.frozen_prefix
+
+        def compute(missing: list[int]) -> list[torch.Tensor]:
+            frozen = prefix.memoised(pixels[missing], [keys[i] for i in missing])
+            return [row.to("cpu").clone() for row in self._upper_from_frozen(frozen)]
+
+        rows = memo_for(module_key("lit-trunk", [self.trunk])).fetch(keys, compute)
+        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
 
     def _upper_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         """The trained stages and the head convolution on :meth:`frozen_features`: the rest of

@@ -90,13 +90,15 @@ class FrozenPrefix:
             self._runner = (runner_key, FrozenStages(self.modules, pixels.device))
         return self._runner[1](pixels)
 
-    def memoised(self, pixels: torch.Tensor) -> torch.Tensor:
+    def memoised(self, pixels: torch.Tensor, row_keys: list[bytes] | None = None) -> torch.Tensor:
         """:meth:`run`, each row computed once per weights in this process (the process-wide
-        memo of these weights)."""
+        memo of these weights). ``row_keys``: the rows' :func:`tensor_key`, when the caller
+        already hashed them."""
         weights = self.key()
 
         def compute(missing: list[int]) -> list[torch.Tensor]:
             return [row.to("cpu").clone() for row in self.run(pixels[missing], weights)]
 
-        rows = memo_for(weights).fetch([tensor_key(row) for row in pixels], compute)
+        keys = row_keys if row_keys is not None else [tensor_key(row) for row in pixels]
+        rows = memo_for(weights).fetch(keys, compute)
         return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)

@@ -17,6 +17,7 @@ val and, when there is one, on test.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,12 +193,25 @@ def _mine(scores: torch.Tensor, excluded: list[set[int]], top: int, what: str) -
     )
 
 
-def _states(encoder: FusionEncoder, data: _Encoded, rows: torch.Tensor, distinct: torch.Tensor) -> FusionStates:
+def _states(
+    encoder: FusionEncoder, data: _Encoded, rows: torch.Tensor, distinct: torch.Tensor, logits_only: bool = False
+) -> FusionStates:
+    """States of image rows ``rows`` and distinct captions ``distinct``. ``logits_only`` (a
+    ``match="pool"`` encoder with precomputed patches, scored without pooled features): the
+    image's trained half, which such a logit never reads, is NaN instead of projected from the
+    raw 1280-wide tokens; gathering and projecting those was a third of a listwise step, and NaN
+    makes any read of that half loud."""
     hidden, mask = data.text_batch(distinct)
-    return FusionStates(
-        image=encoder.project_image(
+    if logits_only and encoder.config.match == "pool" and data.image_patches is not None:
+        patches = data.image_patches[rows]
+        unread = patches.new_full((*patches.shape[:2], encoder.config.width), float("nan"))
+        image = torch.cat([unread, patches], dim=-1)
+    else:
+        image = encoder.project_image(
             data.image_tokens[rows], None if data.image_patches is None else data.image_patches[rows]
-        ),
+        )
+    return FusionStates(
+        image=image,
         image_global=data.image_global[rows],
         text=encoder.project_text(hidden, mask),
         text_mask=mask,
@@ -300,7 +314,12 @@ def _listwise_step(
     rows = candidates * k + torch.randint(0, k, candidates.shape, generator=generator).to(device)
     all_rows, row_local = torch.unique(rows.reshape(-1), return_inverse=True)
     all_texts, text_local = torch.unique(texts, return_inverse=True)
-    states = _states(encoder, data, all_rows, all_texts)
+    pool = encoder.config.match == "pool"
+    # With match="pool" the logit reads only the frozen dual-space half of the states (words,
+    # patches); the trained half serves the heads loss of one pair per image. Projecting every
+    # candidate row with gradients, for a loss that reads a sixteenth of them, was half a step.
+    with torch.no_grad() if pool else contextlib.nullcontext():
+        states = _states(encoder, data, all_rows, all_texts, logits_only=True)
     logits, _ = score_pairs(encoder, states, row_local, text_local.repeat_interleave(candidates.shape[1]))
     itm = F.cross_entropy(logits.view(b, -1), torch.zeros(b, dtype=torch.long, device=device))
     heads = torch.zeros((), device=device)
@@ -309,12 +328,17 @@ def _listwise_step(
         first = torch.full((len(unique),), b, device=device).scatter_reduce(
             0, inverse, torch.arange(b, device=device), "amin"
         )
+        if pool:
+            head_states = _states(encoder, data, rows[first, 0], texts[first])
+            image_local = text_local_heads = torch.arange(len(first), device=device)
+        else:
+            head_states, image_local, text_local_heads = states, row_local.view(b, -1)[first, 0], text_local[first]
         heads = _heads_loss(
             encoder,
             config,
-            states,
-            row_local.view(b, -1)[first, 0],
-            text_local[first],
+            head_states,
+            image_local,
+            text_local_heads,
             data.image_global[rows[first, 0]],
             data.text_global[texts[first]],
         )

@@ -106,14 +106,16 @@ class FusionBackend(nn.Module):
         """``(tokens (B, L, ...), mask (B, L) bool, unit global embedding (B, G))``."""
         raise NotImplementedError
 
-    def prepare_pairs(self, states: FusionStates) -> Any:
-        """Per-item work of the pair head, done once for all pairs of a call."""
+    def prepare_pairs(self, states: FusionStates, with_pooled: bool = True) -> Any:
+        """Per-item work of the pair head, done once for all pairs of a call (``with_pooled``:
+        whether the pairs' pooled features will be asked for, as in :meth:`pair_forward`)."""
         return states
 
     def pair_forward(
-        self, prepared: Any, image_index: torch.Tensor, text_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(match logits (P,), pooled pair features (P, d))`` for pairs (image_index[p], text_index[p])."""
+        self, prepared: Any, image_index: torch.Tensor, text_index: torch.Tensor, with_pooled: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(match logits (P,), pooled pair features (P, d))`` for pairs (image_index[p], text_index[p]).
+        With ``with_pooled=False`` a backend may skip the pooled features (and give ``None``)."""
         raise NotImplementedError
 
     def dual_heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,11 +151,11 @@ def score_pairs(
     n_pairs = int(image_index.numel())
     if hasattr(backend, "pair_grid") and n_pairs >= DENSE_FRACTION * states.n_images * states.n_texts > 0:
         return _score_dense(backend, states, image_index, text_index, pooled, chunk)
-    prepared = backend.prepare_pairs(states)
+    prepared = backend.prepare_pairs(states, with_pooled=pooled)
     logits, features = [], []
     for start in range(0, n_pairs, chunk):
         part = slice(start, start + chunk)
-        logit, feature = backend.pair_forward(prepared, image_index[part], text_index[part])
+        logit, feature = backend.pair_forward(prepared, image_index[part], text_index[part], with_pooled=pooled)
         logits.append(logit)
         if pooled:
             features.append(feature)
@@ -195,11 +197,12 @@ GRID_MEMO_BYTES = 256 << 20
 def _dense_grid(
     backend: Any, states: FusionStates, pooled: bool, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    prepared = backend.prepare_pairs(states)  # here, not before the memo: a memoised grid needs none
+    # here, not before the memo: a memoised grid needs none
+    prepared = backend.prepare_pairs(states, with_pooled=pooled)
     rows = max(1, chunk // max(1, states.n_texts))
     logit_blocks, feature_blocks = [], []
     for start in range(0, states.n_images, rows):
-        logit, feature = backend.pair_grid(prepared, slice(start, start + rows))
+        logit, feature = backend.pair_grid(prepared, slice(start, start + rows), with_pooled=pooled)
         logit_blocks.append(logit)
         if pooled:
             feature_blocks.append(feature)

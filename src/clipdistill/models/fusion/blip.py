@@ -63,8 +63,8 @@ class BlipItmBackend(FusionBackend):
         return ids, mask.bool(), F.normalize(self.model.text_proj(hidden[:, 0, :]), dim=-1)
 
     def pair_forward(
-        self, prepared: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, prepared: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor, with_pooled: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # BLIP's logit needs its pooled feature: always given
         image = prepared.image[image_index]
         mask = prepared.text_mask[text_index]
         longest = max(1, int(mask.sum(dim=1).max()))

@@ -141,6 +141,7 @@ def pooled_cosine(
     image_mean: torch.Tensor,
     word_image: torch.Tensor,
     patch_text: torch.Tensor,
+    patch_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cosine of a caption and an image, each pooled with weights that depend on the other.
 
@@ -150,13 +151,47 @@ def pooled_cosine(
     weights are ``softmax_w(word_logits_w + word_image · cos(word_w, image_mean))`` over real words
     (``word_logits`` (..., L) per caption; the second term lets the image say which words it
     explains), the image's are ``softmax_p(patch_text · cos(patch_p, pooled caption))``. Leading
-    dims broadcast (pairs, or a grid of images × captions), computed with batched matmuls."""
+    dims broadcast (pairs, or a grid of images × captions), computed with batched matmuls.
+    ``patch_norms`` (..., N), when given, are the patches' norms computed once per image: the
+    patch cosines are then (patch · text) / norm, which saves normalising a per-pair copy of every
+    patch (a quarter of a fusion training step)."""
     unit_words = F.normalize(words, dim=-1)
     logits = word_logits + word_image * (unit_words @ image_mean.unsqueeze(-1)).squeeze(-1)
     weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     text = F.normalize((weights.unsqueeze(-2) @ words).squeeze(-2), dim=-1)  # (..., D)
-    patch_weights = (patch_text * (F.normalize(patches, dim=-1) @ text.unsqueeze(-1)).squeeze(-1)).softmax(dim=-1)
+    if patch_norms is None:
+        patch_cosines = (F.normalize(patches, dim=-1) @ text.unsqueeze(-1)).squeeze(-1)
+    else:
+        patch_cosines = (patches @ text.unsqueeze(-1)).squeeze(-1) / patch_norms
+    patch_weights = (patch_text * patch_cosines).softmax(dim=-1)
     image = F.normalize((patch_weights.unsqueeze(-2) @ patches).squeeze(-2), dim=-1)
+    return (image * text).sum(dim=-1)
+
+
+def pooled_cosine_grid(
+    words: torch.Tensor,
+    word_logits: torch.Tensor,
+    mask: torch.Tensor,
+    patches: torch.Tensor,
+    image_mean: torch.Tensor,
+    word_image: torch.Tensor,
+    patch_text: torch.Tensor,
+    patch_norms: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`pooled_cosine` of every image (``patches`` (I, N, D), ``image_mean`` (I, D),
+    ``patch_norms`` (I, N)) against every caption (``words`` (T, L, D), ``word_logits``/``mask``
+    (T, L)): (I, T). The same arithmetic as broadcasting the pair version over an (I, 1) × (1, T)
+    grid, but each product is a batched matmul over one side, so no (I, T, N, D) or (I, T, L, D)
+    copy is made: broadcasting made four of those per block of images and was the whole cost of
+    MCAD's dense scoring."""
+    unit_words = F.normalize(words, dim=-1)
+    word_cosines = torch.einsum("tld,id->itl", unit_words, image_mean)
+    logits = word_logits.unsqueeze(0) + word_image * word_cosines
+    weights = logits.masked_fill(~mask.unsqueeze(0), float("-inf")).softmax(dim=-1)  # (I, T, L)
+    text = F.normalize(torch.bmm(weights.transpose(0, 1), words).transpose(0, 1), dim=-1)  # (I, T, D)
+    patch_cosines = torch.bmm(text, patches.transpose(1, 2)) / patch_norms.unsqueeze(1)  # (I, T, N)
+    patch_weights = (patch_text * patch_cosines).softmax(dim=-1)
+    image = F.normalize(torch.bmm(patch_weights, patches), dim=-1)  # (I, T, D)
     return (image * text).sum(dim=-1)
 
 
@@ -286,43 +321,52 @@ class FusionEncoder(FusionBackend):
         hidden, mask = hidden[:, :longest], mask[:, :longest]
         return self.project_text(hidden, mask), mask, embedding
 
-    def prepare_pairs(self, states: FusionStates) -> dict[str, Any]:
+    def prepare_pairs(self, states: FusionStates, with_pooled: bool = True) -> dict[str, Any]:
         width = self.config.width
-        image, text = states.image[..., :width], states.text[..., :width]
-        prepared = {
+        prepared: dict[str, Any] = {
             "mask": states.text_mask,
             "image_global": states.image_global,
             "text_global": states.text_global,
-            "text_queries": self.text_to_image.project(text, states.text_mask),
-            "image_keys": self.text_to_image.project(image),
-            "image_queries": self.image_to_text.project(image),
-            "text_keys": self.image_to_text.project(text, states.text_mask),
         }
+        if self._needs_cross_attention(with_pooled):
+            image, text = states.image[..., :width], states.text[..., :width]
+            prepared["text_queries"] = self.text_to_image.project(text, states.text_mask)
+            prepared["image_keys"] = self.text_to_image.project(image)
+            prepared["image_queries"] = self.image_to_text.project(image)
+            prepared["text_keys"] = self.image_to_text.project(text, states.text_mask)
         if self.config.match == "pool":
-            words, patches = states.text[..., width:], states.image[..., width:]
+            # Detached: they are outputs of the frozen word_proj/patch_proj on frozen dual tokens,
+            # so no trained weight gets a gradient through them, but as slices of a state that
+            # carries the trained projections they would drag a per-pair backward pass (gather,
+            # normalise) through autograd: half of a fusion training step.
+            words, patches = states.text[..., width:].detach(), states.image[..., width:].detach()
             prepared["words"] = words
             prepared["word_logits"] = self.word_score(self.word_norm(words)).squeeze(-1)
             prepared["patches"] = patches
             prepared["image_mean"] = F.normalize(patches.mean(dim=1), dim=-1)
+            prepared["patch_norms"] = patches.norm(dim=-1).clamp_min(1e-12)  # F.normalize's eps
         return prepared
 
     def _pool_cosine(self, p: dict[str, Any], image: Any, text: Any, grid: bool) -> torch.Tensor:
         """:func:`pooled_cosine` for pairs (``image``/``text`` index tensors) or a grid (``image``
-        a slice of images against every caption)."""
+        a slice of images against every caption, :func:`pooled_cosine_grid`)."""
         if grid:
+            return pooled_cosine_grid(
+                p["words"],
+                p["word_logits"],
+                p["mask"],
+                p["patches"][image],
+                p["image_mean"][image],
+                self.word_image,
+                self.patch_text,
+                p["patch_norms"][image],
+            )
 
-            def img(name: str) -> torch.Tensor:
-                return p[name][image].unsqueeze(1)
+        def img(name: str) -> torch.Tensor:
+            return p[name][image]
 
-            def txt(name: str) -> torch.Tensor:
-                return p[name].unsqueeze(0)
-        else:
-
-            def img(name: str) -> torch.Tensor:
-                return p[name][image]
-
-            def txt(name: str) -> torch.Tensor:
-                return p[name][text]
+        def txt(name: str) -> torch.Tensor:
+            return p[name][text]
 
         return pooled_cosine(
             txt("words"),
@@ -332,38 +376,56 @@ class FusionEncoder(FusionBackend):
             img("image_mean"),
             self.word_image,
             self.patch_text,
+            img("patch_norms"),
         )
 
     def _head(
-        self, pooled_text: torch.Tensor, pooled_image: torch.Tensor, cosine: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, pooled_text: torch.Tensor | None, pooled_image: torch.Tensor | None, cosine: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(match logit, pooled f)``; f is ``None`` when the cross-attention was skipped."""
+        if pooled_text is None or pooled_image is None:
+            return self.dual_weight * cosine + self.dual_bias, None
         pooled = self.mlp(torch.cat([pooled_text, pooled_image, pooled_text * pooled_image], dim=-1))
         if self.config.match == "pool":  # ``cosine`` is already the pooled cosine
             return self.dual_weight * cosine + self.dual_bias, pooled
         return self.itm(pooled).squeeze(-1) + self.dual_weight * cosine + self.dual_bias, pooled
 
+    def _needs_cross_attention(self, with_pooled: bool) -> bool:
+        """With ``match="pool"`` the logit is the pooled cosine alone: the pair cross-attention
+        only makes f, so a caller that wants logits only (fusion training's listwise loss, MCAD's
+        and DCD's scoring) skips it, which was a third of their cost."""
+        return with_pooled or self.config.match != "pool"
+
     def pair_forward(
-        self, prepared: dict[str, Any], image_index: torch.Tensor, text_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        prepared: dict[str, Any],
+        image_index: torch.Tensor,
+        text_index: torch.Tensor,
+        with_pooled: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = prepared
 
         def take(projected: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
             return {name: value[index] for name, value in projected.items()}
 
-        mask = p["mask"][text_index]
-        pooled_text = self.text_to_image(
-            take(p["text_queries"], text_index), take(p["image_keys"], image_index), query_mask=mask
-        )
-        pooled_image = self.image_to_text(
-            take(p["image_queries"], image_index), take(p["text_keys"], text_index), key_mask=mask
-        )
+        pooled_text = pooled_image = None
+        if self._needs_cross_attention(with_pooled):
+            mask = p["mask"][text_index]
+            pooled_text = self.text_to_image(
+                take(p["text_queries"], text_index), take(p["image_keys"], image_index), query_mask=mask
+            )
+            pooled_image = self.image_to_text(
+                take(p["image_queries"], image_index), take(p["text_keys"], text_index), key_mask=mask
+            )
         if self.config.match == "pool":
             cosine = self._pool_cosine(p, image_index, text_index, grid=False)
         else:
             cosine = (p["image_global"][image_index] * p["text_global"][text_index]).sum(dim=-1)
         return self._head(pooled_text, pooled_image, cosine)
 
-    def pair_grid(self, prepared: dict[str, Any], images: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_grid(
+        self, prepared: dict[str, Any], images: slice, with_pooled: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(logits (b, B_t), pooled (b, B_t, d))`` for images ``images`` × every caption: the
         same computation as :meth:`pair_forward`, broadcast instead of gathered per pair (no
         per-pair copies of caption tokens, which dominate the cost of dense pair sets)."""
@@ -372,9 +434,15 @@ class FusionEncoder(FusionBackend):
         def grid(projected: dict[str, torch.Tensor], axis: int, part: slice | None = None) -> dict[str, torch.Tensor]:
             return {name: (value if part is None else value[part]).unsqueeze(axis) for name, value in projected.items()}
 
-        mask = p["mask"].unsqueeze(0)
-        pooled_text = self.text_to_image(grid(p["text_queries"], 0), grid(p["image_keys"], 1, images), query_mask=mask)
-        pooled_image = self.image_to_text(grid(p["image_queries"], 1, images), grid(p["text_keys"], 0), key_mask=mask)
+        pooled_text = pooled_image = None
+        if self._needs_cross_attention(with_pooled):
+            mask = p["mask"].unsqueeze(0)
+            pooled_text = self.text_to_image(
+                grid(p["text_queries"], 0), grid(p["image_keys"], 1, images), query_mask=mask
+            )
+            pooled_image = self.image_to_text(
+                grid(p["image_queries"], 1, images), grid(p["text_keys"], 0), key_mask=mask
+            )
         if self.config.match == "pool":
             cosine = self._pool_cosine(p, images, None, grid=True)
         else:
