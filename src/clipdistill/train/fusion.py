@@ -199,8 +199,8 @@ def _states(
     """States of image rows ``rows`` and distinct captions ``distinct``. ``logits_only`` (a
     ``match="pool"`` encoder with precomputed patches, scored without pooled features): the
     image's trained half, which such a logit never reads, is NaN instead of projected from the
-    raw 1280-wide tokens; gathering and projecting those was a third of a listwise step, and NaN
-    makes any read of that half loud."""
+    raw 1280-wide tokens; gathering and projecting those was a seventh of a listwise step, and
+    NaN makes any read of that half loud."""
     hidden, mask = data.text_batch(distinct)
     if logits_only and encoder.config.match == "pool" and data.image_patches is not None:
         patches = data.image_patches[rows]
@@ -317,7 +317,7 @@ def _listwise_step(
     pool = encoder.config.match == "pool"
     # With match="pool" the logit reads only the frozen dual-space half of the states (words,
     # patches); the trained half serves the heads loss of one pair per image. Projecting every
-    # candidate row with gradients, for a loss that reads a sixteenth of them, was half a step.
+    # candidate row with gradients, for a loss that reads a sixteenth of them, was a fifth of a step.
     with torch.no_grad() if pool else contextlib.nullcontext():
         states = _states(encoder, data, all_rows, all_texts, logits_only=True)
     logits, _ = score_pairs(encoder, states, row_local, text_local.repeat_interleave(candidates.shape[1]))
