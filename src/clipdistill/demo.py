@@ -457,7 +457,8 @@ def run_demo(
     students: list[dict[str, Any]] = []
     first_student: dict[str, Any] | None = None
     for config, summary in runs:
-        result = _evaluate(summary["model"], test, pixels, config.run_dir / "test_metrics.json", None, first_student)
+        path = config.run_dir / "test_metrics.json"
+        result = _evaluate(summary["model"], test, pixels, path, same_network=first_student)
         first_student = first_student or result
         students.append(
             {

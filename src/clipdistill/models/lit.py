@@ -25,9 +25,15 @@ from torch import nn
 from clipdistill.hashing import file_sha256
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder, load_trained_weights
-from clipdistill.models.encoding_memo import memo_active, memo_for, module_key, tensor_key
+from clipdistill.models.encoding_memo import memo_active, module_key, tensor_key
 from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
-from clipdistill.models.trunk_split import FrozenPrefix, is_efficientnet, leading_stages, upper_features
+from clipdistill.models.trunk_split import (
+    FrozenPrefix,
+    is_efficientnet,
+    leading_stages,
+    memoised_feature_maps,
+    upper_features,
+)
 
 MODEL_FILE = "clipdistill_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -198,14 +204,11 @@ class LiTModel(DualEncoder):
         and the trained stages at 224 px were half of the cache stage. A miss runs the trained
         stages on the (memoised) frozen rows; both memos share one hash of each pixel row."""
         keys = [tensor_key(row) for row in pixels]
-        prefix = self.frozen_prefix
 
-        def compute(missing: list[int]) -> list[torch.Tensor]:
-            frozen = prefix.memoised(pixels[missing], [keys[i] for i in missing])
-            return [row.to("cpu").clone() for row in self._upper_from_frozen(frozen)]
+        def forward(missing: list[int]) -> torch.Tensor:
+            return self._upper_from_frozen(self.frozen_prefix.memoised(pixels[missing], [keys[i] for i in missing]))
 
-        rows = memo_for(module_key("lit-trunk", [self.trunk])).fetch(keys, compute)
-        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
+        return memoised_feature_maps(module_key("lit-trunk", [self.trunk]), keys, forward, pixels.device)
 
     def _upper_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         """The trained stages and the head convolution on :meth:`frozen_features`: the rest of

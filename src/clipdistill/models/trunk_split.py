@@ -12,6 +12,7 @@ both split this way. timm has no such split, hence this module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,10 +96,20 @@ class FrozenPrefix:
         memo of these weights). ``row_keys``: the rows' :func:`tensor_key`, when the caller
         already hashed them."""
         weights = self.key()
-
-        def compute(missing: list[int]) -> list[torch.Tensor]:
-            return [row.to("cpu").clone() for row in self.run(pixels[missing], weights)]
-
         keys = row_keys if row_keys is not None else [tensor_key(row) for row in pixels]
-        rows = memo_for(weights).fetch(keys, compute)
-        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
+        return memoised_feature_maps(weights, keys, lambda missing: self.run(pixels[missing], weights), pixels.device)
+
+
+def memoised_feature_maps(
+    tower: str, keys: list[bytes], forward: Callable[[list[int]], torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """The batch of per-row feature maps whose row keys are ``keys``, from ``tower``'s memo;
+    ``forward(missing)`` computes the rows at those positions as one batch. Rows are stored on
+    the CPU and returned stacked on ``device``, channels-last (the trunk's layout). Shared by the
+    frozen prefix and the LiT teacher's whole-trunk memo."""
+
+    def compute(missing: list[int]) -> list[torch.Tensor]:
+        return [row.to("cpu").clone() for row in forward(missing)]
+
+    rows = memo_for(tower).fetch(keys, compute)
+    return torch.stack(rows).to(device).contiguous(memory_format=torch.channels_last)
