@@ -25,11 +25,15 @@ system-deps:
 	  fi; \
 	fi
 
+# uv installs the same pins as pip in a fifth of the time (fresh venv on the 2-vCPU VM,
+# 2026-12-02: 34 s against pip's 163 s; it unpacks torch's CUDA wheels in parallel), which is
+# what keeps `make demo` inside its 20 minutes from a fresh clone. uv itself comes from the
+# package registry through pip.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --upgrade pip
-	@$(BIN)/python -m pip install -q $(TORCH_PINS)
-	@$(BIN)/python -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	@$(BIN)/python -m pip install -q 'uv>=0.5,<1'
+	@$(BIN)/uv pip install -q --python $(BIN)/python $(TORCH_PINS)
+	@$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]' $(TORCH_PINS)
 	@touch $(STAMP)
 	@echo "installed clipdistill into $(VENV)"
 

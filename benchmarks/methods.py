@@ -197,6 +197,7 @@ def main() -> None:
 
     per_method: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
+    val_rsums: dict[str, list[float]] = {}
     for method in methods:
         for seed in range(args.seeds):
             suffix = "-".join(f"{k}{v}" for k, v in chosen[method].items())
@@ -206,6 +207,7 @@ def main() -> None:
             summary = run(base, name, method, seed, chosen[method])
             per_method.setdefault(method, []).append(test_metrics(summary, test_split))
             seconds.setdefault(method, []).append(summary["train_seconds"])
+            val_rsums.setdefault(method, []).append(summary["val"]["rsum"])
 
     teacher_metrics = test_metrics({"model": args.teacher}, test_split)
     table = {args.teacher_label: {k: (v, 0.0) for k, v in teacher_metrics.items()}}
@@ -235,7 +237,12 @@ def main() -> None:
         "weights_from": "tuned" if args.tuned else "defaults" if args.no_sweep else "val sweep",
         "sweeps_on_val": sweep_log,
         "methods": {
-            m: {"runs": per_method[m], "mean_std": aggregate(per_method[m]), "train_seconds": seconds[m]}
+            m: {
+                "runs": per_method[m],
+                "mean_std": aggregate(per_method[m]),
+                "val_rsum": val_rsums[m],
+                "train_seconds": seconds[m],
+            }
             for m in methods
         },
     }
