@@ -38,6 +38,19 @@ def test_flops_follow_the_image_size() -> None:
     assert _flops_per_item(large, "text") == _flops_per_item(small, "text")
 
 
+def test_text_flops_are_those_of_the_padded_graph_input() -> None:
+    """The LiT teacher's tokenizer pads to the longest caption, its exported graph to the fixed
+    context: the FLOPs per caption are the graph's, so a short caption counts as a full one."""
+    from clipdistill.eval.efficiency import count_flops
+    from clipdistill.models.lit import LiTConfig, LiTModel
+
+    teacher = LiTModel(LiTConfig(image_model="test_convnext", image_size=32)).eval()
+    context = teacher.config.context_length
+    full = teacher.tokenize([" ".join(["word"] * 2 * context)])
+    assert full.shape[1] == context  # truncated to the context: a caption that fills the graph
+    assert _flops_per_item(teacher, "text") == count_flops(lambda: teacher.encode_text(full))
+
+
 def test_too_few_repeats_is_refused() -> None:
     with pytest.raises(ValueError, match="repeats"):
         onnx_efficiency({}, repeats=5)
