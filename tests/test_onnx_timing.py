@@ -28,6 +28,17 @@ def test_every_model_and_tower_is_timed_in_one_run(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # exported graphs are temporary
 
 
+def test_timing_sessions_do_not_spin_between_calls(tmp_path) -> None:
+    """Interleaved timing needs idle pools asleep: a spinning pool of the previous session took
+    the cores from the session being timed (the matmul reference read 72 of 212 GFLOP/s)."""
+    from clipdistill.eval.onnx_timing import _matmul_graph, _session
+
+    path = tmp_path / "matmul.onnx"
+    _matmul_graph(path, 8)
+    options = _session(path, 2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_flops_follow_the_image_size() -> None:
     """Same network at twice the side: about four times the image FLOPs (the convolutions; the
     final projection's cost is constant, 3.5x measured at 128 -> 256 px), the same text FLOPs."""

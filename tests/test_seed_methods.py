@@ -463,6 +463,31 @@ def test_dcd_method_against_naive(per_sample: bool, with_fusion: bool) -> None:
     assert raw[0].grad is not None and all(t.grad is None for t in teacher.tensors())
 
 
+def test_dcd_teacher_scale_sharpens_only_the_distillation_targets() -> None:
+    """``teacher_scale`` k on a teacher of logit scale 20 distils the targets a teacher of scale
+    20·k gives (same mined candidates: a positive scale keeps the ranking), while the entropy
+    shares, and so the self-learning term, still read the teacher's own scores."""
+    args = {"distill": "kl", "student_affine": False, "random_negatives": 4, "hard_negatives": 3}
+    outputs = {}
+    for label, teacher_scale, log_scale in (("k", 3.0, math.log(20.0)), ("sharp", 1.0, math.log(60.0))):
+        teacher = FusionFakeTeacher(with_fusion=False)
+        with torch.no_grad():
+            teacher.logit_scale.fill_(log_scale)
+        method = build("dcd", D, teacher, {**args, "teacher_scale": teacher_scale})
+        torch.manual_seed(5)
+        outputs[label] = method(make_batch(), features(make_student(D))).losses
+    plain = build("dcd", D, FusionFakeTeacher(with_fusion=False), args)
+    torch.manual_seed(5)
+    unscaled = plain(make_batch(), features(make_student(D))).losses
+    assert float(outputs["k"]["dcd_distill_loss"]) == pytest.approx(
+        float(outputs["sharp"]["dcd_distill_loss"]), rel=1e-5
+    )
+    assert float(outputs["k"]["dcd_distill_loss"]) != pytest.approx(float(unscaled["dcd_distill_loss"]), rel=1e-3)
+    assert torch.equal(outputs["k"]["dcd_self_loss"], unscaled["dcd_self_loss"])
+    with pytest.raises(MethodConfigError, match=r"method_args\.teacher_scale"):
+        build("dcd", D, FusionFakeTeacher(with_fusion=False), {"teacher_scale": 0.0})
+
+
 def test_dcd_variants_differ_only_in_the_distillation_term_through_the_method() -> None:
     teacher = FusionFakeTeacher()
     outputs = {}

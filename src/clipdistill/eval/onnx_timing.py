@@ -39,6 +39,14 @@ _PEAK_SIDE = 512  # the matmul whose throughput is "this machine's peak" (512^3:
 
 
 def _session(path: Path, threads: int) -> Any:
+    """A timing session whose worker threads sleep, not spin, between calls. Every session has
+    its own intra-op pool, and a pool spins for a while after each call by default: interleaved,
+    the previous session's idle workers then spun on the 2 cores while the next one was timed.
+    Measured on the 2-vCPU VM (2026-12-02): with spinning the matmul reference read 72-128
+    GFLOP/s (300 alone), peak shares came out above 100% and the teacher's image at batch 1
+    read 22-24 ms; without, 212-220 GFLOP/s, every share below 100%, 8.5 ms, and two reruns
+    within 4% per entry. Each call now pays the pool's wake-up, as a request that arrives at an
+    idle service does."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -46,6 +54,7 @@ def _session(path: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

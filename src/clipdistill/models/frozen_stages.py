@@ -80,6 +80,9 @@ class FrozenStages:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3
+        # Calls alternate with torch's own work in this process: idle workers must sleep, or they
+        # spin on the cores torch's threads are about to use (ORT's default after each call).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(buffer.getvalue(), sess_options=options, providers=["CPUExecutionProvider"])
 
     @torch.no_grad()

@@ -134,7 +134,11 @@ class DCDMethod(DistillMethod):
       values. Measured on the demo (issue 18): the MSE is the term that pulls the student below
       scratch (alone, α 1: test rsum 32.8; without it, α 0: 95.2), since the teacher's near-ties on
       its hardest negatives ask the student to narrow exactly the margins its task loss widens;
-      ``tuned`` says which the val sweep picked. ``per_sample_kd_weight: false`` is the released
+      ``tuned`` says which the val sweep picked. *[ours]* ``teacher_scale`` k (1) multiplies the
+      distillation targets: with the KL, the teacher's distribution over the candidates at
+      temperature 1/k, so k > 1 sharpens a teacher whose own logit scale is low (the LiT
+      teacher's κ_T is 16-17, against the 1 + 31 candidates of its hardest negatives); the
+      mining and the entropy shares read the unscaled scores. ``per_sample_kd_weight: false`` is the released
       code (its KD weights are a no-op); ``true`` the paper's per-sample r_b = softmax_b((1 − e_b)²)
       on the distillation.
     - Terms: ``dcd_distill_loss`` = w_dcd·α·d, ``dcd_self_loss`` = w_dcd·(1−α)·n (their sum is
@@ -164,7 +168,8 @@ class DCDMethod(DistillMethod):
     class Args(MethodArgs):
         """Defaults (the paper's): α 0.2, T 1, 63 random → 7 hard negatives, released KD
         weighting (``per_sample_kd_weight`` false), score MSE (``distill`` mse); ours: w_task 1,
-        w_dcd 1, symmetric, exclude_same_text, student_affine and self_bias (fitted per batch)."""
+        w_dcd 1, symmetric, exclude_same_text, student_affine and self_bias (fitted per batch),
+        teacher_scale 1."""
 
         w_task: float = 1.0
         w_dcd: float = 1.0
@@ -178,10 +183,11 @@ class DCDMethod(DistillMethod):
         student_affine: bool = True
         self_bias: bool = True
         distill: str = "mse"
+        teacher_scale: float = 1.0
 
         def __post_init__(self) -> None:
             check_non_negative(self, "w_task", "w_dcd")
-            check_positive(self, "temperature")
+            check_positive(self, "temperature", "teacher_scale")
             if self.distill not in ("mse", "kl"):
                 raise MethodConfigError(f"key 'method_args.distill' must be 'mse' or 'kl', got {self.distill!r}")
             if not 0.0 <= self.alpha <= 1.0:
@@ -276,6 +282,7 @@ class DCDMethod(DistillMethod):
         results = []
         for (scores, logits, _), candidates in zip(directions, mined, strict=True):
             teacher_scores = scores.gather(1, candidates)
+            targets = teacher_scores if scale is None or bias is None else (teacher_scores - bias) / scale
             results.append(
                 dcd_loss(
                     teacher_scores,
@@ -284,7 +291,7 @@ class DCDMethod(DistillMethod):
                     temperature=args.temperature,
                     per_sample_kd_weight=args.per_sample_kd_weight,
                     rows=rows,
-                    distill_targets=None if scale is None or bias is None else (teacher_scores - bias) / scale,
+                    distill_targets=targets * args.teacher_scale,
                     self_bias=0.0 if bce_bias is None else bce_bias.to(logits),
                     distill=args.distill,
                 )
