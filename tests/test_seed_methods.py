@@ -479,10 +479,9 @@ def test_dcd_teacher_scale_sharpens_only_the_distillation_targets() -> None:
     plain = build("dcd", D, FusionFakeTeacher(with_fusion=False), args)
     torch.manual_seed(5)
     unscaled = plain(make_batch(), features(make_student(D))).losses
-    assert float(outputs["k"]["dcd_distill_loss"]) == pytest.approx(
-        float(outputs["sharp"]["dcd_distill_loss"]), rel=1e-5
-    )
-    assert float(outputs["k"]["dcd_distill_loss"]) != pytest.approx(float(unscaled["dcd_distill_loss"]), rel=1e-3)
+    scaled = outputs["k"]["dcd_distill_loss"].detach().item()
+    assert scaled == pytest.approx(outputs["sharp"]["dcd_distill_loss"].detach().item(), rel=1e-5)
+    assert scaled != pytest.approx(unscaled["dcd_distill_loss"].detach().item(), rel=1e-3)
     assert torch.equal(outputs["k"]["dcd_self_loss"], unscaled["dcd_self_loss"])
     with pytest.raises(MethodConfigError, match=r"method_args\.teacher_scale"):
         build("dcd", D, FusionFakeTeacher(with_fusion=False), {"teacher_scale": 0.0})
