@@ -1,0 +1,80 @@
+"""Which of DCD's two terms moves the student (issue 18): DCD as tuned, then with only its
+distillation KL (α 1) and only its self-learning BCE (α 0), each beside the task loss; the
+demo's student and budget, several seeds; val and test rsum per seed.
+
+    .venv/bin/python benchmarks/dcd_terms.py --data runs/demo/data --teacher run:runs/demo/teacher \\
+        --cache runs/demo/cache --fusion fusion:runs/demo/fusion --runs runs/bench/dcd_terms
+
+The cache must already hold the fusion states (`benchmarks/methods.py --fusion ...` or the demo
+builds it). Runs are ``benchmarks/methods.py``'s (reused when their summary exists, so an
+interrupted benchmark resumes); scratch ``clip`` is in ``methods.py``'s 3-seed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+from _record import run_header
+from clipdistill.demo import TUNED_METHOD_ARGS
+from clipdistill.io import atomic_write_json
+from methods import load_dataset, run, test_metrics
+
+# label -> arguments over DCD's tuned ones
+VARIANTS: dict[str, dict[str, Any]] = {"tuned": {}, "alpha1": {"alpha": 1.0}, "alpha0": {"alpha": 0.0}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--fusion", required=True, help="fusion teacher spec, e.g. fusion:runs/demo/fusion")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--runs", default="runs/bench/dcd_terms")
+    parser.add_argument("--out", default="benchmarks/results/dcd_terms.json")
+    args = parser.parse_args()
+
+    base = {  # the quick demo's student and budget (benchmarks/methods.py's flags in docs/results.md)
+        "out_dir": args.runs,
+        "data": {"path": args.data, "image_size": 128},
+        "teacher": {"spec": args.teacher, "cache": args.cache, "fusion": args.fusion},
+        "student": {
+            "preset": "lite0",
+            "image_size": 96,
+            "image_init": "teacher",
+            "text_init": "teacher",
+            "frozen_stages": 5,
+        },
+        "augment": {"k": 2},
+        "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 2e-3, "warmup_steps": 10},
+    }
+    test_split = load_dataset(args.data).split("test")
+    tuned = dict(TUNED_METHOD_ARGS["dcd"])
+    rows: dict[str, Any] = {}
+    print(f"{'dcd':10s} {'val rsum per seed':>26s} {'test rsum per seed':>26s} {'test mean ± std':>16s}")
+    for label, extra in VARIANTS.items():
+        method_args = {**tuned, **extra}
+        val, test = [], []
+        for seed in range(args.seeds):
+            summary = run(base, f"dcd-{label}-s{seed}", "dcd", seed, method_args)
+            val.append(summary["val"]["rsum"])
+            test.append(test_metrics(summary, test_split)["rsum"])
+        mean, std = statistics.mean(test), statistics.pstdev(test)
+        rows[label] = {
+            "method_args": method_args,
+            "val_rsum": val,
+            "test_rsum": test,
+            "test_rsum_mean_std": [mean, std],
+        }
+        cells = [" / ".join(f"{v:.1f}" for v in values) for values in (val, test)]
+        print(f"{label:10s} {cells[0]:>26s} {cells[1]:>26s} {mean:9.1f} ± {std:4.1f}")
+    atomic_write_json(Path(args.out), {**run_header("dcd_terms"), "budget": base, "variants": rows})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
