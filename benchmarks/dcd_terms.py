@@ -23,7 +23,12 @@ from clipdistill.io import atomic_write_json
 from methods import load_dataset, run, test_metrics
 
 # label -> arguments over DCD's tuned ones
-VARIANTS: dict[str, dict[str, Any]] = {"tuned": {}, "alpha1": {"alpha": 1.0}, "alpha0": {"alpha": 0.0}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tuned": {},
+    "alpha1": {"alpha": 1.0},
+    "alpha0": {"alpha": 0.0},
+    "kl-negatives": {"distill": "kl-negatives"},  # the positive left out of the KL
+}
 
 
 def main() -> None:

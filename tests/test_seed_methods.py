@@ -220,8 +220,29 @@ def test_dcd_kl_distillation_against_naive_and_blind_to_a_teacher_shift() -> Non
     torch.testing.assert_close(shifted["distill"], out["distill"])
     mse = dcd_loss(teacher, student, distill_targets=teacher + shift)
     assert not torch.allclose(mse["distill"], dcd_loss(teacher, student)["distill"])
-    with pytest.raises(ValueError, match="'mse' or 'kl'"):
+    with pytest.raises(ValueError, match="'mse', 'kl' or 'kl-negatives'"):
         dcd_loss(teacher, student, distill="l1")
+
+
+def test_dcd_kl_over_negatives_ignores_the_positive_and_matches_naive() -> None:
+    """``distill="kl-negatives"`` (ours): the KL of :func:`dcd_loss`'s ``kl`` over columns 1..
+    only; the positive's score, on either side, does not enter it (the BCE still reads it)."""
+    g = torch.Generator().manual_seed(7)
+    teacher, student = torch.randn(5, 8, generator=g) * 3, torch.randn(5, 8, generator=g) * 3
+    out = dcd_loss(teacher, student, distill="kl-negatives", temperature=2.0)
+    naive = dcd_loss(teacher[:, 1:], student[:, 1:], distill="kl", temperature=2.0)
+    torch.testing.assert_close(out["distill"], naive["distill"])
+    moved = teacher.clone(), student.clone()
+    moved[0][:, 0] += 10.0
+    moved[1][:, 0] -= 10.0
+    again = dcd_loss(*moved, distill="kl-negatives", temperature=2.0, distill_targets=moved[0])
+    torch.testing.assert_close(again["distill"], out["distill"])
+    assert not torch.allclose(
+        dcd_loss(*moved, distill="kl")["distill"], dcd_loss(teacher, student, distill="kl")["distill"]
+    )
+    assert not torch.allclose(again["self"], out["self"])
+    with pytest.raises(MethodConfigError, match="kl-negatives"):
+        build("dcd", D, FusionFakeTeacher(with_fusion=False), {"distill": "kl-neg"})
 
 
 def test_dcd_weighting_variants_differ_exactly_in_the_distillation_term() -> None:

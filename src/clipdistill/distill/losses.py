@@ -315,7 +315,10 @@ def dcd_loss(
     - shares e_b: :func:`entropy_shares` of the teacher logits;
     - distillation d = T²·MSE(z/T, s/T) (``distill="mse"``, the paper's), or *[ours]*
       (``distill="kl"``) T²·KL(softmax(z/T) ‖ softmax(s/T)) over each query's K candidates: the
-      teacher's ranking of them, not its score values. With ``per_sample_kd_weight`` (the paper):
+      teacher's ranking of them, not its score values; *[ours]* ``distill="kl-negatives"`` the same
+      KL over the negatives only (columns 1.., each side renormalised without the positive:
+      decoupled KD's non-target part, Zhao et al. 2022): the teacher's ranking of the negatives
+      without how much mass it gives the positive. With ``per_sample_kd_weight`` (the paper):
       per-query term (MSE: mean over the K slots) weighted by r_b = softmax_b((1 − e_b)²) and summed. Without
       (the released code): the batch-mean MSE; the code multiplies that already batch-reduced
       value by per-sample weights that sum to 1, so the weights do nothing (r_b = 1/B here);
@@ -344,11 +347,15 @@ def dcd_loss(
     teacher_rows = targets_all[rows]
     if distill == "mse":
         per_query = ((teacher_rows / temperature - student_logits / temperature) ** 2).mean(dim=1)
-    elif distill == "kl":
-        target_log = F.log_softmax(teacher_rows / temperature, dim=1)
-        per_query = (target_log.exp() * (target_log - F.log_softmax(student_logits / temperature, dim=1))).sum(dim=1)
+    elif distill in ("kl", "kl-negatives"):
+        # kl-negatives: the positive (column 0) left out of both distributions, so the teacher's
+        # ranking of the negatives is distilled but not how much mass it gives the positive
+        first = 1 if distill == "kl-negatives" else 0
+        target_log = F.log_softmax(teacher_rows[:, first:] / temperature, dim=1)
+        student_log = F.log_softmax(student_logits[:, first:] / temperature, dim=1)
+        per_query = (target_log.exp() * (target_log - student_log)).sum(dim=1)
     else:
-        raise ValueError(f"dcd_loss distill must be 'mse' or 'kl', got {distill!r}")
+        raise ValueError(f"dcd_loss distill must be 'mse', 'kl' or 'kl-negatives', got {distill!r}")
     per_query = per_query * temperature**2
     distill = (kd_weights[rows] * per_query).sum() * share_factor
     targets = torch.zeros_like(student_logits)

@@ -134,8 +134,14 @@ class DCDMethod(DistillMethod):
       values. Measured on the demo (issue 18): the MSE is the term that pulls the student below
       scratch (alone, α 1: test rsum 32.8; without it, α 0: 95.2), since the teacher's near-ties on
       its hardest negatives ask the student to narrow exactly the margins its task loss widens;
-      ``tuned`` says which the val sweep picked. *[ours]* ``teacher_scale`` k (1) multiplies the
-      distillation targets: with the KL, the teacher's distribution over the candidates at
+      ``tuned`` says which the val sweep picked. *[ours]* ``distill: kl-negatives`` leaves the
+      positive out of the KL (both sides renormalised over the negatives; decoupled KD's
+      non-target term), to test whether the KL's cost to the student (``benchmarks/dcd_terms.py``)
+      came from a teacher that gives its positives little mass (its R@1 is 17-20%). It did not:
+      the negatives-only KL costs more (test rsum 107.1 against the full KL's 118.8 and scratch's
+      126.3, 3 seeds), so it is the teacher's ranking of its hard negatives that misleads. *[ours]*
+      ``teacher_scale`` k (1) multiplies the distillation targets: with the KL, the teacher's
+      distribution over the candidates at
       temperature 1/k, so k > 1 sharpens a teacher whose own logit scale is low (the LiT
       teacher's κ_T is 16-17, against the 1 + 31 candidates of its hardest negatives); the
       mining and the entropy shares read the unscaled scores. ``per_sample_kd_weight: false`` is the released
@@ -188,8 +194,10 @@ class DCDMethod(DistillMethod):
         def __post_init__(self) -> None:
             check_non_negative(self, "w_task", "w_dcd")
             check_positive(self, "temperature", "teacher_scale")
-            if self.distill not in ("mse", "kl"):
-                raise MethodConfigError(f"key 'method_args.distill' must be 'mse' or 'kl', got {self.distill!r}")
+            if self.distill not in ("mse", "kl", "kl-negatives"):
+                raise MethodConfigError(
+                    f"key 'method_args.distill' must be 'mse', 'kl' or 'kl-negatives', got {self.distill!r}"
+                )
             if not 0.0 <= self.alpha <= 1.0:
                 raise MethodConfigError(f"key 'method_args.alpha' must be in [0, 1], got {self.alpha!r}")
             for key in ("random_negatives", "hard_negatives"):
