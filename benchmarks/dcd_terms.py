@@ -20,7 +20,7 @@ from typing import Any
 from _record import run_header
 from clipdistill.demo import TUNED_METHOD_ARGS
 from clipdistill.io import atomic_write_json
-from methods import load_dataset, run, test_metrics
+from methods import base_config, load_dataset, run, test_metrics
 
 # label -> arguments over DCD's tuned ones
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -43,20 +43,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/dcd_terms.json")
     args = parser.parse_args()
 
-    base = {  # the quick demo's student and budget (benchmarks/methods.py's flags in docs/results.md)
-        "out_dir": args.runs,
-        "data": {"path": args.data, "image_size": 128},
-        "teacher": {"spec": args.teacher, "cache": args.cache, "fusion": args.fusion},
-        "student": {
-            "preset": "lite0",
-            "image_size": 96,
-            "image_init": "teacher",
-            "text_init": "teacher",
-            "frozen_stages": 5,
-        },
-        "augment": {"k": 2},
-        "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 2e-3, "warmup_steps": 10},
-    }
+    # the quick demo's student and budget (benchmarks/methods.py's flags in docs/results.md)
+    demo = {"image_size": 128, "k_aug": 2, "batch_size": 128, "lr": 2e-3, "warmup_steps": 10, "student": "lite0"}
+    demo |= {"student_image_size": 96, "image_init": "teacher", "text_init": "teacher", "frozen_stages": 5}
+    base = base_config(argparse.Namespace(**vars(args), **demo))
     test_split = load_dataset(args.data).split("test")
     tuned = dict(TUNED_METHOD_ARGS["dcd"])
     rows: dict[str, Any] = {}

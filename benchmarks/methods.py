@@ -72,6 +72,31 @@ DUAL_ONLY = ("dcd-dual",)  # labels that never get the fusion teacher, even with
 EDGES = ("ITS", "ISS", "CTS", "CSS")
 
 
+def base_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The training config every run of a benchmark shares (method, name and seed come per run),
+    from this script's flags; other benchmarks pass a namespace with the same fields."""
+    teacher = {"spec": args.teacher, "cache": args.cache, **({"fusion": args.fusion} if args.fusion else {})}
+    return {
+        "out_dir": args.runs,
+        "data": {"path": args.data, "image_size": args.image_size},
+        "teacher": teacher,
+        "student": {
+            "preset": args.student,
+            "image_size": args.student_image_size,
+            "image_init": args.image_init,
+            "text_init": args.text_init,
+            "frozen_stages": args.frozen_stages,
+        },
+        "augment": {"k": args.k_aug},
+        "optim": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "warmup_steps": args.warmup_steps,
+        },
+    }
+
+
 def run(base: dict[str, Any], name: str, label: str, seed: int, method_args: dict[str, Any]) -> dict[str, Any]:
     method, fixed = VARIANTS.get(label, (label, {}))
     teacher = dict(base["teacher"])
@@ -149,26 +174,7 @@ def main() -> None:
         str(args.image_size),
     ]
     subprocess.run(command + (["--fusion", args.fusion] if args.fusion else []), check=True, stdout=subprocess.DEVNULL)
-    teacher = {"spec": args.teacher, "cache": args.cache, **({"fusion": args.fusion} if args.fusion else {})}
-    base = {
-        "out_dir": args.runs,
-        "data": {"path": args.data, "image_size": args.image_size},
-        "teacher": teacher,
-        "student": {
-            "preset": args.student,
-            "image_size": args.student_image_size,
-            "image_init": args.image_init,
-            "text_init": args.text_init,
-            "frozen_stages": args.frozen_stages,
-        },
-        "augment": {"k": args.k_aug},
-        "optim": {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "warmup_steps": args.warmup_steps,
-        },
-    }
+    base = base_config(args)
     methods = args.methods.split(",")
     chosen: dict[str, dict[str, Any]] = {m: {} for m in methods}
     sweep_log: dict[str, list[dict[str, Any]]] = {}

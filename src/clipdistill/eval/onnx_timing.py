@@ -27,6 +27,7 @@ import numpy as np
 
 from clipdistill.eval.efficiency import count_flops
 from clipdistill.models.base import DualEncoder
+from clipdistill.ort_session import cpu_session
 
 TOWERS = ("image", "text")
 _CAPTIONS = (
@@ -47,15 +48,7 @@ def _session(path: Path, threads: int) -> Any:
     read 22-24 ms; without, 212-220 GFLOP/s, every share below 100%, 8.5 ms, and two reruns
     within 4% per entry. Each call now pays the pool's wake-up, as a request that arrives at an
     idle service does."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return cpu_session(str(path), threads, inter_op_threads=1, spin=False)
 
 
 def _matmul_graph(path: Path, side: int) -> None:

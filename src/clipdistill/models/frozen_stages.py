@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipdistill.ort_session import cpu_session
+
 
 def fold_batchnorms(modules: list[nn.Module]) -> list[nn.Module]:
     """Eval-mode copies of ``modules`` with every BatchNorm that directly follows a convolution
@@ -60,8 +62,6 @@ class FrozenStages:
         self.sessions: dict[tuple[int, int], Any] = {}
 
     def _onnx_session(self, height: int, width: int) -> Any:
-        import onnxruntime as ort
-
         module = copy.deepcopy(self.folded).to(memory_format=torch.contiguous_format)
         buffer = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
@@ -76,14 +76,9 @@ class FrozenStages:
                 opset_version=17,
                 dynamo=False,
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.log_severity_level = 3
         # Calls alternate with torch's own work in this process: idle workers must sleep, or they
         # spin on the cores torch's threads are about to use (ORT's default after each call).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(buffer.getvalue(), sess_options=options, providers=["CPUExecutionProvider"])
+        return cpu_session(buffer.getvalue(), torch.get_num_threads(), spin=False)
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

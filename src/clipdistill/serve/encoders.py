@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill.ort_session import cpu_session
 from clipdistill.paths import UnsafePathError
 from clipdistill.serve.checksums import file_sha256
 from clipdistill.serve.preprocess import ImageInput, ImagePreprocessor
@@ -40,14 +41,8 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
 
 
 def _session(path: Path, threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    # a service answers requests one model at a time: spinning workers answer the next one sooner
+    return cpu_session(str(path), threads)
 
 
 class OnnxEncoders:

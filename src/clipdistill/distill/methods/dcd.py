@@ -141,12 +141,11 @@ class DCDMethod(DistillMethod):
       the negatives-only KL costs more (test rsum 107.1 against the full KL's 118.8 and scratch's
       126.3, 3 seeds), so it is the teacher's ranking of its hard negatives that misleads. *[ours]*
       ``teacher_scale`` k (1) multiplies the distillation targets: with the KL, the teacher's
-      distribution over the candidates at
-      temperature 1/k, so k > 1 sharpens a teacher whose own logit scale is low (the LiT
-      teacher's κ_T is 16-17, against the 1 + 31 candidates of its hardest negatives); the
-      mining and the entropy shares read the unscaled scores. ``per_sample_kd_weight: false`` is the released
-      code (its KD weights are a no-op); ``true`` the paper's per-sample r_b = softmax_b((1 − e_b)²)
-      on the distillation.
+      distribution over the candidates at temperature 1/k, so k > 1 sharpens a teacher whose own
+      logit scale is low (the LiT teacher's κ_T is 16-17, against the 1 + 31 candidates of its
+      hardest negatives); the mining and the entropy shares read the unscaled scores.
+      ``per_sample_kd_weight: false`` is the released code (its KD weights are a no-op); ``true``
+      the paper's per-sample r_b = softmax_b((1 − e_b)²) on the distillation.
     - Terms: ``dcd_distill_loss`` = w_dcd·α·d, ``dcd_self_loss`` = w_dcd·(1−α)·n (their sum is
       the DCD loss), ``task_loss`` = w_task · the student's clip loss on the whole batch.
 
