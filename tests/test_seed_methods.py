@@ -542,6 +542,28 @@ def test_comkd_terms_against_naive() -> None:
     assert all(t.grad is None for t in teacher.tensors())
 
 
+def test_comkd_text_refine_mirrors_the_image_side_against_naive() -> None:
+    teacher = FusionFakeTeacher(with_fusion=False)
+    method = build("comkd", 5, teacher, {"alpha_init": 0.5, "text_refine": True, "w_align": 0.0})
+    raw = make_student(5)
+    out = method(make_batch(), features(raw))
+    assert set(out.losses) == {"task_loss", "ref_loss", "text_ref_loss"}
+    s = features(raw)
+    q = F.normalize(method.text_proj(s.text), dim=-1)
+    tv, tt = teacher.image.detach(), teacher.text.detach()
+    read = torch.softmax(20.0 * q @ tv.t(), dim=1) @ tv  # the text queries the teacher's images
+    g = F.normalize(q + 0.5 * method.text_attention_fc(read), dim=-1)
+    expected = naive_kl(20.0 * tv @ tt.t(), s.logit_scale.exp() * tv @ g.t())
+    assert float(out.losses["text_ref_loss"].detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
+    out.losses["text_ref_loss"].backward()  # it trains the student's text tower, not its image tower
+    assert method.text_edu_alpha.grad is not None and float(method.text_edu_alpha.grad.abs()) > 0
+    assert raw[1].grad is not None and float(raw[1].grad.abs().sum()) > 0
+    assert raw[0].grad is None
+    plain = build("comkd", 5, teacher, {"alpha_init": 0.5, "w_align": 0.0})
+    assert "text_ref_loss" not in plain(make_batch(), features(make_student(5))).losses
+    assert plain.text_proj is None and plain.text_attention_fc is None
+
+
 def test_comkd_alpha_starts_at_zero_so_attention_starts_as_identity() -> None:
     method = build("comkd", D, FusionFakeTeacher(with_fusion=False))
     assert float(method.edu_alpha.detach()) == 0.0

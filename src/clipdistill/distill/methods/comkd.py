@@ -67,6 +67,12 @@ class ComKDMethod(DistillMethod):
     - Refinement (``ref_loss``): ½[KL(softmax(q^T/τ) ‖ softmax(q^S/τ)) + the same on the
       transposes (caption → image)], q^T = κ_T·v^T·t^Tᵀ, q^S = κ_S·f·t^Tᵀ, τ = 1 (τ² factor).
       *[ours]* κ_S is the student's own scale (clamped at 100).
+    - ``text_refine`` (*[ours]*, default false): the same EduAttention and refinement on the text
+      side. The paper distils a classifier whose text features come from the teacher, so it
+      gives the student's text tower nothing; a retrieval student has one. Its projected text
+      q = norm(P_t(t^S)) queries the batch's teacher image features, g = norm(q + α_t·FC_t(
+      softmax(κ_a·q·v^Tᵀ)·v^T)) (own α_t from 0 and FC_t, the shared κ_a), and ``text_ref_loss``
+      is w_ref · the same KL with q^S_t = κ_S·v^T·gᵀ (teacher image vs student text).
     - ``task_loss``: w_task · clip loss of the student.
 
     Defaults: w_task 1, w_align 1, w_ref 1. Report: ``logit_scale``, ``edu_alpha`` (α),
@@ -84,7 +90,9 @@ class ComKDMethod(DistillMethod):
         "1 seed. First w_align at w_ref 3: 1 19.6, 0.1 84.9, 0 85.0 (benchmarks/results/methods_comkd_lite0.json; "
         "on the old tiny student 0.1 won, 88.7 vs 86.3); then, on the frozen-stage student with w_align 0, "
         "(w_ref, temperature): 3/1 103.6, 1/1 119.9, 10/1 107.7, 3/4 117.4, 1/4 125.7, 0.3/1 108.6; scratch 105.9 "
-        "(benchmarks/results/methods_issue18_sweep.json, docs/results.md)",
+        "(benchmarks/results/methods_issue18_sweep.json, docs/results.md). Then, 3 seeds each, the text-side "
+        "refinement (text_refine, ours) at (w_ref, temperature) 1/4 111.7, 1/1 119.5, 3/4 118.4 against 121.4 "
+        "without: off (benchmarks/results/methods_comkd_text_refine.json)",
     )
     needs = frozenset({"teacher_embeddings"})
 
@@ -97,6 +105,7 @@ class ComKDMethod(DistillMethod):
         w_align: float = 1.0
         w_ref: float = 1.0
         text_align: bool = True
+        text_refine: bool = False  # [ours] EduAttention + refinement for the student's text too
         temperature: float = 1.0
         alpha_init: float = 0.0
         attention_c: float | None = None  # None: learnable κ_a; a number C: softmax(p·t^Tᵀ / C), the paper's
@@ -128,10 +137,15 @@ class ComKDMethod(DistillMethod):
         self.args: ComKDMethod.Args = args
         teacher_dim = int(self.teacher.embed_dim)
         self.image_proj = nn.Linear(student_dim, teacher_dim)
-        self.text_proj = nn.Linear(student_dim, teacher_dim) if args.text_align and args.w_align > 0 else None
         uses_attention = args.w_ref > 0
+        text_refines = uses_attention and args.text_refine
+        # one text projector serves IFAlign and the text refinement, as image_proj serves both
+        wants_text_proj = (args.text_align and args.w_align > 0) or text_refines
+        self.text_proj = nn.Linear(student_dim, teacher_dim) if wants_text_proj else None
         self.attention_fc = nn.Linear(teacher_dim, teacher_dim) if uses_attention else None
         self.edu_alpha = nn.Parameter(torch.tensor(float(args.alpha_init))) if uses_attention else None
+        self.text_attention_fc = nn.Linear(teacher_dim, teacher_dim) if text_refines else None
+        self.text_edu_alpha = nn.Parameter(torch.tensor(float(args.alpha_init))) if text_refines else None
         self.attention_c = float(args.attention_c) if args.attention_c is not None else None
         learnable = uses_attention and self.attention_c is None
         # [ours] log κ_a, set from the teacher's logit scale on the first batch (``edu_scale_set``
@@ -159,12 +173,19 @@ class ComKDMethod(DistillMethod):
         return torch.softmax(scale * projected @ teacher_text.t(), dim=1)
 
     def refined(
-        self, projected: torch.Tensor, teacher_text: torch.Tensor, teacher_log_scale: torch.Tensor | None = None
+        self,
+        projected: torch.Tensor,
+        teacher_keys: torch.Tensor,
+        teacher_log_scale: torch.Tensor | None = None,
+        *,
+        text_side: bool = False,
     ) -> torch.Tensor:
-        """EduAttention: f = norm(p + α·FC(softmax(κ_a·p·t^Tᵀ)·t^T))."""
-        assert self.attention_fc is not None and self.edu_alpha is not None
-        read = self.attention_weights(projected, teacher_text, teacher_log_scale) @ teacher_text
-        return F.normalize(projected + self.edu_alpha * self.attention_fc(read), dim=-1)
+        """EduAttention: f = norm(p + α·FC(softmax(κ_a·p·kᵀ)·k)), the keys k the teacher's text
+        (image side) or, with ``text_side``, its images and the text side's own α_t and FC_t."""
+        fc, alpha = (self.text_attention_fc, self.text_edu_alpha) if text_side else (self.attention_fc, self.edu_alpha)
+        assert fc is not None and alpha is not None
+        read = self.attention_weights(projected, teacher_keys, teacher_log_scale) @ teacher_keys
+        return F.normalize(projected + alpha * fc(read), dim=-1)
 
     def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
         args = self.args
@@ -190,6 +211,15 @@ class ComKDMethod(DistillMethod):
             losses["ref_loss"] = args.w_ref * bidirectional_kl(
                 teacher_logits, student_logits, args.temperature, rows=student.rows
             )
+            if self.text_edu_alpha is not None:
+                assert self.text_proj is not None
+                text_query = F.normalize(self.text_proj(student.text), dim=-1)
+                refined_text = self.refined(text_query, teacher.image, teacher.logit_scale, text_side=True)
+                text_logits = student.logit_scale.exp().clamp(max=MAX_SCALE) * teacher.image @ refined_text.t()
+                losses["text_ref_loss"] = args.w_ref * bidirectional_kl(
+                    teacher_logits, text_logits, args.temperature, rows=student.rows
+                )
+                report["text_edu_alpha"] = float(self.text_edu_alpha.detach())
             report["edu_alpha"] = float(self.edu_alpha.detach())
             report["edu_scale"] = float(self.attention_scale().detach())
             with torch.no_grad():
