@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from _record import run_header
-from clipdistill.demo import TUNED_METHOD_ARGS
+from clipdistill.demo import PRESETS, TUNED_METHOD_ARGS
 from clipdistill.io import atomic_write_json
 from methods import base_config, load_dataset, run, test_metrics
 
@@ -31,6 +31,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def quick_demo_budget() -> dict[str, Any]:
+    """``methods.py``'s budget flags (all but epochs) with the quick demo's values, read from
+    ``demo.PRESETS`` so this benchmark trains the demo's own student."""
+    quick = PRESETS["quick"]
+    return {
+        "image_size": quick.image_size,
+        "k_aug": quick.k_augmentations,
+        "batch_size": quick.batch_size,
+        "lr": quick.lr,
+        "warmup_steps": quick.student_warmup_steps,
+        "student": quick.student,
+        "student_image_size": quick.student_image_size,
+        "image_init": quick.student_image_init,
+        "text_init": quick.student_text_init,
+        "frozen_stages": quick.student_frozen_stages,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -38,15 +56,12 @@ def main() -> None:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--fusion", required=True, help="fusion teacher spec, e.g. fusion:runs/demo/fusion")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=PRESETS["quick"].student_epochs)
     parser.add_argument("--runs", default="runs/bench/dcd_terms")
     parser.add_argument("--out", default="benchmarks/results/dcd_terms.json")
     args = parser.parse_args()
 
-    # the quick demo's student and budget (benchmarks/methods.py's flags in docs/results.md)
-    demo = {"image_size": 128, "k_aug": 2, "batch_size": 128, "lr": 2e-3, "warmup_steps": 10, "student": "lite0"}
-    demo |= {"student_image_size": 96, "image_init": "teacher", "text_init": "teacher", "frozen_stages": 5}
-    base = base_config(argparse.Namespace(**vars(args), **demo))
+    base = base_config(argparse.Namespace(**vars(args), **quick_demo_budget()))
     test_split = load_dataset(args.data).split("test")
     tuned = dict(TUNED_METHOD_ARGS["dcd"])
     rows: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """Compare distillation methods on the emoji test split: same student, same budget, 3 seeds.
 
 1. Sweep each method's main weight on the **val** split (seed 0, or the mean over seeds
-   0..N-1 with ``--sweep-seeds N``: one seed's val rsum moves by up to 30 between seeds at the
+   0..N-1 with ``--sweep-seeds N``: one seed's val rsum moves by up to 31 between seeds at the
    quick budget) and keep the best value.
 2. Train every method with its chosen weight for each seed; evaluate on the **test** split
    (unseen concepts); report mean ± std of R@1/5/10 both directions and rsum.

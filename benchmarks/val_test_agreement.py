@@ -26,7 +26,9 @@ from methods import test_metrics
 
 
 def ranks(values: list[float]) -> list[float]:
-    """Ranks 0..n-1 (ties share their mean rank), for Spearman's correlation."""
+    """Ranks 0..n-1 (ties share their mean rank), for Spearman's correlation. Written here because
+    ``statistics.correlation(method="ranked")`` needs Python 3.12 (the project runs 3.11) and
+    scipy is not one of the project's dependencies."""
     order = sorted(range(len(values)), key=values.__getitem__)
     result = [0.0] * len(values)
     start = 0
