@@ -101,3 +101,22 @@ DataOpt = Annotated[
 ImagesOpt = Annotated[
     Path | None, typer.Option("--images", help="Image root for a Karpathy JSON or CSV (default: its folder).")
 ]
+ValDataOpt = Annotated[
+    Path | None, typer.Option("--val-data", help="A file/folder that is the val split (--data is then train).")
+]
+TestDataOpt = Annotated[
+    Path | None, typer.Option("--test-data", help="A file/folder that is the test split (--data is then train).")
+]
+SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the splits carved from train.")]
+GroupByOpt = Annotated[
+    str | None,
+    typer.Option("--group-by", help="CSV column (or Karpathy 'concept') whose groups a carved split keeps whole."),
+]
+
+
+def split_options(val_data: Path | None, test_data: Path | None, split_seed: int, group_by: str | None) -> Any:
+    """The :class:`~clipdistill.data.splits.SplitOptions` the four split flags give: every command
+    that reads a dataset carves missing splits the same way (``data/splits.py``)."""
+    from clipdistill.data.splits import SplitOptions
+
+    return SplitOptions(val_data=val_data, test_data=test_data, seed=split_seed, group_by=group_by)

@@ -94,16 +94,16 @@ def carve(records: list[Any], missing: set[str], seed: int, group_by: str | None
     return out
 
 
-def make_splits(
-    out_dir: Path, data: str | Path, images: str | Path | None, options: SplitOptions
-) -> tuple[PairedDataset, str, dict[str, Any] | None]:
-    """The dataset with train, val and test, the path later stages read it from, and the record
-    of how the splits were made (``None`` when ``data`` already had all three and nothing was
-    given or carved: it is then used as it is, from its own path)."""
+def split_dataset(
+    data: str | Path, images: str | Path | None, options: SplitOptions
+) -> tuple[PairedDataset, dict[str, Any] | None]:
+    """The dataset with train, val and test, in memory, and the record of how the splits were
+    made (``None`` when ``data`` already had all three and nothing was given or carved).
+    ``eval`` uses this directly; stages that hand the dataset on write it (:func:`make_splits`)."""
     train = _load(data, images, options.group_by)
     given = {"val": options.val_data, "test": options.test_data}
     if not any(given.values()) and set(train.split_counts()) >= set(SPLITS):
-        return train, str(data), None
+        return train, None
     records = list(train.images) if not any(given.values()) else _whole(train, "train")
     sources = {"train": str(data)}
     for split, path in given.items():
@@ -113,8 +113,7 @@ def make_splits(
     missing = set(SPLITS) - {record.split for record in records}
     if missing:
         records = carve(records, missing, options.seed, options.group_by, str(data))
-    name = train.name
-    dataset = make_dataset(name, records, source=str(data))  # duplicate ids across the files are refused here
+    dataset = make_dataset(train.name, records, source=str(data))  # duplicate ids across the files are refused here
     record = {
         "files": sources,
         "carved_from_train": sorted(missing),
@@ -122,6 +121,18 @@ def make_splits(
         "seed": options.seed,
         "counts": {split: dataset.split_counts().get(split, 0) for split in SPLITS},
     }
+    return dataset, record
+
+
+def make_splits(
+    out_dir: Path, data: str | Path, images: str | Path | None, options: SplitOptions
+) -> tuple[PairedDataset, str, dict[str, Any] | None]:
+    """:func:`split_dataset`, written as a Karpathy JSON + ``splits.json`` in ``out_dir`` so every
+    later stage reads exactly these splits from one path. Returns the dataset, the path later
+    stages read it from (``data`` itself when it already had all three splits) and the record."""
+    dataset, record = split_dataset(data, images, options)
+    if record is None:
+        return dataset, str(data), None
     _write(out_dir, dataset, record)
     return dataset, str(out_dir), record
 
