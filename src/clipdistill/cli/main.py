@@ -22,6 +22,7 @@ from clipdistill.cli.fusion_cmd import train_fusion_command
 from clipdistill.cli.serve_cmd import serve_command
 from clipdistill.cli.train_cmd import train_command
 from clipdistill.cli.wds_cmd import to_wds_command
+from clipdistill.model_configs import preset_names
 
 app = typer.Typer(
     name="clipdistill",
@@ -150,10 +151,16 @@ def teacher_train(
 @reports_user_errors
 def student_create(
     out: Annotated[Path, typer.Option("--out", help="Output open_clip folder.")],
-    preset: Annotated[str, typer.Option("--preset", help="tiny | small | base")] = "tiny",
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help=f"{' | '.join(preset_names())}, or the path of an open_clip model-config JSON file.",
+        ),
+    ] = "tiny",
     image_size: Annotated[int | None, typer.Option("--image-size")] = None,
 ) -> None:
-    """Write a randomly initialised student as an open_clip folder."""
+    """Write a randomly initialised student as an open_clip folder (presets: clipdistill/model_configs/)."""
     from clipdistill.models.students import build_student, save_student, student_config
 
     student = build_student(student_config(preset, image_size=image_size))

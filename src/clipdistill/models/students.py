@@ -2,7 +2,10 @@
 
 Expressing students as open_clip model configs (``vision_cfg.timm_model_name``) means a
 trained student is an ordinary open_clip folder that loads with
-``open_clip.create_model_and_transforms("local-dir:PATH")`` and no clipdistill at all.
+``open_clip.create_model_and_transforms("local-dir:PATH")`` and no clipdistill at all. The
+presets themselves ship as open_clip model-config files (``clipdistill/model_configs/NAME.json``,
+open_clip's ``model_configs`` convention), and :func:`student_config` takes such a file's path as
+readily as a preset name.
 
 Measured fact (DESIGN.md): open_clip 3.3's timm wrapper breaks on trunks whose conv head
 widens the pooled features (mobilenetv3/v4); the presets use trunks that build fine.
@@ -24,6 +27,7 @@ from typing import Any
 
 from clipdistill.errors import UserError
 from clipdistill.io import atomic_path, atomic_write_json
+from clipdistill.model_configs import preset_names, read_preset
 from clipdistill.models.imagenet_lite import LITE_MEAN, LITE_STD, LITE_VARIANTS
 from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.models.spec import close_matches
@@ -35,63 +39,25 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # The hub id of the teacher's text model (all-MiniLM-L6-v2). open_clip reads it only for
 # ``hf-hub:`` folders; a ``local-dir:`` folder always loads the tokenizer files saved inside it.
 MINILM_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
-# BERT/MiniLM WordPiece: 30522 ids, [PAD]=0, [CLS]=101 first. Bidirectional attention, pooled
-# at [CLS] (open_clip's pool_type 'first'), as BERT-style towers are.
-_MINILM_TEXT = {
-    "context_length": 32,
-    "vocab_size": 30522,
-    "hf_tokenizer_name": MINILM_TOKENIZER,
-    "no_causal_mask": True,
-    "pool_type": "first",
-}
 _LITE_TRUNKS = frozenset(variant.timm_name for variant in LITE_VARIANTS.values())
 
-
-def _config(
-    trunk: str,
-    embed_dim: int,
-    width: int,
-    heads: int,
-    layers: int,
-    image_size: int,
-    text: dict[str, Any] | None = None,
-    proj_bias: bool = False,
-) -> dict[str, Any]:
-    text_cfg = dict(text) if text else {"context_length": 32, "vocab_size": 49408}
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {
-            "timm_model_name": trunk,
-            "timm_model_pretrained": False,
-            "timm_pool": "avg",
-            "timm_proj": "linear",
-            "timm_proj_bias": proj_bias,
-            "image_size": image_size,
-        },
-        "text_cfg": {**text_cfg, "width": width, "heads": heads, "layers": layers},
-    }
-
-
-# Sizes at 64 px (measured with open_clip 3.3): tiny image tower 2.2M, small 3.4M, base 10.8M.
-# lite0: image tower 3.9M (the trunk's 1280 features, linear proj to 384), text 9.5M of which
-# 7.8M is the 30522 x 256 token table (a lookup, no compute); 2 layers at width 256 are several
-# times cheaper than the teacher's 6 x 384 MiniLM. heads 8 keeps MiniLM's head size (32), so
-# ``text_init=teacher`` copies whole teacher heads (models/student_towers.py).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": _config("efficientvit_m0", embed_dim=256, width=128, heads=4, layers=3, image_size=64),
-    "small": _config("fastvit_t8", embed_dim=256, width=256, heads=4, layers=4, image_size=64),
-    "base": _config("fastvit_sa12", embed_dim=384, width=384, heads=6, layers=6, image_size=64),
-    "lite0": _config(
-        "tf_efficientnet_lite0",
-        embed_dim=384,
-        width=256,
-        heads=8,
-        layers=2,
-        image_size=96,
-        text=_MINILM_TEXT,
-        proj_bias=True,  # so student.image_init=teacher copies the LiT teacher's projection (it has a bias) exactly
-    ),
-}
+# The presets are the open_clip model-config files in ``clipdistill/model_configs/`` (one
+# ``NAME.json`` each, open_clip's own convention), read into this registry. JSON holds no comments,
+# so why their numbers are what they are is written here:
+#  * every preset: a timm trunk (``timm_pool: avg``, a bias-free linear projection unless said
+#    otherwise) and an open_clip text transformer; ``tiny``/``small``/``base`` use open_clip's BPE
+#    vocabulary (49408 ids) at context 32.
+#  * sizes at 64 px (measured with open_clip 3.3): tiny image tower 2.2M, small 3.4M, base 10.8M.
+#  * lite0: image tower 3.9M (the trunk's 1280 features, linear proj to 384), text 9.5M of which
+#    7.8M is the 30522 x 256 token table (a lookup, no compute); 2 layers at width 256 are several
+#    times cheaper than the teacher's 6 x 384 MiniLM. heads 8 keeps MiniLM's head size (32), so
+#    ``text_init=teacher`` copies whole teacher heads (models/student_towers.py).
+#  * lite0's text is BERT/MiniLM WordPiece (``hf_tokenizer_name`` = :data:`MINILM_TOKENIZER`):
+#    30522 ids, [PAD]=0, [CLS]=101 first; bidirectional attention (``no_causal_mask``) pooled at
+#    [CLS] (open_clip's ``pool_type: first``), as BERT-style towers are.
+#  * lite0's ``timm_proj_bias: true``: so ``student.image_init=teacher`` copies the LiT teacher's
+#    projection (it has a bias) exactly.
+PRESETS: dict[str, dict[str, Any]] = {name: read_preset(name) for name in preset_names()}
 
 
 class StudentConfigError(UserError, ValueError):
@@ -99,20 +65,49 @@ class StudentConfigError(UserError, ValueError):
 
 
 def student_config(preset: str, *, image_size: int | None = None, **text_overrides: int) -> dict[str, Any]:
-    """A deep copy of a preset's open_clip model config, optionally resized."""
-    if preset not in PRESETS:
-        hint = close_matches(preset, list(PRESETS))
-        raise StudentConfigError(
-            f"unknown student preset {preset!r}; valid: {', '.join(PRESETS)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        )
-    config = copy.deepcopy(PRESETS[preset])
+    """A deep copy of a preset's open_clip model config, optionally resized.
+
+    ``preset`` is a preset name (:data:`PRESETS`) or the path of an open_clip model-config JSON
+    file (open_clip's ``model_configs/NAME.json``, or a folder's ``open_clip_config.json``), so an
+    architecture open_clip knows, or one written by hand, trains without a code change.
+    """
+    config = copy.deepcopy(PRESETS[preset]) if preset in PRESETS else _config_file(preset)
     if image_size is not None:
         config["vision_cfg"]["image_size"] = image_size
     for key, value in text_overrides.items():
         if key not in config["text_cfg"]:
             raise StudentConfigError(f"unknown text_cfg key {key!r}; known: {', '.join(config['text_cfg'])}")
         config["text_cfg"][key] = value
+    return config
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".json") or "/" in name or "\\" in name or Path(name).is_file()
+
+
+def _config_file(name: str) -> dict[str, Any]:
+    """The model config in an open_clip JSON file; a name that is neither a preset nor a file is
+    an unknown preset (with close matches)."""
+    if not _looks_like_path(name):
+        hint = close_matches(name, list(PRESETS))
+        raise StudentConfigError(
+            f"unknown student preset {name!r}; valid: {', '.join(PRESETS)} or an open_clip model-config JSON file"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    path = Path(name)
+    if not path.is_file():
+        raise StudentConfigError(f"student config file {path} does not exist (valid presets: {', '.join(PRESETS)})")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StudentConfigError(f"student config file {path} is not readable JSON ({error})") from error
+    config = raw.get("model_cfg", raw) if isinstance(raw, dict) else raw  # a folder's open_clip_config.json
+    if not isinstance(config, dict) or not all(isinstance(config.get(key), dict) for key in ("vision_cfg", "text_cfg")):
+        raise StudentConfigError(
+            f"student config file {path} is not an open_clip model config (an object with vision_cfg and text_cfg)"
+        )
+    if "embed_dim" not in config:
+        raise StudentConfigError(f"student config file {path} has no embed_dim")
     return config
 
 
