@@ -22,7 +22,9 @@ from clipdistill.errors import UserError
 if TYPE_CHECKING:
     from clipdistill.train.state import TrainingStopped
 
-console = Console(stderr=True, soft_wrap=True)  # never break paths or values inside error messages
+# soft_wrap: never break paths or values inside error messages. emoji=False: names users choose
+# are printed as written (rich would turn a dataset called "mine:train:" into "mine🚋").
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -83,13 +85,16 @@ def exit_stopped(stopped: TrainingStopped, message: str) -> NoReturn:
 
 
 def print_metrics(title: str, metrics: dict[str, float]) -> None:
+    """One row of metrics under ``title`` on stdout. The title holds names users chose (model
+    specs, dataset names, paths), so it is plain text: no markup, no emoji codes."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
+    table = Table(title=Text(title), min_width=len(title))  # a title wider than the columns stays whole
     for key in metrics:
-        table.add_column(key, justify="right")
+        table.add_column(Text(key), justify="right")
     table.add_row(*(f"{value:.2f}" for value in metrics.values()))
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 DataOpt = Annotated[
