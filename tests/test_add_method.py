@@ -125,15 +125,18 @@ def test_demo_runs_a_method_added_in_one_file(
 ) -> None:
     from dataclasses import replace
 
-    from clipdistill import demo
     from clipdistill.report import curves_by_method
+    from clipdistill.run_config import run_config_yaml
 
     scenes = write_scenes_dataset(tmp_path / "scenes")
-    # The CLI's preset at a budget smaller still than the fast demo test's: what is checked here
-    # is the wiring, not the numbers.
-    monkeypatch.setitem(demo.PRESETS, "quick", replace(TINY, teacher_epochs=1, student_epochs=1))
+    # A preset file at a budget smaller still than the fast demo test's: what is checked here is
+    # the wiring, not the numbers.
+    preset = tmp_path / "one-epoch.yaml"
+    one_epoch = replace(TINY, teacher=replace(TINY.teacher, epochs=1), optim=replace(TINY.optim, epochs=1))
+    preset.write_text(run_config_yaml(one_epoch))
     out = tmp_path / "demo"
     args = ["demo", "--data", str(scenes), "--images", str(scenes.parent / "pictures"), "--out", str(out)]
+    args += ["--preset", str(preset)]
     result = CliRunner().invoke(app, [*args, "--methods", f"clip,{throwaway_method}"])
     assert result.exit_code == 0, result.output
 
@@ -146,7 +149,7 @@ def test_demo_runs_a_method_added_in_one_file(
     assert log and all(record["mse_loss"] > 0 for record in log)  # trained with its own loss term
     markdown = (out / "report.md").read_text()
     assert f"| `{throwaway_method}` |" in markdown
-    assert f"- `{throwaway_method}`: {SUMMARY}; weights w_mse=500.0 (tuned on val)" in markdown
+    assert f"- `{throwaway_method}`: {SUMMARY}; variant `tuned`: w_mse=500.0" in markdown
     assert set(curves_by_method(report)) == {"clip", throwaway_method}  # the curves plot draws it
     for name in ("pareto.png", "curves.png", "examples.png"):
         assert (out / name).stat().st_size > 0, name

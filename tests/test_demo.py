@@ -16,8 +16,11 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from clipdistill.cli.main import app
-from clipdistill.demo import TUNED_METHOD_ARGS, DemoError, DemoPreset, run_demo
+from clipdistill.config import ConfigError, OptimConfig
+from clipdistill.demo import run_demo
+from clipdistill.distill.methods import tuned_method_args
 from clipdistill.eval.retrieval import METRIC_KEYS
+from clipdistill.run_config import RunCacheConfig, RunConfig, RunFusionConfig, RunIndexConfig, RunTeacherConfig
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -31,16 +34,15 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 PLACES = {"left": (4, 10), "right": (26, 10), "top": (15, 2), "bottom": (15, 26)}
-TINY = DemoPreset(
-    seeds=1,
-    student_epochs=2,
-    teacher_max_seconds=None,
-    fusion_max_seconds=None,
-    fusion_epochs=1,
-    batch_size=32,
-    k_augmentations=1,
-    image_size=48,
-    index_factory="Flat",
+# A run sized for tests: a scratch LiT teacher (resnet10t, its trainer's default budget), one
+# fusion epoch, the `tiny` student for 2 epochs at 48 px, an exact index.
+TINY = RunConfig(
+    teacher=RunTeacherConfig(spec="lit:resnet10t"),
+    fusion=RunFusionConfig(epochs=1),
+    cache=RunCacheConfig(image_size=48),
+    default_variant="tuned",
+    optim=OptimConfig(epochs=2, batch_size=32, lr=2e-3),
+    index=RunIndexConfig(factory="Flat"),
 )
 
 
@@ -150,7 +152,7 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
 def test_demo_refuses_bad_requests(scenes: Path, tmp_path: Path) -> None:
     from clipdistill.distill.base import MethodConfigError
 
-    with pytest.raises(DemoError, match="unknown demo preset 'fast'"):
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         run_demo(tmp_path, data=scenes, preset="fast")
     with pytest.raises(MethodConfigError, match="conaclip"):
         run_demo(tmp_path, data=scenes, preset=TINY, methods="clip,conaclp")
@@ -180,7 +182,7 @@ def test_demo_stopped_by_a_signal_exits_cleanly(monkeypatch: pytest.MonkeyPatch,
 def test_demo_all_methods_teacher_beats_scratch(scenes: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    preset = replace(TINY, student_epochs=4)
+    preset = replace(TINY, optim=replace(TINY.optim, epochs=4))
     report = run_demo(tmp_path / "demo", data=scenes, images=scenes.parent / "pictures", preset=preset)
     methods = ["clip", "openclip", "clipkd", "conaclip", "mcad", "dcd", "comkd"]
     _check_schema(report, methods)
@@ -188,8 +190,10 @@ def test_demo_all_methods_teacher_beats_scratch(scenes: Path, tmp_path: Path) ->
     scratch = next(s for s in report["students"] if s["method"] == "clip")
     assert report["teacher"]["metrics"]["rsum"] > scratch["metrics"]["rsum"]
     # The students train with the val-tuned weights, and the report says which.
+    tuned = tuned_method_args()
     for student in report["students"]:
-        assert student["method_args"] == TUNED_METHOD_ARGS.get(student["method"], {})
+        assert student["method_args"] == tuned.get(student["method"], {})
+        assert student["variant"] == ("tuned" if student["method"] in tuned else "paper")
     markdown = (tmp_path / "demo" / "report.md").read_text()
-    weights = ", ".join(f"{key}={value}" for key, value in TUNED_METHOD_ARGS["comkd"].items())
-    assert "- `comkd`: ComKD-CLIP" in markdown and f"weights {weights} (tuned on val)" in markdown
+    weights = ", ".join(f"{key}={value}" for key, value in tuned["comkd"].items())
+    assert "- `comkd`: ComKD-CLIP" in markdown and f"variant `tuned`: {weights}" in markdown

@@ -146,13 +146,19 @@ def test_teacher_training_on_the_frozen_cache(shapes_dataset_dir, tmp_path) -> N
     )
 
 
-def test_demo_and_cli_train_the_same_default_teacher() -> None:
-    from clipdistill.demo import PRESETS
-    from clipdistill.train.lit import DEFAULT_FROZEN_STAGES, DEFAULT_TEACHER_SPEC, PRETRAINED_LR
+def test_the_presets_train_the_teacher_that_teacher_train_trains() -> None:
+    """A preset's lit: teacher with no frozen_stages/lr of its own gets the LiT trainer's defaults
+    for that spec: `distill` and `teacher train` build the same run."""
+    from clipdistill.run_config import preset_names, resolve_run_config
+    from clipdistill.train.lit import DEFAULT_TEACHER_SPEC, pretrained_teacher_config, teacher_train_config
 
-    for preset in PRESETS.values():
-        assert (preset.teacher_model, preset.teacher_frozen_stages, preset.teacher_lr) == (
-            DEFAULT_TEACHER_SPEC,
-            DEFAULT_FROZEN_STAGES,
-            PRETRAINED_LR,
-        )
+    for name in preset_names():
+        teacher = resolve_run_config(preset=name).teacher
+        assert teacher.spec == DEFAULT_TEACHER_SPEC and teacher.frozen_stages is None and teacher.lr is None
+        assert teacher_train_config(teacher.spec, teacher.frozen_stages) == pretrained_teacher_config()
+    scratch = teacher_train_config("lit:resnet10t")
+    assert (
+        scratch.model.image_model == "resnet10t"
+        and scratch.model.frozen_stages == 0
+        and not scratch.model.image_pretrained
+    )

@@ -93,7 +93,7 @@ def test_terminal_summary_shows_the_report_rows(
 ) -> None:
     """The demo's last table agrees with report.md: rsum and recalls averaged over seeds (clip:
     27.0 from 30 and 24), one latency for the shared network."""
-    from clipdistill.cli.main import print_demo_summary
+    from clipdistill.cli.distill_cmd import print_run_summary as print_demo_summary
 
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells in a narrow terminal
 
@@ -201,7 +201,7 @@ def test_pareto_x_axis_is_onnx_ms_at_batch_1(
 def test_terminal_summary_shows_onnx_latency(
     onnx_report: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from clipdistill.cli.main import print_demo_summary
+    from clipdistill.cli.distill_cmd import print_run_summary as print_demo_summary
 
     monkeypatch.setenv("COLUMNS", "200")
     report = {**onnx_report, "best_student": {"method": "clip", "seed": 0, "selected_by": "val rsum"}}

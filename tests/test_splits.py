@@ -122,7 +122,11 @@ def test_demo_cli_passes_the_split_options(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 # The pipeline is what is under test here, not the quality: one epoch each keeps a run short.
-ONE_EPOCH = replace(TINY, teacher_epochs=1, student_epochs=1, student_warmup_steps=1)
+ONE_EPOCH = replace(
+    TINY,
+    teacher=replace(TINY.teacher, epochs=1),
+    optim=replace(TINY.optim, epochs=1, warmup_steps=1),
+)
 
 
 def test_demo_runs_on_a_split_less_csv(scene_rows: tuple[Path, list], tmp_path: Path) -> None:

@@ -29,12 +29,29 @@ class ConfigError(UserError, ValueError):
 class DataConfig:
     path: str = ""
     images: str | None = None
-    image_size: int = 64  # pixels the data is decoded at; each model resizes to its own size
+    # Pixels the data is decoded at (each model resizes to its own size). None: the size the
+    # teacher cache was built at (``teacher.cache``; its manifest records it), else 64.
+    image_size: int | None = None
+    # Splits for data that has none (an open_clip CSV): the val/test split given whole by a file,
+    # or carved from train (seeded, by image or by the ``group_by`` column); data/splits.py. Every
+    # command that reads a dataset (train, eval, distill) carves the same way from these keys.
+    val_path: str | None = None
+    test_path: str | None = None
+    split_seed: int = 0
+    group_by: str | None = None
     on_bad_sample: str = "error"  # error: stop at the first bad image/caption/row; skip: drop it, count it
     # true: decode every train/val image into memory once (small sets); false: decode each batch's
     # images when the step needs them (memory independent of the data set's size; data/pixels.py)
     preload: bool = True
     workers: int = 0  # with preload false: DataLoader processes decoding the next batches ahead
+
+    def split_options(self) -> Any:
+        """The :class:`~clipdistill.data.splits.SplitOptions` these keys give."""
+        from clipdistill.data.splits import SplitOptions
+
+        return SplitOptions(
+            val_data=self.val_path, test_data=self.test_path, seed=self.split_seed, group_by=self.group_by
+        )
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):
@@ -107,6 +124,9 @@ class TeacherConfig:
     # Single-stream fusion teacher (fusion:PATH or blip-itm:ID) for the methods that read one.
     # With `cache`, the cache must hold its states (`clipdistill cache build --fusion SPEC`).
     fusion: str | None = None
+    # A teacher without pretrained weights (openclip:NAME with no @TAG, an untrained lit: spec)
+    # is refused unless this is true: a whole run on a random teacher is almost never meant.
+    allow_random: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +211,11 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"key {key!r} must be a list of {len(args)} values, got {value!r}")
         return tuple(check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"key {key!r} must be a list, got {type(value).__name__} {value!r}")
+        return [check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"key {key!r} must be a mapping, got {type(value).__name__} {value!r}")
@@ -250,11 +275,11 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -272,7 +297,7 @@ def apply_override(raw: dict[str, Any], override: str) -> dict[str, Any]:
     nested: dict[str, Any] = value
     for key in reversed(keys):
         nested = {key: nested}
-    return _deep_merge(raw, nested)
+    return deep_merge(raw, nested)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -292,13 +317,30 @@ def load_config(paths: list[str | Path] | str | Path, overrides: list[str] | Non
     """Deep-merge the YAML files in order, apply overrides, validate into a :class:`TrainConfig`."""
     raw: dict[str, Any] = {}
     for path in [paths] if isinstance(paths, str | Path) else paths:
-        raw = _deep_merge(raw, read_yaml(path))
+        raw = deep_merge(raw, read_yaml(path))
     for override in overrides or []:
         raw = apply_override(raw, override)
     config = from_dict(TrainConfig, raw)
     if not config.data.path:
         raise ConfigError("key 'data.path' is required (a dataset folder, Karpathy JSON or CSV)")
     return config
+
+
+DEFAULT_IMAGE_SIZE = 64
+
+
+def with_derived_image_size(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``data.image_size`` filled in when it was left out: the teacher cache's
+    (its manifest records the size it was built at, so the user never repeats it), else
+    :data:`DEFAULT_IMAGE_SIZE`. The concrete value is what the run saves and compares on resume."""
+    if config.data.image_size is not None:
+        return config
+    size = DEFAULT_IMAGE_SIZE
+    if config.teacher.cache:
+        from clipdistill.distill.cache.manifest import read_manifest
+
+        size = int(read_manifest(config.teacher.cache)["preprocessing"]["image_size"])
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=size))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -29,124 +29,27 @@ from typing import Any
 
 from clipdistill.errors import UserError
 from clipdistill.io import atomic_write_json
-
-# Which methods run, which get the fusion teacher and with which arguments is read from the
-# methods' own metadata through the registry (``distill/registry.py``): every registered method
-# by default, the fusion teacher for those that read it, and the arguments tuned on the val
-# split (``DistillMethod.tuned``, chosen by benchmarks/methods.py) where a method has them; the
-# methods' own defaults are the papers' values.
-
-
-def __getattr__(name: str) -> Any:
-    """``TUNED_METHOD_ARGS`` (per method: the tuned arguments the demo trains it with), read
-    from the registry on first use: listing the methods imports torch, importing this module
-    does not."""
-    if name == "TUNED_METHOD_ARGS":
-        from clipdistill.distill.methods import tuned_method_args
-
-        return tuned_method_args()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass(frozen=True)
-class DemoPreset:
-    """The budget of a demo run. ``quick`` is sized for ``make demo`` (20 minutes on 2 cores,
-    install included); ``full`` is the budget behind the published table."""
-
-    seeds: int
-    student_epochs: int
-    teacher_max_seconds: float | None  # None: TeacherTrainConfig's full budget
-    fusion_max_seconds: float | None
-    fusion_epochs: int
-    teacher_epochs: int | None = None  # None: TeacherTrainConfig's default
-    fusion_k_augmentations: int = 4  # replayed augmentations the fusion head trains on (encoding cost scales with it)
-    fusion_negatives: int = 31  # hard negatives per caption's list (training cost scales with 1 + it)
-    student_warmup_steps: int = 50  # lr warm-up; a short run needs a short one or it never reaches the peak lr
-    batch_size: int = 128
-    lr: float = 2e-3
-    k_augmentations: int = 2
-    image_size: int = 64  # decode size: the teacher cache, student training and the test split read this
-    student: str = "tiny"
-    index_factory: str = "HNSW32"
-    # The teacher: a lit:WEIGHTS[@SIZE] spec (a pretrained trunk, models/lit.py) with its first
-    # stages frozen, or None for LiTConfig's scratch default (tests use that: it trains in seconds).
-    teacher_model: str | None = None
-    teacher_frozen_stages: int = 0
-    teacher_lr: float | None = None  # None: the teacher config's (scratch or pretrained_teacher_config)
-    data_size: int = 64  # the builtin emoji set's render size (ignored with --data)
-    student_image_size: int | None = None  # None: the student preset's own
-    student_image_init: str = "random"  # student.image_init
-    student_text_init: str = "random"  # student.text_init
-    student_frozen_stages: int = 0  # student.frozen_stages
-
-
-# The teacher and student every preset distils (issue 17, measured in docs/results.md): the
-# ImageNet EfficientNet-Lite0 trunk at its native 224 px, stages 0-4 frozen, aligned to frozen
-# MiniLM (test rsum 223.5 after 4 epochs on the 128 px emoji set, against 157.3 for the old
-# scratch resnet10t); the student is the same trunk at 96 px starting from the teacher's own
-# image tower, with a 2-layer text tower inherited from MiniLM (test rsum 189.0 after 2
-# conaclip epochs, against 136.3 from ImageNet weights and 113.6 at 64 px). Its stem and stages
-# 0-4 stay frozen (student.frozen_stages 5): 3 seeds on the quick budget, val rsum conaclip
-# 158.6 vs 148.1 fully trained, clip 113.1 vs 91.0, at half the step time (test: conaclip 171.7
-# vs 181.6, clip 126.3 vs 97.2; docs/results.md).
-_PRETRAINED = {  # the teacher keys equal train.lit's DEFAULT_TEACHER_SPEC/_FROZEN_STAGES, PRETRAINED_LR (tested)
-    "teacher_model": "lit:efficientnet-lite0",
-    "teacher_frozen_stages": 5,
-    "teacher_lr": 2e-3,
-    "data_size": 128,  # Noto's bitmaps are 136 x 128: the teacher upsamples, the student downsamples
-    "image_size": 128,
-    "student": "lite0",
-    "student_image_size": 96,
-    "student_image_init": "teacher",
-    "student_text_init": "teacher",
-    "student_frozen_stages": 5,
-}
-
-PRESETS: dict[str, DemoPreset] = {
-    # quick: budgets in epochs, not seconds, so a loaded machine takes longer instead of
-    # shipping a weaker teacher. Sized for `make demo` on 2 cores: teacher 4 epochs, fusion head
-    # 1 epoch (a pass over the captions: 226 steps) of 15 negatives on 1 augmentation (2 gave the
-    # same val re-ranking, R@1 17.9 vs 18.1, and cost one more view to encode), students 2 epochs
-    # (warm-up 10 of their 44 steps).
-    "quick": DemoPreset(
-        seeds=1,
-        student_epochs=2,
-        student_warmup_steps=10,
-        teacher_max_seconds=None,
-        fusion_max_seconds=None,
-        fusion_epochs=1,
-        teacher_epochs=4,
-        fusion_k_augmentations=1,
-        fusion_negatives=15,
-        **_PRETRAINED,
-    ),
-    # full: a longer teacher (8 epochs), its fusion head (3 epochs), 3 seeds of 4 student epochs.
-    "full": DemoPreset(
-        seeds=3,
-        student_epochs=4,
-        teacher_max_seconds=None,
-        fusion_max_seconds=None,
-        fusion_epochs=3,
-        teacher_epochs=8,
-        **_PRETRAINED,
-    ),
-}
+from clipdistill.run_config import RunConfig, RunDataConfig, differing_keys, run_config_dict, run_config_yaml
 
 
 class DemoError(UserError, ValueError):
-    """A bad demo request (unknown preset or method, a dataset without the needed splits)."""
+    """A bad run request (unknown preset or method, a dataset without the needed splits, a method
+    whose teacher the run cannot give)."""
 
 
-def parse_methods(methods: str | None) -> list[str]:
-    """``"a,b"`` -> validated list (default: every registered method); names are checked
-    against the registry."""
-    from clipdistill.distill.methods import get_method, list_methods
+def parse_methods(methods: str | list[str] | None) -> list[str]:
+    """``"a,b:tuned"`` or a list -> validated entries (default: every registered method); each
+    ``NAME[:VARIANT]`` is checked against the registry (close-match errors, unknown variants)."""
+    from clipdistill.distill.methods import list_methods, resolve_method_entry
 
-    names = list_methods() if not methods else [m.strip() for m in methods.split(",") if m.strip()]
+    if methods is None:
+        return list_methods()
+    entries = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [entry.strip() for entry in entries if entry.strip()]
     if not names:
         raise DemoError(f"--methods is empty; give e.g. --methods {','.join(list_methods()[:2])}")
     for name in names:
-        get_method(name)  # close-match error for a typo
+        resolve_method_entry(name)  # close-match error for a typo, the variants for a bad variant
     if len(set(names)) != len(names):
         raise DemoError(f"--methods lists a method twice: {','.join(names)}")
     return names
@@ -173,69 +76,121 @@ def _stage(name: str, done: bool) -> bool:
 
 
 # --- stages ------------------------------------------------------------------------------------
-def _dataset(
-    out: Path, data: str | Path | None, images: str | Path | None, splits: Any, preset: DemoPreset
-) -> tuple[Any, str, str | None]:
+def _dataset(out: Path, data: RunDataConfig) -> tuple[Any, str, str | None]:
     from clipdistill.data.splits import SplitOptions, make_splits
 
-    if data is None and splits is not None and (splits.val_data or splits.test_data):
+    if data.path is None and (data.val_path or data.test_path):
         raise DemoError("--val-data/--test-data need --data (the train file) too")
-    if data is None:
+    if data.path is None:
         from clipdistill.data.emoji import build_emoji_dataset
 
         _stage("data (builtin emoji)", (out / "data" / "dataset.json").is_file())
-        dataset = build_emoji_dataset(out / "data", size=preset.data_size)  # skips rendering when complete
+        dataset = build_emoji_dataset(out / "data", size=data.emoji_size)  # skips rendering when complete
         data_path, images_root = str(out / "data"), None
     else:
-        _stage(f"data ({data})", True)
-        dataset, data_path, record = make_splits(out / "data", data, images, splits or SplitOptions())
-        images_root = None if record is not None or images is None else str(images)  # the split file is absolute
+        _stage(f"data ({data.path})", True)
+        options = SplitOptions(
+            val_data=data.val_path, test_data=data.test_path, seed=data.split_seed, group_by=data.group_by
+        )
+        dataset, data_path, record = make_splits(out / "data", data.path, data.images, options)
+        images_root = (
+            None if record is not None or data.images is None else str(data.images)
+        )  # the split file is absolute
     missing = {"train", "val", "test"} - set(dataset.split_counts())
     if missing:
-        raise DemoError(f"{data_path}: the demo needs train, val and test splits; missing {', '.join(sorted(missing))}")
+        raise DemoError(f"{data_path}: a run needs train, val and test splits; missing {', '.join(sorted(missing))}")
     return dataset, data_path, images_root
 
 
-def _teacher(out: Path, dataset: Any, preset: DemoPreset) -> str:
+def trains_teacher(spec: str) -> bool:
+    """A ``lit:`` teacher is an architecture to train on the run's data first; any other spec is a
+    trained model used as it is."""
+    from clipdistill.models.spec import parse_spec
+
+    return parse_spec(spec).schema == "lit"
+
+
+def _teacher(out: Path, dataset: Any, config: RunConfig) -> str:
     from dataclasses import replace
 
     from clipdistill.models.lit import MODEL_FILE
-    from clipdistill.train.lit import TeacherTrainConfig, pretrained_teacher_config, train_lit_teacher
+    from clipdistill.train.lit import teacher_train_config, train_lit_teacher
 
+    teacher = config.teacher
+    if not trains_teacher(teacher.spec):
+        _stage(f"teacher ({teacher.spec}, trained already)", True)
+        return teacher.spec
     teacher_dir = out / "teacher"
-    if _stage("teacher (LiT)", (teacher_dir / MODEL_FILE).is_file() and (teacher_dir / "train_summary.json").is_file()):
-        if preset.teacher_model is None:
-            config = TeacherTrainConfig()  # LiTConfig's scratch default
-        else:
-            config = pretrained_teacher_config(preset.teacher_model, preset.teacher_frozen_stages)
-        budget = {"epochs": preset.teacher_epochs, "lr": preset.teacher_lr}
-        config = replace(
-            config,
-            max_seconds=preset.teacher_max_seconds,
-            decode_size=preset.image_size,  # the cache's pixels: its frozen rows are reused (encoding_memo)
+    if _stage(
+        f"teacher ({teacher.spec}, trained on the data)",
+        (teacher_dir / MODEL_FILE).is_file() and (teacher_dir / "train_summary.json").is_file(),
+    ):
+        budget = {"epochs": teacher.epochs, "lr": teacher.lr}
+        train_config = replace(
+            teacher_train_config(teacher.spec, teacher.frozen_stages),
+            max_seconds=teacher.max_seconds,
+            decode_size=config.cache.image_size,  # the cache's pixels: its frozen rows are reused (encoding_memo)
             **{key: value for key, value in budget.items() if value is not None},
         )
-        train_lit_teacher(dataset, teacher_dir, config)
+        train_lit_teacher(dataset, teacher_dir, train_config)
     return f"run:{teacher_dir}"
 
 
-def _fusion(out: Path, dataset: Any, teacher_spec: str, preset: DemoPreset) -> str:
+def _fusion_plan(config: RunConfig, names: list[str]) -> str | None:
+    """What the fusion teacher is: ``"train"`` (``auto`` with a LiT teacher and a method that reads
+    one), a given spec, or None. A method that needs one and gets none is refused here, before any
+    stage runs, with what to give."""
+    from clipdistill.distill.methods import fusion_methods, get_method, resolve_method_entry
+
+    readers = [name for name in names if resolve_method_entry(name)[0] in fusion_methods()]
+    spec = config.fusion.spec
+    if spec == "auto":
+        plan = "train" if readers and trains_teacher(config.teacher.spec) else None
+    elif spec == "none":
+        plan = None
+    else:
+        from clipdistill.models.spec import parse_fusion_spec
+
+        plan = str(parse_fusion_spec(spec))
+    if plan is None:
+        from clipdistill.distill.base import TEACHER_OF_NEED
+
+        needing = [
+            name
+            for name in readers
+            if any(TEACHER_OF_NEED[need] == "fusion" for need in get_method(resolve_method_entry(name)[0]).needs)
+        ]
+        if needing:
+            why = "fusion is 'none'" if spec == "none" else "only a lit: teacher gets one trained (fusion 'auto')"
+            raise DemoError(
+                f"method(s) {', '.join(needing)} need a fusion teacher, and this run has none ({why}); "
+                "give --fusion fusion:PATH (a `clipdistill teacher train-fusion` folder) or blip-itm:ID, "
+                "or leave those methods out"
+            )
+    return plan
+
+
+def _fusion(out: Path, dataset: Any, teacher_spec: str, config: RunConfig) -> str:
     from clipdistill.train.fusion import FusionTrainConfig, train_fusion_teacher
 
     fusion_dir = out / "fusion"
     if _stage("fusion teacher", (fusion_dir / "train_summary.json").is_file()):
-        config = FusionTrainConfig(
-            epochs=preset.fusion_epochs,
-            max_seconds=preset.fusion_max_seconds,
-            k_augmentations=preset.fusion_k_augmentations,
-            negatives=preset.fusion_negatives,
-            image_size=preset.image_size,  # as the teacher and the cache decode (encoding_memo reuses rows)
+        fusion = config.fusion
+        budget = {
+            "epochs": fusion.epochs,
+            "max_seconds": fusion.max_seconds,
+            "k_augmentations": fusion.k_augmentations,
+            "negatives": fusion.negatives,
+        }
+        train_config = FusionTrainConfig(
+            image_size=config.cache.image_size,  # as the teacher and the cache decode (encoding_memo reuses rows)
+            **{key: value for key, value in budget.items() if value is not None},
         )
-        train_fusion_teacher(teacher_spec, dataset, fusion_dir, config)
+        train_fusion_teacher(teacher_spec, dataset, fusion_dir, train_config)
     return f"fusion:{fusion_dir}"
 
 
-def _cache(out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, preset: DemoPreset) -> str:
+def _cache(out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, config: RunConfig) -> str:
     from clipdistill.distill.cache import build_cache
 
     _stage("teacher cache", (out / "cache" / "manifest.json").is_file())
@@ -243,51 +198,77 @@ def _cache(out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, 
         teacher_spec,
         dataset,
         out / "cache",
-        k_augmentations=preset.k_augmentations,
-        image_size=preset.image_size,
+        k_augmentations=config.augment.k,
+        image_size=config.cache.image_size,
+        seed=config.augment.seed,
+        aug_scale=config.augment.scale,
+        aug_max_shift=config.augment.max_shift,
         fusion=fusion_spec,
     )
     return str(path)
 
 
+@dataclass(frozen=True)
+class MethodRun:
+    """One row of the run: a method entry resolved to its variant and arguments."""
+
+    entry: str  # as the user wrote it: NAME or NAME:VARIANT
+    method: str
+    variant: str
+    args: dict[str, Any]
+
+    @property
+    def folder(self) -> str:
+        """``students/<folder>-s<seed>``: the method's name, plus the variant when it was named."""
+        return self.entry.replace(":", "-")
+
+
+def method_runs(config: RunConfig, names: list[str]) -> list[MethodRun]:
+    """Each entry's variant (``default_variant`` for a plain name) and arguments: the variant's
+    values with ``method_args[NAME]`` over them."""
+    from clipdistill.distill.methods import resolve_method_entry
+
+    runs = []
+    for entry in names:
+        method, variant, values = resolve_method_entry(entry, config.default_variant)
+        runs.append(MethodRun(entry, method, variant, {**values, **config.method_args.get(method, {})}))
+    unknown = set(config.method_args) - {run.method for run in runs}
+    if unknown:
+        raise DemoError(f"key 'method_args' names {', '.join(sorted(unknown))}, which this run does not train")
+    return runs
+
+
 def _student_config(
-    out: Path, method: str, seed: int, preset: DemoPreset, data: str, images: str | None, teacher: dict[str, Any]
+    out: Path, run: MethodRun, seed: int, config: RunConfig, data: str, images: str | None, teacher: dict[str, Any]
 ) -> Any:
-    from clipdistill.config import TrainConfig, from_dict
+    from clipdistill.config import TrainConfig, from_dict, to_dict
     from clipdistill.data.bad_samples import default_policy
     from clipdistill.distill.methods import get_method
 
-    method_cls = get_method(method)
-    fusion = teacher.get("fusion") if "fusion" in method_cls.teachers() else None
+    fusion = teacher.get("fusion") if "fusion" in get_method(run.method).teachers() else None
     return from_dict(
         TrainConfig,
         {
-            "name": f"{method}-s{seed}",
+            "name": f"{run.folder}-s{seed}",
             "out_dir": str(out / "students"),
-            "method": method,
-            "method_args": dict(method_cls.tuned.values) if method_cls.tuned is not None else {},
+            "method": run.method,
+            "method_args": dict(run.args),
             "seed": seed,
             "data": {
                 "path": data,
                 "images": images,
-                "image_size": preset.image_size,
-                "on_bad_sample": default_policy(),  # `clipdistill --on-bad-sample skip demo`
+                "image_size": config.cache.image_size,
+                "on_bad_sample": default_policy(),  # `clipdistill --on-bad-sample skip distill`
             },
-            "student": {
-                "preset": preset.student,
-                "image_size": preset.student_image_size,
-                "image_init": preset.student_image_init,
-                "text_init": preset.student_text_init,
-                "frozen_stages": preset.student_frozen_stages,
+            "student": to_dict(config.student),
+            "teacher": {
+                "spec": teacher["spec"],
+                "cache": teacher["cache"],
+                "fusion": fusion,
+                "allow_random": config.teacher.allow_random,
             },
-            "teacher": {"spec": teacher["spec"], "cache": teacher["cache"], "fusion": fusion},
-            "augment": {"k": preset.k_augmentations},
-            "optim": {
-                "epochs": preset.student_epochs,
-                "batch_size": preset.batch_size,
-                "lr": preset.lr,
-                "warmup_steps": preset.student_warmup_steps,
-            },
+            "augment": to_dict(config.augment),
+            "optim": to_dict(config.optim),
         },
     )
 
@@ -379,7 +360,7 @@ def _best_student(students: list[dict[str, Any]]) -> dict[str, Any]:
     return max(by_method[method], key=lambda s: s["val_rsum"])
 
 
-def _deploy(out: Path, spec: str, data: str, images: str | None, factory: str) -> dict[str, Any]:
+def _deploy(out: Path, spec: str, data: str, images: str | None, config: RunConfig) -> dict[str, Any]:
     from clipdistill.serve.embed import embed_dataset
     from clipdistill.serve.export import export_model, read_parity
     from clipdistill.serve.index import build_index
@@ -391,9 +372,10 @@ def _deploy(out: Path, spec: str, data: str, images: str | None, factory: str) -
         for stale in (export_dir / "export.json", emb_dir / "embeddings.json", index_dir / "manifest.json"):
             stale.unlink(missing_ok=True)
     if _stage(f"export {spec}", exported.is_file()):
-        export_model(spec, export_dir, int8=True, data=data, images=images, split="test")
+        export_model(spec, export_dir, int8=config.export.int8, data=data, images=images, split="test")
     if _stage("embeddings (test split)", (emb_dir / "embeddings.json").is_file()):
         embed_dataset(export_dir, data, emb_dir, images=images, split="test")
+    factory = config.index.factory
     if _stage(f"index ({factory})", (index_dir / "manifest.json").is_file()):
         build_index(emb_dir, index_dir, factory=factory)
     return {"spec": spec, "export": str(export_dir), "index": str(index_dir), "parity": read_parity(export_dir)}
@@ -405,74 +387,107 @@ def run_demo(
     *,
     data: str | Path | None = None,
     images: str | Path | None = None,
-    preset: str | DemoPreset = "quick",
+    preset: str | RunConfig = "quick",
     methods: str | None = None,
     seeds: int | None = None,
     splits: Any = None,
 ) -> dict[str, Any]:
-    """Run every stage (skipping finished ones) and write the report; returns ``report.json``.
+    """``clipdistill demo``: :func:`run_distill` with a preset (a name or a :class:`RunConfig`,
+    for tests and sweeps), the builtin emoji data unless ``data`` is given, and the demo's flags
+    (``splits``: :class:`~clipdistill.data.splits.SplitOptions` for a ``data`` without splits)."""
+    from clipdistill.run_config import resolve_run_config
 
-    ``preset`` is a name from :data:`PRESETS` or a :class:`DemoPreset` (tests and sweeps);
-    ``splits`` (:class:`~clipdistill.data.splits.SplitOptions`) says how a ``data`` without
-    train/val/test gets them (val/test files, or carved from train with a seed)."""
+    values: dict[str, Any] = {}
+    if data is not None:
+        values["data"] = {"path": str(data), "images": None if images is None else str(images)}
+        if splits is not None:
+            values["data"].update(
+                val_path=None if splits.val_data is None else str(splits.val_data),
+                test_path=None if splits.test_data is None else str(splits.test_data),
+                split_seed=splits.seed,
+                group_by=splits.group_by,
+            )
+    elif splits is not None and (splits.val_data or splits.test_data):
+        raise DemoError("--val-data/--test-data need --data (the train file) too")
+    if methods is not None:
+        values["methods"] = parse_methods(methods)
+    if seeds is not None:
+        values["seeds"] = seeds
+    if isinstance(preset, RunConfig):
+        from clipdistill.config import deep_merge, from_dict
+
+        config, name = from_dict(RunConfig, deep_merge(run_config_dict(preset), values)), "custom"
+    else:
+        config, name = resolve_run_config(preset=preset, values=values), preset
+    return run_distill(config, out, preset=name)
+
+
+def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -> dict[str, Any]:
+    """Run every stage of ``config`` (skipping finished ones) into ``out`` and write the report;
+    returns ``report.json``. The resolved config is written first to ``OUT/config.yaml``, which
+    reproduces the run (``clipdistill distill --config OUT/config.yaml --out NEW``)."""
+    from dataclasses import replace
+
     from clipdistill.data.images import load_image_tensor
-    from clipdistill.distill.methods import fusion_methods
     from clipdistill.models.encoding_memo import clear_encoding_memos, encoding_memo
     from clipdistill.report import write_report
 
-    if isinstance(preset, DemoPreset):
-        settings, preset = preset, "custom"
-    elif preset in PRESETS:
-        settings = PRESETS[preset]
-    else:
-        raise DemoError(f"unknown demo preset {preset!r}; valid: {', '.join(PRESETS)}")
-    names = parse_methods(methods)
-    n_seeds = settings.seeds if seeds is None else seeds
-    if n_seeds < 1:
-        raise DemoError(f"--seeds must be >= 1, got {n_seeds}")
+    names = parse_methods(config.methods)
+    config = replace(config, methods=names)  # the list it trains, written out: a new method later changes nothing
+    runs_of = method_runs(config, names)
+    fusion_plan = _fusion_plan(config, names)
     started = _STARTED[0] = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _write_config(out, config)
 
-    dataset, data_path, images_root = _dataset(out, data, images, splits, settings)
+    dataset, data_path, images_root = _dataset(out, config.data)
+    image_size = config.cache.image_size
     with encoding_memo():  # the three stages encode the same captions and images with the same frozen towers
-        teacher_spec = _teacher(out, dataset, settings)
-        fusion_spec = _fusion(out, dataset, teacher_spec, settings) if set(names) & set(fusion_methods()) else None
-        cache = _cache(out, dataset, teacher_spec, fusion_spec, settings)
+        teacher_spec = _teacher(out, dataset, config)
+        _check_teacher(teacher_spec, config)
+        if fusion_plan == "train":
+            fusion_spec: str | None = _fusion(out, dataset, teacher_spec, config)
+        else:
+            fusion_spec = fusion_plan
+        cache = _cache(out, dataset, teacher_spec, fusion_spec, config)
         test = dataset.split("test")
-        pixels = load_image_tensor(test.image_paths(), settings.image_size)
+        pixels = load_image_tensor(test.image_paths(), image_size)
         teacher_path = out / "teacher" / "test_metrics.json"
+        teacher_path.parent.mkdir(parents=True, exist_ok=True)
         teacher_metrics = None if teacher_path.is_file() else _test_metrics(teacher_spec, test, pixels)
     clear_encoding_memos()
     teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}
 
     runs = []
-    for method in names:
-        for seed in range(n_seeds):
-            config = _student_config(out, method, seed, settings, data_path, images_root, teacher)
-            runs.append((config, _train_student(config)))
+    for run in runs_of:
+        for seed in range(config.seeds):
+            train_config = _student_config(out, run, seed, config, data_path, images_root, teacher)
+            runs.append((run, train_config, _train_student(train_config)))
 
     _say("evaluating teacher and students on the test split")
     teacher_result = _evaluate(teacher_spec, test, pixels, teacher_path, metrics=teacher_metrics)
     students: list[dict[str, Any]] = []
     first_student: dict[str, Any] | None = None
-    for config, summary in runs:
-        path = config.run_dir / "test_metrics.json"
+    for run, train_config, summary in runs:
+        path = train_config.run_dir / "test_metrics.json"
         result = _evaluate(summary["model"], test, pixels, path, same_network=first_student)
         first_student = first_student or result
         students.append(
             {
-                "method": config.method,
-                "method_args": dict(config.method_args),
-                "seed": config.seed,
+                "method": run.entry,
+                "variant": run.variant,
+                "method_args": dict(train_config.method_args),
+                "seed": train_config.seed,
                 "spec": summary["model"],
-                "run_dir": str(config.run_dir),
+                "run_dir": str(train_config.run_dir),
                 **_entry(result),
                 "train_seconds": summary["train_seconds"],
                 "val_rsum": summary["val"]["rsum"],
             }
         )
 
+    teacher_summary = out / "teacher" / "train_summary.json"
     report: dict[str, Any] = {
         "dataset": dataset.name,
         "split": "test",
@@ -480,24 +495,26 @@ def run_demo(
         "n_texts": test.n_texts(),
         "preset": preset,
         "budget": {
-            "student": settings.student,
-            "epochs": settings.student_epochs,
-            "batch_size": settings.batch_size,
-            "lr": settings.lr,
-            "k_augmentations": settings.k_augmentations,
-            "image_size": settings.image_size,
-            "student_image_size": settings.student_image_size,
-            "image_init": settings.student_image_init,
-            "text_init": settings.student_text_init,
-            "teacher_model": settings.teacher_model,
-            "seeds": n_seeds,
+            "student": _student_name(config),
+            "epochs": config.optim.epochs,
+            "batch_size": config.optim.batch_size,
+            "lr": config.optim.lr,
+            "k_augmentations": config.augment.k,
+            "image_size": image_size,
+            "student_image_size": config.student.image_size,
+            "image_init": config.student.image_init,
+            "text_init": config.student.text_init,
+            "teacher_model": config.teacher.spec,
+            "seeds": config.seeds,
         },
         "teacher": {
             "spec": teacher_spec,
             **_entry(teacher_result),
-            "train_seconds": _read_json(out / "teacher" / "train_summary.json")["train_seconds"],
+            "train_seconds": _read_json(teacher_summary)["train_seconds"]
+            if trains_teacher(config.teacher.spec)
+            else None,
         },
-        "fusion_teacher": _fusion_entry(out, fusion_spec),
+        "fusion_teacher": _fusion_entry(out, fusion_spec, trained=fusion_plan == "train"),
         "students": students,
         "summary": _summary(students),
     }
@@ -506,11 +523,12 @@ def run_demo(
     add_onnx_efficiency(out, report, stage=_stage, say=_say)  # onnx_ms etc. under teacher + students
     best = _best_student(students)
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
-    report["deploy"] = _deploy(out, best["spec"], data_path, images_root, settings.index_factory)
-    if data is not None and (out / "data" / "splits.json").is_file() and data_path == str(out / "data"):
+    report["deploy"] = _deploy(out, best["spec"], data_path, images_root, config)
+    if config.data.path is not None and (out / "data" / "splits.json").is_file() and data_path == str(out / "data"):
         report["splits"] = _read_json(out / "data" / "splits.json")  # how train/val/test were made
     if dataset.skipped is not None and dataset.skipped.samples:
         report["bad_samples"] = dataset.skipped.summary()
+    report["config"] = run_config_dict(config)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     report["machine"] = _machine()
     report["finished_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
@@ -519,6 +537,37 @@ def run_demo(
     write_report(out, report, dataset)
     _say("done")
     return report
+
+
+def _student_name(config: RunConfig) -> str:
+    """The student as the config names it: its preset, model-config file or starting checkpoint."""
+    student = config.student
+    return student.init or student.model_config or student.preset
+
+
+def _write_config(out: Path, config: RunConfig) -> None:
+    """``OUT/config.yaml``; a rerun into the same folder with another config says which keys
+    changed (finished stages are still skipped by their outputs, as for any rerun)."""
+    import yaml
+
+    from clipdistill.io import atomic_write_text
+
+    path = out / "config.yaml"
+    if path.is_file():
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        changed = differing_keys(old, run_config_dict(config))
+        if changed:
+            _say(f"{path} held another config (changed: {', '.join(changed)}); finished stages are kept")
+    atomic_write_text(path, run_config_yaml(config))
+
+
+def _check_teacher(spec: str, config: RunConfig) -> None:
+    """A teacher without pretrained weights is refused here, before the cache encodes the data
+    with it, unless the config says ``teacher.allow_random``."""
+    from clipdistill.models.teachers import load_teacher
+
+    if not trains_teacher(config.teacher.spec):
+        load_teacher(spec, allow_random=config.teacher.allow_random)
 
 
 def _machine() -> dict[str, Any]:
@@ -538,10 +587,13 @@ def _machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": len(affinity), "torch": torch.__version__, "python": platform.python_version()}
 
 
-def _fusion_entry(out: Path, fusion_spec: str | None) -> dict[str, Any] | None:
-    """What the fusion teacher adds: its test-split re-ranking of the dual teacher's top-k."""
+def _fusion_entry(out: Path, fusion_spec: str | None, *, trained: bool) -> dict[str, Any] | None:
+    """What the fusion teacher adds: its test-split re-ranking of the dual teacher's top-k (for a
+    fusion teacher the run trained; a given one is named only)."""
     if fusion_spec is None:
         return None
+    if not trained:
+        return {"spec": fusion_spec}
     summary = _read_json(out / "fusion" / "train_summary.json")
     from clipdistill.eval.efficiency import count_parameters
     from clipdistill.models.fusion import load_fusion_encoder

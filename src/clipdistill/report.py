@@ -21,7 +21,7 @@ def method_line(method: str) -> str:
     """A method's line in ``report.md``: its registered summary (``DistillMethod.summary``)."""
     from clipdistill.distill.methods import get_method
 
-    return get_method(method).summary
+    return get_method(method.partition(":")[0]).summary  # a row is NAME or NAME:VARIANT
 
 
 def scratch_method() -> str | None:
@@ -49,9 +49,13 @@ def pair_ms(entry: dict[str, Any], source: str, batch: int = 1) -> float:
 
 
 def _weights(row: dict[str, Any]) -> str:
-    """The non-default method weights a student was trained with (the demo's val-tuned ones)."""
+    """The variant and the non-default method weights a student was trained with."""
     args = row.get("method_args") or {}
-    return f"; weights {', '.join(f'{k}={v}' for k, v in args.items())} (tuned on val)" if args else ""
+    variant = row.get("variant")
+    if variant is None:  # reports written before variants were recorded: their weights were the val-tuned ones
+        return f"; weights {', '.join(f'{k}={v}' for k, v in args.items())} (tuned on val)" if args else ""
+    weights = f": {', '.join(f'{k}={v}' for k, v in args.items())}" if args else ""
+    return f"; variant `{variant}`{weights}"
 
 
 def _network_key(entry: dict[str, Any]) -> str:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from clipdistill.cli.cache_cmd import cache_app
-from clipdistill.cli.common import DataOpt, ImagesOpt, console, exit_stopped, print_metrics, reports_user_errors
+from clipdistill.cli.common import DataOpt, ImagesOpt, console, print_metrics, reports_user_errors
 from clipdistill.cli.deploy_cmd import embed_command, export_command, index_command, search_command
+from clipdistill.cli.distill_cmd import demo_command, distill_command
 from clipdistill.cli.fusion_cmd import train_fusion_command
 from clipdistill.cli.serve_cmd import serve_command
 from clipdistill.cli.train_cmd import train_command
@@ -197,76 +197,10 @@ def eval_command(
     console.print(f"wrote {out}")
 
 
-@app.command("demo")
-@reports_user_errors
-def demo_command(
-    out: Annotated[Path, typer.Option("--out")] = Path("runs/demo"),
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="Dataset (Karpathy, CSV/TSV, folder, shards; default: builtin emoji)."),
-    ] = None,
-    images: ImagesOpt = None,
-    val_data: Annotated[Path | None, typer.Option("--val-data", help="A file/folder that is the val split.")] = None,
-    test_data: Annotated[Path | None, typer.Option("--test-data", help="A file/folder that is the test split.")] = None,
-    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of splits carved from train.")] = 0,
-    group_by: Annotated[
-        str | None, typer.Option("--group-by", help="CSV column whose groups a carved split keeps whole.")
-    ] = None,
-    preset: Annotated[str, typer.Option("--preset", help="quick | full")] = "quick",
-    methods: Annotated[
-        str | None, typer.Option("--methods", help="Comma-separated methods (default: all seven).")
-    ] = None,
-    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="Seeds per method (default: preset).")] = None,
-) -> None:
-    """The main job: data, teachers, cache, one student per method, evaluation, export, index,
-    report. Finished stages are skipped, so a rerun resumes where a run stopped."""
-    from clipdistill.data.splits import SplitOptions
-    from clipdistill.demo import run_demo
-    from clipdistill.train.state import TrainingStopped
-
-    splits = SplitOptions(val_data=val_data, test_data=test_data, seed=split_seed, group_by=group_by)
-    try:
-        report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds, splits=splits)
-    except TrainingStopped as stopped:  # SIGTERM/Ctrl-C during a student: its checkpoint is saved
-        exit_stopped(stopped, f"demo stopped: {stopped}; rerun the same demo command to continue")
-    print_demo_summary(report, out)
-
-
-def print_demo_summary(report: dict[str, Any], out: Path) -> None:
-    """The terminal's last word: the table and the commands that use the result."""
-    from rich.table import Table
-
-    from clipdistill.report import latency_source, method_rows, pair_ms
-
-    source, _ = latency_source(report)  # report.md's latency: ONNX Runtime, or eager torch for an older run
-    latency = "ms b1 (ONNX)" if source == "onnx" else "latency ms (eager torch)"
-    table = Table(title=f"{report['dataset']} test split ({report['n_images']} images, {report['n_texts']} captions)")
-    for column in ("model", "t2i R@1", "t2i R@10", "i2t R@1", "i2t R@10", "rsum", latency, "params M"):
-        table.add_column(column, justify="right")
-
-    def add(label: str, entry: dict[str, Any], rsum: str) -> None:
-        m = entry["metrics"]
-        table.add_row(
-            label,
-            *(f"{m[k]:.1f}" for k in ("t2i_R@1", "t2i_R@10", "i2t_R@1", "i2t_R@10")),
-            rsum,
-            f"{pair_ms(entry, source):.2f}",
-            f"{entry['params']['total'] / 1e6:.2f}",
-        )
-
-    add("teacher", report["teacher"], f"{report['teacher']['metrics']['rsum']:.1f}")
-    for row in method_rows(report):  # the report.md rows: means over seeds, shared latency
-        spread = f" ± {row['rsum_std']:.1f}" if row["n_seeds"] > 1 else ""
-        add(row["method"], row, f"{row['metrics']['rsum']:.1f}{spread}")
-    Console().print(table)
-    best, deploy = report["best_student"], report["deploy"]
-    console.print(f"best student: {best['method']} (seed {best['seed']}, by {best['selected_by']})", highlight=False)
-    console.print(f"report: {out / 'report.md'}", highlight=False)
-    console.print(f'search it: clipdistill search {deploy["index"]} "a red heart" -k 5', highlight=False)
-
-
 def _register_commands() -> None:
     """Commands that live in their own modules (kept small: one job each)."""
+    app.command("distill")(reports_user_errors(distill_command))
+    app.command("demo")(reports_user_errors(demo_command))
     app.command("train")(reports_user_errors(train_command))
     data_app.command("to-wds")(reports_user_errors(to_wds_command))
     teacher_app.command("train-fusion")(reports_user_errors(train_fusion_command))

@@ -11,7 +11,14 @@ from typing import Annotated
 
 import typer
 
-from clipdistill.cli.common import console, exit_stopped, print_metrics
+from clipdistill.cli.common import (
+    GroupByOpt,
+    TestDataOpt,
+    ValDataOpt,
+    console,
+    exit_stopped,
+    print_metrics,
+)
 
 
 def train_command(
@@ -27,15 +34,26 @@ def train_command(
         str | None,
         typer.Option("--on-bad-sample", help="error | skip (sets key data.on_bad_sample; default: the config's)."),
     ] = None,
+    val_data: ValDataOpt = None,
+    test_data: TestDataOpt = None,
+    split_seed: Annotated[
+        int | None, typer.Option("--split-seed", help="Seed of the splits carved from train (key data.split_seed).")
+    ] = None,
+    group_by: GroupByOpt = None,
 ) -> None:
-    """Train a student with the configured distillation method."""
+    """Train a student with the configured distillation method.
+
+    Data without train/val splits (an open_clip CSV) gets them carved as `distill` and `eval`
+    carve them (--val-data/--test-data give a split whole; --split-seed, --group-by)."""
     from clipdistill.config import load_config
     from clipdistill.data.bad_samples import default_policy
     from clipdistill.train.trainer import train
 
     policy = on_bad_sample or (default_policy() if default_policy() != "error" else None)
     policy_override = [f"data.on_bad_sample={policy}"] if policy else []
-    config = load_config(configs, (overrides or []) + policy_override)  # the flag wins over --set
+    split_flags = {"val_path": val_data, "test_path": test_data, "split_seed": split_seed, "group_by": group_by}
+    split_overrides = [f"data.{key}={value}" for key, value in split_flags.items() if value is not None]
+    config = load_config(configs, (overrides or []) + policy_override + split_overrides)  # flags win over --set
     from clipdistill.train.state import TrainingStopped
 
     try:

@@ -43,12 +43,14 @@ def _is_table(path: str | Path) -> bool:
     return Path(path).suffix.lower() in _TABLE_SUFFIXES
 
 
-def _load(path: str | Path, images: str | Path | None, group_by: str | None) -> PairedDataset:
+def _load(
+    path: str | Path, images: str | Path | None, group_by: str | None, on_bad_sample: str | None = None
+) -> PairedDataset:
     from clipdistill.data.loading import load_dataset
 
     if group_by is not None and _is_table(path):
-        return load_dataset(path, images, group_key=group_by)
-    return load_dataset(path, images)
+        return load_dataset(path, images, group_key=group_by, on_bad_sample=on_bad_sample)
+    return load_dataset(path, images, on_bad_sample=on_bad_sample)
 
 
 def _whole(dataset: PairedDataset, split: str) -> list[Any]:
@@ -95,12 +97,12 @@ def carve(records: list[Any], missing: set[str], seed: int, group_by: str | None
 
 
 def split_dataset(
-    data: str | Path, images: str | Path | None, options: SplitOptions
+    data: str | Path, images: str | Path | None, options: SplitOptions, *, on_bad_sample: str | None = None
 ) -> tuple[PairedDataset, dict[str, Any] | None]:
     """The dataset with train, val and test, in memory, and the record of how the splits were
     made (``None`` when ``data`` already had all three and nothing was given or carved).
     ``eval`` uses this directly; stages that hand the dataset on write it (:func:`make_splits`)."""
-    train = _load(data, images, options.group_by)
+    train = _load(data, images, options.group_by, on_bad_sample)
     given = {"val": options.val_data, "test": options.test_data}
     if not any(given.values()) and set(train.split_counts()) >= set(SPLITS):
         return train, None
@@ -108,7 +110,7 @@ def split_dataset(
     sources = {"train": str(data)}
     for split, path in given.items():
         if path is not None:
-            records += _whole(_load(path, images, options.group_by), split)
+            records += _whole(_load(path, images, options.group_by, on_bad_sample), split)
             sources[split] = str(path)
     missing = set(SPLITS) - {record.split for record in records}
     if missing:

@@ -82,6 +82,39 @@ def baseline_method() -> str | None:
     return next((name for name, cls in _REGISTRY.items() if cls.baseline), None)
 
 
+#: The variant every method has: its paper's arguments (the defaults of its ``Args``).
+PAPER_VARIANT = "paper"
+
+
+def method_variants(name: str) -> dict[str, dict[str, Any]]:
+    """A method's named argument sets: ``paper`` (its ``Args`` defaults, no values to add) and,
+    where a val sweep chose otherwise, ``tuned`` (``DistillMethod.tuned``). The one place both
+    live is the method's class; configs name a variant as ``NAME:VARIANT``."""
+    cls = get_method(name)
+    variants: dict[str, dict[str, Any]] = {PAPER_VARIANT: {}}
+    if cls.tuned is not None:
+        variants["tuned"] = dict(cls.tuned.values)
+    return variants
+
+
+def resolve_method_entry(entry: str, default_variant: str = PAPER_VARIANT) -> tuple[str, str, dict[str, Any]]:
+    """``NAME`` or ``NAME:VARIANT`` -> (name, variant, its argument values).
+
+    A variant named explicitly must exist (the error lists the method's variants). A plain name
+    trains ``default_variant`` where the method has it and ``paper`` where it has not: a method
+    whose paper values won the val sweep has no ``tuned`` variant because it needs none."""
+    name, _, variant = entry.strip().partition(":")
+    variants = method_variants(name)
+    if variant:
+        if variant not in variants:
+            raise MethodConfigError(
+                f"method {name!r} has no variant {variant!r} (in {entry!r}); its variants: {', '.join(variants)}"
+            )
+        return name, variant, variants[variant]
+    chosen = default_variant if default_variant in variants else PAPER_VARIANT
+    return name, chosen, variants[chosen]
+
+
 def tuned_method_args() -> dict[str, dict[str, Any]]:
     """Per method with tuned arguments: the values the demo trains it with."""
     return {name: dict(cls.tuned.values) for name, cls in _REGISTRY.items() if cls.tuned is not None}

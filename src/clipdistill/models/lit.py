@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -92,19 +92,32 @@ class LiTConfig:
 
 
 def lit_config_from_spec(identifier: str, frozen_stages: int = 0) -> LiTConfig:
-    """The architecture ``lit:WEIGHTS[@SIZE]`` names: the ImageNet EfficientNet-Lite trunk
-    ``WEIGHTS`` (``efficientnet-lite0/1/2``) at ``SIZE`` px (default: the weights' native size,
-    where their filters were trained) with its own pixel statistics, and the frozen MiniLM text
-    tower. Its image projection is untrained: ``teacher train --model`` aligns it."""
-    from clipdistill.models.imagenet_lite import LITE_MEAN, LITE_STD, lite_variant
+    """The architecture ``lit:TRUNK[@SIZE]`` names, with the frozen MiniLM text tower.
+
+    ``TRUNK`` is ImageNet weights (``efficientnet-lite0/1/2``: their timm trunk, its own pixel
+    statistics, at ``SIZE`` px, default the weights' native size, where their filters were
+    trained), or any timm model name, trained from scratch (``lit:resnet10t``; default size
+    :class:`LiTConfig`'s). Its image projection is untrained: ``teacher train`` aligns it."""
+    from clipdistill.models.imagenet_lite import LITE_MEAN, LITE_STD, LITE_VARIANTS, lite_variant
 
     weights, _, size = identifier.partition("@")
-    variant = lite_variant(weights.strip())
+    weights = weights.strip()
     if size and not size.strip().isdigit():
         raise ValueError(f"lit:{identifier}: the size after '@' must be a number of pixels, got {size!r}")
+    if weights not in LITE_VARIANTS:
+        import timm
+
+        if not timm.is_model(weights):
+            raise ValueError(
+                f"lit:{identifier}: {weights!r} is neither pretrained image weights ({', '.join(LITE_VARIANTS)}) "
+                "nor a timm model name (a trunk trained from scratch)"
+            )
+        scratch = LiTConfig(image_model=weights, frozen_stages=frozen_stages)
+        return replace(scratch, image_size=int(size)) if size else scratch
+    variant = lite_variant(weights)
     return LiTConfig(
         image_model=variant.timm_name,
-        image_pretrained=weights.strip(),
+        image_pretrained=weights,
         image_size=int(size) if size else variant.native_size,
         image_mean=LITE_MEAN,
         image_std=LITE_STD,

@@ -58,9 +58,8 @@ class TeacherTrainConfig:
     decode_size: int | None = None
 
 
-#: The default teacher (issue 17, docs/results.md): the ImageNet EfficientNet-Lite0 trunk at its
-#: native 224 px with the stem and stages 0-4 frozen, aligned to frozen MiniLM. On the 128 px
-#: emoji set 4 epochs give test rsum 223.5 (the scratch resnet10t at 64 px: 211.9 after 12).
+#: The default teacher: the ImageNet EfficientNet-Lite0 trunk at its native 224 px with the stem
+#: and stages 0-4 frozen, aligned to frozen MiniLM (docs/results.md, "Teacher").
 DEFAULT_TEACHER_SPEC = "lit:efficientnet-lite0"
 DEFAULT_FROZEN_STAGES = 5
 PRETRAINED_EPOCHS = 8
@@ -84,6 +83,26 @@ def pretrained_teacher_config(
     except ValueError as error:
         raise ModelSpecError(f"{spec!r}: {error}") from error
     return TeacherTrainConfig(model=model, epochs=PRETRAINED_EPOCHS, lr=PRETRAINED_LR)
+
+
+def teacher_train_config(spec: str, frozen_stages: int | None = None) -> TeacherTrainConfig:
+    """The training run of any ``lit:TRUNK[@SIZE]`` spec with its defaults: a pretrained trunk
+    gets :func:`pretrained_teacher_config` (stages 0-4 frozen), a timm trunk trained from scratch
+    :class:`TeacherTrainConfig`'s own budget (nothing frozen). ``frozen_stages`` overrides."""
+    from clipdistill.models.imagenet_lite import LITE_VARIANTS
+    from clipdistill.models.lit import lit_config_from_spec
+    from clipdistill.models.spec import ModelSpecError, parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.schema != "lit":
+        raise ModelSpecError(f"{spec!r}: a trained teacher starts from a lit:TRUNK[@SIZE] architecture")
+    if parsed.name.partition("@")[0].strip() in LITE_VARIANTS:
+        return pretrained_teacher_config(spec, DEFAULT_FROZEN_STAGES if frozen_stages is None else frozen_stages)
+    try:
+        model = lit_config_from_spec(parsed.name, frozen_stages=frozen_stages or 0)
+    except ValueError as error:
+        raise ModelSpecError(f"{spec!r}: {error}") from error
+    return TeacherTrainConfig(model=model)
 
 
 @torch.no_grad()

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from clipdistill.config import ConfigError, TrainConfig, read_yaml, to_dict
+from clipdistill.config import ConfigError, TrainConfig, read_yaml, to_dict, with_derived_image_size
 from clipdistill.data.augment import replay_augmentation
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import to_unit
 from clipdistill.data.pixels import PixelSource, pixel_source
 from clipdistill.distill.base import TEACHER_OF_NEED, Batch, DistillMethod, TeacherSource, build_method_args
-from clipdistill.distill.methods import fusion_methods, get_method
+from clipdistill.distill.methods import fusion_methods, get_method, resolve_method_entry
 from clipdistill.eval.embed import embed_image_source, embed_texts
 from clipdistill.eval.retrieval import recall_at_k
 from clipdistill.io import append_jsonl, atomic_write_json, read_jsonl
@@ -210,21 +210,26 @@ class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig`; :meth:`fit` runs it."""
 
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
-        from clipdistill.data.loading import load_dataset
+        from clipdistill.data.splits import split_dataset
         from clipdistill.device import resolve_device
 
+        config = with_derived_image_size(config)
         self.config = config
         self.dist = context_from_env(config.distributed.gather_with_grad, config.distributed.local_loss)
         self.progress = progress and self.dist.is_main
         self.device = resolve_device(process_device(config.device, self.dist))
         self.created_group = init_process_group(self.dist, self.device, config.distributed.backend)
         self.run_dir = config.run_dir
-        method_cls = get_method(config.method)
-        method_args = build_method_args(method_cls, config.method_args)
+        name, _, variant_args = resolve_method_entry(config.method)  # NAME or NAME:VARIANT
+        method_cls = get_method(name)
+        method_args = build_method_args(method_cls, {**variant_args, **config.method_args})
         check_needs(config, method_cls)
 
         seed_everything(config.seed)
-        self.dataset = load_dataset(config.data.path, config.data.images, on_bad_sample=config.data.on_bad_sample)
+        # Data without splits (an open_clip CSV) gets them carved as every command carves them.
+        self.dataset, _ = split_dataset(
+            config.data.path, config.data.images, config.data.split_options(), on_bad_sample=config.data.on_bad_sample
+        )
         self.train_split = self.dataset.split("train")
         self.val_split = self.dataset.split("val")
         self.student = build_student_model(config).to(self.device)

@@ -26,7 +26,9 @@ from clipdistill.distill.registry import (
     get_method,
     list_methods,
     method_summaries,
+    method_variants,
     register_method,
+    resolve_method_entry,
     tuned_method_args,
 )
 
@@ -36,6 +38,8 @@ __all__ = [
     "get_method",
     "list_methods",
     "method_summaries",
+    "method_variants",
     "register_method",
+    "resolve_method_entry",
     "tuned_method_args",
 ]
