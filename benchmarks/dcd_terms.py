@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from _record import run_header
-from clipdistill.demo import PRESETS, TUNED_METHOD_ARGS
+from clipdistill.distill.methods import method_variants
 from clipdistill.io import atomic_write_json
+from clipdistill.run_config import resolve_run_config
 from methods import base_config, load_dataset, run, test_metrics
 
 # label -> arguments over DCD's tuned ones
@@ -32,20 +33,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def quick_demo_budget() -> dict[str, Any]:
-    """``methods.py``'s budget flags (all but epochs) with the quick demo's values, read from
-    ``demo.PRESETS`` so this benchmark trains the demo's own student."""
-    quick = PRESETS["quick"]
+    """``methods.py``'s budget flags (all but epochs) with the quick demo's values, read from the
+    ``quick`` preset so this benchmark trains the demo's own student."""
+    quick = resolve_run_config(preset="quick")
     return {
-        "image_size": quick.image_size,
-        "k_aug": quick.k_augmentations,
-        "batch_size": quick.batch_size,
-        "lr": quick.lr,
-        "warmup_steps": quick.student_warmup_steps,
-        "student": quick.student,
-        "student_image_size": quick.student_image_size,
-        "image_init": quick.student_image_init,
-        "text_init": quick.student_text_init,
-        "frozen_stages": quick.student_frozen_stages,
+        "image_size": quick.cache.image_size,
+        "k_aug": quick.augment.k,
+        "batch_size": quick.optim.batch_size,
+        "lr": quick.optim.lr,
+        "warmup_steps": quick.optim.warmup_steps,
+        "student": quick.student.preset,
+        "student_image_size": quick.student.image_size,
+        "image_init": quick.student.image_init,
+        "text_init": quick.student.text_init,
+        "frozen_stages": quick.student.frozen_stages,
     }
 
 
@@ -56,14 +57,14 @@ def main() -> None:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--fusion", required=True, help="fusion teacher spec, e.g. fusion:runs/demo/fusion")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=PRESETS["quick"].student_epochs)
+    parser.add_argument("--epochs", type=int, default=resolve_run_config(preset="quick").optim.epochs)
     parser.add_argument("--runs", default="runs/bench/dcd_terms")
     parser.add_argument("--out", default="benchmarks/results/dcd_terms.json")
     args = parser.parse_args()
 
     base = base_config(argparse.Namespace(**vars(args), **quick_demo_budget()))
     test_split = load_dataset(args.data).split("test")
-    tuned = dict(TUNED_METHOD_ARGS["dcd"])
+    tuned = method_variants("dcd")["tuned"]
     rows: dict[str, Any] = {}
     print(f"{'dcd':10s} {'val rsum per seed':>26s} {'test rsum per seed':>26s} {'test mean ± std':>16s}")
     for label, extra in VARIANTS.items():

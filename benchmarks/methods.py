@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--student-image-size", type=int, default=None, help="student input size (demo: 96)")
     parser.add_argument("--image-init", default="random", help="student.image_init (demo: teacher)")
     parser.add_argument("--text-init", default="random", help="student.text_init (demo: teacher)")
-    parser.add_argument("--frozen-stages", type=int, default=0, help="student.frozen_stages (demo: see demo.py)")
+    parser.add_argument("--frozen-stages", type=int, default=0, help="student.frozen_stages (demo: 5)")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--runs", default="runs/bench/methods", help="folder of the training runs")
     parser.add_argument("--no-sweep", action="store_true", help="use each method's default weight")
