@@ -13,6 +13,8 @@ import typer
 
 from clipdistill.cli.common import console, reports_user_errors
 
+_STARTUP_FAILURE = 3  # uvicorn's exit status when the server could not start
+
 
 @reports_user_errors
 def serve_command(
@@ -99,13 +101,7 @@ def serve_command(
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {host}: the service has no authentication", highlight=False)
-    names = ", ".join(f"{key} ({app.state.indexes[key].count} items)" for key in indexes)
-    console.print(
-        f"serving {names} on http://{host}:{port}/ (docs: /docs; {app.state.slots} slots x {threads} threads)",
-        highlight=False,
-    )
-    console.print(f"answering to Host: {', '.join(hosts)} (add names with --allow-host)", highlight=False)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -114,3 +110,31 @@ def serve_command(
         limit_concurrency=limit_concurrency,
         timeout_keep_alive=timeout_keep_alive,
     )
+    # Bind before saying where: with --port 0 the kernel picks the port, and only the bound
+    # socket knows it (uvicorn then serves on this very socket, so the printed URL is the one).
+    # Listening at once means a client that reads the URL and connects straight away waits in
+    # the backlog until uvicorn accepts, instead of being refused.
+    sock = config.bind_socket()
+    sock.listen(config.backlog)
+    names = ", ".join(f"{key} ({app.state.indexes[key].count} items)" for key in indexes)
+    console.print(
+        f"serving {names} on {server_url(host, sock.getsockname()[1])} "
+        f"(docs: /docs; {app.state.slots} slots x {threads} threads)",
+        highlight=False,
+        markup=False,  # index names and hosts are the user's, printed as written
+    )
+    console.print(f"answering to Host: {', '.join(hosts)} (add names with --allow-host)", highlight=False, markup=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # a second Ctrl-C during the graceful shutdown
+        pass
+    finally:
+        sock.close()
+    if not server.started:  # the app failed to start (its error is logged): uvicorn.run's exit status
+        raise typer.Exit(code=_STARTUP_FAILURE)
+
+
+def server_url(host: str, port: int) -> str:
+    """The service's base URL; an IPv6 address goes in brackets (``http://[::1]:8000/``)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
