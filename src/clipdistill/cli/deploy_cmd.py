@@ -6,12 +6,36 @@ Plain functions registered by ``cli.main`` (kept here so the deploy stage owns i
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from clipdistill.cli.common import console, reports_user_errors
+
+EXPORT_FORMATS = ("onnx", "open_clip")
+
+
+def stage_printer(prefix: str = "export") -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """A stage context for the export functions: a spinner on a terminal while the stage runs,
+    then one line with its time on stderr (also in logs, where no spinner is drawn). Names are
+    printed as written (no markup, no emoji codes)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    progress = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        with progress.status(Text(f"{prefix}: {name} ...")):
+            yield
+        progress.print(Text(f"{prefix}: {name} ({time.perf_counter() - started:.1f} s)"))
+
+    return stage
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -30,13 +54,39 @@ def export_command(
     images: Annotated[Path | None, typer.Option("--images", help="Image root for a Karpathy JSON or CSV.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of --data used for parity.")] = "test",
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (default) | dynamo")] = "torchscript",
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="onnx (default): both towers as ONNX graphs for serving | open_clip: a plain open_clip folder "
+            "(a LiT teacher written as one, a student copied) that open_clip loads as local-dir:OUT.",
+        ),
+    ] = "onnx",
 ) -> None:
-    """Export both towers to ONNX (dynamic batch, encode + L2-normalise) with a parity report."""
+    """Export both towers to ONNX (dynamic batch, encode + L2-normalise) with a parity report,
+    or (``--format open_clip``) the model as a plain open_clip folder."""
     from rich.table import Table
 
-    from clipdistill.serve.export import export_model
+    from clipdistill.serve.export import ExportConfigError, export_model
 
-    parity = export_model(model, out, int8=int8, opset=opset, exporter=exporter, data=data, images=images, split=split)
+    if export_format not in EXPORT_FORMATS:
+        raise ExportConfigError(f"--format {export_format!r}: valid formats are {', '.join(EXPORT_FORMATS)}")
+    if export_format == "open_clip":
+        if int8 or data is not None:
+            raise ExportConfigError("--int8 and --data belong to the ONNX export; --format open_clip takes neither")
+        _export_open_clip(model, out)
+        return
+    parity = export_model(
+        model,
+        out,
+        int8=int8,
+        opset=opset,
+        exporter=exporter,
+        data=data,
+        images=images,
+        split=split,
+        stage=stage_printer(),
+    )
     table = Table(title=f"parity vs torch: {parity['inputs']}")
     for column in ("variant", "image max|Δ|", "image min cos", "text max|Δ|", "text min cos", "rsum", "size MB"):
         table.add_column(column, justify="right")
@@ -66,6 +116,21 @@ def export_command(
             f"[yellow]warning:[/] served tokenizer differs on {parity['tokenizer_mismatched_captions']} captions"
         )
     console.print(f"exported {model} -> {out} (see {out / 'parity.json'})", highlight=False)
+
+
+def _export_open_clip(model: str, out: Path) -> None:
+    from clipdistill.models.openclip_export import export_open_clip
+
+    done = export_open_clip(model, out, stage=stage_printer())
+    check = done["check"]
+    what = "LiT teacher written" if done["kind"] == "lit" else "open_clip folder copied"
+    console.print(
+        f"exported {model} -> {out} ({what}; open_clip reproduces it: min cosine image "
+        f"{check['image_min_cosine']:.6f}, text {check['text_min_cosine']:.6f}); load it with "
+        f"open_clip.create_model_and_transforms('local-dir:{out}') or clipdistill's local-dir:{out}",
+        highlight=False,
+        markup=False,
+    )
 
 
 @reports_user_errors

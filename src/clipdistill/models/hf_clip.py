@@ -59,22 +59,33 @@ class HFCLIPDualEncoder(DualEncoder):
 
 
 def load_hf_clip(identifier: str, *, spec: str) -> HFCLIPDualEncoder:
+    """Load a saved folder or a hub id. A hub id that is not cached while the hub is out of
+    reach fails in seconds with the one-line error (models/hub.py says why), and a cached one
+    then loads without a request."""
     from pathlib import Path
 
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    try:
-        model = CLIPModel.from_pretrained(identifier)
-        tokenizer = AutoTokenizer.from_pretrained(identifier)
-    except OSError as error:  # transformers' way of saying "not cached and cannot be downloaded"
-        if Path(identifier).is_dir():
-            raise  # a local folder: its own error (a missing file in it) is the useful one
-        from clipdistill.models.openclip_model import cannot_fetch, hub_cache
+    from clipdistill.models.hub import cached_hub_file, cannot_fetch, hub_cache, hub_offline, hub_unreachable
 
-        local = "hf:/path/to/folder (a folder written by CLIPModel.save_pretrained, with its tokenizer)"
-        raise cannot_fetch(spec, f"model {identifier!r}", hub_cache(), error, local) from None
-    try:
-        processor = AutoImageProcessor.from_pretrained(identifier)
-    except (OSError, ValueError):
-        processor = None  # a folder saved without a processor: CLIP's own defaults apply
+    local = "hf:/path/to/folder (a folder written by CLIPModel.save_pretrained, with its tokenizer)"
+    offline = False
+    if not Path(identifier).is_dir():
+        unreachable = hub_unreachable()
+        if unreachable is not None:
+            if not cached_hub_file(identifier, ["config.json"]):
+                raise cannot_fetch(spec, f"model {identifier!r}", hub_cache(), unreachable, local)
+            offline = True
+    with hub_offline(offline):
+        try:
+            model = CLIPModel.from_pretrained(identifier)
+            tokenizer = AutoTokenizer.from_pretrained(identifier)
+        except OSError as error:  # transformers' way of saying "not cached and cannot be downloaded"
+            if Path(identifier).is_dir():
+                raise  # a local folder: its own error (a missing file in it) is the useful one
+            raise cannot_fetch(spec, f"model {identifier!r}", hub_cache(), error, local) from None
+        try:
+            processor = AutoImageProcessor.from_pretrained(identifier)
+        except (OSError, ValueError):
+            processor = None  # a folder saved without a processor: CLIP's own defaults apply
     return HFCLIPDualEncoder(model, tokenizer, processor, spec=spec)

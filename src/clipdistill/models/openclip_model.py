@@ -5,6 +5,7 @@ Students are open_clip models too, so this one adapter serves both sides of dist
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from clipdistill.models.base import DualEncoder
-from clipdistill.models.spec import ModelSpecError
+from clipdistill.models.hub import cannot_fetch, hub_cache
 from clipdistill.models.trunk_split import FrozenPrefix, is_efficientnet, leading_stages, traced, upper_features
 
 
@@ -105,22 +106,54 @@ class OpenCLIPDualEncoder(DualEncoder):
         return int(getattr(self._tokenizer, "context_length", 77))
 
 
-def hub_cache() -> str:
-    """The Hugging Face hub cache folder (``HF_HUB_CACHE`` / ``HF_HOME``), where weights are looked up."""
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
+OPENCLIP_CONFIG = "open_clip_config.json"
+#: The Hugging Face config of a folder's own text model (an exported LiT teacher keeps MiniLM's here).
+HF_TEXT_CONFIG = "config.json"
 
 
-def cannot_fetch(spec: str, what: str, cache: str, error: BaseException, local: str) -> ModelSpecError:
-    """The one-line error for weights that are neither cached nor downloadable (an air-gapped
-    machine): the spec, the cache looked in, why, and how to pass local weights instead."""
-    reason = " ".join(str(error).split())
-    reason = reason if len(reason) <= 160 else reason[:157] + "..."
-    return ModelSpecError(
-        f"cannot load {spec!r}: {what} could be neither found in the cache {cache} nor downloaded "
-        f"({type(error).__name__}: {reason}); without the hub, pass local weights: {local}"
-    )
+def has_hf_text_model(directory: str | Path) -> bool:
+    """Whether an open_clip folder's text tower is a Hugging Face model (``text_cfg.hf_model_name``)."""
+    path = Path(directory) / OPENCLIP_CONFIG
+    if not path.is_file():
+        return False
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return bool(raw.get("model_cfg", raw).get("text_cfg", {}).get("hf_model_name"))
+
+
+def load_openclip_folder(directory: str | Path, *, spec: str = "") -> OpenCLIPDualEncoder:
+    """Load an open_clip folder whose text tower is a Hugging Face model, from any working
+    directory and wherever the folder has moved.
+
+    open_clip builds such a tower with ``AutoConfig.from_pretrained(text_cfg.hf_model_name)``:
+    a hub id, or a path that it does not resolve against the folder (the tokenizer, in
+    contrast, is always read from the folder). A folder that holds its own ``config.json`` (an
+    exported LiT teacher: models/openclip_export.py) is therefore loaded with ``hf_model_name``
+    pointed at the folder itself, as open_clip's ``create_model`` accepts as an override; the
+    weights all come from the folder's checkpoint (``hf_model_pretrained`` false)."""
+    import logging
+
+    import open_clip
+
+    directory = Path(directory)
+    raw = json.loads((directory / OPENCLIP_CONFIG).read_text(encoding="utf-8"))
+    model_cfg = raw.get("model_cfg", raw)
+    overrides: dict[str, Any] = {}
+    if (directory / HF_TEXT_CONFIG).is_file():
+        text_cfg = {**model_cfg["text_cfg"], "hf_model_name": str(directory.resolve()), "hf_model_pretrained": False}
+        overrides["text_cfg"] = text_cfg
+    name = f"local-dir:{directory}"
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # open_clip logs its choices at warning level
+    try:
+        model = open_clip.create_model(name, **overrides)
+    finally:
+        root_logger.setLevel(level)
+    encoder = OpenCLIPDualEncoder(model, open_clip.get_tokenizer(name), spec=spec or name)
+    encoder.model_cfg = model_cfg
+    if raw.get("preprocess_cfg"):
+        encoder.preprocess_cfg = raw["preprocess_cfg"]
+    return encoder
 
 
 def _local_hint(model_name: str) -> str:
@@ -130,45 +163,109 @@ def _local_hint(model_name: str) -> str:
     )
 
 
-def fetch_weights(model_name: str, pretrained: str | None, spec: str, *, weights: bool = True) -> None:
+def _tag_hub_file(config: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """``(repo, candidate filenames)`` of a pretrained tag stored on the hub, as open_clip's
+    ``download_pretrained`` asks for them (the safetensors alternative first), else ``None``."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    location = config.get("hf_hub", "")
+    if not location:
+        return None
+    repo, filename = location.rsplit("/", 1) if "/" in location else (location, "")
+    filename = filename or HF_WEIGHTS_NAME
+    safe = [HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME else []
+    if filename.endswith((".bin", ".pth", ".pt")) and filename != HF_WEIGHTS_NAME:
+        safe.append(filename.rsplit(".", 1)[0] + ".safetensors")
+    return repo.rstrip("/"), [*safe, filename]
+
+
+def _zoo_text_needs_hub(model_name: str) -> bool:
+    """Whether a zoo model's tokenizer or text tower comes from the hub (SigLIP's, RoBERTa's)."""
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    return bool(text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"))
+
+
+def fetch_weights(model_name: str, pretrained: str | None, spec: str, *, weights: bool = True) -> bool:
     """Make sure the weights a spec names are on this machine before the model is built, so a
     failed download is one line naming the spec and the cache, not a traceback from open_clip
     (and an ``hf-hub:`` spec never falls back to random weights, as open_clip does with a
-    warning when only the config can be fetched). Cached files are found without a network."""
+    warning when only the config can be fetched).
+
+    Cached files are looked up first, without a request; when something is missing the hub is
+    probed once (:func:`~clipdistill.models.hub.hub_unreachable`: ``HF_HUB_OFFLINE`` or a few
+    seconds), so an unreachable hub is the one-line error in seconds, not after a minute of
+    retries. Returns whether the model must then load offline (the hub is out of reach and
+    everything it needs is cached), which :func:`load_openclip` does under
+    :func:`~clipdistill.models.hub.hub_offline`."""
     from open_clip.pretrained import download_pretrained, download_pretrained_from_hf, get_pretrained_cfg
+
+    from clipdistill.models.hub import cached_hub_file, hub_unreachable
 
     if model_name.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
         repo = model_name.removeprefix("hf-hub:")
         hint = f"local-dir:/path/to/folder (a download of {repo}: open_clip_config.json + weights)"
+        unreachable = hub_unreachable()
+        config_cached = cached_hub_file(repo, ["open_clip_config.json"])
+        weights_cached = not weights or cached_hub_file(repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME])
+        if unreachable is not None:
+            if not config_cached:
+                raise cannot_fetch(spec, "its open_clip_config.json", hub_cache(), unreachable, hint)
+            if not weights_cached:
+                raise cannot_fetch(spec, "its weights", hub_cache(), unreachable, hint)
+            return True
         try:
             hf_hub_download(repo_id=repo, filename="open_clip_config.json")
-        except Exception as error:  # any failure to fetch (offline, no such repo, no access)
+        except Exception as error:  # any failure to fetch (no such repo, no access)
             raise cannot_fetch(spec, "its open_clip_config.json", hub_cache(), error, hint) from None
         if weights:
             try:
                 download_pretrained_from_hf(repo)
             except Exception as error:
                 raise cannot_fetch(spec, "its weights", hub_cache(), error, hint) from None
-        return
+        return False
+    text_from_hub = _zoo_text_needs_hub(model_name)
     if not weights or not pretrained or Path(pretrained).is_file():
-        return
+        return text_from_hub and hub_unreachable() is not None
     config = get_pretrained_cfg(model_name, pretrained)
     if not config:
-        return  # an unknown tag is refused earlier (models.teachers), with the valid ones
+        return False  # an unknown tag is refused earlier (models.teachers), with the valid ones
+    hub_file = _tag_hub_file(config)
+    if hub_file is not None:
+        what = f"the weights of tag {pretrained!r}"
+        cached = cached_hub_file(*hub_file)
+        unreachable = hub_unreachable()
+        if unreachable is not None:
+            if not cached:
+                raise cannot_fetch(spec, what, hub_cache(), unreachable, _local_hint(model_name))
+            return True
     cache = hub_cache() if config.get("hf_hub") else str(Path("~/.cache/clip").expanduser())
     try:
         download_pretrained(config)
     except Exception as error:
         raise cannot_fetch(spec, f"the weights of tag {pretrained!r}", cache, error, _local_hint(model_name)) from None
+    return text_from_hub and hub_unreachable() is not None
 
 
 def load_openclip(model_name: str, pretrained: str | None, *, load_weights: bool, spec: str) -> OpenCLIPDualEncoder:
     """Build through open_clip's own factory so any open_clip checkpoint loads unchanged."""
     import open_clip
 
-    fetch_weights(model_name, pretrained, spec, weights=load_weights)  # hf-hub: the config comes from the hub too
-    model = open_clip.create_model(model_name, pretrained=pretrained, load_weights=load_weights)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    from clipdistill.models.hub import hub_offline, hub_unreachable
+
+    offline = fetch_weights(model_name, pretrained, spec, weights=load_weights)  # hf-hub: the config is fetched too
+    with hub_offline(offline):
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained, load_weights=load_weights)
+            tokenizer = open_clip.get_tokenizer(model_name)
+        except (OSError, RuntimeError, ValueError) as error:
+            if not offline:
+                raise
+            reason = hub_unreachable() or str(error)
+            what = "its tokenizer or text model (named by its config)"
+            raise cannot_fetch(spec, what, hub_cache(), reason, _local_hint(model_name)) from None
     return OpenCLIPDualEncoder(model, tokenizer, spec=spec)

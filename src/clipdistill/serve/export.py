@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,18 @@ INT8_OP_TYPES = ("MatMul", "Gemm", "Gather")
 _PROJECTION_OPS = ("MatMul", "Gemm")
 
 
+#: ``stage(name)`` gives a context manager around one stage of the export (the CLI prints each
+#: stage and its time: tracing a tower or the int8 pass of a large model takes minutes).
+Stage = Callable[[str], contextlib.AbstractContextManager[Any]]
+
+
 class ExportConfigError(ValueError):
     """A model the export cannot serve (unsupported tokenizer, bad options)."""
+
+
+def no_stage(name: str) -> contextlib.AbstractContextManager[Any]:
+    """The silent :data:`Stage`: a library call prints nothing."""
+    return contextlib.nullcontext()
 
 
 # --- graphs ------------------------------------------------------------------------------------
@@ -288,17 +298,21 @@ def parity_report(
     images: Path | None = None,
     split: str = "test",
     max_items: int | None = None,
+    stage: Stage = no_stage,
 ) -> dict[str, Any]:
     """Torch vs each ONNX variant on the same pixels and token ids: diffs, cosines, recall."""
     from clipdistill.eval.retrieval import recall_at_k
 
-    pixels, texts, text_to_image, description = parity_inputs(model, data, images, split, max_items)
+    with stage("parity: reading the inputs"):
+        pixels, texts, text_to_image, description = parity_inputs(model, data, images, split, max_items)
     served_tokens = load_tokenizer(out)(texts)
     torch_tokens = _pad_tokens(model.tokenize(texts).numpy(), _context_length(model), _pad_id(model))
     mismatched = int((served_tokens != torch_tokens).any(axis=1).sum())
-    embeddings = {"torch": _torch_embed(model, pixels, torch_tokens)}
+    with stage(f"parity: torch on {len(pixels)} images, {len(texts)} captions"):
+        embeddings = {"torch": _torch_embed(model, pixels, torch_tokens)}
     for variant in variants:
-        embeddings[f"onnx_{variant}"] = _onnx_embed(OnnxEncoders(out, variant), pixels, served_tokens)
+        with stage(f"parity: ONNX {variant}"):
+            embeddings[f"onnx_{variant}"] = _onnx_embed(OnnxEncoders(out, variant), pixels, served_tokens)
     report: dict[str, Any] = {
         "inputs": description,
         "tokenizer_mismatched_captions": mismatched,
@@ -328,11 +342,13 @@ def export_model(
     images: str | Path | None = None,
     split: str = "test",
     max_items: int | None = None,
+    stage: Stage = no_stage,
 ) -> dict[str, Any]:
     """Export ``spec`` to ``out`` and return the parity report (also written as parity.json).
 
     ``export.json`` is written last: a folder without it is an interrupted export, and every
-    reader refuses it.
+    reader refuses it. ``stage`` wraps each stage (loading, tracing each tower, int8
+    quantisation, parity), for progress output.
     """
     import onnx
     import onnxruntime
@@ -343,14 +359,17 @@ def export_model(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPORT_CONFIG).unlink(missing_ok=True)
-    model = load_model(spec)
+    with stage(f"loading {spec}"):
+        model = load_model(spec)
     variants = ["fp32", "int8"] if int8 else ["fp32"]
     int8_info: dict[str, Any] = {}
     for tower in ("image", "text"):
         fp32_path = out / TOWER_FILES["fp32"][tower]
-        export_tower(model, tower, fp32_path, opset=opset, exporter=exporter)
+        with stage(f"tracing the {tower} tower to ONNX ({exporter}, opset {opset})"):
+            export_tower(model, tower, fp32_path, opset=opset, exporter=exporter)
         if int8:
-            int8_info[tower] = quantize_int8(fp32_path, out / TOWER_FILES["int8"][tower])
+            with stage(f"int8 quantisation of the {tower} tower"):
+                int8_info[tower] = quantize_int8(fp32_path, out / TOWER_FILES["int8"][tower])
     tokenizer_config = write_tokenizer(model, out)
     prep = write_preprocess(model, out)
     names = [TOWER_FILES[v][t] for v in variants for t in ("image", "text")]
@@ -378,6 +397,7 @@ def export_model(
         images=Path(images) if images is not None else None,
         split=split,
         max_items=max_items,
+        stage=stage,
     )
     if int8:
         parity["int8_settings"] = {
