@@ -62,6 +62,13 @@ def cache_build(
         str | None,
         typer.Option("--fusion", help="Also store this fusion teacher's per-item states (fusion:PATH, blip-itm:ID)."),
     ] = None,
+    allow_random_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--allow-random-teacher",
+            help="Accept a teacher without trained weights (openclip:NAME with no @TAG, lit:...): for tests only.",
+        ),
+    ] = False,
 ) -> None:
     """Compute the teacher's embeddings for every image x augmentation and caption of a split.
 
@@ -69,10 +76,10 @@ def cache_build(
     """
     from clipdistill.data.loading import load_dataset
     from clipdistill.device import resolve_device
-    from clipdistill.models.spec import parse_spec
+    from clipdistill.models.teachers import check_teacher_weights
     from clipdistill.sharded import build_cache_sharded
 
-    parse_spec(teacher)  # a typo in the spec fails before the dataset is read
+    check_teacher_weights(teacher, allow_random=allow_random_teacher)  # a typo or random weights fail before the data
     if fusion:
         from clipdistill.models.spec import parse_fusion_spec
 
@@ -92,6 +99,7 @@ def cache_build(
         device=resolved,
         token_features=token_features,
         fusion=fusion,
+        allow_random_teacher=allow_random_teacher,
     )
     console.print(_summary(out), highlight=False, markup=False, soft_wrap=True)
 

@@ -41,6 +41,13 @@ def train_fusion_command(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    allow_random_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--allow-random-teacher",
+            help="Accept a dual teacher without trained weights (openclip:NAME with no @TAG, lit:...): for tests only.",
+        ),
+    ] = False,
 ) -> None:
     """Train a fusion teacher (cross-attention over the dual teacher's tokens, ITM on mined hard negatives).
 
@@ -50,10 +57,10 @@ def train_fusion_command(
     from dataclasses import replace
 
     from clipdistill.data.loading import load_dataset
-    from clipdistill.models.spec import parse_spec
+    from clipdistill.models.teachers import check_teacher_weights
     from clipdistill.train.fusion import FusionTrainConfig, train_fusion_teacher
 
-    parse_spec(teacher)  # a typo in the spec fails before the dataset is read
+    check_teacher_weights(teacher, allow_random=allow_random_teacher)  # a typo or random weights fail before the data
 
     def given(**values: Any) -> dict[str, Any]:
         return {key: value for key, value in values.items() if value is not None}
@@ -73,7 +80,9 @@ def train_fusion_command(
         ),
     )
     dataset = load_dataset(data, images)
-    summary = train_fusion_teacher(teacher, dataset, out, config, device=device, progress=progress)
+    summary = train_fusion_teacher(
+        teacher, dataset, out, config, device=device, progress=progress, allow_random_teacher=allow_random_teacher
+    )
     console.print(
         f"fusion teacher saved as fusion:{out} (best epoch {summary['best_epoch']}, {summary['train_seconds']} s)",
         highlight=False,

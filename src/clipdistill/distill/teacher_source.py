@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from clipdistill.distill.base import Batch, TeacherOutputs, TeacherSource
 from clipdistill.models.base import FrozenTeacher
 
@@ -14,6 +16,16 @@ class OnlineTeacher(TeacherSource):
         self.teacher = teacher
         self.embed_dim = int(teacher.model.embed_dim)
         self.spec = teacher.spec
+
+    @classmethod
+    def from_spec(
+        cls, spec: str, *, device: str | torch.device = "cpu", allow_random_teacher: bool = False
+    ) -> OnlineTeacher:
+        """The online source of the teacher ``spec`` names; a teacher without trained weights is
+        refused unless ``allow_random_teacher`` (:func:`~clipdistill.models.teachers.load_teacher`)."""
+        from clipdistill.models.teachers import load_teacher
+
+        return cls(load_teacher(spec, device=device, allow_random=allow_random_teacher))
 
     def __call__(self, batch: Batch) -> TeacherOutputs:
         device = next(self.teacher.model.parameters()).device

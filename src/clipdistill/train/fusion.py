@@ -417,6 +417,7 @@ def train_fusion_teacher(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    allow_random_teacher: bool = False,
 ) -> dict[str, Any]:
     """Train a ``fusion:`` teacher on the ``train`` split over the dual teacher ``teacher_spec``.
 
@@ -430,10 +431,13 @@ def train_fusion_teacher(
 
     Writes ``out/fusion_config.json`` + ``fusion.safetensors`` (load with ``fusion:out``),
     ``log.jsonl`` (per epoch), ``train_config.json`` and ``train_summary.json``; returns the summary.
+
+    A dual teacher without trained weights (``openclip:NAME`` with no tag, ``lit:``) is refused
+    unless ``allow_random_teacher`` (:func:`~clipdistill.models.teachers.check_teacher_weights`).
     """
     from clipdistill.device import resolve_device
     from clipdistill.distill.cache import teacher_fingerprint
-    from clipdistill.models.teachers import load_model
+    from clipdistill.models.teachers import check_teacher_weights, load_model
 
     config = config or FusionTrainConfig()
     torch_device = resolve_device(str(device))
@@ -442,6 +446,7 @@ def train_fusion_teacher(
     generator = seed_everything(config.seed)
 
     dual_spec = _absolute_spec(teacher_spec)
+    check_teacher_weights(dual_spec, allow_random=allow_random_teacher)
     dual = load_model(dual_spec, device=torch_device)
     dual.requires_grad_(False)
     geometry = dual_token_geometry(dual)

@@ -56,6 +56,7 @@ def build_cache(
     fusion: str | None = None,
     shard_owner: tuple[int, int] | None = None,
     require_existing: bool = False,
+    allow_random_teacher: bool = False,
 ) -> Path:
     """Compute the teacher's outputs for every image × augmentation 0..k-1 and every caption of
     ``split``, and write them to ``out`` (see :mod:`clipdistill.distill.cache` for the layout).
@@ -76,9 +77,14 @@ def build_cache(
     whose index ≡ rank (mod world) and writes no manifest; the merge is a second call with
     ``require_existing=True``, which verifies every shard on disk (header, keys, content hash)
     and refuses, naming the shard, to compute one that is missing or corrupt.
+
+    A teacher without trained weights (``openclip:NAME`` with no tag, ``lit:``) is refused
+    before any work unless ``allow_random_teacher``: a cache of random embeddings would train
+    every student from it towards noise.
     """
     from clipdistill.device import resolve_device
     from clipdistill.models.spec import parse_fusion_spec, parse_spec
+    from clipdistill.models.teachers import check_teacher_weights
 
     if k_augmentations < 1:
         raise CacheError(f"k_augmentations must be >= 1, got {k_augmentations}")
@@ -86,13 +92,14 @@ def build_cache(
         raise CacheError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     out = Path(out)
     spec = str(parse_spec(teacher_spec))  # a typo fails before any work
+    check_teacher_weights(spec, allow_random=allow_random_teacher)  # so does a teacher with random weights
     fusion_spec = str(parse_fusion_spec(fusion)) if fusion else None
     torch_device = resolve_device(str(device))
     fingerprint = teacher_fingerprint(spec)
     subset = dataset.split(split)
     subset.check_files()
 
-    teachers = Teachers(spec, fusion_spec, torch_device, token_features)
+    teachers = Teachers(spec, fusion_spec, torch_device, token_features, allow_random_teacher)
     if token_features:
         teachers.teacher()  # refuse a teacher without token features before anything else
     if image_size is None:

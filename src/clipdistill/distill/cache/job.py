@@ -56,6 +56,7 @@ class Teachers:
     fusion_spec: str | None
     device: torch.device
     token_features: bool
+    allow_random_teacher: bool = False  # a teacher without trained weights (models.teachers.load_teacher)
     _teacher: Any = None
     _fusion: Any = None
 
@@ -63,7 +64,7 @@ class Teachers:
         if self._teacher is None:
             from clipdistill.models.teachers import load_teacher
 
-            self._teacher = load_teacher(self.spec, device=self.device)
+            self._teacher = load_teacher(self.spec, device=self.device, allow_random=self.allow_random_teacher)
             if self.token_features:
                 check_token_features(self._teacher.model, self.spec)
         return self._teacher
