@@ -130,3 +130,61 @@ def test_the_quick_preset_is_what_the_demo_trains() -> None:
     assert isinstance(quick, RunConfig) and quick.data.path is None  # the builtin emoji data
     assert (quick.cache.image_size, quick.augment.k, quick.optim.epochs, quick.optim.lr) == (128, 2, 2, 0.002)
     assert (quick.student.preset, quick.student.image_size, quick.student.frozen_stages) == ("lite0", 96, 5)
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "configs" / "examples").glob("*.yaml")))
+def test_every_example_run_config_resolves(example: Path) -> None:
+    """The shipped example configs use only keys and values the run config knows (they cannot be
+    run here: their teachers need the hub)."""
+    resolved = resolve_run_config(configs=[example])
+    assert resolved.teacher.spec != "lit:efficientnet-lite0"  # each example brings its own teacher
+
+
+# A ViT teacher as users bring them (open_clip's architecture, patch tokens, a causal text
+# transformer), small enough for a test; its weights are random but saved, as a trained one's are.
+TINY_VIT = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _scenes_csv(root: Path) -> Path:
+    """The scenes as open_clip's CSV (filepath, title), with no split column."""
+    import csv
+
+    scenes = write_scenes_dataset(root)
+    records = json.loads(scenes.read_text())["images"]
+    path = root / "pairs.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filepath", "title"])
+        for record in records:
+            for sentence in record["sentences"]:
+                writer.writerow([f"pictures/{record['filename']}", sentence["raw"]])
+    return path
+
+
+@pytest.mark.slow
+def test_distill_takes_an_open_clip_vit_teacher_and_a_split_less_csv(tmp_path: Path) -> None:
+    from clipdistill.models.students import build_student, save_student
+    from clipdistill.serve.search import Searcher
+
+    teacher = save_student(build_student(TINY_VIT), tmp_path / "vit")
+    table = _scenes_csv(tmp_path / "scenes")
+    preset = tmp_path / "one-epoch.yaml"
+    preset.write_text(run_config_yaml(ONE_EPOCH))
+    out = tmp_path / "run"
+    args = ["distill", "--preset", str(preset), "--teacher", f"local-dir:{teacher}", "--student", "tiny"]
+    result = CliRunner().invoke(app, [*args, "--data", str(table), "--methods", "clip,clipkd", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"]["spec"] == f"local-dir:{teacher}" and report["teacher"]["train_seconds"] is None
+    assert not (out / "teacher" / "train_summary.json").exists()  # a given teacher is used, not trained
+    assert report["fusion_teacher"] is None  # auto: no fusion head for a non-LiT teacher
+    assert report["splits"]["carved_from_train"] == ["test", "val"] and report["n_images"] > 0
+    assert [s["method"] for s in report["students"]] == ["clip", "clipkd"]
+    assert report["config"]["teacher"]["spec"] == f"local-dir:{teacher}"
+    assert f"clipdistill serve {out / 'index'}" in result.output
+    hits = Searcher.open(out / "index").search(text="a red circle on the left", k=3)
+    assert len(hits) == 3

@@ -204,6 +204,8 @@ def _cache(out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, 
         aug_scale=config.augment.scale,
         aug_max_shift=config.augment.max_shift,
         fusion=fusion_spec,
+        device=config.device,
+        allow_random_teacher=config.teacher.allow_random,
     )
     return str(path)
 
@@ -254,6 +256,7 @@ def _student_config(
             "method": run.method,
             "method_args": dict(run.args),
             "seed": seed,
+            "device": config.device,
             "data": {
                 "path": data,
                 "images": images,
@@ -436,6 +439,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     config = replace(config, methods=names)  # the list it trains, written out: a new method later changes nothing
     runs_of = method_runs(config, names)
     fusion_plan = _fusion_plan(config, names)
+    _check_teacher(config)
     started = _STARTED[0] = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +449,6 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     image_size = config.cache.image_size
     with encoding_memo():  # the three stages encode the same captions and images with the same frozen towers
         teacher_spec = _teacher(out, dataset, config)
-        _check_teacher(teacher_spec, config)
         if fusion_plan == "train":
             fusion_spec: str | None = _fusion(out, dataset, teacher_spec, config)
         else:
@@ -561,13 +564,13 @@ def _write_config(out: Path, config: RunConfig) -> None:
     atomic_write_text(path, run_config_yaml(config))
 
 
-def _check_teacher(spec: str, config: RunConfig) -> None:
-    """A teacher without pretrained weights is refused here, before the cache encodes the data
-    with it, unless the config says ``teacher.allow_random``."""
-    from clipdistill.models.teachers import load_teacher
+def _check_teacher(config: RunConfig) -> None:
+    """A given teacher without pretrained weights (``openclip:NAME`` with no ``@TAG``) is refused
+    before any stage, unless the config says ``teacher.allow_random``; read from the spec alone."""
+    from clipdistill.models.teachers import check_teacher_weights
 
     if not trains_teacher(config.teacher.spec):
-        load_teacher(spec, allow_random=config.teacher.allow_random)
+        check_teacher_weights(config.teacher.spec, allow_random=config.teacher.allow_random)
 
 
 def _machine() -> dict[str, Any]:

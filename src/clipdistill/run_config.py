@@ -122,6 +122,9 @@ class RunConfig:
     default_variant: str = "paper"  # the variant a method named without one trains
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, over its variant
     seeds: int = 1
+    # Where the teacher cache is built and the students train (cpu, cuda, cuda:N; an absent device
+    # is an error). The offline LiT teacher and its fusion head train on the CPU.
+    device: str = "cpu"
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     export: RunExportConfig = field(default_factory=RunExportConfig)

@@ -117,7 +117,9 @@ def build_teacher_source(config: TrainConfig, dataset: PairedDataset, device: to
         from clipdistill.models.fusion import load_fusion_teacher
         from clipdistill.models.teachers import load_teacher
 
-        online: TeacherSource = OnlineTeacher(load_teacher(config.teacher.spec, device=device))
+        online: TeacherSource = OnlineTeacher(
+            load_teacher(config.teacher.spec, device=device, allow_random=config.teacher.allow_random)
+        )
         if config.teacher.fusion:
             from clipdistill.distill.fusion_source import OnlineFusion
 
