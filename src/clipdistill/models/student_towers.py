@@ -108,32 +108,101 @@ def init_image_from_teacher(student: OpenCLIPDualEncoder, teacher_spec: str | No
     """The teacher's own image tower (trunk + projection into the shared space) as the student's
     start: TinyCLIP's weight inheritance where the architectures agree, as a Lite teacher's trunk
     and a lite student's do. The student then runs it at its own (smaller) input size, so what
-    distillation has to teach is the change of resolution, not the whole embedding space."""
-    from clipdistill.models.lit import LiTModel
+    distillation has to teach is the change of resolution, not the whole embedding space.
+
+    The teacher may be a LiT teacher or an open_clip model with a timm trunk (an exported LiT
+    teacher, another student); its trunk is read from its config before any weights are loaded,
+    so a teacher whose image tower cannot be inherited (a ViT, another trunk) is refused at once,
+    saying why and what to use instead."""
     from clipdistill.models.teachers import load_model
 
     if not teacher_spec:
         raise TowerInitError("key 'student.image_init' is 'teacher' but no 'teacher.spec' is set")
-    teacher = load_model(teacher_spec)
     visual = getattr(student.model, "visual", None)
     trunk, proj = getattr(visual, "trunk", None), getattr(getattr(visual, "head", None), "proj", None)
-    if not isinstance(teacher, LiTModel) or trunk is None or not isinstance(proj, torch.nn.Linear):
+    if trunk is None or not isinstance(proj, torch.nn.Linear):
         raise TowerInitError(
-            f"key 'student.image_init' is 'teacher': needs a LiT teacher (got {type(teacher).__name__} from "
-            f"{teacher_spec}) and a student with a timm trunk and a linear projection"
+            f"key 'student.image_init' is 'teacher': needs a student with a timm trunk and a linear projection; "
+            f"{_INSTEAD}"
         )
     student_trunk = _model_cfg(student).get("vision_cfg", {}).get("timm_model_name")
-    if teacher.config.image_model != student_trunk:
+    teacher_trunk, described = teacher_image_trunk(teacher_spec)
+    if teacher_trunk is None:
         raise TowerInitError(
-            f"key 'student.image_init' is 'teacher': the teacher's trunk {teacher.config.image_model} differs from "
-            f"the student's {student_trunk}"
+            f"key 'student.image_init' is 'teacher' but the teacher {teacher_spec} has {described}, not the "
+            f"student's timm trunk {student_trunk}, so there is no image tower to inherit; {_INSTEAD}"
         )
+    if teacher_trunk != student_trunk:
+        raise TowerInitError(
+            f"key 'student.image_init' is 'teacher': the teacher's trunk {teacher_trunk} differs from the "
+            f"student's {student_trunk}; {_INSTEAD}"
+        )
+    teacher_trunk_module, teacher_proj = _teacher_image_modules(load_model(teacher_spec))
     try:  # strict: a projection of another shape, or with/without a bias, is refused by torch itself
-        trunk.load_state_dict(teacher.trunk.state_dict(), strict=True)
-        proj.load_state_dict(teacher.image_proj.state_dict(), strict=True)
+        trunk.load_state_dict(teacher_trunk_module.state_dict(), strict=True)
+        proj.load_state_dict(teacher_proj.state_dict(), strict=True)
     except RuntimeError as error:
         raise TowerInitError(f"key 'student.image_init' is 'teacher': {teacher_spec} does not fit: {error}") from error
     return teacher_spec
+
+
+_INSTEAD = (
+    "use student.image_init=imagenet (ImageNet weights of the student's own Lite trunk, preset lite0) "
+    "or student.image_init=random"
+)
+
+
+def teacher_image_trunk(spec: str) -> tuple[str | None, str]:
+    """``(timm trunk name or None, what the image tower is)`` of a teacher, read from its config
+    without loading weights (an ``hf-hub:`` teacher, whose config is on the hub, is loaded)."""
+    import open_clip
+
+    from clipdistill.models.lit import MODEL_FILE, lit_config_from_spec
+    from clipdistill.models.run_dir import resolve_run_dir
+    from clipdistill.models.spec import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.schema == "lit":
+        return lit_config_from_spec(parsed.name).image_model, "a LiT image tower"
+    if parsed.schema == "hf":
+        return None, "a transformers CLIP image tower (a ViT)"
+    if parsed.schema == "hf-hub":
+        from clipdistill.models.teachers import load_model
+
+        trunk = getattr(getattr(getattr(load_model(spec), "model", None), "visual", None), "trunk", None)
+        name = getattr(trunk, "pretrained_cfg", {}).get("architecture") if trunk is not None else None
+        return (str(name), f"the timm trunk {name}") if name else (None, "an image tower without a timm trunk")
+    if parsed.schema == "openclip":
+        vision = (open_clip.get_model_config(parsed.name) or {}).get("vision_cfg", {})
+    else:  # run:, local-dir:
+        kind, directory = resolve_run_dir(parsed.name) if parsed.schema == "run" else ("openclip", Path(parsed.name))
+        if kind == "lit":
+            meta = json.loads((directory / MODEL_FILE).read_text(encoding="utf-8"))
+            return str(meta["config"]["image_model"]), "a LiT image tower"
+        raw = json.loads((directory / "open_clip_config.json").read_text(encoding="utf-8"))
+        vision = raw.get("model_cfg", raw).get("vision_cfg", {})
+    name = vision.get("timm_model_name")
+    if name:
+        return str(name), f"the timm trunk {name}"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return None, "open_clip's ResNet image tower (no timm trunk)"
+    return None, "a ViT image tower (open_clip's VisionTransformer, no timm trunk)"
+
+
+def _teacher_image_modules(teacher: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The teacher's trunk and image projection: a LiT teacher's, or an open_clip timm tower's."""
+    from clipdistill.models.lit import LiTModel
+
+    if isinstance(teacher, LiTModel):
+        return teacher.trunk, teacher.image_proj
+    visual = getattr(getattr(teacher, "model", None), "visual", None)
+    trunk, proj = getattr(visual, "trunk", None), getattr(getattr(visual, "head", None), "proj", None)
+    if trunk is None or not isinstance(proj, torch.nn.Linear):
+        raise TowerInitError(
+            f"key 'student.image_init' is 'teacher': the teacher {teacher.spec} has no timm trunk with a linear "
+            f"projection to inherit; {_INSTEAD}"
+        )
+    return trunk, proj
 
 
 # --- text -------------------------------------------------------------------------------------
