@@ -84,16 +84,17 @@ def exit_stopped(stopped: TrainingStopped, message: str) -> NoReturn:
     raise typer.Exit(code=128 + getattr(signal, stopped.signal_name)) from None
 
 
-def print_metrics(title: str, metrics: dict[str, float]) -> None:
-    """One row of metrics under ``title`` on stdout. The title holds names users chose (model
-    specs, dataset names, paths), so it is plain text: no markup, no emoji codes."""
+def print_metrics(title: str, metrics: dict[str, float], fmt: str = ".2f") -> None:
+    """One row of metrics under ``title`` on stdout, each value formatted with ``fmt``. The title
+    holds names users chose (model specs, dataset names, paths), so it is plain text: no markup,
+    no emoji codes."""
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=Text(title), min_width=len(title))  # a title wider than the columns stays whole
     for key in metrics:
         table.add_column(Text(key), justify="right")
-    table.add_row(*(f"{value:.2f}" for value in metrics.values()))
+    table.add_row(*(format(value, fmt) for value in metrics.values()))
     Console(emoji=False).print(table)
 
 

@@ -15,7 +15,18 @@ from typing import Annotated, Any
 import typer
 
 from clipdistill.cli.cache_cmd import cache_app
-from clipdistill.cli.common import DataOpt, ImagesOpt, console, print_metrics, reports_user_errors
+from clipdistill.cli.common import (
+    DataOpt,
+    GroupByOpt,
+    ImagesOpt,
+    SplitSeedOpt,
+    TestDataOpt,
+    ValDataOpt,
+    console,
+    print_metrics,
+    reports_user_errors,
+    split_options,
+)
 from clipdistill.cli.deploy_cmd import embed_command, export_command, index_command, search_command
 from clipdistill.cli.distill_cmd import demo_command, distill_command
 from clipdistill.cli.fusion_cmd import train_fusion_command
@@ -172,29 +183,60 @@ def student_create(
 @app.command("eval")
 @reports_user_errors
 def eval_command(
-    model: Annotated[str, typer.Option("--model", help="Model spec, e.g. run:runs/teacher or local-dir:PATH.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Model spec (run:runs/teacher, local-dir:PATH, ...) or an ONNX export folder written by "
+            "`clipdistill export` (PATH holding export.json, or onnx:PATH).",
+        ),
+    ],
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="metrics.json to write.")],
     images: ImagesOpt = None,
     split: Annotated[str, typer.Option("--split")] = "test",
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    val_data: ValDataOpt = None,
+    test_data: TestDataOpt = None,
+    split_seed: SplitSeedOpt = 0,
+    group_by: GroupByOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (an ONNX export runs on cpu)")] = "cpu",
+    precision: Annotated[
+        str, typer.Option("--precision", help="Graphs of an ONNX export: fp32 | int8 (export --int8 writes both).")
+    ] = "fp32",
     efficiency: Annotated[
         bool, typer.Option("--efficiency/--no-efficiency", help="Also measure params, FLOPs, latency, memory.")
     ] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")] = True,
 ) -> None:
-    """Recall@K both directions (+ efficiency) of a model on a dataset split."""
-    from clipdistill.eval.evaluate import evaluate_model
-
-    result = evaluate_model(model, data, split=split, images=images, device=device, efficiency=efficiency)
+    """Recall@K both directions (+ params, FLOPs, latency) of a model or an ONNX export on a
+    dataset split; a split the data lacks is carved from train (--split-seed, --group-by)."""
+    from clipdistill.eval.evaluate import efficiency_summary, evaluate_model
     from clipdistill.io import atomic_write_json
 
+    result = evaluate_model(
+        model,
+        data,
+        split=split,
+        images=images,
+        device=device,
+        efficiency=efficiency,
+        splits=split_options(val_data, test_data, split_seed, group_by),
+        precision=precision,
+        progress=progress,
+    )
     atomic_write_json(out, result)
     metric_keys = [k for k in result if "_R@" in k or k == "rsum"]
+    backend = f"onnx {result['precision']}" if result["backend"] == "onnx" else "torch"
     print_metrics(
-        f"{model} on {result['dataset']}:{split} ({result['n_images']} images, {result['n_texts']} captions)",
+        f"{model} ({backend}) on {result['dataset']}:{split} ({result['n_images']} images, "
+        f"{result['n_texts']} captions)",
         {k: result[k] for k in metric_keys},
     )
-    console.print(f"wrote {out}")
+    cost = efficiency_summary(result)
+    if cost:
+        timer = "ONNX Runtime" if result["backend"] == "onnx" else "eager torch"
+        print_metrics(f"cost per item (latency: {timer}, ms per image / caption)", cost, fmt=".3g")
+    console.print(f"wrote {out}", highlight=False)
 
 
 def _register_commands() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -26,10 +26,26 @@ def embed_images(model: DualEncoder, pixels: torch.Tensor, batch_size: int = 256
     return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
 
 
+def progress_bar(total: int, desc: str, unit: str, enabled: bool) -> Any:
+    """A tqdm bar on stderr (what ``train --progress`` shows), or ``None``."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
 @torch.inference_mode()
-def embed_texts(model: DualEncoder, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+def embed_texts(model: DualEncoder, texts: list[str], batch_size: int = 512, *, progress: bool = False) -> torch.Tensor:
     """L2-normalised text embeddings, in the order of ``texts``."""
-    chunks = [model.embed_texts(texts[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]
+    bar = progress_bar(len(texts), "embed captions", "caption", progress)
+    chunks = []
+    for i in range(0, len(texts), batch_size):
+        chunks.append(model.embed_texts(texts[i : i + batch_size]).float().cpu())
+        if bar is not None:
+            bar.update(len(chunks[-1]))
+    if bar is not None:
+        bar.close()
     return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
 
 
@@ -51,7 +67,7 @@ def embed_split(
     """
     if model.training:
         raise RuntimeError("embed_split needs the model in eval mode (call model.eval())")
-    texts = embed_texts(model, dataset.texts())
+    texts = embed_texts(model, dataset.texts(), progress=progress)
     if pixels is not None:
         return embed_images(model, pixels), texts
     source = DecodingPixels(dataset.image_paths(), image_size or model.image_size[0])
@@ -62,10 +78,12 @@ def embed_image_source(model: DualEncoder, source: PixelSource, *, progress: boo
     """L2-normalised embeddings of every image of a pixel source, taken :data:`DECODE_CHUNK` at a
     time (a multiple of :func:`embed_images`' batch, so the result equals embedding them all at once)."""
     chunks = chunked(len(source), DECODE_CHUNK)
-    batches: Iterable[torch.Tensor] = source.batches(chunks)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, total=len(chunks), desc="embed images", unit="chunk", leave=False)
-    embedded = [embed_images(model, batch) for batch in batches]
+    bar = progress_bar(len(source), "embed images", "img", progress)
+    embedded = []
+    for batch in source.batches(chunks):
+        embedded.append(embed_images(model, batch))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return torch.cat(embedded) if embedded else torch.empty(0, model.embed_dim)

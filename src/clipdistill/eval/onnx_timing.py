@@ -67,14 +67,25 @@ def _matmul_graph(path: Path, side: int) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+def timing_pixels(batch: int, height: int, width: int) -> np.ndarray:
+    """The image graphs' timing input: seeded standard-normal pixels (already "normalised", the
+    same for every model of that size)."""
+    return np.random.default_rng(0).standard_normal((batch, 3, height, width)).astype(np.float32)
+
+
+def timing_captions(batch: int) -> list[str]:
+    """The text graphs' timing input: real captions (token counts, and so some towers' cost,
+    depend on the text), repeated to the batch."""
+    return [_CAPTIONS[i % len(_CAPTIONS)] for i in range(batch)]
+
+
 def _inputs(model: DualEncoder, tower: str, batch: int) -> np.ndarray:
     """Seeded pixels at the model's size, or real captions tokenised and padded as export pads them."""
     if tower == "image":
-        height, width = model.image_size
-        return np.random.default_rng(0).standard_normal((batch, 3, height, width)).astype(np.float32)
+        return timing_pixels(batch, *model.image_size)
     from clipdistill.serve.export import _context_length, _pad_id, _pad_tokens
 
-    tokens = model.tokenize([_CAPTIONS[i % len(_CAPTIONS)] for i in range(batch)]).numpy()
+    tokens = model.tokenize(timing_captions(batch)).numpy()
     return _pad_tokens(tokens, _context_length(model), _pad_id(model))
 
 
@@ -115,6 +126,46 @@ def time_interleaved(
     return times
 
 
+def _check_repeats(repeats: int) -> None:
+    if repeats < 30:
+        raise ValueError(f"repeats must be >= 30 for a stable median, got {repeats}")
+
+
+def time_onnx_graphs(
+    graphs: Mapping[str, tuple[str | Path, Mapping[int, np.ndarray]]],
+    *,
+    repeats: int = 30,
+    threads: int = 2,
+    work_dir: str | Path | None = None,
+) -> tuple[dict[str, float], float]:
+    """Median ms **per item** of every graph at every batch, timed interleaved with this run's
+    fp32 matmul peak reference (module docstring); returns ({``NAME_bBATCH``: ms}, peak GFLOP/s).
+
+    ``graphs`` maps a name to (ONNX file, {batch size: the input array of that batch}); each
+    graph gets one non-spinning session of ``threads`` intra-op threads. Whatever times ONNX
+    graphs (``onnx_efficiency``'s exported towers, ``clipdistill eval`` of an export folder)
+    goes through here, so their numbers are measured alike."""
+    _check_repeats(repeats)
+    calls: dict[str, Callable[[], Any]] = {}
+    batches: dict[str, int] = {}
+    for name, (path, feeds) in graphs.items():
+        session = _session(Path(path), threads)
+        input_name = session.get_inputs()[0].name
+        for batch, array in feeds.items():
+            key = f"{name}_b{batch}"
+            calls[key] = lambda s=session, f={input_name: array}: s.run(None, f)
+            batches[key] = batch
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        peak_path = Path(tmp) / "matmul.onnx"
+        _matmul_graph(peak_path, _PEAK_SIDE)
+        peak_session = _session(peak_path, threads)
+    peak_feed = {"x": np.random.default_rng(1).standard_normal((_PEAK_SIDE, _PEAK_SIDE)).astype(np.float32)}
+    calls["|matmul_peak"] = lambda: peak_session.run(None, peak_feed)
+    times = time_interleaved(calls, repeats=repeats)
+    peak_gflops = 2 * _PEAK_SIDE**3 / (statistics.median(times.pop("|matmul_peak")) / 1000) / 1e9
+    return {key: statistics.median(samples) / batches[key] for key, samples in times.items()}, peak_gflops
+
+
 def onnx_efficiency(
     models: Mapping[str, DualEncoder],
     *,
@@ -129,41 +180,29 @@ def onnx_efficiency(
     ``repeats``. All graphs live in one process and are timed interleaved (module docstring)."""
     from clipdistill.serve.export import export_tower
 
-    if repeats < 30:
-        raise ValueError(f"repeats must be >= 30 for a stable median, got {repeats}")
+    _check_repeats(repeats)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         root = Path(tmp)
-        calls: dict[str, Callable[[], Any]] = {}
+        graphs: dict[str, tuple[Path, dict[int, np.ndarray]]] = {}
         flops: dict[str, dict[str, int]] = {}
         for name, model in models.items():
             model.eval()
             flops[name] = {tower: _flops_per_item(model, tower) for tower in TOWERS}
             for tower in TOWERS:
-                path = root / f"{len(calls)}_{tower}.onnx"
+                path = root / f"{len(graphs)}_{tower}.onnx"
                 export_tower(model, tower, path)
-                session = _session(path, threads)
-                input_name = session.get_inputs()[0].name
-                for batch in batch_sizes:
-                    feed = {input_name: _inputs(model, tower, batch)}
-                    calls[f"{name}|{tower}_b{batch}"] = lambda s=session, f=feed: s.run(None, f)
-        peak_path = root / "matmul.onnx"
-        _matmul_graph(peak_path, _PEAK_SIDE)
-        peak_session = _session(peak_path, threads)
-        peak_feed = {"x": np.random.default_rng(1).standard_normal((_PEAK_SIDE, _PEAK_SIDE)).astype(np.float32)}
-        calls["|matmul_peak"] = lambda: peak_session.run(None, peak_feed)
-        times = time_interleaved(calls, repeats=repeats)
+                graphs[f"{name}|{tower}"] = (path, {batch: _inputs(model, tower, batch) for batch in batch_sizes})
+        per_item, peak_gflops = time_onnx_graphs(graphs, repeats=repeats, threads=threads, work_dir=root)
 
-    peak_gflops = 2 * _PEAK_SIDE**3 / (statistics.median(times.pop("|matmul_peak")) / 1000) / 1e9
     report: dict[str, Any] = {
         "matmul_peak_gflops": round(peak_gflops, 2),
         "threads": threads,
         "repeats": repeats,
         "models": {},
     }
-    for key, samples in times.items():
+    for key, per_item_ms in per_item.items():
         name, entry = key.split("|")
-        tower, batch = entry.split("_b")
-        per_item_ms = statistics.median(samples) / int(batch)
+        tower, _ = entry.split("_b")
         achieved = flops[name][tower] / (per_item_ms / 1000) / 1e9
         row = report["models"].setdefault(name, {"onnx_ms": {}, "flops": flops[name], "gflops_per_s": {}})
         row["onnx_ms"][entry] = round(per_item_ms, 4)
