@@ -124,6 +124,7 @@ def test_bad_precision_and_device_are_one_line_errors(exported: tuple[Path, Path
     for model, extra, message in [
         (str(export), ["--precision", "fp16"], "unknown precision 'fp16'"),
         (f"local-dir:{student}", ["--precision", "int8"], "applies to an ONNX export folder"),
+        (str(student), [], "export.json is missing (run clipdistill export)"),  # a folder that is no export
     ]:
         args = ["eval", "--model", model, "--data", str(table), "--out", str(tmp_path / "m.json"), *extra]
         result = runner.invoke(app, args)

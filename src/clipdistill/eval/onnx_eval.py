@@ -42,14 +42,18 @@ _FLOAT_TYPES = frozenset({1, 10, 11, 16})  # onnx TensorProto FLOAT, FLOAT16, DO
 
 def export_dir_of(model: str | Path) -> Path | None:
     """The export folder a ``--model`` value names (``onnx:PATH``, or a folder holding
-    ``export.json``), or ``None`` for a model spec (``run:``, ``local-dir:``, ...)."""
+    ``export.json``), or ``None`` for a model spec (``run:``, ``local-dir:``, ...). A bare folder
+    without ``export.json`` (an interrupted export) is still taken as one, so the error says what
+    is missing rather than that the value has no spec schema."""
     from clipdistill.serve.encoders import EXPORT_CONFIG
 
     text = str(model)
     if text.startswith(ONNX_PREFIX):
         return Path(text.removeprefix(ONNX_PREFIX))
     path = Path(text)
-    return path if (path / EXPORT_CONFIG).is_file() else None
+    if (path / EXPORT_CONFIG).is_file() or (":" not in text and path.is_dir()):
+        return path
+    return None
 
 
 def embed_export(
