@@ -211,8 +211,13 @@ def test_serve_command_bounds_uvicorn(monkeypatch: pytest.MonkeyPatch, index_dir
     from clipdistill.cli.main import app as cli
     from clipdistill.serve.app import budget
 
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    calls: list[Any] = []  # the uvicorn configs the command would serve (on the socket it bound)
+
+    def run(self: Any, sockets: Any = None) -> None:
+        calls.append(self.config)
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     heap: list[bool] = []
     original = budget.return_freed_pixels_to_the_os
     monkeypatch.setattr(budget, "return_freed_pixels_to_the_os", lambda: heap.append(original()) or heap[-1])
@@ -221,10 +226,10 @@ def test_serve_command_bounds_uvicorn(monkeypatch: pytest.MonkeyPatch, index_dir
     assert result.exit_code == 0, result.output
     (call,) = calls
     assert heap == [True]  # glibc here: freed image blocks go back to the OS (benchmarks/serve_memory.py)
-    assert call["limit_concurrency"] == 64 and call["timeout_keep_alive"] == 5 and call["host"] == "127.0.0.1"
+    assert call.limit_concurrency == 64 and call.timeout_keep_alive == 5 and call.host == "127.0.0.1"
     assert "answering to Host: 127.0.0.1, localhost, ::1, search.internal" in result.output
-    client = TestClient(call["app"])
+    client = TestClient(call.app)
     assert client.get("/healthz", headers={"host": "search.internal"}).status_code == 200
     assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 400
     result = CliRunner().invoke(cli, [*args, "--limit-concurrency", "8", "--timeout-keep-alive", "2"])
-    assert calls[-1]["limit_concurrency"] == 8 and calls[-1]["timeout_keep_alive"] == 2
+    assert calls[-1].limit_concurrency == 8 and calls[-1].timeout_keep_alive == 2

@@ -64,9 +64,11 @@ _STARTED = [time.perf_counter()]  # reset by run_demo; stage lines show time sin
 
 def _say(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     elapsed = time.perf_counter() - _STARTED[0]
-    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]demo[/] [{elapsed:6.1f} s] {message}", highlight=False)
+    line = f"[bold cyan]distill[/] [{elapsed:6.1f} s] {escape(message)}"  # paths and names print as written
+    Console(stderr=True, soft_wrap=True, emoji=False).print(line, highlight=False)
 
 
 def _stage(name: str, done: bool) -> bool:
