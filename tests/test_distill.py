@@ -96,7 +96,7 @@ def test_a_method_that_needs_a_fusion_teacher_it_cannot_get_is_refused_first(tmp
     assert not (tmp_path / "out").exists()  # refused before any stage wrote anything
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_resolved_config_reruns_the_same_job(tmp_path: Path) -> None:
     """OUT/config.yaml is complete: `distill --config OUT/config.yaml --out NEW` gives the same
     report metrics (teacher and students) on the same machine."""
@@ -165,7 +165,7 @@ def _scenes_csv(root: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_distill_takes_an_open_clip_vit_teacher_and_a_split_less_csv(tmp_path: Path) -> None:
     from clipdistill.models.students import build_student, save_student
     from clipdistill.serve.search import Searcher
@@ -188,3 +188,27 @@ def test_distill_takes_an_open_clip_vit_teacher_and_a_split_less_csv(tmp_path: P
     assert f"clipdistill serve {out / 'index'}" in result.output
     hits = Searcher.open(out / "index").search(text="a red circle on the left", k=3)
     assert len(hits) == 3
+
+
+@pytest.mark.e2e
+def test_the_lit_teacher_as_an_open_clip_folder_teaches_the_same_students(tmp_path: Path) -> None:
+    """The offline route with real weights: a trained LiT teacher exported as a plain open_clip
+    folder (`export --format open_clip`) is a `local-dir:` teacher like any user's, and scores and
+    teaches as the `run:` folder it came from does."""
+    from clipdistill.models.openclip_export import export_open_clip
+
+    scenes = write_scenes_dataset(tmp_path / "scenes")
+    config = replace(
+        ONE_EPOCH,
+        data=RunDataConfig(path=str(scenes), images=str(scenes.parent / "pictures")),
+        methods=["clip", "clipkd"],
+    )
+    from_run = run_distill(config, tmp_path / "a")
+    export_open_clip(f"run:{tmp_path / 'a' / 'teacher'}", tmp_path / "lit-openclip")
+    teacher = f"local-dir:{tmp_path / 'lit-openclip'}"
+    from_dir = run_distill(replace(config, teacher=replace(config.teacher, spec=teacher)), tmp_path / "b")
+    assert from_dir["teacher"]["spec"] == teacher
+    assert from_dir["teacher"]["metrics"]["rsum"] == pytest.approx(from_run["teacher"]["metrics"]["rsum"], abs=0.1)
+    for a, b in zip(from_run["students"], from_dir["students"], strict=True):
+        assert a["method"] == b["method"]
+        assert b["metrics"]["rsum"] == pytest.approx(a["metrics"]["rsum"], abs=0.5), a["method"]
