@@ -37,9 +37,9 @@ def source_run(shapes_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_init_at_zero_lr_keeps_the_source_student(source_run, shapes_dataset_dir: Path, tmp_path: Path) -> None:
-    source_dir, source_summary = source_run
+    source_dir, _ = source_run
     config = _config(tmp_path, shapes_dataset_dir, "again", lr=1e-12, init=f"local-dir:{source_dir}")
-    summary = train(config, progress=False)
+    train(config, progress=False)
     source = load_student(source_dir).model.state_dict()
     trained = load_student(config.run_dir / "model").model.state_dict()
     assert source.keys() == trained.keys()
@@ -47,7 +47,8 @@ def test_init_at_zero_lr_keeps_the_source_student(source_run, shapes_dataset_dir
         if "running_" in name or "num_batches" in name:
             continue  # BatchNorm statistics follow the data in train mode, whatever the lr
         torch.testing.assert_close(trained[name], value, atol=1e-6, rtol=0, msg=name)
-    assert summary["val"]["rsum"] == pytest.approx(source_summary["val"]["rsum"], abs=1.0)
+    # Its val recall is not compared: the BatchNorm statistics it kept following moved it by one
+    # rank of the 3 val images (rsum 483.3 against 466.7), which says nothing about the weights.
     saved = json.loads((config.run_dir / "model" / "open_clip_config.json").read_text())
     assert saved == json.loads((source_dir / "open_clip_config.json").read_text())
     open_clip.create_model(f"local-dir:{config.run_dir / 'model'}")  # still a plain open_clip folder
