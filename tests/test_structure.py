@@ -1,4 +1,4 @@
-"""The package's shape: no module over 650 lines, no import cycles (issue 19).
+"""The package's shape: no module over 650 lines, no import cycles.
 
 The import graph is read from the source (``ast``), not from ``sys.modules``, so an import
 counts wherever it is written: at the top, inside a function (a "lazy" import only delays the
@@ -21,7 +21,6 @@ and each one is listed with its elementary cycles and the lines that import.
 from __future__ import annotations
 
 import ast
-import warnings
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -33,13 +32,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "clipdistill"
 MAX_LINES = 650
 CYCLES_SHOWN = 100  # elementary cycles listed per knot (their number can grow exponentially);
 # the edges listed after them always name every import statement inside the knot
-
-# Debt that other branches of issue 19 remove (cli/common.py, the method registry, the service
-# and fusion packages, serve/index). A module name tolerates that module's size; a frozenset
-# tolerates any import cycle among (a subset of) those modules. Empty this set once they are
-# merged: `test_known_elsewhere_is_current` fails, naming the entry, as soon as one no longer
-# applies, and the two checks below warn with exactly what is still tolerated.
-KNOWN_ELSEWHERE: set[str | frozenset[str]] = set()
 
 
 # --- the graph ---------------------------------------------------------------------------------
@@ -148,42 +140,16 @@ def oversized(root: Path) -> dict[str, int]:
     }
 
 
-def _tolerated(knot: frozenset[str]) -> frozenset[str] | None:
-    return next((k for k in KNOWN_ELSEWHERE if isinstance(k, frozenset) and knot <= k), None)
-
-
 # --- the package -------------------------------------------------------------------------------
 def test_no_module_over_650_lines() -> None:
-    sizes = oversized(SRC)
-    known = {m: n for m, n in sizes.items() if m in KNOWN_ELSEWHERE}
-    if known:
-        warnings.warn(f"KNOWN_ELSEWHERE still tolerates modules over {MAX_LINES} lines: {known}", stacklevel=1)
-    offenders = {m: n for m, n in sizes.items() if m not in KNOWN_ELSEWHERE}
+    offenders = oversized(SRC)
     assert not offenders, f"modules over {MAX_LINES} lines (split them by job): {offenders}"
 
 
 def test_no_import_cycles() -> None:
     graph = import_graph(SRC)
-    found = knots(graph)
-    known = [knot for knot in found if _tolerated(knot) is not None]
-    if known:
-        warnings.warn(
-            "KNOWN_ELSEWHERE still tolerates:\n" + "\n".join(describe_knot(graph, k) for k in known), stacklevel=1
-        )
-    offenders = [knot for knot in found if _tolerated(knot) is None]
+    offenders = knots(graph)
     assert not offenders, "\n".join(describe_knot(graph, k) for k in offenders)
-
-
-def test_known_elsewhere_is_current() -> None:
-    """An entry that no longer applies must go, or it would silently tolerate a future regression."""
-    found = knots(import_graph(SRC))
-    sizes = oversized(SRC)
-    stale = [
-        entry
-        for entry in KNOWN_ELSEWHERE
-        if (entry not in sizes if isinstance(entry, str) else not any(knot <= entry for knot in found))
-    ]
-    assert not stale, f"remove from KNOWN_ELSEWHERE (fixed): {sorted(map(str, stale))}"
 
 
 # --- the graph code finds what it must ------------------------------------------------------------
