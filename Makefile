@@ -1,15 +1,16 @@
-# clipdistill — `make demo` runs the main job, `make test` runs the tests; both install first.
+# clipdistill — `make demo` runs the main job, `make test` lint and the fast tests; both install first.
+# `make test-e2e` and `make test-crash-resume` run the end-to-end tests; .ci/run runs all three.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := fonts-noto-color-emoji unicode-cldr-core libfribidi0 chromium
-# torch/torchvision: the newest pair this workplace's pip accepts; installed first and exactly,
-# so the package's version ranges never pull another (multi-GB) build.
+# torch/torchvision: the pinned pair, installed first and exactly, so the package's version
+# ranges never pull another (multi-GB) build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install system-deps test test-slow lint demo clean
+.PHONY: install system-deps test test-e2e test-crash-resume test-slow lint demo clean
 
 install: system-deps $(STAMP)
 
@@ -41,11 +42,25 @@ lint: install
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
-test: install lint
-	$(BIN)/pytest -q
+# Every stage prints its 25 slowest tests, so a test that grows is seen where it runs.
+PYTEST := $(BIN)/pytest -q --durations=25
 
+# The fast suite: every test not marked e2e or slow (pyproject.toml's addopts).
+test: install lint
+	$(PYTEST)
+
+# End to end: the tiny demo trained, training through the CLI and torchrun, the browser.
+test-e2e: install
+	$(PYTEST) -m e2e --ignore=tests/test_crash_resume.py
+
+# Kill-and-resume: SIGKILLs real training processes at several points and compares the resumed
+# weights bitwise with an uninterrupted run.
+test-crash-resume: install
+	$(PYTEST) -m e2e tests/test_crash_resume.py
+
+# Long runs that CI leaves out (fuzz volumes, the full emoji build, every demo method, ...).
 test-slow: install
-	$(BIN)/pytest -q -m slow
+	$(PYTEST) -m slow
 
 demo: install
 	$(BIN)/clipdistill demo --preset quick --out runs/demo

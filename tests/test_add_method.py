@@ -1,4 +1,4 @@
-"""Adding a method is one file plus one registry line (issue 19).
+"""Adding a method is one file plus one registry line.
 
 The test writes a throwaway method into a file of its own, registers it with one import line
 (what ``distill/methods/__init__.py`` holds for every seed method) and runs
@@ -120,6 +120,7 @@ def test_registration_checks_the_metadata(throwaway_method: str) -> None:
     assert not {"stale", "unsourced", "silent", "second"} & set(list_methods())
 
 
+@pytest.mark.e2e
 def test_demo_runs_a_method_added_in_one_file(
     throwaway_method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,7 +130,7 @@ def test_demo_runs_a_method_added_in_one_file(
     from clipdistill.run_config import run_config_yaml
 
     scenes = write_scenes_dataset(tmp_path / "scenes")
-    # A preset file at a budget smaller still than the fast demo test's: what is checked here is
+    # A preset file at a budget smaller still than test_demo.py's e2e test's: what is checked here is
     # the wiring, not the numbers.
     preset = tmp_path / "one-epoch.yaml"
     one_epoch = replace(TINY, teacher=replace(TINY.teacher, epochs=1), optim=replace(TINY.optim, epochs=1))

@@ -26,6 +26,8 @@ import pytest
 from clipdistill.serve.app import create_app
 from test_service import ensure_service_index, png_bytes
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 INSTALL_HINT = (

@@ -6,7 +6,7 @@ written (bytes on disk, rename not done), while ``best.pt`` is written at an epo
 before the first checkpoint exists, from outside at whatever moment the process is in, and
 twice in a row (the resumed process is killed too). Every resumed run must end with the same
 bytes as the run that was never interrupted: weights, optimiser and scheduler state, the
-saved student file, and the per-step losses. Slow (a dozen process starts): ``-m slow``.
+saved student file, and the per-step losses. A dozen process starts: ``-m e2e``, its own CI stage.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 EPOCHS, BATCH = 3, 3  # 6 train images: 2 steps per epoch, 6 steps
 

@@ -1,8 +1,8 @@
 """The main job end to end on a small non-emoji Karpathy dataset (rendered scenes of shapes).
 
-The fast test runs two methods with a minute-sized budget and checks the report's schema,
-its files and that finished stages are skipped on a rerun; the slow test (``-m slow``) runs
-all seven methods and checks the numbers are sane (teacher better than the scratch student).
+The e2e test (``-m e2e``) runs two methods with a minute-sized budget and checks the report's
+schema, its files and that finished stages are skipped on a rerun; the slow test (``-m slow``)
+runs all seven methods and checks the numbers are sane (teacher better than the scratch student).
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def _check_schema(report: dict, methods: list[str]) -> None:
         assert row["rsum_mean"] == pytest.approx(student["metrics"]["rsum"])
 
 
+@pytest.mark.e2e
 def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     methods = ["clip", "openclip"]

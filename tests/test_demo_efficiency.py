@@ -178,7 +178,7 @@ def test_an_unreadable_memo_is_measured_again_and_said(tmp_path: Path, recorder:
 def test_real_timing_of_tiny_networks_reaches_the_report(tmp_path: Path) -> None:
     """Without the recorder: two seeds of one tiny student and a teacher of another size are
     exported and timed (30 repeats, batch 1 and 64); the seeds share one measured network.
-    Slow (about 30 s of CPU, 7 min on the loaded 2-core machine): the fast demo test in
+    Slow (about 30 s of CPU, minutes on a loaded 2-core machine): the e2e demo test in
     test_demo.py already runs this path for real."""
     import torch
 

@@ -23,7 +23,7 @@ REPO_SRC = Path(__file__).resolve().parents[1] / "src"
 METHODS = ("clip", "openclip", "conaclip", "dcd", "clipkd", "comkd")
 # (gather_with_grad, local_loss): the settings that are exact (see train/distributed.py)
 MODES = {"global": (True, False), "global_nograd": (False, False), "local": (True, True)}
-# The issue's four methods in every exact mode; CLIP-KD (ICL, CKD) and ComKD (batch moments,
+# The first four methods in every exact mode; CLIP-KD (ICL, CKD) and ComKD (batch moments,
 # attention over the batch) in the mode that changes their math (per-process query rows).
 CASES = [(m, mode) for m in METHODS[:4] for mode in MODES] + [("clipkd", "local"), ("comkd", "local")]
 
@@ -142,6 +142,7 @@ def _parity(
     return largest
 
 
+@pytest.mark.e2e
 def test_two_processes_match_one_process(
     shapes_dataset_dir: Path, tmp_path: Path, teacher_spec: str, student_config: str
 ) -> None:
@@ -187,7 +188,7 @@ def _preset_raw(tmp: Path, data: Path, teacher: dict[str, str], preset: str, met
     return raw
 
 
-# the issue's methods on the tiny preset (efficientvit: BatchNorm2d) in the default mode, with
+# clip, conaclip and mcad on the tiny preset (efficientvit: BatchNorm2d) in the default mode, with
 # per-process query rows (local_loss) once, and the small preset (fastvit: BatchNorm2d and timm's
 # BatchNormAct2d)
 BN_CASES = [("tiny", m, "global") for m in ("clip", "conaclip", "mcad")] + [
@@ -212,12 +213,13 @@ def _bn_parity(tmp: Path, data: Path, teacher: dict[str, str], cases: list, npro
     return largest
 
 
+@pytest.mark.e2e
 def test_batchnorm_students_in_two_processes_match_one_process(
     shapes_dataset_dir: Path, tmp_path: Path, cached_teacher: dict[str, str]
 ) -> None:
     """The shipped presets have BatchNorm: with statistics over the global batch, 2 x B/2 is
-    1 x B in losses, gradients and running statistics (per process it is not: this failed with
-    per-process BatchNorm, the step-1 losses differing by ~1e-2)."""
+    1 x B in losses, gradients and running statistics (per process it is not: with
+    per-process BatchNorm the step-1 losses differ by ~1e-2)."""
     cases = [case for case in BN_CASES if case[2] == "global"]  # the slow 4-process test has local_loss too
     _bn_parity(tmp_path, shapes_dataset_dir, cached_teacher, cases, nproc=2)
 
@@ -270,6 +272,7 @@ def test_torchrun_saves_a_plain_batchnorm_student_with_the_one_process_statistic
     assert list(checkpoints[0]["student"]) == list(checkpoints[1]["student"])
 
 
+@pytest.mark.e2e
 def test_batchnorm_over_unequal_and_empty_shares_matches_the_whole_batch(tmp_path: Path) -> None:
     """GlobalBatchNorm weighs each process's statistics by its rows: outputs, input and
     parameter gradients and running statistics equal plain BatchNorm on the whole batch, for
@@ -386,6 +389,7 @@ def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")
+@pytest.mark.e2e
 def test_leaving_the_group_stops_its_threads_even_after_open_clip_is_imported() -> None:
     """A group kept alive past shutdown (torch.distributed.nn binds it as default arguments
     when first imported after init) leaves gloo threads that abort the process at exit."""

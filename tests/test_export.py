@@ -1,6 +1,6 @@
 """ONNX export: parity with torch, torch-free tokenizer equivalence, the export CLI.
 
-``ensure_export`` builds one tiny student export per test session (through the CLI, so the
+``ensure_export`` builds one tiny student export per test run (through the CLI, so the
 command is exercised too); test_index.py and test_search.py reuse it.
 """
 

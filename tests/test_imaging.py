@@ -2,8 +2,8 @@
 
 Training reads pixels through ``data.images`` (``open_rgb`` / ``decode_uint8``), the service and
 ``clipdistill embed`` through ``serve.preprocess`` (``open_image`` / ``ImagePreprocessor``). These
-tests decode the same files both ways and demand identical pixels, on the inputs that used to
-differ (16-bit, float, EXIF-rotated) and the ones that must keep decoding as they did.
+tests decode the same files both ways and demand identical pixels, on the inputs where two
+decoders would differ (16-bit, float, EXIF-rotated) and on the ordinary ones.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_float_images_are_mapped_by_their_range(tmp_path: Path, scale: float, va
     path = tmp_path / "f.tiff"
     Image.fromarray(array, "F").save(path)
     pixels = np.asarray(open_image(path))
-    assert pixels[2, 2].tolist() == [expected] * 3  # a float TIFF in [0, 1] used to decode black
+    assert pixels[2, 2].tolist() == [expected] * 3  # a float TIFF in [0, 1] is not decoded black
     assert pixels[0, 0].tolist() == [255] * 3
     assert pixels[0, 1].tolist() == [0] * 3
 

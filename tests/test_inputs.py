@@ -1,4 +1,4 @@
-"""Inputs and artifacts (issue 20): Karpathy's own file names, webdataset bad samples, temp files
+"""Inputs and artifacts: Karpathy's own file names, webdataset bad samples, temp files
 left by a kill anywhere, one process per run folder, and permissions that follow the umask."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _karpathy(folder: Path, file_name: str) -> None:
 @pytest.mark.parametrize("file_name", ["dataset_coco.json", "dataset_flickr30k.json", "dataset_flickr8k.json"])
 def test_a_folder_with_karpathys_own_file_is_read_as_karpathy(tmp_path: Path, file_name: str) -> None:
     _karpathy(tmp_path / "data", file_name)
-    assert detect_format(tmp_path / "data") == "karpathy"  # it used to be read as an image folder
+    assert detect_format(tmp_path / "data") == "karpathy"  # not an image folder
     dataset = load_dataset(tmp_path / "data")
     assert dataset.split_counts() == {"train": 1, "val": 1, "test": 1}
     assert dataset.source == str(tmp_path / "data" / file_name)

@@ -1,4 +1,4 @@
-"""Hub specs on a machine without the hub (issue 20): one line naming the spec, the cache looked
+"""Hub specs on a machine without the hub: one line naming the spec, the cache looked
 in and how to pass local weights, never a traceback or (hf-hub) a silent fallback to random weights.
 
 Every run here is a subprocess with ``HF_HUB_OFFLINE=1`` and an empty ``HF_HOME``, so no network

@@ -1,10 +1,10 @@
-"""Issue 18: the four defects of the seed methods, each a test that failed on the code before the fix.
+"""Four defects a seed method can have, each a test that fails if its method has it.
 
-- MCAD: the image target v̂ depended on which caption of the image was in the batch, and g, h
-  were unnormalised (cos(v̂, v^T) was 0.45 in the demo);
-- DCD: a constant shift of the teacher's logits moved the student's cosines (MSE on κ_S·cos);
-- ComKD: EduAttention with C = √d on unit vectors was uniform (entropy ≈ log B);
-- ComKD: IFAlign had no ``align_reduction`` knob (its summed L1 set the global gradient clip).
+- MCAD: the image target v̂ depending on which caption of the image is in the batch, and g, h
+  unnormalised (then cos(v̂, v^T) is 0.45 in the demo);
+- DCD: a constant shift of the teacher's logits moving the student's cosines (MSE on κ_S·cos);
+- ComKD: EduAttention with C = √d on unit vectors, which is uniform (entropy ≈ log B);
+- ComKD: IFAlign without an ``align_reduction`` knob (its summed L1 sets the global gradient clip).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def _dcd_against_shifted_fusion(shift: float) -> tuple[torch.nn.Module, torch.Te
 
 def _dcd_student_gradient(shift: float) -> torch.Tensor:
     """Gradient of the DCD loss on a fixed student's features against the shifted teacher,
-    after fitting whatever trainable parameters the method has (none now: its read-outs are
+    after fitting whatever trainable parameters the method has (none: its read-outs are
     fitted per batch)."""
     method, raw_image, raw_text = _dcd_against_shifted_fusion(shift)
 
@@ -227,7 +227,7 @@ def test_dcd_read_outs_are_fitted_to_every_batch() -> None:
 # ---------------------------------------------------------------- ComKD
 def test_comkd_attention_attends_on_teacher_like_features() -> None:
     """On unit teacher-like features (d = 384, B = 64) the attention's entropy is well below
-    log B; the paper's fixed C = √d (kept as ``attention_c``) is uniform there, which was the defect."""
+    log B; the paper's fixed C = √d (kept as ``attention_c``) is uniform there: the defect."""
     n, dim = 64, 384
     image, text = clustered(n, dim, 16, 1.0, seed=1)
     teacher = FixedTeacher(image, text, math.log(1 / 0.07))

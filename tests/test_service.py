@@ -3,7 +3,7 @@ the API promises a 4xx for, a hypothesis fuzz of the JSON body (never a 5xx), co
 the ``clipdistill serve`` command.
 
 ``ensure_service_index`` builds one small index (the 12 shapes, tiny untrained student) per
-test session; test_browser.py serves the same one.
+test run; test_browser.py serves the same one.
 """
 
 from __future__ import annotations

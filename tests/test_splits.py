@@ -1,4 +1,4 @@
-"""Users' own tables (issue 20): an open_clip CSV without a split column, or train/val CSV pairs,
+"""Users' own tables: an open_clip CSV without a split column, or train/val CSV pairs,
 run the demo; splits are carved from train by image (or by a grouping column) with a seed, and
 recorded (data/splits.py)."""
 
@@ -49,7 +49,7 @@ def _splits_of(dataset: object) -> dict[str, str]:
 def test_a_split_less_csv_is_split_by_image_with_a_seed(scene_rows: tuple[Path, list], tmp_path: Path) -> None:
     root, rows = scene_rows
     table = _write_csv(root / "all.csv", rows)
-    assert set(load_dataset(table).split_counts()) == {"train"}  # what the demo used to refuse
+    assert set(load_dataset(table).split_counts()) == {"train"}  # no val or test split of its own
     dataset, path, record = make_splits(tmp_path / "a", table, None, SplitOptions(seed=3))
     counts = dataset.split_counts()
     assert set(counts) == {"train", "val", "test"} and sum(counts.values()) == 128
@@ -129,17 +129,19 @@ ONE_EPOCH = replace(
 )
 
 
+@pytest.mark.e2e
 def test_demo_runs_on_a_split_less_csv(scene_rows: tuple[Path, list], tmp_path: Path) -> None:
     from clipdistill.demo import run_demo
 
     root, rows = scene_rows
     table = _write_csv(root / "demo.csv", rows)
     report = run_demo(tmp_path, data=table, preset=ONE_EPOCH, methods="clip", splits=SplitOptions(seed=0))
-    assert report["splits"]["carved_from_train"] == ["test", "val"]  # it used to stop: "missing test, val"
+    assert report["splits"]["carved_from_train"] == ["test", "val"]  # carved, not refused as missing
     assert report["n_images"] == report["splits"]["counts"]["test"] > 0
     assert (tmp_path / "report.md").is_file() and (tmp_path / "index" / "manifest.json").is_file()
 
 
+@pytest.mark.e2e
 def test_demo_runs_on_a_train_val_csv_pair(scene_rows: tuple[Path, list], tmp_path: Path) -> None:
     from clipdistill.demo import run_demo
 

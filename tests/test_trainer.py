@@ -128,6 +128,7 @@ def test_method_needs_are_checked_before_work(shapes_dataset_dir: Path, tmp_path
         Trainer(_config(tmp_path, shapes_dataset_dir, method_args={"nope": 1}), progress=False)
 
 
+@pytest.mark.e2e
 def test_cli_train_and_python_module_entry(shapes_dataset_dir: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
