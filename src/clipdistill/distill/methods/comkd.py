@@ -90,7 +90,7 @@ class ComKDMethod(DistillMethod):
         "1 seed. First w_align at w_ref 3: 1 19.6, 0.1 84.9, 0 85.0 (benchmarks/results/methods_comkd_lite0.json; "
         "on the old tiny student 0.1 won, 88.7 vs 86.3); then, on the frozen-stage student with w_align 0, "
         "(w_ref, temperature): 3/1 103.6, 1/1 119.9, 10/1 107.7, 3/4 117.4, 1/4 125.7, 0.3/1 108.6; scratch 105.9 "
-        "(benchmarks/results/methods_issue18_sweep.json, docs/results.md). Then, 3 seeds each, the text-side "
+        "(benchmarks/results/methods_sweep_dcd_comkd.json, docs/results.md). Then, 3 seeds each, the text-side "
         "refinement (text_refine, ours) at (w_ref, temperature) 1/4 111.7, 1/1 119.5, 3/4 118.4 against 121.4 "
         "without: off (benchmarks/results/methods_comkd_text_refine.json)",
     )

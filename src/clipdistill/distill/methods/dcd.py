@@ -163,7 +163,7 @@ class DCDMethod(DistillMethod):
         "2 epochs, 1 seed. First (distill, alpha): mse/0.2 85.6, kl/0.2 103.3, kl/0.5 106.3 "
         "(benchmarks/results/methods_dcd_lite0.json); then (alpha, student_affine, hard_negatives) with the KL: "
         "0.5/true/7 110.0, 0.5/false/7 104.2, 0.8/false/7 103.0, 0.5/false/31 118.9, 0.5/true/31 106.6, "
-        "0.8/false/31 124.5, 0.5/false/63 116.8; scratch 105.9 (benchmarks/results/methods_issue18_sweep.json, "
+        "0.8/false/31 124.5, 0.5/false/63 116.8; scratch 105.9 (benchmarks/results/methods_sweep_dcd_comkd.json, "
         "docs/results.md)",
     )
     needs = frozenset({"teacher_embeddings"})
