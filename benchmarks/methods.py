@@ -45,7 +45,7 @@ SWEEPS: dict[str, tuple[str | tuple[str, ...], list[Any]]] = {
     # DCD (issue 18): the paper's score MSE at its alpha gave val 85.6, a KL over the candidates
     # (ours) 103.3 at alpha 0.2 and 106.3 at 0.5 (benchmarks/results/methods_dcd_lite0.json). Then
     # the KL against the teacher's own sharpness (student_affine false) and more kept negatives:
-    # kl/0.8/false/31 won (benchmarks/results/methods_issue18_sweep.json). Now: that setting with
+    # kl/0.8/false/31 won (benchmarks/results/methods_sweep_dcd_comkd.json). Now: that setting with
     # the teacher's candidate distribution sharpened (teacher_scale; its logit scale is 16-17).
     "dcd": (
         ("distill", "alpha", "student_affine", "hard_negatives", "teacher_scale"),
@@ -59,7 +59,7 @@ SWEEPS: dict[str, tuple[str | tuple[str, ...], list[Any]]] = {
     # ComKD: w_align 1 / 0.1 / 0 gave val 19.6 / 84.9 / 85.0 on this student (w_ref 3,
     # benchmarks/results/methods_comkd_lite0.json). Then the refinement's (w_ref, temperature),
     # seed 0: (3, 1) (1, 1) (10, 1) (3, 4) (1, 4) (0.3, 1); (1, 4) won
-    # (benchmarks/results/methods_issue18_sweep.json). Then, over 3 seeds (--sweep-seeds 3), the
+    # (benchmarks/results/methods_sweep_dcd_comkd.json). Then, over 3 seeds (--sweep-seeds 3), the
     # text side's refinement (ours) at and around it.
     "comkd": (
         ("w_ref", "temperature", "text_refine"),

@@ -1,0 +1,121 @@
+"""benchmarks/results_doc.py: generated blocks are replaced from their JSON, the text around them
+is kept, --check finds drift, and the repository's docs agree with benchmarks/results/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "results_doc.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("results_doc", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CACHE_COST = {
+    "date": "2026-01-02",
+    "machine": "test machine",
+    "teacher": "run:t",
+    "batch_size": 8,
+    "k_aug": 2,
+    "rows": {
+        "student alone (clip)": {"epoch_s": 10.0, "data_s": 0.5, "compute_s": 9.5, "ratio_vs_alone": 1.0},
+        "cached teacher (openclip)": {"epoch_s": 11.0, "data_s": 0.5, "compute_s": 10.5, "ratio_vs_alone": 1.1},
+    },
+}
+BEFORE = "# Title\n\nHand-written prose.\n\n"
+AFTER = "\nMore prose, untouched.\n"
+
+
+def _doc(tmp_path: Path, body: str = "stale table\n") -> Path:
+    (tmp_path / "results").mkdir(exist_ok=True)
+    (tmp_path / "results" / "cache_cost.json").write_text(json.dumps(CACHE_COST))
+    doc = tmp_path / "doc.md"
+    doc.write_text(BEFORE + "<!-- generated: cache-cost -->\n" + body + "<!-- end generated -->\n" + AFTER)
+    return doc
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_block_replaced_and_prose_kept(tmp_path: Path) -> None:
+    doc = _doc(tmp_path)
+    assert _module().main(["--doc", str(doc), "--results", str(tmp_path / "results")]) == 0
+    text = doc.read_text()
+    assert text.startswith(BEFORE + "<!-- generated: cache-cost -->\n")
+    assert text.endswith("<!-- end generated -->\n" + AFTER)
+    assert "stale table" not in text
+    assert "`benchmarks/results/cache_cost.json` (test machine; 2026-01-02)" in text  # source, machine, date
+    assert "| cached teacher (openclip) | 11.0 | 0.50 | 10.5 | 1.10 |" in text
+
+
+def test_check_detects_drift_without_writing(tmp_path: Path) -> None:
+    doc = _doc(tmp_path)
+    results = str(tmp_path / "results")
+    stale = doc.read_text()
+    drift = _run("--check", "--doc", str(doc), "--results", results)
+    assert drift.returncode == 1
+    assert "cache-cost" in drift.stdout
+    assert doc.read_text() == stale  # --check writes nothing
+    assert _run("--doc", str(doc), "--results", results).returncode == 0
+    assert _run("--check", "--doc", str(doc), "--results", results).returncode == 0
+    data = dict(CACHE_COST, date="2026-01-03")  # the data moves on: the doc is stale again
+    (tmp_path / "results" / "cache_cost.json").write_text(json.dumps(data))
+    assert _run("--check", "--doc", str(doc), "--results", results).returncode == 1
+
+
+def test_demo_block_needs_a_report(tmp_path: Path) -> None:
+    module = _module()
+    doc = tmp_path / "doc.md"
+    text = "<!-- generated: demo-quick -->\nhand table\n<!-- end generated -->\n"
+    doc.write_text(text)
+    new, changed, skipped = module.rewrite(text, tmp_path, {"demo": None, "full": None})
+    assert (new, changed, skipped) == (text, [], ["demo-quick"])
+    report = {
+        "preset": "quick",
+        "n_images": 3,
+        "n_texts": 15,
+        "budget": {"student": "lite0", "student_image_size": 96, "epochs": 2, "seeds": 1},
+        "teacher": {
+            "metrics": {"rsum": 200.0},
+            "onnx_ms": {"image_b1": 8, "text_b1": 8, "image_b64": 6, "text_b64": 6},
+        },
+        "students": [
+            {
+                "method": "clip",
+                "seed": 0,
+                "metrics": {"rsum": 100.0},
+                "val_rsum": 90.0,
+                "onnx_ms": {"image_b1": 3, "text_b1": 1, "image_b64": 1, "text_b64": 1},
+            },
+            {"method": "conaclip", "seed": 0, "metrics": {"rsum": 150.0}, "val_rsum": 140.0},
+        ],
+        "best_student": {"method": "conaclip", "seed": 0, "selected_by": "val rsum"},
+        "machine": {"cpu": "Some CPU", "cores": 2, "torch": "2.14.1"},
+        "finished_utc": "2026-01-02 03:04",
+        "wall_seconds": 600,
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    new, changed, skipped = module.rewrite(text, tmp_path, {"demo": path, "full": None})
+    assert changed == ["demo-quick"] and not skipped
+    assert "Some CPU, 2 cores" in new and "2026-01-02 03:04 UTC" in new
+    assert "clipdistill demo --preset quick" in new
+    assert "| `clip` (scratch) | 100.0 | 100.0 |  | 50% | 90.0 | 4.00 | 2.00 | 4.0x | 6.0x |" in new
+    assert "| `conaclip` (shipped) | 150.0 | 150.0 | +50.0 | 75% | 140.0 |" in new
+
+
+def test_repository_docs_match_their_data() -> None:
+    """docs/results.md and docs/scale.md agree with benchmarks/results/ (demo blocks: no report given)."""
+    result = _run("--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo-quick skipped" in result.stdout and "demo-full skipped" in result.stdout
