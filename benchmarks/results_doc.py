@@ -74,6 +74,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}" if len(values) > 1 else f1(values[0])
 
 
+def teacher_text(spec: str, rsum: float) -> str:
+    """ "Teacher test rsum R (`SPEC`)." (the spec left out where it names a folder outside the repository)."""
+    where = spec.partition(":")[2] or spec
+    return f"Teacher test rsum {rsum:.1f}" + ("." if where.startswith("/") else f" (`{spec}`).")
+
+
 def args_text(args: Any) -> str:
     if isinstance(args, dict):
         return ", ".join(f"{k} {v}" for k, v in args.items()) or "defaults"
@@ -172,7 +178,7 @@ def render_methods_seeds(name: str, data: dict[str, Any]) -> list[str]:
         rows.append(row)
     header = ["method", "arguments"] + (["val rsum per seed (mean)"] if with_val else [])
     header += ["test rsum per seed", "mean ± std", "vs `clip`", "train s / run (median)"]
-    teacher = f"Teacher test rsum {data['teacher']['test']['rsum']:.1f} (`{data['teacher']['spec']}`)."
+    teacher = teacher_text(data["teacher"]["spec"], data["teacher"]["test"]["rsum"])
     return [caption([(name, data)]), "", teacher, "", *table(header, rows, right=len(header) - 4)]
 
 
@@ -268,7 +274,7 @@ def render_student_init(name: str, data: dict[str, Any]) -> list[str]:
     budget = data["budget"]
     line = (
         f"`{data['method']}`, `{budget['student']}` at {budget['student_image_size']} px, {budget['epochs']} epochs, "
-        f"{budget['seeds']} seeds; teacher test rsum {teacher:.1f} (`{data['teacher']['spec']}`)."
+        f"{budget['seeds']} seeds. " + teacher_text(data["teacher"]["spec"], teacher)
     )
     return [caption([(name, data)]), "", line, "", *table(header, rows, right=2)]
 
@@ -624,12 +630,13 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for doc in args.doc or DOCS:
         text = doc.read_text(encoding="utf-8")
+        label = doc.resolve().relative_to(ROOT) if doc.resolve().is_relative_to(ROOT) else doc
         new, changed, skipped = rewrite(text, args.results, reports)
         for name in skipped:
             option = BLOCKS[name][0][0].lstrip("@")
-            print(f"{doc}: block {name} skipped: it needs a demo report (--{option} REPORT); left as it is")
+            print(f"{label}: block {name} skipped: it needs a demo report (--{option} REPORT); left as it is")
         for name in changed:
-            print(f"{doc}: block {name} {'differs from its data' if args.check else 'rewritten'}")
+            print(f"{label}: block {name} {'differs from its data' if args.check else 'rewritten'}")
         if changed and args.check:
             stale.append(doc)
         elif changed:
