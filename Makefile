@@ -49,7 +49,8 @@ PYTEST := $(BIN)/pytest -q --durations=25
 test: install lint
 	$(PYTEST)
 
-# End to end: the tiny demo trained, training through the CLI and torchrun, the browser.
+# End to end: the tiny demo trained, training through the CLI and torchrun, the browser, and fresh
+# interpreters importing torch (hub specs offline, plain open_clip loading a student).
 test-e2e: install
 	$(PYTEST) -m e2e --ignore=tests/test_crash_resume.py
 

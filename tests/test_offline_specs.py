@@ -2,7 +2,8 @@
 in and how to pass local weights, never a traceback or (hf-hub) a silent fallback to random weights.
 
 Every run here is a subprocess with ``HF_HUB_OFFLINE=1`` and an empty ``HF_HOME``, so no network
-is attempted and nothing cached elsewhere on the machine is found.
+is attempted and nothing cached elsewhere on the machine is found. A fresh interpreter importing
+torch and open_clip costs about 10 s on 2 cores, so the module is marked e2e.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.e2e
 
 
 def _offline_env(tmp_path: Path) -> dict[str, str]:

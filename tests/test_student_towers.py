@@ -65,6 +65,7 @@ def test_lite0_image_tower_runs_channels_last_and_keeps_its_weights(lite0) -> No
     assert all(p.is_contiguous() for p in lite0.parameters())
 
 
+@pytest.mark.e2e
 def test_lite0_round_trips_and_loads_in_plain_open_clip(lite0, tmp_path: Path) -> None:
     folder = save_student(lite0.eval(), tmp_path / "student")
     assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
