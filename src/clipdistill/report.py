@@ -68,9 +68,9 @@ def shared_latency(students: list[dict[str, Any]]) -> dict[str, dict[str, float]
 
     Students of every method share one network (training-only modules are dropped), so their
     speed is the same and the differences between their single measurements are timing noise;
-    the median over all of them is the better estimate for each. (The demo now times one student
-    per network and gives the others its figures; reports written before that hold one
-    measurement per student.)"""
+    the median over all of them is the better estimate for each. (The demo times one student per
+    network and gives the others its figures; a report.json from an older clipdistill may hold
+    one measurement per student.)"""
     groups: dict[str, list[dict[str, float]]] = {}
     for student in students:
         groups.setdefault(_network_key(student), []).append(student["latency_ms"])

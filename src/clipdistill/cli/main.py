@@ -120,7 +120,8 @@ def teacher_train(
     By default the ImageNet EfficientNet-Lite0 trunk (``lit:efficientnet-lite0``, 224 px, stages
     0-4 frozen; ``train.lit.pretrained_teacher_config``); ``--image-model`` trains a timm trunk
     from scratch instead (``TeacherTrainConfig``'s budget). Options left out keep those
-    defaults (measured on the emoji set), so the CLI and the library never disagree.
+    defaults (chosen on the emoji set: docs/results.md, "Teacher"), so the CLI and the library
+    never disagree.
     """
     from dataclasses import replace
 
@@ -139,7 +140,7 @@ def teacher_train(
     if model is not None and image_model is not None:
         raise typer.BadParameter("give --model (a pretrained trunk) or --image-model (from scratch), not both")
     dataset = load_dataset(data, images)
-    if image_model is not None:  # a scratch trunk: TeacherTrainConfig's measured scratch budget
+    if image_model is not None:  # a scratch trunk: TeacherTrainConfig's scratch budget
         defaults = replace(TeacherTrainConfig(), model=LiTConfig(image_model=image_model))
     else:
         defaults = pretrained_teacher_config(model or DEFAULT_TEACHER_SPEC)

@@ -447,7 +447,7 @@ def render_all(
 
     Rendering stays on this thread (FreeType holds the GIL); PNG encoding and the fsync'd
     atomic writes go to a thread pool, because one fsync per file otherwise dominates the
-    build time (12.6 s of 23 s, sequential, on 2 busy cores).
+    build time.
     """
     stats = RenderStats()
     accepted: list[Rendered] = []

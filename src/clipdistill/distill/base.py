@@ -127,8 +127,9 @@ class TunedArgs:
     """Method arguments chosen by an experiment rather than taken from the paper, and where.
 
     ``values`` are what the demo trains the method with (a subset of its ``Args``; checked when
-    the method is registered); ``chosen_by`` names the benchmark and the results that chose them,
-    so the numbers are never restated by hand elsewhere."""
+    the method is registered); ``chosen_by`` names the benchmark JSON that chose them (plus at
+    most one short clause), so the figures stay in that file and in docs/results.md, never
+    restated by hand in code."""
 
     values: Mapping[str, Any]
     chosen_by: str

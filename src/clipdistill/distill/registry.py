@@ -7,9 +7,9 @@ method) and re-exports these functions, so ``from clipdistill.distill.methods im
 list_methods`` sees them all. Nothing here imports back from a method or from the methods
 package, so the registry sits below them in the import graph.
 
-Everything that used to restate the method list by hand (the demo's method list, which methods
-get the fusion teacher, the tuned arguments, the report's method lines, the scratch row) is read
-from the classes here instead: adding a method is its file and one import line.
+Everything that would otherwise restate the method list by hand (the demo's method list, which
+methods get the fusion teacher, the tuned arguments, the report's method lines, the scratch row)
+is read from the classes here: adding a method is its file and one import line.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Those stages run over every image view of the train split once per demo (the teacher's frozen
 bank; the fusion teacher and the cache reuse the rows through ``encoding_memo``), and at 224 px
-they are most of the teacher's cost. Profiled on 2 CPU cores, eager PyTorch spent a fifth of
-that time in BatchNorm and another eighth in the "same" padding of timm's ``tf_`` convolutions,
-memory-bound passes over the largest feature maps. So on CPU they run as an ONNX Runtime graph
-(2.1x faster than eager on the Lite0 stages at 224 px, measured), exported once per weights in
-memory; elsewhere (CUDA) they run in PyTorch with each BatchNorm folded into its convolution.
+they are most of the teacher's cost. In eager PyTorch on CPU a large part of that time goes to
+BatchNorm and to the "same" padding of timm's ``tf_`` convolutions, memory-bound passes over the
+largest feature maps. So on CPU they run as an ONNX Runtime graph, faster than eager
+(docs/results.md, "Where the demo's time goes"), exported once per weights in memory; elsewhere
+(CUDA) they run in PyTorch with each BatchNorm folded into its convolution.
 Both are the eager function up to float rounding (about 1e-5 relative).
 """
 

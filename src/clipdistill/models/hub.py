@@ -2,12 +2,11 @@
 
 Weights named by a hub tag, an ``hf-hub:`` repo or an ``hf:`` id come from the local hub cache
 or from the hub. On a machine without the hub, huggingface_hub retries every request with a
-back-off (about a minute per spec, measured) before it gives up, and a cached file is first
-re-checked online the same way. So a loader asks here first: :func:`hub_unreachable` says in
-a few seconds (``HF_HUB_OFFLINE`` set, or one short probe of the endpoint, remembered for the
-process) whether the hub is out of reach; a file that is not cached then fails at once with
-:func:`cannot_fetch`'s one line, and a cached one loads under :func:`hub_offline`, so nothing
-is retried.
+back-off before it gives up, and a cached file is first re-checked online the same way. So a
+loader asks here first: :func:`hub_unreachable` says in a few seconds (``HF_HUB_OFFLINE`` set,
+or one short probe of the endpoint, remembered for the process) whether the hub is out of
+reach; a file that is not cached then fails at once with :func:`cannot_fetch`'s one line, and a
+cached one loads under :func:`hub_offline`, so nothing is retried.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ class LiTConfig:
     """Architecture of the LiT teacher. ``text_proj='none'`` keeps MiniLM's space untouched
     (best zero-shot transfer); ``'linear'`` adds a trainable map into ``embed_dim``."""
 
-    image_model: str = "resnet10t"  # measured: best recall per CPU-second of the timm trunks tried (docs/results.md)
+    # the scratch trunk: best recall per CPU-second of the timm trunks compared (docs/results.md, "Teacher")
+    image_model: str = "resnet10t"
     image_size: int = 64
     embed_dim: int = MINILM_DIM
     text_proj: str = "none"
@@ -147,8 +148,8 @@ class LiTModel(DualEncoder):
         else:
             self.trunk = timm.create_model(config.image_model, pretrained=False, num_classes=0)
         # EfficientNet trunks (the Lite ones) run in NHWC: PyTorch's CPU depthwise convolutions are
-        # about 1.5x faster there (measured on the Lite0 teacher), and the cache build, the fusion
-        # teacher's encoding and evaluation all run this tower over every image. They are also the
+        # faster there, and the cache build, the fusion teacher's encoding and evaluation all run
+        # this tower over every image. They are also the
         # trunks whose frozen stages split off (stem, ``blocks``, ``conv_head``/``bn2``, pooled head).
         self.efficientnet_trunk = is_efficientnet(self.trunk)
         if self.efficientnet_trunk:

@@ -43,10 +43,10 @@ class OpenCLIPDualEncoder(DualEncoder):
             probe = self._encode_text(self.tokenize(["a probe caption"]))
         self.embed_dim = int(probe.shape[-1])
         # BatchNorm CNN image towers (the lite0 student's EfficientNet trunk) get channels-last
-        # pixels: PyTorch's CPU depthwise convolutions and BatchNorm are much faster in NHWC (a
-        # lite0 student's training step at 96 px: 1.8 s against 3.1 s, measured), and the
-        # weights stay as they are (convolutions follow the input's layout), so saving, export
-        # and the optimiser see nothing different.
+        # pixels: PyTorch's CPU depthwise convolutions and BatchNorm are much faster in NHWC
+        # (docs/results.md, "Where the demo's time goes"), and the weights stay as they are
+        # (convolutions follow the input's layout), so saving, export and the optimiser see
+        # nothing different.
         self.channels_last_pixels = any(isinstance(m, nn.BatchNorm2d) for m in model.visual.modules())
         self.frozen_stages = 0
         self.frozen_prefix: FrozenPrefix | None = None

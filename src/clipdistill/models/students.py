@@ -7,7 +7,7 @@ presets themselves ship as open_clip model-config files (``clipdistill/model_con
 open_clip's ``model_configs`` convention), and :func:`student_config` takes such a file's path as
 readily as a preset name.
 
-Measured fact (DESIGN.md): open_clip 3.3's timm wrapper breaks on trunks whose conv head
+A known limit: open_clip 3.3's timm wrapper breaks on trunks whose conv head
 widens the pooled features (mobilenetv3/v4); the presets use trunks that build fine.
 
 The ``lite0`` preset is the one built to start from weights (``student.image_init`` /
@@ -47,7 +47,7 @@ _LITE_TRUNKS = frozenset(variant.timm_name for variant in LITE_VARIANTS.values()
 #  * every preset: a timm trunk (``timm_pool: avg``, a bias-free linear projection unless said
 #    otherwise) and an open_clip text transformer; ``tiny``/``small``/``base`` use open_clip's BPE
 #    vocabulary (49408 ids) at context 32.
-#  * sizes at 64 px (measured with open_clip 3.3): tiny image tower 2.2M, small 3.4M, base 10.8M.
+#  * parameter counts at 64 px (open_clip 3.3): tiny image tower 2.2M, small 3.4M, base 10.8M.
 #  * lite0: image tower 3.9M (the trunk's 1280 features, linear proj to 384), text 9.5M of which
 #    7.8M is the 30522 x 256 token table (a lookup, no compute); 2 layers at width 256 are several
 #    times cheaper than the teacher's 6 x 384 MiniLM. heads 8 keeps MiniLM's head size (32), so

@@ -199,7 +199,7 @@ def _states(
     """States of image rows ``rows`` and distinct captions ``distinct``. ``logits_only`` (a
     ``match="pool"`` encoder with precomputed patches, scored without pooled features): the
     image's trained half, which such a logit never reads, is NaN instead of projected from the
-    raw 1280-wide tokens; gathering and projecting those was a seventh of a listwise step, and
+    raw 1280-wide tokens, which saves gathering and projecting them in every listwise step, and
     NaN makes any read of that half loud."""
     hidden, mask = data.text_batch(distinct)
     if logits_only and encoder.config.match == "pool" and data.image_patches is not None:
@@ -270,8 +270,8 @@ def _heads_loss(
     distinct image), at the dual teacher's scale: g, h learn the nudges that help each item find
     its partner *among the other items of the batch*. *[ours]* With ``heads_input="sides"`` g_i
     sees only image i's states and h_i only caption i's side of the cross-attention, so no code
-    of the pair can satisfy both (before, g and h both read the pair feature f and the loss was
-    minimised by g_i = h_i = one large code of the pair: |g| ≈ 7.9, cos(v̂, v) 0.45). g, h are
+    of the pair can satisfy both (with ``heads_input="pair"`` g and h both read the pair feature
+    f, and the loss is minimised by g_i = h_i = one large code of the pair). g, h are
     unit-normalised as MCAD uses them, so λ keeps the nudge bounded. With ``match="cross"`` the
     states are detached, so the heads loss leaves the match logit a pure ITM score."""
     if encoder.config.match == "cross":
@@ -317,7 +317,7 @@ def _listwise_step(
     pool = encoder.config.match == "pool"
     # With match="pool" the logit reads only the frozen dual-space half of the states (words,
     # patches); the trained half serves the heads loss of one pair per image. Projecting every
-    # candidate row with gradients, for a loss that reads a sixteenth of them, was a fifth of a step.
+    # candidate row with gradients would be work wasted on rows that loss never reads.
     with torch.no_grad() if pool else contextlib.nullcontext():
         states = _states(encoder, data, all_rows, all_texts, logits_only=True)
     logits, _ = score_pairs(encoder, states, row_local, text_local.repeat_interleave(candidates.shape[1]))

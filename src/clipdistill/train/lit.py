@@ -29,7 +29,8 @@ from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_ever
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
-    """Budget and optimiser of the LiT teacher run (defaults: measured on the emoji set)."""
+    """Budget and optimiser of the LiT teacher run (defaults: the scratch budget chosen on the
+    emoji set, docs/results.md, "Teacher")."""
 
     model: LiTConfig = field(default_factory=LiTConfig)
     epochs: int = 12
@@ -41,7 +42,7 @@ class TeacherTrainConfig:
     augment: bool = True
     aug_scale: tuple[float, float] = (0.8, 1.0)  # zoom range of random_scale_translate (<1 zooms in)
     aug_shift: float = 0.1  # largest shift, as a fraction of the image size
-    channels_last: bool = True  # NHWC convolutions are ~12% faster on CPU for the ResNet towers
+    channels_last: bool = True  # NHWC convolutions: faster on CPU for ResNet towers (docs/results.md, "Teacher")
     multi_positive: bool = True  # identical captions of different images in a batch are all positives
     seed: int = 0
     max_seconds: float | None = None  # stop early (after a full epoch) when the budget is spent

@@ -37,8 +37,8 @@ exact for any plan instead: the fusion teacher's **per-item states** (see
 i.e. the dual towers' tokens after the fusion teacher's input projections, and its dual-stage
 embeddings), keyed exactly like the embeddings. Per step, :class:`CachedTeacher` gathers the
 batch's states and the method runs only the fusion **pair head** on the pairs it needs (for
-``fusion:`` one pooled cross-attention layer each way plus an MLP: all 128² pairs of a batch
-in about 0.15 s on one CPU thread); the towers, the expensive part, never run in training.
+``fusion:`` one pooled cross-attention layer each way plus an MLP, cheap next to the towers);
+the towers, the expensive part, never run in training.
 Scores, pooled pair features and the heads g, h are then the same function of the same inputs
 online and cached, so losses agree to float rounding. The fusion shards carry their own headers (fusion spec and
 weights fingerprint added), so adding a fusion teacher to a cache reuses its embedding shards.

@@ -49,13 +49,11 @@ class ComKDMethod(DistillMethod):
     - IFAlign (``align_loss``): |μ_d(p) − μ_d(v^T)| + |σ²_d(p) − σ²_d(v^T)| per feature
       dimension d over the batch *[ours: the axis is not given]*, summed over d as the paper
       writes it (``align_reduction: sum``, the default) or averaged (``mean`` *[ours]*: the summed
-      L1 has a gradient that never shrinks and, over 384 dims at w_align 1, set the global
-      gradient clip: grad norm 58 against 6 for scratch). ``sum`` stays the default because it
-      measured better at the tuned weight: benchmarks/methods.py's val sweep gave w_align 0.1
-      (sum) 88.7 rsum, w_align 0 86.3, and ``mean`` at 0.1 is sum at 0.1/384, i.e. about off.
-      (On the demo's teacher-initialised lite0 student the re-sweep picked w_align 0: see ``tuned``.)
-      ``text_align`` (true, *[ours]*) adds the same for
-      norm(P_t(t^S)) against t^T.
+      L1 has a gradient that never shrinks, and summed over the teacher's dimensions at w_align 1
+      it dominates the gradient norm that the global clip scales by). ``sum`` stays the default:
+      ``mean`` at a weight w is ``sum`` at w/d, about off, and ``sum`` at a small weight did
+      better than off on val (docs/results.md, "ComKD"); ``tuned`` has the demo student's weight.
+      ``text_align`` (true, *[ours]*) adds the same for norm(P_t(t^S)) against t^T.
     - EduAttention: a = softmax(κ_a·p·t^Tᵀ)·t^T (the student image feature queries the batch's
       teacher text features), f = norm(p + α·FC(a)) *[ours: re-normalised for a cosine logit]*,
       α a learnable scalar initialised to ``alpha_init`` (0). *[ours]* κ_a is learnable (kept as
@@ -80,19 +78,13 @@ class ComKDMethod(DistillMethod):
 
     name = "comkd"
     summary = "ComKD-CLIP: IFAlign mean/variance alignment + EduAttention refinement (training-only modules)"
-    # At its defaults (w_align 1, w_ref 1) it trains far below scratch: the L1 moment alignment
-    # swamps the task loss. Re-swept on the demo's lite0 student (teacher-initialised towers):
-    # IFAlign adds nothing there (w_align 0 and 0.1 tie on val), 1 is still far below. With the
-    # student's frozen stages, a lighter and softer refinement (w_ref 1, τ 4) measured best.
+    # At its defaults (w_align 1, w_ref 1) the L1 moment alignment swamps the task loss. On the
+    # demo's teacher-initialised student IFAlign adds nothing (w_align 0), and a lighter, softer
+    # refinement (w_ref 1, τ 4) suits its frozen stages (docs/results.md, "ComKD").
     tuned = TunedArgs(
         {"w_ref": 1.0, "w_align": 0.0, "temperature": 4.0},
-        chosen_by="benchmarks/methods.py on the val split with the quick demo's lite0 student, 2 epochs, "
-        "1 seed. First w_align at w_ref 3: 1 19.6, 0.1 84.9, 0 85.0 (benchmarks/results/methods_comkd_lite0.json; "
-        "on the old tiny student 0.1 won, 88.7 vs 86.3); then, on the frozen-stage student with w_align 0, "
-        "(w_ref, temperature): 3/1 103.6, 1/1 119.9, 10/1 107.7, 3/4 117.4, 1/4 125.7, 0.3/1 108.6; scratch 105.9 "
-        "(benchmarks/results/methods_sweep_dcd_comkd.json, docs/results.md). Then, 3 seeds each, the text-side "
-        "refinement (text_refine, ours) at (w_ref, temperature) 1/4 111.7, 1/1 119.5, 3/4 118.4 against 121.4 "
-        "without: off (benchmarks/results/methods_comkd_text_refine.json)",
+        chosen_by="benchmarks/results/methods_sweep_dcd_comkd.json "
+        "(val; w_align 0 from benchmarks/results/methods_comkd_lite0.json)",
     )
     needs = frozenset({"teacher_embeddings"})
 
@@ -105,7 +97,9 @@ class ComKDMethod(DistillMethod):
         w_align: float = 1.0
         w_ref: float = 1.0
         text_align: bool = True
-        text_refine: bool = False  # [ours] EduAttention + refinement for the student's text too
+        # [ours] EduAttention + refinement for the student's text too; off, as val chose it
+        # (benchmarks/results/methods_comkd_text_refine.json)
+        text_refine: bool = False
         temperature: float = 1.0
         alpha_init: float = 0.0
         attention_c: float | None = None  # None: learnable κ_a; a number C: softmax(p·t^Tᵀ / C), the paper's

@@ -113,15 +113,15 @@ class DCDMethod(DistillMethod):
       scores mapped onto the student's scale, (z − b)/a with a = σ_z/σ_s and b = μ_z − a·μ_s the
       first two moments of the batch's candidate scores (no gradient), i.e. only the teacher's
       shape; DCD's cross-encoder student scores with its own ITM head, which our dual-encoder
-      student lacks. Three versions failed, measured in the demo: no read-out (our fusion head's
-      logits sit about 5.7 below the dual teacher's and pulled the student's positive cosines
-      toward that constant); a learned affine a·κ_S·cos + b (AdamW moved the scalars by ~lr per
-      step: they never left their init in 44 steps); that affine fitted once or per batch on the
-      student's side (a held the student to its first spread, or, at a ≈ 12, multiplied the
-      distillation gradient by a² and the clip factor then starved the task loss). The fit reads
-      the whole batch's scores (every process holds all features), so it is the same in every
-      process of a distributed run, and it has no state to checkpoint.
-      ``student_affine: false`` compares raw scores (what this method did first).
+      student lacks. The map is fitted on the teacher's side, per batch, in closed form: raw
+      scores pull the student's positive cosines toward any constant offset of the teacher's
+      (our fusion head's logits sit below the dual teacher's); a learned affine moves by about
+      lr per step and stays near its init in a short run; an affine on the student's side either
+      holds the student to its first spread or scales the distillation gradient by a², which the
+      gradient clip then takes from the task loss (docs/results.md, "DCD"). The fit reads the whole
+      batch's scores (every process holds all features), so it is the same in every process of a
+      distributed run, and it has no state to checkpoint. ``student_affine: false`` compares raw
+      scores.
     - Self-learning read-out κ_S·cos + c *[ours]* (``self_bias``, true): c the bias that
       minimises the batch's BCE (:func:`best_bce_bias`), what SigLIP's learned bias converges
       to: the BCE's 0 targets for hard negatives then ask "below c", not "cos → −1" (which
@@ -131,19 +131,17 @@ class DCDMethod(DistillMethod):
       d = T²·MSE(z/T, s/T), n = Σ_b e_b·BCEWithLogits(s_b, [1, 0, …, 0]), loss = α·d + (1−α)·n,
       α 0.2, T 1. *[ours]* ``distill: kl`` replaces the MSE by T²·KL(softmax(z/T) ‖ softmax(s/T))
       over each query's candidates: the teacher's ranking of its hard negatives, not their score
-      values. Measured on the demo (issue 18): the MSE is the term that pulls the student below
-      scratch (alone, α 1: test rsum 32.8; without it, α 0: 95.2), since the teacher's near-ties on
-      its hardest negatives ask the student to narrow exactly the margins its task loss widens;
-      ``tuned`` says which the val sweep picked. *[ours]* ``distill: kl-negatives`` leaves the
-      positive out of the KL (both sides renormalised over the negatives; decoupled KD's
-      non-target term), to test whether the KL's cost to the student (``benchmarks/dcd_terms.py``)
-      came from a teacher that gives its positives little mass (its R@1 is 17-20%). It did not:
-      the negatives-only KL costs more (test rsum 107.1 against the full KL's 118.8 and scratch's
-      126.3, 3 seeds), so it is the teacher's ranking of its hard negatives that misleads. *[ours]*
+      values. The MSE is the term that pulls the student below scratch: the teacher's near-ties
+      on its hardest negatives ask the student to narrow exactly the margins its task loss widens
+      (docs/results.md, "DCD"); ``tuned`` says which the val sweep picked. *[ours]* ``distill:
+      kl-negatives`` leaves the positive out of the KL (both sides renormalised over the
+      negatives; decoupled KD's non-target term): it separates what the teacher's mass on the
+      positive costs the student from what its ranking of the hard negatives costs
+      (``benchmarks/dcd_terms.py``; it is the ranking: docs/results.md, "DCD"). *[ours]*
       ``teacher_scale`` k (1) multiplies the distillation targets: with the KL, the teacher's
       distribution over the candidates at temperature 1/k, so k > 1 sharpens a teacher whose own
-      logit scale is low (the LiT teacher's κ_T is 16-17, against the 1 + 31 candidates of its
-      hardest negatives); the mining and the entropy shares read the unscaled scores.
+      logit scale is low for the number of candidates (a LiT teacher's κ_T against 1 + 31
+      candidates); the mining and the entropy shares read the unscaled scores.
       ``per_sample_kd_weight: false`` is the released code (its KD weights are a no-op); ``true``
       the paper's per-sample r_b = softmax_b((1 − e_b)²) on the distillation.
     - Terms: ``dcd_distill_loss`` = w_dcd·α·d, ``dcd_self_loss`` = w_dcd·(1−α)·n (their sum is
@@ -154,17 +152,13 @@ class DCDMethod(DistillMethod):
 
     name = "dcd"
     summary = "DCD: teacher-mined hard negatives, score distillation + entropy-weighted self-learning"
-    # The paper's score MSE at α 0.2 trained below scratch in the demo; a KL over the candidates
-    # (ours) does not pull the margins together. The KL is shift-invariant by itself, and against
-    # the teacher's own sharpness (student_affine false) over 1 + 31 candidates it measured best.
+    # The paper's score MSE narrows the margins the task loss widens; a KL over the candidates
+    # (ours) compares rankings only. The KL is shift-invariant, so it needs no affine: with
+    # student_affine false it fits the teacher's own sharpness.
     tuned = TunedArgs(
         {"distill": "kl", "alpha": 0.8, "student_affine": False, "hard_negatives": 31},
-        chosen_by="benchmarks/methods.py on the val split with the quick demo's lite0 student (frozen_stages 5), "
-        "2 epochs, 1 seed. First (distill, alpha): mse/0.2 85.6, kl/0.2 103.3, kl/0.5 106.3 "
-        "(benchmarks/results/methods_dcd_lite0.json); then (alpha, student_affine, hard_negatives) with the KL: "
-        "0.5/true/7 110.0, 0.5/false/7 104.2, 0.8/false/7 103.0, 0.5/false/31 118.9, 0.5/true/31 106.6, "
-        "0.8/false/31 124.5, 0.5/false/63 116.8; scratch 105.9 (benchmarks/results/methods_sweep_dcd_comkd.json, "
-        "docs/results.md)",
+        chosen_by="benchmarks/results/methods_sweep_dcd_comkd.json "
+        "(val; the KL over the MSE in benchmarks/results/methods_dcd_lite0.json)",
     )
     needs = frozenset({"teacher_embeddings"})
     optional_needs = frozenset({"fusion_scores"})

@@ -94,8 +94,7 @@ class MCADMethod(DistillMethod):
     summary = "MCAD: teacher similarities and features refined by the single-stream fusion teacher, distilled jointly"
     tuned = TunedArgs(
         {"mu": 0.2},
-        chosen_by="benchmarks/methods.py on the val split (mu 0.5: val rsum 90.6, 0.2: 95.5; "
-        "benchmarks/results/methods_mcad.json, docs/results.md)",
+        chosen_by="benchmarks/results/methods_mcad.json (val sweep of mu against the paper's 0.5)",
     )
     needs = frozenset({"teacher_embeddings", "fusion_scores"})
     optional_needs = frozenset({"fusion_features"})

@@ -179,8 +179,9 @@ def _score_dense(
     Without gradients and pooled features, the logits grid is memoised per (backend weights,
     states) content: MCAD scores every pair of a batch and DCD most of them, and in one demo
     process the two train on the very same batches, so the second finds each grid computed
-    (about 160 s of a 2-core demo). A memoised grid is the one a fresh pass over the same states
-    gives, bit for bit (same inputs, same shapes, same code), so training is unchanged."""
+    (docs/results.md, "Where the demo's time goes"). A memoised grid is the one a fresh pass
+    over the same states gives, bit for bit (same inputs, same shapes, same code), so training is
+    unchanged."""
     if pooled or torch.is_grad_enabled():
         logits, features = _dense_grid(backend, states, pooled, chunk)
         return logits[image_index, text_index], (features[image_index, text_index] if pooled else None)

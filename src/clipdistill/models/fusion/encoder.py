@@ -182,8 +182,8 @@ def pooled_cosine_grid(
     ``patch_norms`` (I, N)) against every caption (``words`` (T, L, D), ``word_logits``/``mask``
     (T, L)): (I, T). The same arithmetic as broadcasting the pair version over an (I, 1) × (1, T)
     grid, but each product is a batched matmul over one side, so no (I, T, N, D) or (I, T, L, D)
-    copy is made: broadcasting made four of those per block of images and was the whole cost of
-    MCAD's dense scoring."""
+    copy is made: broadcasting makes four of those per block of images, which would be nearly
+    all of MCAD's dense scoring."""
     unit_words = F.normalize(words, dim=-1)
     word_cosines = torch.einsum("tld,id->itl", unit_words, image_mean)
     logits = word_logits.unsqueeze(0) + word_image * word_cosines
@@ -285,8 +285,8 @@ class FusionEncoder(FusionBackend):
     # per-item projections (trained) of the dual teacher's raw tokens
     def project_image(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token states of an image. ``patches``, when given, is ``patch_proj(tokens)``
-        computed beforehand: it is frozen, and on the teacher's 1280-wide tokens it was a third
-        of a fusion training step (the trainer computes it once per image row)."""
+        computed beforehand: it is frozen, and on the teacher's 1280-wide tokens it is a large
+        part of a fusion training step (the trainer computes it once per image row)."""
         if tokens.shape[1] != self.config.image_tokens:
             raise FusionError(
                 f"the dual teacher gave {tokens.shape[1]} image tokens but this fusion teacher was trained on "
@@ -393,7 +393,8 @@ class FusionEncoder(FusionBackend):
     def _needs_cross_attention(self, with_pooled: bool) -> bool:
         """With ``match="pool"`` the logit is the pooled cosine alone: the pair cross-attention
         only makes f, so a caller that wants logits only (fusion training's listwise loss, MCAD's
-        and DCD's scoring) skips it, which was a third of their cost."""
+        and DCD's scoring) skips it, a large part of their cost (docs/results.md, "Where the demo's
+        time goes")."""
         return with_pooled or self.config.match != "pool"
 
     def pair_forward(

@@ -24,7 +24,8 @@ def decode_cost(width: int, height: int, mode: str) -> int:
     two full copies (an EXIF-rotated one and the RGB conversion) for plain modes, or five
     (RGBA copy, white background, composite, rotation, RGB) for modes with transparency, a
     palette, 16 bits or floats (their scaling to 8 bits also goes through wide intermediates).
-    Measured: a 36-megapixel RGB PNG raised the server's peak by 279 MB; this says 432 MB."""
+    An upper bound by design: it stays above a real decode's peak (docs/results.md, "Search
+    service")."""
     decoded = _MODE_BYTES.get(mode, 4)
     extra = 8 if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV") else 20
     return width * height * (decoded + extra)
@@ -67,7 +68,7 @@ def return_freed_pixels_to_the_os(threshold: int = 1 << 20) -> bool:
     (a dynamic mmap threshold that rises to the size of the last freed block) serves them from
     per-thread arenas that keep freed memory, so after N search threads have each decoded one
     36-megapixel image the process holds N of them, although the budget let only one exist at a
-    time (measured: +2.2 GB with 8 search threads, +0.5 GB with 2; benchmarks/serve_memory.py).
+    time (benchmarks/serve_memory.py; docs/results.md, "Search service").
     A fixed threshold turns the dynamic rule off. Called by ``clipdistill serve`` (the process
     is the server); a library user embedding ``create_app`` decides for their own process.
     """
