@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipdistill.export.onnx import export_model
 from clipdistill.io import atomic_write_json
 from clipdistill.serve.encoders import TOWER_FILES, OnnxEncoders
-from clipdistill.serve.export import export_model
 
 
 def pick_model(work: Path) -> tuple[str, bool]:

@@ -135,8 +135,8 @@ def build_index(work: Path, n: int, model: str | None) -> Path:
     index = work / "index"
     if (index / "manifest.json").is_file():
         return index
+    from clipdistill.export.onnx import export_model
     from clipdistill.serve.embed import embed_dataset
-    from clipdistill.serve.export import export_model
     from clipdistill.serve.index import build_index as build
 
     started = time.perf_counter()

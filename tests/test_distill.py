@@ -195,7 +195,7 @@ def test_the_lit_teacher_as_an_open_clip_folder_teaches_the_same_students(tmp_pa
     """The offline route with real weights: a trained LiT teacher exported as a plain open_clip
     folder (`export --format open_clip`) is a `local-dir:` teacher like any user's, and scores and
     teaches as the `run:` folder it came from does."""
-    from clipdistill.models.openclip_export import export_open_clip
+    from clipdistill.export.open_clip import export_open_clip
 
     scenes = write_scenes_dataset(tmp_path / "scenes")
     config = replace(

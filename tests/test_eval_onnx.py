@@ -61,8 +61,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(student folder, its export with fp32 and int8 graphs): a seeded untrained tiny student."""
     import torch
 
+    from clipdistill.export.onnx import export_model
     from clipdistill.models.students import build_student, save_student
-    from clipdistill.serve.export import export_model
 
     root = tmp_path_factory.mktemp("eval_export")
     torch.manual_seed(0)

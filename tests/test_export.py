@@ -135,8 +135,8 @@ def test_student_tokenizer_is_what_export_describes(export_dir: Path) -> None:
 
 
 def test_export_without_data_uses_random_inputs(tmp_path: Path, export_dir: Path) -> None:
+    from clipdistill.export.onnx import parity_report, write_preprocess, write_tokenizer
     from clipdistill.models.students import build_student
-    from clipdistill.serve.export import parity_report, write_preprocess, write_tokenizer
 
     model = build_student("tiny")
     for name in ("image_encoder.onnx", "text_encoder.onnx"):  # reuse graphs: parity only needs shapes

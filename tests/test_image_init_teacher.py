@@ -54,8 +54,8 @@ def test_another_trunk_is_refused_with_what_to_use_instead(lite_student: object,
 
 
 def test_an_exported_lit_teacher_is_inherited_exactly(tmp_path: Path) -> None:
+    from clipdistill.export.open_clip import export_open_clip
     from clipdistill.models.lit import LiTModel, lit_config_from_spec
-    from clipdistill.models.openclip_export import export_open_clip
 
     torch.manual_seed(1)
     lit = LiTModel(lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5))

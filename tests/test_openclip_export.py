@@ -223,7 +223,7 @@ def test_linear_text_projection_and_a_student_run(
     tmp_path: Path, shapes48: Path, exported: tuple[str, Path, str]
 ) -> None:
     """``text_proj: linear`` becomes ``hf_proj_type: linear``; a student folder is copied as it is."""
-    from clipdistill.models.openclip_export import export_open_clip
+    from clipdistill.export.open_clip import export_open_clip
     from clipdistill.models.students import build_student, save_student, student_config
 
     torch.manual_seed(0)

@@ -176,7 +176,7 @@ def test_lite0_trains_from_pretrained_towers(shapes_dataset_dir: Path, tmp_path:
 def test_exported_lite0_serves_open_clips_token_ids(lite0, tmp_path: Path) -> None:
     import open_clip
 
-    from clipdistill.serve.export import export_model
+    from clipdistill.export.onnx import export_model
     from clipdistill.serve.tokenize import load_tokenizer
 
     folder = save_student(lite0.eval(), tmp_path / "student")

@@ -366,8 +366,8 @@ def _best_student(students: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _deploy(out: Path, spec: str, data: str, images: str | None, config: RunConfig) -> dict[str, Any]:
+    from clipdistill.export.onnx import export_model, read_parity
     from clipdistill.serve.embed import embed_dataset
-    from clipdistill.serve.export import export_model, read_parity
     from clipdistill.serve.index import build_index
 
     export_dir, emb_dir, index_dir = out / "export", out / "embeddings", out / "index"

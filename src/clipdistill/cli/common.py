@@ -35,10 +35,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     without torch)."""
     from clipdistill.data.dataset import DatasetError
     from clipdistill.distill.cache import CacheError
+    from clipdistill.export.onnx import ExportConfigError
     from clipdistill.models.fusion import FusionError
     from clipdistill.serve.embed import EmbedError
     from clipdistill.serve.encoders import ExportError
-    from clipdistill.serve.export import ExportConfigError
     from clipdistill.serve.index import IndexBuildError
     from clipdistill.serve.preprocess import ImageInputError
     from clipdistill.serve.search import QueryError

@@ -10,13 +10,16 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from clipdistill.cli.common import console, reports_user_errors
+from clipdistill.export import OPTIONS, ExportTarget, get_target, list_targets
 
-EXPORT_FORMATS = ("onnx", "open_clip")
+#: The flags whose use the command can see (the other options have defaults): one given to a
+#: format that does not read it is refused rather than ignored.
+_SEEN_OPTIONS = ("int8", "data")
 
 
 def stage_printer(prefix: str = "export") -> Callable[[str], contextlib.AbstractContextManager[None]]:
@@ -38,6 +41,29 @@ def stage_printer(prefix: str = "export") -> Callable[[str], contextlib.Abstract
     return stage
 
 
+def format_help() -> str:
+    """``--format``'s help, read from the export targets (the first is the default)."""
+    names = list_targets()
+    lines = [f"{name}{' (default)' if name == names[0] else ''}: {get_target(name).summary}" for name in names]
+    return " | ".join(lines) + "."
+
+
+def check_options(target: ExportTarget, given: dict[str, bool]) -> None:
+    """Refuse options the target does not read (e.g. ``--int8`` for an open_clip folder), naming
+    the formats that do."""
+    from clipdistill.export.onnx import ExportConfigError
+
+    refused = [name for name in _SEEN_OPTIONS if name not in target.options]
+    if not any(given.get(name) for name in refused):
+        return
+    owners = [get_target(n).title for n in list_targets() if all(o in get_target(n).options for o in refused)]
+    flags = " and ".join(f"--{name}" for name in refused)
+    belong = "belong" if len(refused) > 1 else "belongs"
+    takes = "takes neither" if len(refused) > 1 else "does not take it"
+    where = " / ".join(owners) if owners else "other formats"
+    raise ExportConfigError(f"{flags} {belong} to the {where} export; --format {target.name} {takes}")
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -54,39 +80,23 @@ def export_command(
     images: Annotated[Path | None, typer.Option("--images", help="Image root for a Karpathy JSON or CSV.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of --data used for parity.")] = "test",
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (default) | dynamo")] = "torchscript",
-    export_format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="onnx (default): both towers as ONNX graphs for serving | open_clip: a plain open_clip folder "
-            "(a LiT teacher written as one, a student copied) that open_clip loads as local-dir:OUT.",
-        ),
-    ] = "onnx",
+    export_format: Annotated[str, typer.Option("--format", help=format_help())] = list_targets()[0],
 ) -> None:
     """Export both towers to ONNX (dynamic batch, encode + L2-normalise) with a parity report,
-    or (``--format open_clip``) the model as a plain open_clip folder."""
+    or (``--format open_clip``) the model as a plain open_clip folder; the formats are the
+    export targets (``clipdistill.export``)."""
+    target = get_target(export_format)
+    check_options(target, {"int8": int8, "data": data is not None})
+    values = {"int8": int8, "opset": opset, "exporter": exporter, "data": data, "images": images, "split": split}
+    options = {name: values[name] for name in OPTIONS if name in target.options}
+    done = target.run(model, out, stage=stage_printer(), **options)
+    _REPORTS.get(target.name, _report_other)(model, out, done)
+
+
+def _report_onnx(model: str, out: Path, parity: dict[str, Any]) -> None:
+    """The parity table (torch vs each ONNX variant) and where parity.json is."""
     from rich.table import Table
 
-    from clipdistill.serve.export import ExportConfigError, export_model
-
-    if export_format not in EXPORT_FORMATS:
-        raise ExportConfigError(f"--format {export_format!r}: valid formats are {', '.join(EXPORT_FORMATS)}")
-    if export_format == "open_clip":
-        if int8 or data is not None:
-            raise ExportConfigError("--int8 and --data belong to the ONNX export; --format open_clip takes neither")
-        _export_open_clip(model, out)
-        return
-    parity = export_model(
-        model,
-        out,
-        int8=int8,
-        opset=opset,
-        exporter=exporter,
-        data=data,
-        images=images,
-        split=split,
-        stage=stage_printer(),
-    )
     table = Table(title=f"parity vs torch: {parity['inputs']}")
     for column in ("variant", "image max|Δ|", "image min cos", "text max|Δ|", "text min cos", "rsum", "size MB"):
         table.add_column(column, justify="right")
@@ -118,10 +128,8 @@ def export_command(
     console.print(f"exported {model} -> {out} (see {out / 'parity.json'})", highlight=False)
 
 
-def _export_open_clip(model: str, out: Path) -> None:
-    from clipdistill.models.openclip_export import export_open_clip
-
-    done = export_open_clip(model, out, stage=stage_printer())
+def _report_open_clip(model: str, out: Path, done: dict[str, Any]) -> None:
+    """What was written and how closely open_clip alone reproduces it."""
     check = done["check"]
     what = "LiT teacher written" if done["kind"] == "lit" else "open_clip folder copied"
     console.print(
@@ -131,6 +139,18 @@ def _export_open_clip(model: str, out: Path) -> None:
         highlight=False,
         markup=False,
     )
+
+
+def _report_other(model: str, out: Path, done: dict[str, Any]) -> None:
+    """A target without its own summary: where it was written."""
+    console.print(f"exported {model} -> {out}", highlight=False, markup=False)
+
+
+#: How each target's result is shown; a target without an entry gets one line.
+_REPORTS: dict[str, Callable[[str, Path, dict[str, Any]], None]] = {
+    "onnx": _report_onnx,
+    "open_clip": _report_open_clip,
+}
 
 
 @reports_user_errors

@@ -83,7 +83,7 @@ def _inputs(model: DualEncoder, tower: str, batch: int) -> np.ndarray:
     """Seeded pixels at the model's size, or real captions tokenised and padded as export pads them."""
     if tower == "image":
         return timing_pixels(batch, *model.image_size)
-    from clipdistill.serve.export import _context_length, _pad_id, _pad_tokens
+    from clipdistill.export.onnx import _context_length, _pad_id, _pad_tokens
 
     tokens = model.tokenize(timing_captions(batch)).numpy()
     return _pad_tokens(tokens, _context_length(model), _pad_id(model))
@@ -178,7 +178,7 @@ def onnx_efficiency(
     item, median of ``repeats``), ``flops`` per item and tower, ``gflops_per_s`` and
     ``peak_share`` per timed entry; plus the run's ``matmul_peak_gflops``, ``threads`` and
     ``repeats``. All graphs live in one process and are timed interleaved (module docstring)."""
-    from clipdistill.serve.export import export_tower
+    from clipdistill.export.onnx import export_tower
 
     _check_repeats(repeats)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:

@@ -4,7 +4,9 @@ A path spec (``run:``, ``local-dir:``, ``fusion:``, a file given as open_clip ``
 can hold other weights tomorrow under the same string, e.g. a retrained run, so the teacher
 cache and the fusion teacher's dual-teacher check compare these fingerprints rather than spec
 strings; a moved folder keeps its fingerprint. Zoo names and hub ids already name fixed
-weights and get none.
+weights and get none. Which files count is each teacher kind's rule
+(:class:`~clipdistill.models.kinds.TeacherKind` ``weight_files``, registered in
+:mod:`clipdistill.models.teacher_kinds`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipdistill.hashing import canonical_hash, file_sha256
-from clipdistill.models.run_dir import resolve_run_dir
+from clipdistill.models.kinds import get_kind
 from clipdistill.models.spec import parse_spec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def folder_weight_files(directory: Path) -> list[Path]:
+    """A model folder's weight and config files (``.json`` and :data:`WEIGHT_SUFFIXES`, hidden
+    files left out), sorted, so the fingerprint does not depend on the listing order."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix in (".json", *WEIGHT_SUFFIXES)
+    )
 
 
 def teacher_files(spec: str) -> list[Path] | None:
@@ -23,28 +35,7 @@ def teacher_files(spec: str) -> list[Path] | None:
     change under the same spec, e.g. a retrained ``run:``), else ``None`` (a zoo name or hub
     id already names fixed weights)."""
     parsed = parse_spec(spec)
-    if parsed.schema == "fusion":
-        from clipdistill.models.fusion.encoder import CONFIG_FILE, WEIGHTS_FILE, read_fusion_config
-
-        directory = Path(parsed.name)
-        read_fusion_config(directory)  # a missing or foreign folder is an error naming it
-        return [directory / name for name in (CONFIG_FILE, WEIGHTS_FILE) if (directory / name).is_file()]
-    if parsed.schema == "run":
-        from clipdistill.models import lit, students
-
-        kind, directory = resolve_run_dir(parsed.name)
-        names = (lit.MODEL_FILE, lit.WEIGHTS_FILE) if kind == "lit" else (students.CONFIG_FILE, students.WEIGHTS_FILE)
-        return [directory / name for name in names if (directory / name).is_file()]
-    if parsed.schema in ("local-dir", "hf", "blip-itm") and Path(parsed.name).is_dir():
-        directory = Path(parsed.name)
-        return sorted(
-            p
-            for p in directory.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix in (".json", *WEIGHT_SUFFIXES)
-        )
-    if parsed.schema == "openclip" and parsed.pretrained and Path(parsed.pretrained).is_file():
-        return [Path(parsed.pretrained)]
-    return None
+    return get_kind(parsed.schema).weight_files(parsed)
 
 
 def teacher_fingerprint(spec: str) -> str | None:

@@ -1,8 +1,8 @@
 """Where the model of a ``run:`` spec lives: a training run or checkpoint folder, or its ``model/``.
 
-Both the loader (:func:`~clipdistill.models.teachers.load_model`) and the weights fingerprint
-(:mod:`clipdistill.models.fingerprint`) need it; it imports neither, so the fingerprint never
-depends on the loader.
+The ``run:`` teacher kind's loader, weight files and random-weights rule
+(:mod:`clipdistill.models.teacher_kinds`) and the open_clip export all need it; it imports none
+of them, so the fingerprint never depends on the loader.
 """
 
 from __future__ import annotations

@@ -4,59 +4,18 @@ Every CLI flag and config key that names a model takes one of these strings, so 
 from open_clip's zoo, a Hugging Face CLIP, an open_clip folder on disk and a clipdistill run
 are all named the same way (open_clip's own ``hf-hub:``/``local-dir:`` convention, extended).
 Parsing is separate from loading so a typo is caught before anything heavy is imported.
+
+The schemas and their syntax lines are the registered teacher kinds
+(:mod:`clipdistill.models.kinds`); this module checks a string against them. ``ModelSpec``,
+``ModelSpecError`` and ``close_matches`` live in the registry module (the loaders raise the
+error without importing the parser) and are exported here, where callers have always found them.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
+from clipdistill.models.kinds import ModelSpec, ModelSpecError, close_matches, fusion_kinds, get_kind, kind_syntax
 
-from clipdistill.errors import UserError
-
-SCHEMAS: dict[str, str] = {
-    "openclip": "openclip:NAME@PRETRAINED  (open_clip zoo, e.g. openclip:ViT-B-32@laion2b_s34b_b79k)",
-    "hf-hub": "hf-hub:ORG/REPO  (an open_clip model on the Hugging Face hub)",
-    "local-dir": "local-dir:PATH  (an open_clip folder: open_clip_config.json + weights)",
-    "hf": "hf:ID_OR_PATH  (a transformers CLIPModel, e.g. hf:openai/clip-vit-base-patch32)",
-    "run": "run:PATH  (a clipdistill checkpoint or run folder)",
-    "lit": "lit:WEIGHTS[@SIZE]  (LiT teacher to train: ImageNet trunk + MiniLM, e.g. lit:efficientnet-lite2@260)",
-    "blip-itm": "blip-itm:ID_OR_PATH  (fusion teacher: BLIP ITM, e.g. blip-itm:Salesforce/blip-itm-base-coco)",
-    "fusion": "fusion:PATH  (fusion teacher: a folder written by `clipdistill teacher train-fusion`)",
-}
-#: Schemas naming a single-stream fusion teacher (scores an image-caption pair jointly), not a
-#: dual encoder: they go in the ``teacher.fusion`` key, never where a dual encoder is expected.
-FUSION_SCHEMAS = ("blip-itm", "fusion")
-
-
-class ModelSpecError(UserError, ValueError):
-    """A model spec that cannot be parsed or names nothing that exists."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed spec. ``pretrained`` is only used by the ``openclip`` schema."""
-
-    schema: str
-    name: str
-    pretrained: str | None = None
-
-    def __str__(self) -> str:
-        if self.schema == "openclip" and self.pretrained:
-            return f"openclip:{self.name}@{self.pretrained}"
-        return f"{self.schema}:{self.name}"
-
-
-def close_matches(word: str, candidates: list[str] | tuple[str, ...], n: int = 3) -> list[str]:
-    """Close matches for an error message; case-insensitive so 'vit-b-32' finds 'ViT-B-32'."""
-    lowered = {candidate.lower(): candidate for candidate in candidates}
-    return [lowered[match] for match in difflib.get_close_matches(word.lower(), list(lowered), n=n, cutoff=0.5)]
-
-
-def _unknown_schema(spec: str, schema: str) -> ModelSpecError:
-    hint = close_matches(schema, list(SCHEMAS))
-    did_you_mean = f" Did you mean {', '.join(repr(h + ':') for h in hint)}?" if hint else ""
-    valid = "\n  ".join(SCHEMAS.values())
-    return ModelSpecError(f"unknown model schema {schema!r} in spec {spec!r}.{did_you_mean} Valid specs:\n  {valid}")
+__all__ = ["ModelSpec", "ModelSpecError", "close_matches", "parse_fusion_spec", "parse_spec"]
 
 
 def parse_spec(spec: str | ModelSpec) -> ModelSpec:
@@ -69,19 +28,16 @@ def parse_spec(spec: str | ModelSpec) -> ModelSpec:
         return spec
     text = spec.strip()
     if ":" not in text:
-        raise ModelSpecError(
-            f"model spec {spec!r} has no schema; write it as SCHEMA:NAME, one of:\n  " + "\n  ".join(SCHEMAS.values())
-        )
+        raise ModelSpecError(f"model spec {spec!r} has no schema; write it as SCHEMA:NAME, one of:\n  " + kind_syntax())
     schema, identifier = text.split(":", 1)
     schema = schema.strip().lower()
-    if schema not in SCHEMAS:
-        raise _unknown_schema(spec, schema)
+    syntax = get_kind(schema, spec=spec).syntax
     if not identifier:
-        raise ModelSpecError(f"model spec {spec!r} has an empty name after {schema + ':'!r}; {SCHEMAS[schema]}")
+        raise ModelSpecError(f"model spec {spec!r} has an empty name after {schema + ':'!r}; {syntax}")
     if schema == "openclip":
         name, _, pretrained = identifier.partition("@")
         if not name:
-            raise ModelSpecError(f"model spec {spec!r} has no model name before '@'; {SCHEMAS[schema]}")
+            raise ModelSpecError(f"model spec {spec!r} has no model name before '@'; {syntax}")
         return ModelSpec(schema, name, pretrained or None)
     if schema == "hf-hub" and identifier.count("/") != 1:
         raise ModelSpecError(f"model spec {spec!r}: hf-hub needs exactly ORG/REPO, got {identifier!r}")
@@ -91,9 +47,9 @@ def parse_spec(spec: str | ModelSpec) -> ModelSpec:
 def parse_fusion_spec(spec: str | ModelSpec) -> ModelSpec:
     """Parse a fusion-teacher spec; a dual-encoder spec here is an error naming the valid ones."""
     parsed = parse_spec(spec)
-    if parsed.schema not in FUSION_SCHEMAS:
-        valid = "\n  ".join(SCHEMAS[s] for s in FUSION_SCHEMAS)
+    if not get_kind(parsed.schema).fusion:
         raise ModelSpecError(
-            f"{str(parsed)!r} names a dual encoder, not a fusion teacher; a fusion teacher spec is one of:\n  {valid}"
+            f"{str(parsed)!r} names a dual encoder, not a fusion teacher; a fusion teacher spec is one of:\n  "
+            + kind_syntax(fusion_kinds())
         )
     return parsed
