@@ -1,17 +1,20 @@
-"""The main job, stage by stage, each stage skipped when its finished output exists.
+"""The main job (``clipdistill distill``; ``clipdistill demo`` with the emoji defaults), stage by
+stage, each stage skipped when its finished output exists.
 
-data -> LiT teacher -> fusion teacher -> teacher cache -> one student per method and seed
-(identical budgets) -> test-split evaluation + ONNX timing -> export of the best student -> embeddings ->
-index -> report (``report.json``, ``report.md``, plots). Every stage writes its output with a
-completion marker (a model file, ``summary.json``, ``export.json``, ``manifest.json``), so a
-rerun after a crash, or with more methods or seeds, only does what is missing.
+config -> data (splits carved when missing) -> teacher (a ``lit:`` one trained first) -> fusion
+teacher -> teacher cache -> one student per method entry and seed (identical budgets) ->
+test-split evaluation + ONNX timing -> export of the best student -> embeddings -> index ->
+report (``report.json``, ``report.md``, plots). Every stage writes its output with a completion
+marker (a model file, ``summary.json``, ``export.json``, ``manifest.json``), so a rerun after a
+crash, or with more methods or seeds, only does what is missing.
 
 Layout of ``OUT``::
 
-    data/                 the builtin emoji dataset (when no --data is given)
-    teacher/  fusion/     the two teachers
+    config.yaml           the resolved run config (``--config OUT/config.yaml`` reruns the job)
+    data/                 the builtin emoji dataset, or the user's data with its splits
+    teacher/  fusion/     the trained teachers (a given teacher is used where it is)
     cache/                teacher outputs (+ fusion states) for the train split
-    students/<method>-s<seed>/   normal training runs (+ test_metrics.json)
+    students/<method>[-<variant>]-s<seed>/   normal training runs (+ test_metrics.json)
     export/  embeddings/  index/ the best student, deployed
     efficiency.json       teacher + students timed in ONNX Runtime (eval/demo_efficiency.py)
     report.json report.md pareto.png curves.png examples.png
@@ -306,8 +309,8 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Test metrics + eager efficiency of ``spec``, memoised in ``path``.
 
-    ``metrics``: its recall, computed already (the teacher's, inside the encoding memo where its
-    training had just encoded the test rows: a second pass of the 224 px trunk cost 20 s).
+    ``metrics``: its recall, computed already (the teacher's, read inside the encoding memo where
+    its training had just encoded the test rows, which saves a second pass of its trunk).
     ``same_network``: an earlier result of the identical network (every demo student is one
     network: training-only modules are dropped), whose efficiency figures are reused instead of
     timed again. Eager latency takes 3 repeats: the report's speed-up comes from the ONNX Runtime
@@ -525,7 +528,9 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     }
     from clipdistill.eval.demo_efficiency import add_onnx_efficiency  # OUT/efficiency.json, memoised
 
-    add_onnx_efficiency(out, report, stage=_stage, say=_say)  # onnx_ms etc. under teacher + students
+    add_onnx_efficiency(  # onnx_ms etc. under teacher + students
+        out, report, repeats=config.eval.onnx_repeats, threads=config.eval.onnx_threads, stage=_stage, say=_say
+    )
     best = _best_student(students)
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
     report["deploy"] = _deploy(out, best["spec"], data_path, images_root, config)

@@ -100,6 +100,15 @@ class RunCacheConfig:
 
 
 @dataclass(frozen=True)
+class RunEvalConfig:
+    """The test split's efficiency stage: teacher and one student per network, exported to ONNX
+    and timed interleaved in one process (``eval/demo_efficiency.py``)."""
+
+    onnx_repeats: int = 30  # timed calls per graph and batch size; the median is reported
+    onnx_threads: int | None = None  # ONNX Runtime intra-op threads; None: the cores this process may use
+
+
+@dataclass(frozen=True)
 class RunExportConfig:
     int8: bool = True  # also write the int8 graphs (dynamic quantisation) beside fp32
 
@@ -127,6 +136,7 @@ class RunConfig:
     device: str = "cpu"
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: RunEvalConfig = field(default_factory=RunEvalConfig)
     export: RunExportConfig = field(default_factory=RunExportConfig)
     index: RunIndexConfig = field(default_factory=RunIndexConfig)
 

@@ -1,9 +1,9 @@
 """Latency that can be trusted: every model's towers in ONNX Runtime, timed interleaved.
 
 Eager-torch latency at batch 1 is mostly Python and per-operator dispatch, and it drifts with
-whatever else the machine does, so one model timed after another can come out 1x or 4x apart on
-two runs. What a deployment runs is the exported graph, so this module exports each tower of
-each model to ONNX fp32 (``serve.export.export_tower``, the graphs ``clipdistill export``
+whatever else the machine does, so one model timed after another can come out several times
+apart on two runs. What a deployment runs is the exported graph, so this module exports each
+tower of each model to ONNX fp32 (``serve.export.export_tower``, the graphs ``clipdistill export``
 ships), loads them all into one process, and times them **interleaved**: every repeat calls
 every (model, tower, batch) once, in a rotating order, so a slow moment of the machine hits
 all models alike. The median of ``repeats`` calls is reported per item.
@@ -40,14 +40,13 @@ _PEAK_SIDE = 512  # the matmul whose throughput is "this machine's peak" (512^3:
 
 
 def _session(path: Path, threads: int) -> Any:
-    """A timing session whose worker threads sleep, not spin, between calls. Every session has
-    its own intra-op pool, and a pool spins for a while after each call by default: interleaved,
-    the previous session's idle workers then spun on the 2 cores while the next one was timed.
-    Measured on the 2-vCPU VM (2026-12-02): with spinning the matmul reference read 72-128
-    GFLOP/s (300 alone), peak shares came out above 100% and the teacher's image at batch 1
-    read 22-24 ms; without, 212-220 GFLOP/s, every share below 100%, 8.5 ms, and two reruns
-    within 4% per entry. Each call now pays the pool's wake-up, as a request that arrives at an
-    idle service does."""
+    """An ONNX Runtime session for timing, whose worker threads sleep, not spin, between calls.
+    Every ONNX Runtime session has its own intra-op pool, and by default a pool spins for a while
+    after each call: interleaved, the previously timed ONNX Runtime session's idle workers would
+    spin on the cores while the next one is timed, which lowers the matmul reference, inflates
+    latencies and pushes peak shares above 100% (docs/results.md, "ONNX timing and spinning
+    threads"). Each call pays the pool's wake-up instead, as a request that arrives at an idle
+    service does."""
     return cpu_session(str(path), threads, inter_op_threads=1, spin=False)
 
 
@@ -92,8 +91,8 @@ def _inputs(model: DualEncoder, tower: str, batch: int) -> np.ndarray:
 def _flops_per_item(model: DualEncoder, tower: str) -> int:
     """FLOPs of one item through ``tower`` in eval mode, on the input the timed graph gets: a
     caption padded to the graph's fixed width. (Counted on the bare tokenisation, a tokenizer
-    that pads to the batch's longest caption, as the LiT teacher's MiniLM does, gave a third of
-    the work its graph does per caption, and so a peak share three times too low.)"""
+    that pads to the batch's longest caption, as the LiT teacher's MiniLM does, would count a
+    fraction of the work its graph does per caption, and so understate its peak share.)"""
     import torch
 
     model.eval()
@@ -142,9 +141,9 @@ def time_onnx_graphs(
     fp32 matmul peak reference (module docstring); returns ({``NAME_bBATCH``: ms}, peak GFLOP/s).
 
     ``graphs`` maps a name to (ONNX file, {batch size: the input array of that batch}); each
-    graph gets one non-spinning session of ``threads`` intra-op threads. Whatever times ONNX
-    graphs (``onnx_efficiency``'s exported towers, ``clipdistill eval`` of an export folder)
-    goes through here, so their numbers are measured alike."""
+    graph gets one non-spinning ONNX Runtime session of ``threads`` intra-op threads. Whatever
+    times ONNX graphs (``onnx_efficiency``'s exported towers, ``clipdistill eval`` of an export
+    folder) goes through here, so their numbers are measured alike."""
     _check_repeats(repeats)
     calls: dict[str, Callable[[], Any]] = {}
     batches: dict[str, int] = {}
