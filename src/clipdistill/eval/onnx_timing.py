@@ -3,7 +3,7 @@
 Eager-torch latency at batch 1 is mostly Python and per-operator dispatch, and it drifts with
 whatever else the machine does, so one model timed after another can come out several times
 apart on two runs. What a deployment runs is the exported graph, so this module exports each
-tower of each model to ONNX fp32 (``serve.export.export_tower``, the graphs ``clipdistill export``
+tower of each model to ONNX fp32 (``export.onnx.export_tower``, the graphs ``clipdistill export``
 ships), loads them all into one process, and times them **interleaved**: every repeat calls
 every (model, tower, batch) once, in a rotating order, so a slow moment of the machine hits
 all models alike. The median of ``repeats`` calls is reported per item.

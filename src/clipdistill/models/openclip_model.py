@@ -127,7 +127,7 @@ def load_openclip_folder(directory: str | Path, *, spec: str = "") -> OpenCLIPDu
     open_clip builds such a tower with ``AutoConfig.from_pretrained(text_cfg.hf_model_name)``:
     a hub id, or a path that it does not resolve against the folder (the tokenizer, in
     contrast, is always read from the folder). A folder that holds its own ``config.json`` (an
-    exported LiT teacher: models/openclip_export.py) is therefore loaded with ``hf_model_name``
+    exported LiT teacher: export/open_clip.py) is therefore loaded with ``hf_model_name``
     pointed at the folder itself, as open_clip's ``create_model`` accepts as an override; the
     weights all come from the folder's checkpoint (``hf_model_pretrained`` false)."""
     import logging
