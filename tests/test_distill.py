@@ -19,6 +19,7 @@ from clipdistill.distill.base import MethodConfigError
 from clipdistill.distill.methods import method_variants, resolve_method_entry, tuned_method_args
 from clipdistill.run_config import RunConfig, RunDataConfig, resolve_run_config, run_config_yaml
 from test_demo import TINY, write_scenes_dataset
+from test_splits import _write_csv
 
 # The wiring is under test, not quality: one epoch of everything.
 ONE_EPOCH = replace(
@@ -151,18 +152,14 @@ TINY_VIT = {
 
 def _scenes_csv(root: Path) -> Path:
     """The scenes as open_clip's CSV (filepath, title), with no split column."""
-    import csv
-
     scenes = write_scenes_dataset(root)
     records = json.loads(scenes.read_text())["images"]
-    path = root / "pairs.csv"
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["filepath", "title"])
-        for record in records:
-            for sentence in record["sentences"]:
-                writer.writerow([f"pictures/{record['filename']}", sentence["raw"]])
-    return path
+    rows = [
+        {"filepath": f"pictures/{record['filename']}", "title": sentence["raw"]}
+        for record in records
+        for sentence in record["sentences"]
+    ]
+    return _write_csv(root / "pairs.csv", rows)
 
 
 @pytest.mark.e2e

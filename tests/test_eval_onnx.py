@@ -3,36 +3,21 @@ from, on a CSV without a split column (the test split is carved, seeded), with i
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from clipdistill.cli.main import app
 from clipdistill.eval.onnx_eval import export_dir_of, graph_flops, graph_parameters
+from test_demo import PLACES, _scene
+from test_splits import _write_csv
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 COLOURS |= {"purple": (140, 40, 170)}
 SHAPES = ("circle", "square", "triangle")
-SPOTS = {"left": (2, 8), "right": (14, 8), "top": (8, 2), "bottom": (8, 14)}
 METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
-
-
-def _picture(shape: str, colour: tuple[int, int, int], spot: tuple[int, int]) -> Image.Image:
-    image = Image.new("RGB", (32, 32), "white")
-    draw = ImageDraw.Draw(image)
-    x, y = spot
-    box = (x, y, x + 15, y + 15)
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([(x + 7, y), (x + 15, y + 15), (x, y + 15)], fill=colour)
-    return image
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +28,12 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows = []
     for colour, rgb in COLOURS.items():
         for shape in SHAPES:
-            for spot, xy in SPOTS.items():
+            for spot, xy in PLACES.items():
                 name = f"pictures/{colour}_{shape}_{spot}.png"
-                _picture(shape, rgb, xy).save(root / name)
+                _scene(shape, rgb, xy).save(root / name)
                 rows += [{"filepath": name, "title": f"a {colour} {shape} on the {spot}"}]
                 rows += [{"filepath": name, "title": f"{shape} in {colour}"}]
-    path = root / "all.csv"
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["filepath", "title"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return _write_csv(root / "all.csv", rows)
 
 
 @pytest.fixture(scope="module")
