@@ -8,11 +8,19 @@ fails that way, and the file must still read back as version 1 with no temp file
 writing version 2 again then succeeds. Multi-file artifacts (index, cache, embeddings) are
 also crashed mid-build: the half-built folder is refused with a clear error, and a rerun
 finishes it.
+
+``clipdistill.io`` itself: a replace that fails keeps the previous version and no temp file, a
+temp file left by a killed writer is removed by the next write into its folder, and artifacts
+get the permissions the umask allows.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,7 @@ import torch
 
 from clipdistill import faults
 from clipdistill.faults import InjectedFault
+from clipdistill.io import atomic_write_json, atomic_write_text, orphaned_temp_files
 
 
 @pytest.fixture
@@ -228,6 +237,53 @@ def test_a_torn_last_log_line_is_skipped(tmp_path: Path) -> None:
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"log\.jsonl: line 2 is not valid JSON"):
         read_jsonl(path)
+
+
+# --- the temp file: a failed replace, a killed writer's leftover, permissions from the umask ----
+
+
+def test_atomic_write_keeps_previous_version_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "manifest.json"
+    atomic_write_json(target, {"version": 1})
+
+    def crash(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "half-written")
+    assert target.read_text() == '{\n  "version": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp file left behind
+
+
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real SIGKILL between the temp write and the rename (failpoint), in an index-like folder
+    (no run folder involved): the next process writing there removes the orphan and says so."""
+    target = tmp_path / "index" / "metadata.json"
+    code = f"from clipdistill.io import atomic_write_json; atomic_write_json({str(target)!r}, {{'v': 1}})"
+    env = {**os.environ, "CLIPDISTILL_FAILPOINT": "atomic:metadata.json@1"}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, check=False)
+    assert killed.returncode == -9
+    orphans = list(target.parent.glob(".metadata.json.*.tmp"))
+    assert len(orphans) == 1 and not target.exists()
+    assert orphaned_temp_files(target.parent) == orphans
+    live = target.parent / f".other.json.{orphans[0].name.split('.')[3]}.{os.getppid()}-x.tmp"
+    live.write_bytes(b"a live writer's temp file")  # same host, a running process: kept
+    atomic_write_json(target.parent / "other.json", {"v": 2})
+    assert not orphans[0].exists() and live.exists()
+    assert f"removed {orphans[0]}, left by a write that was killed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_artifacts_get_the_permissions_the_umask_allows(tmp_path: Path, umask: int, mode: int) -> None:
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == mode  # mkstemp alone gives 0600
 
 
 # --- multi-file artifacts: crash mid-build, refuse the half-built folder, finish on a rerun ------

@@ -1,8 +1,7 @@
-"""The in-memory dataset model, image decoding, augmentation and atomic writes."""
+"""The in-memory dataset model, image decoding, augmentation and the JSONL log reader."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 from clipdistill.data.augment import random_scale_translate
 from clipdistill.data.dataset import Caption, DatasetError, ImageRecord, MissingImagesError, make_dataset
 from clipdistill.data.images import load_image_tensor, open_rgb, to_unit
-from clipdistill.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from clipdistill.io import append_jsonl, read_jsonl
 
 
 def _record(image_id: str, split: str = "train", n: int = 2, path: str = "x.png") -> ImageRecord:
@@ -79,20 +78,6 @@ def test_augmentation_identity_and_determinism() -> None:
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     zoomed_out = random_scale_translate(torch.zeros(1, 3, 16, 16), scale=(1.5, 1.5), max_shift=0.0)
     assert float(zoomed_out[0, :, 0, 0].min()) == 1.0  # border filled with white, not black
-
-
-def test_atomic_write_keeps_previous_version_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = tmp_path / "manifest.json"
-    atomic_write_json(target, {"version": 1})
-
-    def crash(*_: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(target, "half-written")
-    assert target.read_text() == '{\n  "version": 1\n}\n'
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp file left behind
 
 
 def test_jsonl_reader_skips_a_torn_last_line_only(tmp_path: Path) -> None:

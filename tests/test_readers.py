@@ -1,4 +1,5 @@
-"""Dataset readers (Karpathy JSON, CSV/TSV, folder) and the ``load_dataset`` entry point.
+"""Dataset readers (Karpathy JSON, CSV/TSV, folder) and the ``load_dataset`` entry point, which
+reads a folder holding Karpathy's own ``dataset_coco.json`` (or Flickr) file as Karpathy.
 
 Every error case asserts that the message names what a user needs to fix the file: the file,
 the index or row, the field and the offending value.
@@ -25,6 +26,7 @@ from clipdistill.data import (
 from clipdistill.data.csv import read_csv
 from clipdistill.data.folder import read_folder
 from clipdistill.data.karpathy import read_karpathy, write_karpathy
+from clipdistill.data.loading import detect_format
 
 
 def _png(path: Path, colour: tuple[int, int, int] = (255, 0, 0)) -> Path:
@@ -462,3 +464,32 @@ def test_load_dataset_missing_images(tmp_path: Path) -> None:
     assert "img6.jpg" not in message and "(and 1 more)" in message
     assert info.value.missing[-1] == tmp_path / "img6.jpg"
     assert isinstance(load_dataset(path, check_files=False), PairedDataset)  # opt-out still reads
+
+
+# --- Karpathy's own files in a folder ------------------------------------------------------------
+
+
+def _karpathy(folder: Path, file_name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for index, split in enumerate(["train", "val", "test"]):
+        Image.new("RGB", (8, 8), (index * 80, 0, 0)).save(folder / f"{index}.jpg")
+        sentences = [{"raw": f"c {index}"}]
+        images.append({"filename": f"{index}.jpg", "imgid": index, "split": split, "sentences": sentences})
+    (folder / file_name).write_text(json.dumps({"dataset": file_name, "images": images}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("file_name", ["dataset_coco.json", "dataset_flickr30k.json", "dataset_flickr8k.json"])
+def test_a_folder_with_karpathys_own_file_is_read_as_karpathy(tmp_path: Path, file_name: str) -> None:
+    _karpathy(tmp_path / "data", file_name)
+    assert detect_format(tmp_path / "data") == "karpathy"  # not an image folder
+    dataset = load_dataset(tmp_path / "data")
+    assert dataset.split_counts() == {"train": 1, "val": 1, "test": 1}
+    assert dataset.source == str(tmp_path / "data" / file_name)
+
+
+def test_two_karpathy_files_in_one_folder_are_refused_naming_both(tmp_path: Path) -> None:
+    _karpathy(tmp_path, "dataset_coco.json")
+    _karpathy(tmp_path, "dataset_flickr30k.json")
+    with pytest.raises(DatasetError, match=r"dataset_coco\.json, dataset_flickr30k\.json.*FOLDER/FILE\.json"):
+        load_dataset(tmp_path)

@@ -1,4 +1,5 @@
-"""webdataset shards: to-wds round trip, the same dataset interface, per-rank/per-worker splits."""
+"""webdataset shards: to-wds round trip, the same dataset interface, per-rank/per-worker splits,
+``--on-bad-sample`` and non-UTF-8 captions."""
 
 from __future__ import annotations
 
@@ -84,3 +85,51 @@ def test_every_sample_read_once_across_ranks_and_workers(shards: Path) -> None:
         assert all(s["image"].mode == "RGB" and s["captions"] for s in samples)
     expected = [r.image_id for r in read_wds(shards).images]
     assert sorted(keys) == sorted(expected)  # each sample exactly once
+
+
+# --- --on-bad-sample and non-UTF-8 captions ---------------------------------------------------
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture
+def bad_shards(tmp_path: Path) -> Path:
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(image, format="PNG")
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        _add(tar, "a.png", image.getvalue())
+        _add(tar, "a.txt", b"a red square")
+        _add(tar, "b.png", image.getvalue())
+        _add(tar, "b.txt", b"caf\xe9 latin-1")  # not UTF-8
+        _add(tar, "c.png", image.getvalue())  # no caption at all
+        _add(tar, "d.png", b"not a png")  # caption fine, image broken
+        _add(tar, "d.txt", b"a broken image")
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 4}), encoding="utf-8")
+    return tmp_path
+
+
+def test_wds_non_utf8_caption_is_an_error_naming_shard_and_member(bad_shards: Path) -> None:
+    with pytest.raises(DatasetError, match=r"00000\.tar: member b\.txt is not valid UTF-8 \(byte 0xe9 at offset 3\)"):
+        read_wds(bad_shards)
+    with pytest.raises(DatasetError, match=r"00000\.tar: member b\.txt is not valid UTF-8"):
+        load_dataset(bad_shards, on_bad_sample="error")
+    with pytest.raises(DatasetError, match=r"member b\.txt is not valid UTF-8"):
+        list(WdsStream(bad_shards, on_bad_sample="error"))
+
+
+def test_wds_honours_on_bad_sample_skip(bad_shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dataset = load_dataset(bad_shards, on_bad_sample="skip")
+    assert dataset.texts() == ["a red square"]
+    assert dataset.skipped is not None
+    reasons = [sample.message() for sample in dataset.skipped.samples]
+    assert any("member b.txt is not valid UTF-8" in r for r in reasons), reasons
+    assert any("sample 'c' has an image but no .txt or .json member" in r for r in reasons), reasons
+    assert any("d.png" in r and "cannot be decoded" in r for r in reasons), reasons  # the image check
+    streamed = list(WdsStream(bad_shards, on_bad_sample="skip"))
+    assert [s["captions"] for s in streamed] == [["a red square"]]
+    err = capsys.readouterr().err
+    assert "b.txt is not valid UTF-8" in err and "cannot decode image" in err  # skipped, never silently
