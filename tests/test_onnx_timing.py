@@ -29,8 +29,8 @@ def test_every_model_and_tower_is_timed_in_one_run(tmp_path) -> None:
 
 
 def test_timing_sessions_do_not_spin_between_calls(tmp_path) -> None:
-    """Interleaved timing needs idle pools asleep: a spinning pool of the previous session took
-    the cores from the session being timed (the matmul reference read 72 of 212 GFLOP/s)."""
+    """Interleaved timing needs idle pools asleep: the spinning pool of the previously timed ONNX
+    Runtime session took the cores from the one being timed (docs/results.md, ONNX timing)."""
     from clipdistill.eval.onnx_timing import _matmul_graph, _session
 
     path = tmp_path / "matmul.onnx"
