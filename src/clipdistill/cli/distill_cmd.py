@@ -86,7 +86,7 @@ def distill_command(
         typer.Option(
             "--teacher",
             help="Teacher spec: openclip:NAME@TAG, local-dir:PATH, hf-hub:ORG/REPO, hf:ID, run:PATH; "
-            "lit:TRUNK[@SIZE] trains that LiT teacher on the data first (default: lit:efficientnet-lite0).",
+            "lit:TRUNK or lit:TRUNK@SIZE trains that LiT teacher on the data first (default: lit:efficientnet-lite0).",
         ),
     ] = None,
     fusion: Annotated[

@@ -97,7 +97,9 @@ def teacher_train(
     images: ImagesOpt = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Architecture to train: lit:WEIGHTS[@SIZE], e.g. lit:efficientnet-lite2@260."),
+        typer.Option(
+            "--model", help="Architecture to train: lit:WEIGHTS or lit:WEIGHTS@SIZE, e.g. lit:efficientnet-lite2@260."
+        ),
     ] = None,
     image_model: Annotated[
         str | None, typer.Option("--image-model", help="timm name of an image tower trained from scratch.")
