@@ -15,11 +15,11 @@ A run is resolved in layers, each a deep-merged mapping checked against :class:`
 The resolved config is written to ``OUT/config.yaml`` and is complete, so
 ``clipdistill distill --config OUT/config.yaml --out NEW`` runs the same job again.
 
-Methods are named ``NAME`` or ``NAME:VARIANT``. A method's variants live in its own class
-(``DistillMethod.variants``): ``paper`` (its paper's arguments, the defaults of its ``Args``)
-and, where a val sweep chose otherwise, ``tuned``. A plain name trains ``default_variant``, which
-falls back to ``paper`` for a method without that variant; ``method_args`` adds per-method
-overrides on top of the variant.
+Methods are named ``NAME`` or ``NAME:VARIANT``. A method's variants live in its own class:
+``paper`` (its paper's arguments, the defaults of its ``Args``) and, where a val sweep chose
+otherwise, ``tuned`` (``DistillMethod.tuned``); ``registry.method_variants`` lists them. A
+plain name trains ``default_variant``, which falls back to ``paper`` for a method without that
+variant; ``method_args`` adds per-method overrides on top of the variant.
 """
 
 from __future__ import annotations

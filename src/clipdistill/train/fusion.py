@@ -6,9 +6,11 @@ fusion head. Each step takes a batch of images, pairs each with one of its capti
 ``negatives`` hard negatives per direction: captions drawn from the image's top-``mine_top``
 captions by the dual teacher, and images drawn from the caption's top-``mine_top`` images. A
 caption that is the same text as one of the image's own captions is never a negative (generic
-captions such as "flag" belong to many images). The loss is a class-balanced binary
-cross-entropy on the match logit (the 2-way ITM loss with one logit), plus the heads loss that
-trains g, h (see :func:`train_fusion_teacher`).
+captions such as "flag" belong to many images). The default loss (``loss: listwise``) is a
+softmax cross-entropy of each caption's own image against its hard-negative images on the
+match logit (re-ranking orders a short list); ``loss: bce`` is the class-balanced binary
+cross-entropy of 2-way ITM with one logit. The heads loss trains g, h (see
+:func:`train_fusion_teacher`).
 
 The epoch kept is the one whose validation re-ranking (dual top-``rerank_k`` re-ordered by the
 fusion logit) has the best text→image recall; the summary reports dual vs re-ranked recall on

@@ -73,7 +73,7 @@ def build_cache(
     crashed build only computes what is missing; a finished cache for the same request is left
     untouched. ``manifest.json`` is written last, so a folder without it is never read.
 
-    Sharded (``distill/sharded.py``): ``shard_owner=(rank, world)`` computes only the shards
+    Sharded (``sharded.py``): ``shard_owner=(rank, world)`` computes only the shards
     whose index ≡ rank (mod world) and writes no manifest; the merge is a second call with
     ``require_existing=True``, which verifies every shard on disk (header, keys, content hash)
     and refuses, naming the shard, to compute one that is missing or corrupt.

@@ -1,4 +1,4 @@
-"""The ASGI guard in front of every route: body cap and per-route metrics."""
+"""The ASGI guard in front of every route: Host check, body cap and deadline, per-route metrics."""
 
 from __future__ import annotations
 
