@@ -1,7 +1,7 @@
-"""The frozen-stage memo of the LiT teacher (models/encoding_memo.py): inside ``encoding_memo``
-every image's frozen stages run once across passes (teacher bank, fusion teacher, cache), the
-embeddings and tokens equal a plain forward, and outside the block (or while training) nothing
-is memoised. And ``student.frozen_stages``: a student's leading EfficientNet stages stay fixed,
+"""The frozen-stage memo of the LiT teacher (models/encoding_memo.py): with an ``EncodingMemo``
+attached every image's frozen stages run once across passes (teacher bank, fusion teacher,
+cache), the embeddings and tokens equal a plain forward, and without one (or while training)
+nothing is memoised. And ``student.frozen_stages``: a student's leading EfficientNet stages stay fixed,
 run through the memoised ONNX Runtime prefix (models/trunk_split.py), and the model is still the
 plain open_clip one (same weights, same function, same saved folder)."""
 
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from clipdistill.config import ConfigError, TrainConfig, from_dict
-from clipdistill.models import encoding_memo as memo_module
-from clipdistill.models.encoding_memo import clear_encoding_memos, encoding_memo
+from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 from clipdistill.models.frozen_stages import FrozenStages
 from clipdistill.models.lit import LiTModel, lit_config_from_spec
 from clipdistill.models.students import build_student, student_config
@@ -20,8 +19,16 @@ from clipdistill.train.trainer import build_student_model
 
 
 @pytest.fixture(scope="module")
-def teacher() -> LiTModel:
+def lit_teacher() -> LiTModel:
     return LiTModel(lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5)).eval()
+
+
+@pytest.fixture
+def teacher(lit_teacher: LiTModel) -> object:
+    """The module's teacher with no memo attached (each test attaches its own)."""
+    attach_encoding_memo(lit_teacher, None)
+    yield lit_teacher
+    attach_encoding_memo(lit_teacher, None)
 
 
 def _count_frozen_rows(model: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -39,7 +46,6 @@ def _count_frozen_rows(model: object, monkeypatch: pytest.MonkeyPatch) -> list[i
 
 @torch.no_grad()
 def test_memo_reuses_frozen_rows_and_matches_a_plain_forward(teacher: LiTModel, monkeypatch) -> None:
-    clear_encoding_memos()
     generator = torch.Generator().manual_seed(0)
     pixels = teacher.prepare_pixels(torch.rand(5, 3, 48, 48, generator=generator))
     plain_embedding, plain_tokens = teacher.encode_image(pixels), teacher.encode_image_tokens(pixels)
@@ -47,61 +53,59 @@ def test_memo_reuses_frozen_rows_and_matches_a_plain_forward(teacher: LiTModel, 
     upper: list[int] = []
     original_upper = teacher._upper_from_frozen
     monkeypatch.setattr(teacher, "_upper_from_frozen", lambda f: upper.append(len(f)) or original_upper(f))
-    with encoding_memo():
-        embedding = teacher.encode_image(pixels)
-        tokens = teacher.encode_image_tokens(pixels)  # the fusion teacher's second pass: nothing runs
-        assert rows == [5] and upper == [5]
-        reordered = teacher.encode_image(torch.cat([pixels[3:], pixels[:1], torch.flip(pixels[:1], dims=[3])]))
-        assert rows == [5, 1] and upper == [5, 1]  # another batch: only the new (flipped) image runs
+    attach_encoding_memo(teacher, EncodingMemo())
+    embedding = teacher.encode_image(pixels)
+    tokens = teacher.encode_image_tokens(pixels)  # the fusion teacher's second pass: nothing runs
+    assert rows == [5] and upper == [5]
+    reordered = teacher.encode_image(torch.cat([pixels[3:], pixels[:1], torch.flip(pixels[:1], dims=[3])]))
+    assert rows == [5, 1] and upper == [5, 1]  # another batch: only the new (flipped) image runs
     torch.testing.assert_close(embedding, plain_embedding, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(tokens, plain_tokens, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(reordered[:3], plain_embedding[[3, 4, 0]], atol=1e-5, rtol=1e-4)
-    clear_encoding_memos()
 
 
-def test_memo_is_off_outside_the_block_and_while_gradients_flow(teacher: LiTModel, monkeypatch) -> None:
-    clear_encoding_memos()
+def test_memo_is_off_without_a_memo_and_while_gradients_flow(teacher: LiTModel, monkeypatch) -> None:
     pixels = teacher.prepare_pixels(torch.rand(2, 3, 48, 48))
     rows = _count_frozen_rows(teacher, monkeypatch)
     with torch.no_grad():
         teacher.encode_image(pixels)
         teacher.encode_image(pixels)
-    assert rows == [] and not memo_module._MEMOS  # no block: the plain trunk forward, no memo
-    with encoding_memo():
-        teacher.encode_image(pixels).sum().backward()  # training the upper stages: the plain path
-    assert rows == [] and not memo_module._MEMOS
-    clear_encoding_memos()
+    assert rows == []  # no memo: the plain trunk forward
+    memo = EncodingMemo()
+    attach_encoding_memo(teacher, memo)
+    teacher.encode_image(pixels).sum().backward()  # training the upper stages: the plain path
+    assert rows == [] and not memo.towers
 
 
 def test_a_changed_frozen_tower_does_not_read_the_old_rows(teacher: LiTModel) -> None:
-    clear_encoding_memos()
     pixels = teacher.prepare_pixels(torch.rand(2, 3, 48, 48))
     other = LiTModel(lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5)).eval()
+    memo = EncodingMemo()
     with torch.no_grad():
         other.trunk.conv_stem.weight.mul_(0.5)
         expected = other.frozen_features(pixels)
-        with encoding_memo():
-            teacher.frozen_features(pixels)
-            torch.testing.assert_close(other.frozen_features(pixels), expected)
-    assert len(memo_module._MEMOS) == 2
-    clear_encoding_memos()
+        attach_encoding_memo(teacher, memo)
+        attach_encoding_memo(other, memo)
+        teacher.frozen_features(pixels)
+        torch.testing.assert_close(other.frozen_features(pixels), expected)
+    assert len(memo.towers) == 2
 
 
 @torch.no_grad()
 def test_changed_trained_stages_do_not_read_the_old_trunk_rows(teacher: LiTModel) -> None:
     """The whole-trunk memo is keyed by every trunk weight: other trained stages (a teacher saved
     at another epoch) compute their own rows, while the frozen rows are still shared."""
-    clear_encoding_memos()
     pixels = teacher.prepare_pixels(torch.rand(2, 3, 48, 48))
     other = LiTModel(lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5)).eval()
     other.load_state_dict(teacher.state_dict())
     other.trunk.conv_head.weight.mul_(0.5)
     expected = other.encode_image_tokens(pixels)
-    with encoding_memo():
-        teacher.encode_image_tokens(pixels)
-        torch.testing.assert_close(other.encode_image_tokens(pixels), expected, atol=1e-5, rtol=1e-4)
-    assert len(memo_module._MEMOS) == 3  # one frozen-stage memo, two whole-trunk memos
-    clear_encoding_memos()
+    memo = EncodingMemo()
+    attach_encoding_memo(teacher, memo)
+    attach_encoding_memo(other, memo)
+    teacher.encode_image_tokens(pixels)
+    torch.testing.assert_close(other.encode_image_tokens(pixels), expected, atol=1e-5, rtol=1e-4)
+    assert len(memo.towers) == 3  # one frozen-stage memo, two whole-trunk memos
 
 
 # --- student.frozen_stages: the same split on a student (models/openclip_model.py) ----------------
@@ -113,7 +117,6 @@ def _lite0(frozen: int) -> object:
 
 
 def test_frozen_student_is_the_plain_model_and_computes_each_row_once(monkeypatch) -> None:
-    clear_encoding_memos()
     student = _lite0(5)
     plain = _lite0(0)
     assert student.state_dict().keys() == plain.state_dict().keys()
@@ -122,7 +125,7 @@ def test_frozen_student_is_the_plain_model_and_computes_each_row_once(monkeypatc
         torch.testing.assert_close(
             student.eval().encode_image(pixels), plain.eval().encode_image(pixels), atol=1e-5, rtol=1e-4
         )
-    clear_encoding_memos()
+    student.encoding_memo = EncodingMemo()  # its own memo starts empty again
     student.train()
     trunk = student.model.visual.trunk
     assert not trunk.bn1.training and not trunk.blocks[4].training and trunk.blocks[5].training
@@ -138,7 +141,6 @@ def test_frozen_student_is_the_plain_model_and_computes_each_row_once(monkeypatc
     again = student.encode_image(torch.cat([pixels[2:], torch.rand(1, 3, 32, 32)]))
     assert rows == [4, 1]  # rows met before come from the memo
     assert again.shape == (3, student.embed_dim)
-    clear_encoding_memos()
 
 
 def test_onnx_prefix_rows_do_not_depend_on_their_batch() -> None:
@@ -175,6 +177,8 @@ def test_a_copied_frozen_student_builds_its_own_runner() -> None:
     with torch.no_grad():
         expected = student.encode_image(pixels)  # builds the original's runner
         twin = copy.deepcopy(student)
-        assert twin.frozen_prefix._runner is None
+        assert twin.frozen_prefix._runner is None and twin.encoding_memo is student.encoding_memo
         assert twin.frozen_prefix.modules[0] is twin.model.visual.trunk.conv_stem
+        twin.encoding_memo = EncodingMemo()  # rows not yet computed: the copy's own runner runs
         torch.testing.assert_close(twin.encode_image(pixels), expected)
+        assert twin.frozen_prefix._runner is not None

@@ -180,12 +180,12 @@ def test_pair_scores_do_not_depend_on_batching_or_padding(match: str) -> None:
 
 
 def test_dense_grids_are_memoised_per_weights_and_states(monkeypatch) -> None:
-    """MCAD and DCD score the same batches in one demo process: the second scoring of a batch's
-    states reads the first's grid (the same numbers), while other states or other weights, and
-    passes with gradients, compute their own."""
-    from clipdistill.models.encoding_memo import clear_encoding_memos
+    """MCAD and DCD score the same batches in one ``distill`` run, which hands their fusion
+    teachers one memo: the second scoring of a batch's states reads the first's grid (the same
+    numbers), while other states or other weights compute their own, and a teacher without a
+    memo keeps nothing."""
+    from clipdistill.models.encoding_memo import EncodingMemo
 
-    clear_encoding_memos()
     encoder = _random_encoder(match="cross")
     calls: list[int] = []
     original = encoder.pair_grid
@@ -200,17 +200,23 @@ def test_dense_grids_are_memoised_per_weights_and_states(monkeypatch) -> None:
     matrix = teacher.score_matrix(states)
     first = len(calls)
     assert first > 0
+    teacher.score_matrix(states)
+    assert len(calls) == 2 * first  # no memo: computed again
+    teacher.encoding_memo = EncodingMemo()
+    other_method = FusionTeacher(encoder, spec="fusion:fake")
+    other_method.encoding_memo = teacher.encoding_memo
+    torch.testing.assert_close(teacher.score_matrix(states), matrix, rtol=0, atol=0)
+    calls.clear()
     image_index, text_index = torch.tensor([0, 1, 2, 3, 3, 2]), torch.tensor([0, 1, 2, 3, 4, 0])
-    again = teacher.pair_logits(states, image_index, text_index)  # a dense-enough subset: the memoised grid
-    assert len(calls) == first and torch.equal(again, matrix[image_index, text_index])
+    again = other_method.pair_logits(states, image_index, text_index)  # a dense-enough subset: the kept grid
+    assert calls == [] and torch.equal(again, matrix[image_index, text_index])
     teacher.score_matrix(_random_states(seed=2))
-    assert len(calls) == 2 * first  # other states
+    assert len(calls) == first  # other states
     with torch.no_grad():
         for parameter in encoder.parameters():
             parameter.add_(0.1)
     changed = teacher.score_matrix(states)
-    assert len(calls) == 3 * first and not torch.equal(changed, matrix)  # other weights
-    clear_encoding_memos()
+    assert len(calls) == 2 * first and not torch.equal(changed, matrix)  # other weights
 
 
 def test_untrained_head_scores_like_the_dual_stage() -> None:

@@ -85,12 +85,9 @@ def test_clip_run_writes_every_artifact(shapes_dataset_dir: Path, tmp_path: Path
 def test_resume_after_interruption_is_bitwise_identical(
     shapes_dataset_dir: Path, tmp_path: Path, tiny_teacher: str, student: dict | None
 ) -> None:
-    """Also with frozen student stages: their rows come from the process-wide memo, so each run
-    here starts with it empty and the resumed process computes its rows afresh."""
-    from clipdistill.models.encoding_memo import clear_encoding_memos
-
+    """Also with frozen student stages: each trainer keeps their rows in its own memo, so the
+    resumed trainer computes its rows afresh."""
     extra = {"student": student} if student else {}
-    clear_encoding_memos()
     straight = _config(tmp_path / "a", shapes_dataset_dir, method="openclip", teacher__spec=tiny_teacher, **extra)
     train(straight, progress=False)
     expected = torch.load(straight.run_dir / "checkpoints" / "latest.pt", weights_only=True)["student"]
@@ -98,11 +95,9 @@ def test_resume_after_interruption_is_bitwise_identical(
     interrupted = _config(
         tmp_path / "b", shapes_dataset_dir, method="openclip", teacher__spec=tiny_teacher, save_every=1, **extra
     )
-    clear_encoding_memos()
     interrupt_after_steps(Trainer(interrupted, progress=False), 3)
     with pytest.raises(ConfigError, match=r"already holds a run.*--resume latest"):
         Trainer(interrupted, progress=False).fit()
-    clear_encoding_memos()
     Trainer(interrupted, progress=False).fit(resume="latest")
     resumed = torch.load(interrupted.run_dir / "checkpoints" / "latest.pt", weights_only=True)["student"]
     assert resumed.keys() == expected.keys()

@@ -28,11 +28,14 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipdistill.errors import UserError
 from clipdistill.io import atomic_write_json
 from clipdistill.run_config import RunConfig, RunDataConfig, differing_keys, run_config_dict, run_config_yaml
+
+if TYPE_CHECKING:
+    from clipdistill.models.encoding_memo import EncodingMemo
 
 
 class DemoError(UserError, ValueError):
@@ -115,7 +118,7 @@ def trains_teacher(spec: str) -> bool:
     return parse_spec(spec).schema == "lit"
 
 
-def _teacher(out: Path, dataset: Any, config: RunConfig) -> str:
+def _teacher(out: Path, dataset: Any, config: RunConfig, rows: EncodingMemo) -> str:
     from dataclasses import replace
 
     from clipdistill.models.lit import MODEL_FILE
@@ -134,10 +137,10 @@ def _teacher(out: Path, dataset: Any, config: RunConfig) -> str:
         train_config = replace(
             teacher_train_config(teacher.spec, teacher.frozen_stages),
             max_seconds=teacher.max_seconds,
-            decode_size=config.cache.image_size,  # the cache's pixels: its frozen rows are reused (encoding_memo)
+            decode_size=config.cache.image_size,  # the cache's pixels: its frozen rows are reused (EncodingMemo)
             **{key: value for key, value in budget.items() if value is not None},
         )
-        train_lit_teacher(dataset, teacher_dir, train_config)
+        train_lit_teacher(dataset, teacher_dir, train_config, encoding_memo=rows)
     return f"run:{teacher_dir}"
 
 
@@ -175,7 +178,7 @@ def _fusion_plan(config: RunConfig, names: list[str]) -> str | None:
     return plan
 
 
-def _fusion(out: Path, dataset: Any, teacher_spec: str, config: RunConfig) -> str:
+def _fusion(out: Path, dataset: Any, teacher_spec: str, config: RunConfig, rows: EncodingMemo) -> str:
     from clipdistill.train.fusion import FusionTrainConfig, train_fusion_teacher
 
     fusion_dir = out / "fusion"
@@ -188,14 +191,16 @@ def _fusion(out: Path, dataset: Any, teacher_spec: str, config: RunConfig) -> st
             "negatives": fusion.negatives,
         }
         train_config = FusionTrainConfig(
-            image_size=config.cache.image_size,  # as the teacher and the cache decode (encoding_memo reuses rows)
+            image_size=config.cache.image_size,  # as the teacher and the cache decode (the EncodingMemo reuses rows)
             **{key: value for key, value in budget.items() if value is not None},
         )
-        train_fusion_teacher(teacher_spec, dataset, fusion_dir, train_config)
+        train_fusion_teacher(teacher_spec, dataset, fusion_dir, train_config, encoding_memo=rows)
     return f"fusion:{fusion_dir}"
 
 
-def _cache(out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, config: RunConfig) -> str:
+def _cache(
+    out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, config: RunConfig, rows: EncodingMemo
+) -> str:
     from clipdistill.distill.cache import build_cache
 
     _stage("teacher cache", (out / "cache" / "manifest.json").is_file())
@@ -211,6 +216,7 @@ def _cache(out: Path, dataset: Any, teacher_spec: str, fusion_spec: str | None, 
         fusion=fusion_spec,
         device=config.device,
         allow_random_teacher=config.teacher.allow_random,
+        encoding_memo=rows,
     )
     return str(path)
 
@@ -281,22 +287,27 @@ def _student_config(
     )
 
 
-def _train_student(config: Any) -> dict[str, Any]:
+def _train_student(config: Any, rows: EncodingMemo) -> dict[str, Any]:
     from clipdistill.train.trainer import train
 
     summary_path = config.run_dir / "summary.json"
     if not _stage(f"student {config.name}", summary_path.is_file()):
         return _read_json(summary_path)
     resume = "latest" if (config.run_dir / "checkpoints" / "latest.pt").is_file() else None
-    return train(config, resume=resume)
+    return train(config, resume=resume, encoding_memo=rows)
 
 
-def _test_metrics(spec: str, test: Any, pixels: Any) -> dict[str, Any]:
-    """Recall@K of ``spec`` on the test split (no efficiency figures)."""
+def _test_metrics(spec: str, test: Any, pixels: Any, rows: EncodingMemo | None = None) -> dict[str, Any]:
+    """Recall@K of ``spec`` on the test split (no efficiency figures); ``rows``: frozen towers'
+    rows computed by earlier stages."""
     from clipdistill.eval.evaluate import evaluate_loaded
+    from clipdistill.models.encoding_memo import attach_encoding_memo
     from clipdistill.models.teachers import load_model
 
-    return evaluate_loaded(load_model(spec), test, pixels=pixels, efficiency=False)
+    model = load_model(spec)
+    if rows is not None:
+        attach_encoding_memo(model, rows)
+    return evaluate_loaded(model, test, pixels=pixels, efficiency=False)
 
 
 def _evaluate(
@@ -437,7 +448,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     from dataclasses import replace
 
     from clipdistill.data.images import load_image_tensor
-    from clipdistill.models.encoding_memo import clear_encoding_memos, encoding_memo
+    from clipdistill.models.encoding_memo import EncodingMemo
     from clipdistill.report import write_report
 
     names = parse_methods(config.methods)
@@ -452,26 +463,32 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
 
     dataset, data_path, images_root = _dataset(out, config.data)
     image_size = config.cache.image_size
-    with encoding_memo():  # the three stages encode the same captions and images with the same frozen towers
-        teacher_spec = _teacher(out, dataset, config)
-        if fusion_plan == "train":
-            fusion_spec: str | None = _fusion(out, dataset, teacher_spec, config)
-        else:
-            fusion_spec = fusion_plan
-        cache = _cache(out, dataset, teacher_spec, fusion_spec, config)
-        test = dataset.split("test")
-        pixels = load_image_tensor(test.image_paths(), image_size)
-        teacher_path = out / "teacher" / "test_metrics.json"
-        teacher_path.parent.mkdir(parents=True, exist_ok=True)
-        teacher_metrics = None if teacher_path.is_file() else _test_metrics(teacher_spec, test, pixels)
-    clear_encoding_memos()
+    # The teacher, fusion and cache stages encode the same captions and images with the same
+    # frozen towers: one memo carries the rows from each to the next, and is dropped after them.
+    teacher_rows = EncodingMemo()
+    teacher_spec = _teacher(out, dataset, config, teacher_rows)
+    if fusion_plan == "train":
+        fusion_spec: str | None = _fusion(out, dataset, teacher_spec, config, teacher_rows)
+    else:
+        fusion_spec = fusion_plan
+    cache = _cache(out, dataset, teacher_spec, fusion_spec, config, teacher_rows)
+    test = dataset.split("test")
+    pixels = load_image_tensor(test.image_paths(), image_size)
+    teacher_path = out / "teacher" / "test_metrics.json"
+    teacher_path.parent.mkdir(parents=True, exist_ok=True)
+    teacher_metrics = None if teacher_path.is_file() else _test_metrics(teacher_spec, test, pixels, teacher_rows)
+    teacher_rows.clear()
     teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}
 
+    # Every student starts from the same frozen trunk stages and the fusion methods score the
+    # same batches: their exact rows and grids are shared through one memo.
+    student_rows = EncodingMemo()
     runs = []
     for run in runs_of:
         for seed in range(config.seeds):
             train_config = _student_config(out, run, seed, config, data_path, images_root, teacher)
-            runs.append((run, train_config, _train_student(train_config)))
+            runs.append((run, train_config, _train_student(train_config, student_rows)))
+    student_rows.clear()
 
     _say("evaluating teacher and students on the test split")
     teacher_result = _evaluate(teacher_spec, test, pixels, teacher_path, metrics=teacher_metrics)

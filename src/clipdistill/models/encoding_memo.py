@@ -1,39 +1,44 @@
-"""An opt-in, process-wide memo of frozen towers' per-row outputs, for no-grad encoding passes.
+"""Per-row outputs of frozen towers, shared by the stages a run hands one memo to.
 
-Why: one demo run (and one ``cache build`` with a fusion teacher) encodes the same images and
-captions with the same frozen weights several times: teacher training, the fusion teacher's
+Why: one ``distill`` run (and one ``cache build`` with a fusion teacher) encodes the same images
+and captions with the same frozen weights several times: teacher training, the fusion teacher's
 encoding, the cache's dual pass and its fusion pass. On 2 CPU cores each pass of the Lite0
 trunk's frozen stages over the train split costs about two minutes, and each MiniLM pass over
 its captions about one. A frozen tower's output is a pure function of its input row, so rows
 are keyed by their content (plus the tower's identity) and computed once. No library memoises
 a module's forward per input row, hence this small module.
 
-Users: :class:`~clipdistill.models.text_minilm.MiniLMTextEncoder` (hidden states per token row)
-and :class:`~clipdistill.models.lit.LiTModel` (its frozen trunk stages per image), inside the
-block. Outside it, two users whose rows are exact: a student's frozen trunk stages
-(models/trunk_split.py: the ONNX Runtime graph gives a row the same bits whatever its batch) and
-the fusion teacher's dense logits grids (models/fusion/base.py: the same states give the same
-computation).
+An :class:`EncodingMemo` is an object, never a global: whoever runs the stages makes one and
+hands it to the models that may read it (:func:`attach_encoding_memo`); a model without one
+computes every row. The ``distill`` job (demo.py) makes one for its teacher, fusion and cache
+stages and another for its students; ``cache build`` makes its own; a student's training takes
+one or makes its own.
 
-A row first met in another batch can differ from a fresh forward in the last float bits
-(different padding or batch size), which bitwise-exact training resume must not see, so the
-memo is only on inside :func:`encoding_memo` and the student trainer never opens one.
+Readers: :class:`~clipdistill.models.text_minilm.MiniLMTextEncoder` (hidden states per token
+row) and :class:`~clipdistill.models.lit.LiTModel` (its frozen trunk stages and, without
+gradients, its whole trunk per image), when a memo is attached; a student's frozen trunk
+stages (models/trunk_split.py: the ONNX Runtime graph gives a row the same bits whatever its
+batch) and the fusion teacher's dense logits grids (models/fusion/base.py: the same states give
+the same computation), whose rows are exact.
+
+A MiniLM or LiT row first met in another batch can differ from a fresh forward in the last
+float bits (different padding or batch size), which bitwise-exact training resume must not see,
+so a student's trainer never attaches a memo to its teachers' towers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
 #: Per tower. MiniLM: ~90k captions of 16 tokens; a demo run on the emoji set needs ~0.4 GiB.
 #: Lite0's frozen stages at 224 px: 88 KB per image, ~6.5k images (2 views of train, val, test) ~0.6 GiB.
 DEFAULT_MAX_BYTES = 2 << 30
-_MEMOS: dict[str, RowMemo] = {}
-_ACTIVE = [0]
 
 
 class RowMemo:
@@ -75,31 +80,53 @@ class RowMemo:
         return [value if value is not None else fresh[key] for value, key in zip(found, keys, strict=True)]
 
 
-@contextlib.contextmanager
-def encoding_memo() -> Iterator[None]:
-    """Inside this block, frozen towers reuse the outputs of rows they have already encoded in
-    this process (see the module docstring for who uses it and why it is opt-in)."""
-    _ACTIVE[0] += 1
-    try:
-        yield
-    finally:
-        _ACTIVE[0] -= 1
+class EncodingMemo:
+    """The rows of every frozen tower one run's stages share: a :class:`RowMemo` per tower key.
+
+    A cache, not model state: a copy of a model (``copy.deepcopy``) shares its memo, and a
+    pickled one starts with an empty memo."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.towers: dict[str, RowMemo] = {}
+
+    def tower(self, key: str, max_bytes: int | None = None) -> RowMemo:
+        """The memo of ``key`` (a name of the frozen weights), created on first use with
+        ``max_bytes`` (default: this memo's)."""
+        if key not in self.towers:
+            self.towers[key] = RowMemo(self.max_bytes if max_bytes is None else max_bytes)
+        return self.towers[key]
+
+    def clear(self) -> None:
+        """Drop every row (frees the memory once the passes that share them are over)."""
+        self.towers.clear()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EncodingMemo:
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_bytes": self.max_bytes, "towers": {}}
 
 
-def memo_active() -> bool:
-    """Whether an :func:`encoding_memo` block is open and nothing is being traced or compiled
-    (an exported graph must hold the computation, not a lookup)."""
-    return bool(_ACTIVE[0]) and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+def attach_encoding_memo(model: nn.Module, memo: EncodingMemo | None) -> nn.Module:
+    """Hand ``memo`` to every module of ``model`` that reads one (a class with an
+    ``encoding_memo`` attribute: the MiniLM tower, the LiT teacher, an open_clip model, the
+    fusion teacher), nested ones included; ``None`` takes it away. Returns ``model``."""
+    for module in model.modules():
+        if hasattr(type(module), "encoding_memo"):
+            module.encoding_memo = memo
+    return model
 
 
-def memo_for(tower: str, max_bytes: int = DEFAULT_MAX_BYTES) -> RowMemo:
-    """The memo of ``tower`` (a key naming the frozen weights), created on first use."""
-    return _MEMOS.setdefault(tower, RowMemo(max_bytes))
+def traced() -> bool:
+    """Whether a graph is being traced or compiled (an exported graph must hold the
+    computation, not a lookup or an ONNX Runtime call)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def clear_encoding_memos() -> None:
-    """Drop every memoised row (frees the memory once the encoding passes are over)."""
-    _MEMOS.clear()
+def usable_memo(memo: EncodingMemo | None) -> EncodingMemo | None:
+    """``memo``, unless a graph is being traced (then ``None``: compute the rows)."""
+    return None if memo is None or traced() else memo
 
 
 def tensor_key(tensor: torch.Tensor) -> bytes:

@@ -1,7 +1,7 @@
 """Fast inference of a pretrained trunk's frozen stages (the LiT teacher's stem + stages 0-4).
 
 Those stages run over every image view of the train split once per demo (the teacher's frozen
-bank; the fusion teacher and the cache reuse the rows through ``encoding_memo``), and at 224 px
+bank; the fusion teacher and the cache reuse the rows through an ``EncodingMemo``), and at 224 px
 they are most of the teacher's cost. In eager PyTorch on CPU a large part of that time goes to
 BatchNorm and to the "same" padding of timm's ``tf_`` convolutions, memory-bound passes over the
 largest feature maps. So on CPU they run as an ONNX Runtime graph, faster than eager

@@ -25,7 +25,7 @@ from torch import nn
 from clipdistill.hashing import file_sha256
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder, load_trained_weights
-from clipdistill.models.encoding_memo import memo_active, module_key, tensor_key
+from clipdistill.models.encoding_memo import EncodingMemo, module_key, tensor_key, usable_memo
 from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
 from clipdistill.models.trunk_split import (
     FrozenPrefix,
@@ -129,6 +129,10 @@ def lit_config_from_spec(identifier: str, frozen_stages: int = 0) -> LiTConfig:
 class LiTModel(DualEncoder):
     """timm image trunk + linear head, frozen MiniLM text tower (+ optional projection)."""
 
+    #: Rows shared with other stages of a run (models/encoding_memo.py): the frozen stages'
+    #: rows, and without gradients the whole trunk's.
+    encoding_memo: EncodingMemo | None = None
+
     def __init__(self, config: LiTConfig, spec: str = "", load_pretrained: bool = True) -> None:
         """``load_pretrained=False`` skips reading ``config.image_pretrained`` (a saved teacher
         overwrites every trunk weight anyway)."""
@@ -195,24 +199,26 @@ class LiTModel(DualEncoder):
     def frozen_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The frozen stem and stages on model-normalised pixels: a pure function of the image
         (frozen weights, BatchNorm in eval), so teacher training computes it once per view, and
-        inside :func:`~clipdistill.models.encoding_memo.encoding_memo` every later pass (fusion
-        teacher, cache, evaluation) reuses the rows it has already seen."""
+        with an :attr:`encoding_memo` attached every later pass (fusion teacher, cache,
+        evaluation) reuses the rows it has already seen."""
         if not self.splits_at_frozen():
             stages = self.config.frozen_stages
             raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
-        if not memo_active():
+        memo = usable_memo(self.encoding_memo)
+        if memo is None:
             return self.frozen_prefix.run(pixels)
-        return self.frozen_prefix.memoised(pixels)
+        return self.frozen_prefix.memoised(pixels, memo)
 
     def _upper_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``trunk.forward_features`` (before pooling); when a memo is open and nothing trains,
-        memoised per row for the whole trunk, its frozen stages memoised on their own (teacher
-        training's bank): bit-for-bit the same computation otherwise."""
-        if self.splits_at_frozen() and memo_active() and not torch.is_grad_enabled():
-            return self._memoised_upper(pixels)
+        """``trunk.forward_features`` (before pooling); with a memo attached and nothing
+        training, memoised per row for the whole trunk, its frozen stages memoised on their own
+        (teacher training's bank): bit-for-bit the same computation otherwise."""
+        memo = usable_memo(self.encoding_memo)
+        if self.splits_at_frozen() and memo is not None and not torch.is_grad_enabled():
+            return self._memoised_upper(pixels, memo)
         return self.trunk.forward_features(self._trunk_layout(pixels))
 
-    def _memoised_upper(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _memoised_upper(self, pixels: torch.Tensor, memo: EncodingMemo) -> torch.Tensor:
         """Every row of ``forward_features`` once per trunk weights: the cache's dual pass and the
         fusion teacher's token and embedding calls ask for the same rows of a frozen teacher,
         and the trained stages at 224 px were half of the cache stage. A miss runs the trained
@@ -220,9 +226,10 @@ class LiTModel(DualEncoder):
         keys = [tensor_key(row) for row in pixels]
 
         def forward(missing: list[int]) -> torch.Tensor:
-            return self._upper_from_frozen(self.frozen_prefix.memoised(pixels[missing], [keys[i] for i in missing]))
+            frozen = self.frozen_prefix.memoised(pixels[missing], memo, [keys[i] for i in missing])
+            return self._upper_from_frozen(frozen)
 
-        return memoised_feature_maps(module_key("lit-trunk", [self.trunk]), keys, forward, pixels.device)
+        return memoised_feature_maps(memo, module_key("lit-trunk", [self.trunk]), keys, forward, pixels.device)
 
     def _upper_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         """The trained stages and the head convolution on :meth:`frozen_features`: the rest of

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from clipdistill.models.base import DualEncoder
+from clipdistill.models.encoding_memo import EncodingMemo, traced
 from clipdistill.models.hub import cannot_fetch, hub_cache
-from clipdistill.models.trunk_split import FrozenPrefix, is_efficientnet, leading_stages, traced, upper_features
+from clipdistill.models.trunk_split import FrozenPrefix, is_efficientnet, leading_stages, upper_features
 
 
 def _as_pair(size: Any) -> tuple[int, int]:
@@ -27,6 +28,9 @@ def _as_pair(size: Any) -> tuple[int, int]:
 
 class OpenCLIPDualEncoder(DualEncoder):
     """Wraps an ``open_clip`` CLIP/CustomTextCLIP with its tokenizer and preprocessing config."""
+
+    #: Where the frozen trunk stages' rows are kept (:meth:`freeze_trunk_stages`).
+    encoding_memo: EncodingMemo | None = None
 
     def __init__(self, model: nn.Module, tokenizer: Any, spec: str = "") -> None:
         super().__init__()
@@ -55,7 +59,9 @@ class OpenCLIPDualEncoder(DualEncoder):
         """Keep the image trunk's stem and first ``stages`` blocks fixed (``student.frozen_stages``):
         no gradient, BatchNorm statistics fixed (eval mode), and in training and evaluation their
         output comes from :class:`~clipdistill.models.trunk_split.FrozenPrefix`, each image row
-        computed once per process (models/trunk_split.py says why). Only timm EfficientNet
+        computed once (models/trunk_split.py says why): those rows are exact, so the model keeps
+        them in its own :attr:`encoding_memo` unless it is handed one to share (a run that trains
+        several students from one teacher's tower). Only timm EfficientNet
         trunks split this way (the lite0 preset). The module tree and the weights stay as they
         are, so the saved folder and the exported graph are the plain open_clip model."""
         trunk = getattr(self.model.visual, "trunk", None)
@@ -70,6 +76,8 @@ class OpenCLIPDualEncoder(DualEncoder):
             module.requires_grad_(False)
         self.frozen_stages = stages
         self.frozen_prefix = FrozenPrefix(modules, f"student-frozen:{stages}") if modules else None
+        if modules and self.encoding_memo is None:
+            self.encoding_memo = EncodingMemo()
         self.train(self.training)
 
     def train(self, mode: bool = True) -> OpenCLIPDualEncoder:
@@ -84,7 +92,9 @@ class OpenCLIPDualEncoder(DualEncoder):
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         if self.frozen_prefix is not None and not traced():
             visual = self.model.visual
-            upper = upper_features(visual.trunk, self.frozen_prefix.memoised(pixels), self.frozen_stages)
+            memo = self.encoding_memo
+            frozen = self.frozen_prefix.run(pixels) if memo is None else self.frozen_prefix.memoised(pixels, memo)
+            upper = upper_features(visual.trunk, frozen, self.frozen_stages)
             return visual.head(visual.trunk.forward_head(upper))
         return self.model.encode_image(pixels, normalize=False)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from clipdistill.errors import UserError
-from clipdistill.models.encoding_memo import memo_active, memo_for
+from clipdistill.models.encoding_memo import EncodingMemo, usable_memo
 
 MINILM_DIM = 384
 
@@ -44,6 +44,9 @@ def minilm_path() -> Path:
 
 class MiniLMTextEncoder(nn.Module):
     """MiniLM with mean pooling; ``tokenize`` pads to ``context_length`` with its own WordPiece."""
+
+    #: Rows shared with other stages of a run (models/encoding_memo.py), read while frozen.
+    encoding_memo: EncodingMemo | None = None
 
     def __init__(self, context_length: int = 32, path: Path | None = None) -> None:
         super().__init__()
@@ -80,10 +83,10 @@ class MiniLMTextEncoder(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(last hidden state (B, L, width), mask (B, L) bool)`` of padded token ids; rows are
-        taken from the process memo inside
-        :func:`~clipdistill.models.encoding_memo.encoding_memo` when the tower is frozen."""
+        taken from the attached :attr:`encoding_memo` when the tower is frozen."""
         mask = tokens != self.pad_token_id
-        if not self._memo_usable():
+        memo = self._usable_memo()
+        if memo is None:
             return self._forward_hidden(tokens, mask), mask
         lengths = mask.sum(dim=1).tolist()
 
@@ -96,14 +99,15 @@ class MiniLMTextEncoder(nn.Module):
 
         keys = [row[:n].cpu().numpy().tobytes() for row, n in zip(tokens, lengths, strict=True)]
         hidden = torch.zeros(tokens.shape[0], tokens.shape[1], self.width, device=tokens.device)
-        for i, value in enumerate(memo_for(self._memo_key).fetch(keys, compute)):
+        for i, value in enumerate(memo.tower(self._memo_key).fetch(keys, compute)):
             hidden[i, : lengths[i]] = value.to(tokens.device)
         return hidden, mask
 
     def _forward_hidden(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
 
-    def _memo_usable(self) -> bool:
-        if not memo_active() or self.model.training:
-            return False
-        return not any(parameter.requires_grad for parameter in self.model.parameters())
+    def _usable_memo(self) -> EncodingMemo | None:
+        memo = usable_memo(self.encoding_memo)
+        if memo is None or self.model.training or any(p.requires_grad for p in self.model.parameters()):
+            return None
+        return memo

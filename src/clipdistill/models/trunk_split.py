@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipdistill.models.encoding_memo import memo_for, module_key, tensor_key
+from clipdistill.models.encoding_memo import EncodingMemo, module_key, tensor_key
 
 
 def is_efficientnet(trunk: nn.Module) -> bool:
@@ -52,20 +52,15 @@ def upper_features(trunk: nn.Module, features: torch.Tensor, stages: int) -> tor
     return trunk.bn2(trunk.conv_head(features))
 
 
-def traced() -> bool:
-    """Whether a graph is being traced or compiled (an exported graph must hold the
-    computation, not a lookup or an ONNX Runtime call)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
-
-
 class FrozenPrefix:
     """Runs a trunk's frozen leading stages fast and, on request, memoised per row.
 
     The runner (:class:`FrozenStages`) is rebuilt whenever the frozen weights or the device
     change (e.g. after a checkpoint load); the memo is keyed by the weights too, so two models
     with the same frozen stages (every student that starts from the teacher's image tower)
-    share their rows. On CPU the ONNX Runtime graph gives each row bit-for-bit the same output
-    whatever else is in its batch (tested), so a memoised row equals a fresh one exactly."""
+    share their rows when they are handed one memo. On CPU the ONNX Runtime graph gives each
+    row bit-for-bit the same output whatever else is in its batch (tested), so a memoised row
+    equals a fresh one exactly."""
 
     def __init__(self, modules: list[nn.Module], name: str) -> None:
         self.modules = modules
@@ -91,25 +86,29 @@ class FrozenPrefix:
             self._runner = (runner_key, FrozenStages(self.modules, pixels.device))
         return self._runner[1](pixels)
 
-    def memoised(self, pixels: torch.Tensor, row_keys: list[bytes] | None = None) -> torch.Tensor:
-        """:meth:`run`, each row computed once per weights in this process (the process-wide
-        memo of these weights). ``row_keys``: the rows' :func:`tensor_key`, when the caller
-        already hashed them."""
+    def memoised(self, pixels: torch.Tensor, memo: EncodingMemo, row_keys: list[bytes] | None = None) -> torch.Tensor:
+        """:meth:`run`, each row computed once per weights in ``memo``. ``row_keys``: the rows'
+        :func:`tensor_key`, when the caller already hashed them."""
         weights = self.key()
         keys = row_keys if row_keys is not None else [tensor_key(row) for row in pixels]
-        return memoised_feature_maps(weights, keys, lambda missing: self.run(pixels[missing], weights), pixels.device)
+        forward = lambda missing: self.run(pixels[missing], weights)  # noqa: E731
+        return memoised_feature_maps(memo, weights, keys, forward, pixels.device)
 
 
 def memoised_feature_maps(
-    tower: str, keys: list[bytes], forward: Callable[[list[int]], torch.Tensor], device: torch.device
+    memo: EncodingMemo,
+    tower: str,
+    keys: list[bytes],
+    forward: Callable[[list[int]], torch.Tensor],
+    device: torch.device,
 ) -> torch.Tensor:
-    """The batch of per-row feature maps whose row keys are ``keys``, from ``tower``'s memo;
-    ``forward(missing)`` computes the rows at those positions as one batch. Rows are stored on
-    the CPU and returned stacked on ``device``, channels-last (the trunk's layout). Shared by the
-    frozen prefix and the LiT teacher's whole-trunk memo."""
+    """The batch of per-row feature maps whose row keys are ``keys``, from ``memo``'s rows of
+    ``tower``; ``forward(missing)`` computes the rows at those positions as one batch. Rows are
+    stored on the CPU and returned stacked on ``device``, channels-last (the trunk's layout).
+    Shared by the frozen prefix and the LiT teacher's whole-trunk memo."""
 
     def compute(missing: list[int]) -> list[torch.Tensor]:
         return [row.to("cpu").clone() for row in forward(missing)]
 
-    rows = memo_for(tower).fetch(keys, compute)
+    rows = memo.tower(tower).fetch(keys, compute)
     return torch.stack(rows).to(device).contiguous(memory_format=torch.channels_last)

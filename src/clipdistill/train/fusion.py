@@ -35,6 +35,7 @@ from clipdistill.distill.losses import clip_loss
 from clipdistill.eval.rerank import rerank_from_states
 from clipdistill.io import append_jsonl, atomic_write_json
 from clipdistill.models.base import DualEncoder
+from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 from clipdistill.models.fusion import (
     FusionConfig,
     FusionEncoder,
@@ -420,8 +421,10 @@ def train_fusion_teacher(
     device: str | torch.device = "cpu",
     progress: bool = True,
     allow_random_teacher: bool = False,
+    encoding_memo: EncodingMemo | None = None,
 ) -> dict[str, Any]:
     """Train a ``fusion:`` teacher on the ``train`` split over the dual teacher ``teacher_spec``.
+    ``encoding_memo``: rows of the dual teacher's frozen towers shared with the run's other stages.
 
     Loss per step: ``itm`` (listwise CE over a caption's candidates, or ½[BCE(positives, 1) +
     BCE(hard negatives, 0)]) on the match logit, plus ``w_heads`` · the heads loss
@@ -449,7 +452,7 @@ def train_fusion_teacher(
 
     dual_spec = _absolute_spec(teacher_spec)
     check_teacher_weights(dual_spec, allow_random=allow_random_teacher)
-    dual = load_model(dual_spec, device=torch_device)
+    dual = attach_encoding_memo(load_model(dual_spec, device=torch_device), encoding_memo)
     dual.requires_grad_(False)
     geometry = dual_token_geometry(dual)
     height, width = dual.image_size

@@ -23,6 +23,7 @@ from clipdistill.distill.losses import clip_loss
 from clipdistill.eval.embed import embed_images
 from clipdistill.eval.retrieval import recall_at_k
 from clipdistill.io import append_jsonl, atomic_write_json
+from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 from clipdistill.models.lit import LiTConfig, LiTModel
 from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_everything, update
 
@@ -52,7 +53,7 @@ class TeacherTrainConfig:
     frozen_views: int = 2
     # Those views are augmentation 0..frozen_views-1 of replay_augmentation (0 = the plain image)
     # with this seed and aug_scale/aug_shift: the views the teacher cache replays (same defaults),
-    # so inside an encoding_memo the cache and the fusion teacher find their frozen rows computed.
+    # so with a shared EncodingMemo the cache and the fusion teacher find their frozen rows computed.
     aug_seed: int = 0
     # Size the images are decoded at before the model resizes them to its input size; None: the
     # input size. The demo decodes at the cache's size for the same reason as aug_seed.
@@ -178,9 +179,17 @@ def _frozen_bank(
 
 
 def train_lit_teacher(
-    dataset: PairedDataset, out: str | Path, config: TeacherTrainConfig | None = None, *, progress: bool = True
+    dataset: PairedDataset,
+    out: str | Path,
+    config: TeacherTrainConfig | None = None,
+    *,
+    progress: bool = True,
+    encoding_memo: EncodingMemo | None = None,
 ) -> dict[str, Any]:
     """Train on ``train``, select the best epoch by val rsum, save it to ``out``.
+
+    ``encoding_memo``: where the frozen towers' rows go (MiniLM's captions, the frozen trunk
+    stages' images), for the later stages of a run that encode the same rows.
 
     Writes ``out/log.jsonl`` (one line per epoch), ``out/train_config.json`` and the model
     (``clipdistill_model.json`` + ``model.safetensors``); returns the final summary, which
@@ -193,7 +202,7 @@ def train_lit_teacher(
     started = time.perf_counter()
 
     train, val = dataset.split("train"), dataset.split("val")
-    model = LiTModel(config.model, spec=f"run:{out}")
+    model = attach_encoding_memo(LiTModel(config.model, spec=f"run:{out}"), encoding_memo)
     size = config.decode_size or config.model.image_size
     train_pixels = load_image_tensor(train.image_paths(), size, progress=progress)
     val_pixels = load_image_tensor(val.image_paths(), size, progress=progress)

@@ -34,6 +34,7 @@ from clipdistill.distill.methods import fusion_methods, get_method, resolve_meth
 from clipdistill.eval.embed import embed_image_source, embed_texts
 from clipdistill.eval.retrieval import recall_at_k
 from clipdistill.io import append_jsonl, atomic_write_json, read_jsonl
+from clipdistill.models.encoding_memo import EncodingMemo
 from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.train.checkpoint import (
     BEST,
@@ -211,7 +212,12 @@ def _truncate_log(path: Path, key: str, limit: int) -> None:
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig`; :meth:`fit` runs it."""
 
-    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+    def __init__(
+        self, config: TrainConfig, *, progress: bool = True, encoding_memo: EncodingMemo | None = None
+    ) -> None:
+        """``encoding_memo``: where the student's frozen trunk rows and the fusion teacher's
+        logits grids are kept, shared with the other students of a run (both exact: sharing
+        changes no number); by default the student keeps its own and grids are not kept."""
         from clipdistill.data.splits import split_dataset
         from clipdistill.device import resolve_device
 
@@ -236,6 +242,11 @@ class Trainer:
         self.val_split = self.dataset.split("val")
         self.student = build_student_model(config).to(self.device)
         self.teacher = build_teacher_source(config, self.dataset, self.device)
+        if encoding_memo is not None:
+            self.student.encoding_memo = encoding_memo
+            fusion = getattr(self.teacher, "fusion", None)
+            if fusion is not None:
+                fusion.encoding_memo = encoding_memo  # its own grids only, not its dual teacher's towers
         if self.dist.enabled and self.teacher is not None:
             self.teacher = GatheringTeacher(self.teacher, self.dist)
         self.method = method_cls(self.student.embed_dim, self.teacher, method_args).to(self.device)
@@ -512,12 +523,19 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
-def train(config: TrainConfig, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: TrainConfig,
+    *,
+    resume: str | None = None,
+    progress: bool = True,
+    encoding_memo: EncodingMemo | None = None,
+) -> dict[str, Any]:
     """Build a :class:`Trainer` and fit it (the library entry point behind ``clipdistill train``).
-    Under torchrun every process calls this; it leaves the process group it joined on return."""
+    Under torchrun every process calls this; it leaves the process group it joined on return.
+    ``encoding_memo``: see :class:`Trainer`."""
     from clipdistill.train.distributed import shutdown
 
-    trainer = Trainer(config, progress=progress)
+    trainer = Trainer(config, progress=progress, encoding_memo=encoding_memo)
     try:
         return trainer.fit(resume=resume)
     finally:

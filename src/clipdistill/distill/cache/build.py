@@ -32,11 +32,10 @@ from clipdistill.distill.cache.job import BuildJob, Rows, Teachers, batches
 from clipdistill.distill.cache.manifest import dataset_fingerprint, manifest_matches, preprocessing
 from clipdistill.hashing import canonical_hash
 from clipdistill.io import atomic_write_json
-from clipdistill.models.encoding_memo import encoding_memo
+from clipdistill.models.encoding_memo import EncodingMemo
 from clipdistill.models.fingerprint import teacher_fingerprint
 
 
-@encoding_memo()  # its dual pass and fusion pass encode the same captions and images (captions repeat)
 def build_cache(
     teacher_spec: str,
     dataset: PairedDataset,
@@ -57,9 +56,13 @@ def build_cache(
     shard_owner: tuple[int, int] | None = None,
     require_existing: bool = False,
     allow_random_teacher: bool = False,
+    encoding_memo: EncodingMemo | None = None,
 ) -> Path:
     """Compute the teacher's outputs for every image × augmentation 0..k-1 and every caption of
     ``split``, and write them to ``out`` (see :mod:`clipdistill.distill.cache` for the layout).
+
+    ``encoding_memo``: rows of the frozen towers that the run's earlier stages computed (the
+    ``distill`` job hands its teacher and fusion stages' memo on); by default the build's own.
 
     ``fusion`` (a ``fusion:``/``blip-itm:`` spec) also stores that fusion teacher's per-item
     states for the same rows (see :mod:`clipdistill.distill.cache` for why states, not pair scores).
@@ -99,7 +102,9 @@ def build_cache(
     subset = dataset.split(split)
     subset.check_files()
 
-    teachers = Teachers(spec, fusion_spec, torch_device, token_features, allow_random_teacher)
+    teachers = Teachers(
+        spec, fusion_spec, torch_device, token_features, allow_random_teacher, encoding_memo or EncodingMemo()
+    )
     if token_features:
         teachers.teacher()  # refuse a teacher without token features before anything else
     if image_size is None:

@@ -29,6 +29,7 @@ from clipdistill.distill.cache.format import (
     shard_metadata,
     write_shard,
 )
+from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 
 
 def batches(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
@@ -57,6 +58,9 @@ class Teachers:
     device: torch.device
     token_features: bool
     allow_random_teacher: bool = False  # a teacher without trained weights (models.teachers.load_teacher)
+    #: Rows of the frozen towers, shared by the dual pass and the fusion pass (captions repeat,
+    #: and the fusion teacher's dual encodes the same images) and with the run's other stages.
+    encoding_memo: EncodingMemo = field(default_factory=EncodingMemo)
     _teacher: Any = None
     _fusion: Any = None
 
@@ -65,6 +69,7 @@ class Teachers:
             from clipdistill.models.teachers import load_teacher
 
             self._teacher = load_teacher(self.spec, device=self.device, allow_random=self.allow_random_teacher)
+            attach_encoding_memo(self._teacher, self.encoding_memo)
             if self.token_features:
                 check_token_features(self._teacher.model, self.spec)
         return self._teacher
@@ -73,7 +78,9 @@ class Teachers:
         if self._fusion is None:
             from clipdistill.models.fusion import load_fusion_teacher
 
-            self._fusion = load_fusion_teacher(str(self.fusion_spec), device=self.device)
+            self._fusion = attach_encoding_memo(
+                load_fusion_teacher(str(self.fusion_spec), device=self.device), self.encoding_memo
+            )
         return self._fusion
 
 

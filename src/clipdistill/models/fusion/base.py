@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdistill.models.encoding_memo import memo_for, module_key, tensor_key
+from clipdistill.models.encoding_memo import EncodingMemo, module_key, tensor_key, usable_memo
 
 #: Pairs scored per forward of the pair head: bounds the (pairs × tokens × width) scratch.
 PAIR_CHUNK = 4096
@@ -140,9 +140,11 @@ def score_pairs(
     *,
     pooled: bool = False,
     chunk: int = PAIR_CHUNK,
+    memo: EncodingMemo | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Match logits (and pooled features) for the given pairs, in chunks of ``chunk`` pairs.
-    Gradients flow when called outside ``no_grad`` (fusion training uses it that way)."""
+    Gradients flow when called outside ``no_grad`` (fusion training uses it that way). ``memo``:
+    where whole no-grad logits grids are kept (:func:`_score_dense`)."""
     if image_index.shape != text_index.shape or image_index.dim() != 1:
         raise ValueError(
             f"pair indices must be two 1-D tensors of one length, got {tuple(image_index.shape)}, "
@@ -150,7 +152,7 @@ def score_pairs(
         )
     n_pairs = int(image_index.numel())
     if hasattr(backend, "pair_grid") and n_pairs >= DENSE_FRACTION * states.n_images * states.n_texts > 0:
-        return _score_dense(backend, states, image_index, text_index, pooled, chunk)
+        return _score_dense(backend, states, image_index, text_index, pooled, chunk, memo)
     prepared = backend.prepare_pairs(states, with_pooled=pooled)
     logits, features = [], []
     for start in range(0, n_pairs, chunk):
@@ -172,22 +174,24 @@ def _score_dense(
     text_index: torch.Tensor,
     pooled: bool,
     chunk: int,
+    memo: EncodingMemo | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score the whole images × captions grid (in blocks of images of about ``chunk`` pairs)
     and read the requested pairs off it.
 
-    Without gradients and pooled features, the logits grid is memoised per (backend weights,
-    states) content: MCAD scores every pair of a batch and DCD most of them, and in one demo
-    process the two train on the very same batches, so the second finds each grid computed
-    (docs/results.md, "Where the demo's time goes"). A memoised grid is the one a fresh pass
-    over the same states gives, bit for bit (same inputs, same shapes, same code), so training is
-    unchanged."""
-    if pooled or torch.is_grad_enabled():
+    Without gradients and pooled features, and given a ``memo``, the logits grid is kept per
+    (backend weights, states) content: MCAD scores every pair of a batch and DCD most of them,
+    and the ``distill`` job trains the two on the very same batches and hands their fusion
+    teachers one memo, so the second finds each grid computed (docs/results.md, "Where the demo's
+    time goes"). A kept grid is the one a fresh pass over the same states gives, bit for bit
+    (same inputs, same shapes, same code), so training is unchanged."""
+    memo = usable_memo(memo)
+    if pooled or torch.is_grad_enabled() or memo is None:
         logits, features = _dense_grid(backend, states, pooled, chunk)
         return logits[image_index, text_index], (features[image_index, text_index] if pooled else None)
     key = _grid_key(backend, states)
-    memo = memo_for("fusion-grids", max_bytes=GRID_MEMO_BYTES)
-    (grid,) = memo.fetch([key], lambda _: [_dense_grid(backend, states, False, chunk)[0]])
+    grids = memo.tower("fusion-grids", max_bytes=GRID_MEMO_BYTES)
+    (grid,) = grids.fetch([key], lambda _: [_dense_grid(backend, states, False, chunk)[0]])
     return grid.to(states.image_global.device)[image_index, text_index], None
 
 
@@ -223,6 +227,10 @@ class FusionTeacher(nn.Module):
 
     ``score_matrix`` scores every image against every caption of a :class:`FusionStates`;
     ``pair_logits`` only the listed pairs (what MCAD's top-k and DCD's candidates need)."""
+
+    #: Where whole no-grad logits grids are kept (:func:`_score_dense`), shared with other
+    #: fusion teachers of a run that score the same batches.
+    encoding_memo: EncodingMemo | None = None
 
     def __init__(self, backend: FusionBackend, spec: str) -> None:
         super().__init__()
@@ -286,7 +294,7 @@ class FusionTeacher(nn.Module):
 
     @torch.no_grad()
     def pair_logits(self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
-        return score_pairs(self.backend, states, image_index, text_index)[0]
+        return score_pairs(self.backend, states, image_index, text_index, memo=self.encoding_memo)[0]
 
     @torch.no_grad()
     def pair_features(
