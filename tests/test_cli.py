@@ -107,7 +107,7 @@ def test_teacher_train_from_a_lit_spec(shapes_dataset_dir: Path, tmp_path: Path)
     both = runner.invoke(app, [*args, "--model", "lit:efficientnet-lite0", "--image-model", "resnet10t"])
     assert both.exit_code != 0 and "not both" in both.output
     wrong = runner.invoke(app, [*args, "--model", "run:somewhere"])
-    assert wrong.exit_code != 0 and "lit:WEIGHTS" in wrong.output
+    assert wrong.exit_code != 0 and "lit:TRUNK" in wrong.output
 
 
 def test_eval_matches_recall_on_embeddings_of_a_saved_student(shapes_dataset_dir: Path, tmp_path: Path) -> None:

@@ -49,9 +49,7 @@ class DataConfig:
         """The :class:`~clipdistill.data.splits.SplitOptions` these keys give."""
         from clipdistill.data.splits import SplitOptions
 
-        return SplitOptions(
-            val_data=self.val_path, test_data=self.test_path, seed=self.split_seed, group_by=self.group_by
-        )
+        return SplitOptions.of(self)
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):

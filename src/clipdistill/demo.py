@@ -97,10 +97,7 @@ def _dataset(out: Path, data: RunDataConfig) -> tuple[Any, str, str | None]:
         data_path, images_root = str(out / "data"), None
     else:
         _stage(f"data ({data.path})", True)
-        options = SplitOptions(
-            val_data=data.val_path, test_data=data.test_path, seed=data.split_seed, group_by=data.group_by
-        )
-        dataset, data_path, record = make_splits(out / "data", data.path, data.images, options)
+        dataset, data_path, record = make_splits(out / "data", data.path, data.images, SplitOptions.of(data))
         images_root = (
             None if record is not None or data.images is None else str(data.images)
         )  # the split file is absolute
@@ -416,18 +413,16 @@ def run_demo(
     (``splits``: :class:`~clipdistill.data.splits.SplitOptions` for a ``data`` without splits)."""
     from clipdistill.run_config import resolve_run_config
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"data": {}}
     if data is not None:
         values["data"] = {"path": str(data), "images": None if images is None else str(images)}
-        if splits is not None:
-            values["data"].update(
-                val_path=None if splits.val_data is None else str(splits.val_data),
-                test_path=None if splits.test_data is None else str(splits.test_data),
-                split_seed=splits.seed,
-                group_by=splits.group_by,
-            )
-    elif splits is not None and (splits.val_data or splits.test_data):
-        raise DemoError("--val-data/--test-data need --data (the train file) too")
+    if splits is not None:  # without data: _dataset refuses split files with no train file
+        values["data"].update(
+            val_path=None if splits.val_data is None else str(splits.val_data),
+            test_path=None if splits.test_data is None else str(splits.test_data),
+            split_seed=splits.seed,
+            group_by=splits.group_by,
+        )
     if methods is not None:
         values["methods"] = parse_methods(methods)
     if seeds is not None:

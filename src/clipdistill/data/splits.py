@@ -38,6 +38,14 @@ class SplitOptions:
     seed: int = 0
     group_by: str | None = None
 
+    @classmethod
+    def of(cls, config: Any) -> SplitOptions:
+        """The options a config section's split keys give (``val_path``, ``test_path``,
+        ``split_seed``, ``group_by``: the training config's ``data`` and the run config's)."""
+        return cls(
+            val_data=config.val_path, test_data=config.test_path, seed=config.split_seed, group_by=config.group_by
+        )
+
 
 def _is_table(path: str | Path) -> bool:
     return Path(path).suffix.lower() in _TABLE_SUFFIXES

@@ -68,23 +68,27 @@ PRETRAINED_EPOCHS = 8
 PRETRAINED_LR = 2e-3
 
 
+def _lit_model_config(spec: str, frozen_stages: int) -> LiTConfig:
+    """The LiT architecture of a ``lit:TRUNK[@SIZE]`` spec; any other spec is refused."""
+    from clipdistill.models.lit import lit_config_from_spec
+    from clipdistill.models.spec import ModelSpecError, parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.schema != "lit":
+        raise ModelSpecError(f"{spec!r}: a trained teacher starts from a lit:TRUNK[@SIZE] architecture")
+    try:
+        return lit_config_from_spec(parsed.name, frozen_stages=frozen_stages)
+    except ValueError as error:
+        raise ModelSpecError(f"{spec!r}: {error}") from error
+
+
 def pretrained_teacher_config(
     spec: str = DEFAULT_TEACHER_SPEC, frozen_stages: int = DEFAULT_FROZEN_STAGES
 ) -> TeacherTrainConfig:
     """The training run of a ``lit:WEIGHTS[@SIZE]`` teacher: what `teacher train` does by default.
     Only the upper stages and the head train, from ImageNet weights, so fewer epochs at a lower
     lr than the scratch defaults of :class:`TeacherTrainConfig` suffice."""
-    from clipdistill.models.lit import lit_config_from_spec
-    from clipdistill.models.spec import ModelSpecError, parse_spec
-
-    parsed = parse_spec(spec)
-    if parsed.schema != "lit":
-        raise ModelSpecError(f"{spec!r}: a trained teacher starts from a lit:WEIGHTS[@SIZE] architecture")
-    try:
-        model = lit_config_from_spec(parsed.name, frozen_stages=frozen_stages)
-    except ValueError as error:
-        raise ModelSpecError(f"{spec!r}: {error}") from error
-    return TeacherTrainConfig(model=model, epochs=PRETRAINED_EPOCHS, lr=PRETRAINED_LR)
+    return TeacherTrainConfig(model=_lit_model_config(spec, frozen_stages), epochs=PRETRAINED_EPOCHS, lr=PRETRAINED_LR)
 
 
 def teacher_train_config(spec: str, frozen_stages: int | None = None) -> TeacherTrainConfig:
@@ -92,19 +96,12 @@ def teacher_train_config(spec: str, frozen_stages: int | None = None) -> Teacher
     gets :func:`pretrained_teacher_config` (stages 0-4 frozen), a timm trunk trained from scratch
     :class:`TeacherTrainConfig`'s own budget (nothing frozen). ``frozen_stages`` overrides."""
     from clipdistill.models.imagenet_lite import LITE_VARIANTS
-    from clipdistill.models.lit import lit_config_from_spec
-    from clipdistill.models.spec import ModelSpecError, parse_spec
+    from clipdistill.models.spec import parse_spec
 
     parsed = parse_spec(spec)
-    if parsed.schema != "lit":
-        raise ModelSpecError(f"{spec!r}: a trained teacher starts from a lit:TRUNK[@SIZE] architecture")
-    if parsed.name.partition("@")[0].strip() in LITE_VARIANTS:
+    if parsed.schema == "lit" and parsed.name.partition("@")[0].strip() in LITE_VARIANTS:
         return pretrained_teacher_config(spec, DEFAULT_FROZEN_STAGES if frozen_stages is None else frozen_stages)
-    try:
-        model = lit_config_from_spec(parsed.name, frozen_stages=frozen_stages or 0)
-    except ValueError as error:
-        raise ModelSpecError(f"{spec!r}: {error}") from error
-    return TeacherTrainConfig(model=model)
+    return TeacherTrainConfig(model=_lit_model_config(spec, frozen_stages or 0))
 
 
 @torch.no_grad()
