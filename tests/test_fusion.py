@@ -343,11 +343,34 @@ def test_rerank_recall_against_naive() -> None:
 
 
 # ---------------------------------------------------------------- training and loading fusion: folders
+def test_the_untrained_head_is_never_kept(
+    tmp_path: Path, teacher_spec: str, dataset: PairedDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even when the initialisation re-ranks val best (it ranks like the dual teacher), the kept
+    head is the best trained epoch; the initialisation's val is reported beside it."""
+    import clipdistill.train.fusion as fusion_training
+
+    real = fusion_training._rerank
+    val_scores = [90.0, 20.0, 30.0]  # the initialisation, epoch 1, epoch 2 (then test: as measured)
+
+    def rigged(*args: object, **kwargs: object) -> dict:
+        result = real(*args, **kwargs)
+        if val_scores:
+            result["reranked"] = {**result["reranked"], "t2i_R@1": val_scores.pop(0)}
+        return result
+
+    monkeypatch.setattr(fusion_training, "_rerank", rigged)
+    summary = train_fusion_teacher(teacher_spec, dataset, tmp_path / "fusion", TINY, progress=False)
+    assert summary["best_epoch"] == 2 and summary["val"]["reranked"]["t2i_R@1"] == 30.0
+    assert summary["initial_val"]["reranked"]["t2i_R@1"] == 90.0
+
+
 def test_train_fusion_writes_a_loadable_teacher(fusion_dir: Path, teacher_spec: str, dataset: PairedDataset) -> None:
     for name in ("fusion_config.json", "fusion.safetensors", "log.jsonl", "train_config.json", "train_summary.json"):
         assert (fusion_dir / name).is_file(), name
     summary = json.loads((fusion_dir / "train_summary.json").read_text())
-    assert {"val", "test", "best_epoch", "teacher"} <= set(summary)
+    assert {"val", "test", "best_epoch", "teacher", "initial_val"} <= set(summary)
+    assert summary["best_epoch"] >= 1  # a trained epoch, never the initialisation
     assert set(summary["test"]) == {"k", "dual", "reranked", "gain_R@1", "fusion_dual_corr"}
     assert -1.0 <= summary["test"]["fusion_dual_corr"] <= 1.0  # corr(z(F), S): what MCAD's Ŝ adds
     config = json.loads((fusion_dir / "fusion_config.json").read_text())["config"]

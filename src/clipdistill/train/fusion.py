@@ -12,9 +12,10 @@ match logit (re-ranking orders a short list); ``loss: bce`` is the class-balance
 cross-entropy of 2-way ITM with one logit. The heads loss trains g, h (see
 :func:`train_fusion_teacher`).
 
-The epoch kept is the one whose validation re-ranking (dual top-``rerank_k`` re-ordered by the
-fusion logit) has the best text→image recall; the summary reports dual vs re-ranked recall on
-val and, when there is one, on test.
+The epoch kept is the trained one whose validation re-ranking (dual top-``rerank_k`` re-ordered
+by the fusion logit) has the best text→image recall, never the initialisation (measured as the
+summary's ``initial_val``); the summary reports dual vs re-ranked recall on val and, when there
+is one, on test.
 """
 
 from __future__ import annotations
@@ -519,8 +520,12 @@ def train_fusion_teacher(
     log_path = out / "log.jsonl"
     log_path.unlink(missing_ok=True)
 
-    best: dict[str, Any] = {"epoch": 0, "val": _rerank(encoder, val_data, config.rerank_k)}
-    best_state = {name: value.clone() for name, value in encoder.head_state().items()}
+    # The untrained head is measured (the summary's ``initial_val``) but never kept: a fusion
+    # teacher is a trained one, so the best of the trained epochs is kept even when the
+    # initialisation (which ranks like the dual teacher) re-ranks val better.
+    initial = _rerank(encoder, val_data, config.rerank_k)
+    best: dict[str, Any] | None = None
+    best_state: dict[str, torch.Tensor] = {}
     epochs: Any = range(config.epochs)
     if progress:
         from tqdm import tqdm
@@ -567,18 +572,20 @@ def train_fusion_teacher(
         append_jsonl(log_path, record)
         if progress:
             epochs.set_postfix(itm=f"{record['itm_loss']:.3f}", val_R1=f"{result['reranked']['t2i_R@1']:.1f}")
-        if _selection_key(result) > _selection_key(best["val"]):
+        if best is None or _selection_key(result) > _selection_key(best["val"]):
             best = {"epoch": epoch + 1, "val": result}
             best_state = {name: value.clone() for name, value in encoder.head_state().items()}
         if out_of_time or (config.max_seconds is not None and elapsed > config.max_seconds):
             break
 
+    assert best is not None  # epochs >= 1 (FusionTrainConfig) and every epoch takes a step
     encoder.load_state_dict(best_state, strict=False)
     encoder.eval()
     save_fusion_encoder(encoder, out)
     summary: dict[str, Any] = {
         "teacher": dual_spec,
         "best_epoch": best["epoch"],
+        "initial_val": initial,
         "val": best["val"],
         "train_seconds": round(time.perf_counter() - started, 1),
         "model": f"fusion:{out}",
