@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from clipdistill.cli.deploy_cmd import export_command
 
-CAPTIONS = ["a red circle", "Two   dogs in the SNOW.", "triangle in green " * 12, ""]
+# Curly quotes and HTML entities: open_clip's tokenizers clean them (ftfy), so must the LiT one.
+CAPTIONS = ["a red circle", "Two   dogs in the SNOW.", "triangle in green " * 12, "", "twelve o’clock &amp; a cat"]
 
 
 def _app() -> typer.Typer:
@@ -145,6 +146,7 @@ def test_export_prints_its_stages_and_writes_a_plain_folder(exported: tuple[str,
     assert text_cfg["context_length"] == 32
     assert vision_cfg["timm_model_name"] == "tf_efficientnet_lite0" and vision_cfg["timm_proj_bias"] is True
     assert cfg["preprocess_cfg"]["mean"] == [0.5] * 3 and cfg["preprocess_cfg"]["interpolation"] == "bicubic"
+    assert cfg["clipdistill"] == {"frozen_stages": 5}
 
 
 def _teacher_inputs(spec: str) -> tuple[object, torch.Tensor]:
@@ -208,6 +210,10 @@ def test_clipdistill_local_dir_matches_the_run_after_a_move(
     torch.testing.assert_close(local.prepare_pixels(unit), teacher.prepare_pixels(unit), rtol=0, atol=0)
     ours, theirs = teacher.tokenize(CAPTIONS), local.tokenize(CAPTIONS)
     assert (theirs[:, : ours.shape[1]] == ours).all() and (theirs[:, ours.shape[1] :] == 0).all()
+    # the LiT teacher's frozen stages run as in run: (the same ONNX Runtime prefix, the same bits)
+    assert local.frozen_stages == 5 and not local.frozen_prefix.modules[0].training
+    pixels = teacher.prepare_pixels(unit)
+    assert torch.equal(local.frozen_prefix.run(pixels), teacher.frozen_features(pixels))
     with torch.no_grad():
         image_cos = (teacher.embed_images(unit) * local.embed_images(unit)).sum(-1)
         text_cos = (teacher.embed_texts(CAPTIONS) * local.embed_texts(CAPTIONS)).sum(-1)

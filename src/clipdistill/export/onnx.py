@@ -187,6 +187,7 @@ def write_tokenizer(model: Any, out: Path) -> dict[str, Any]:
             "file": WORDPIECE_FILE,
             "context_length": int(model.text.context_length),
             "pad_token_id": int(model.text.pad_token_id),
+            "clean": "whitespace",  # MiniLMTextEncoder.tokenize cleans as open_clip does
         }
     else:
         raise ExportConfigError(f"do not know how to export the tokenizer of {type(model).__name__}")

@@ -12,8 +12,12 @@ loads it with no clipdistill code and no hub access:
   over non-padding tokens, as LiT pools) and ``hf_proj_type`` = ``null`` (identity) for the
   default LiT (``text_proj: none``) or ``linear`` (no bias) for ``text_proj: linear``;
 * tokenizer: MiniLM's WordPiece files in the folder with ``context_length`` = the LiT one (open_clip
-  always reads a ``local-dir:`` folder's tokenizer from the folder); pixels: the LiT size, mean and
-  std with bicubic resizing, so ``prepare_pixels`` is the LiT one.
+  always reads a ``local-dir:`` folder's tokenizer from the folder, and cleans text as the LiT
+  tokenizer does); pixels: the LiT size, mean and std with bicubic resizing, so
+  ``prepare_pixels`` is the LiT one;
+* ``clipdistill.frozen_stages`` (a key open_clip ignores): the trunk stages the LiT teacher kept
+  frozen, which clipdistill then runs as the LiT teacher does (the ONNX Runtime prefix,
+  models/trunk_split.py), so ``local-dir:`` gives the outputs of ``run:``, as fast.
 
 What open_clip requires of ``hf_model_name``: it calls ``AutoConfig.from_pretrained`` on it as
 written, a hub id or a path taken relative to the *working directory*, never to the folder. The
@@ -45,7 +49,13 @@ import torch
 
 from clipdistill.errors import UserError
 from clipdistill.io import atomic_path, atomic_write_json
-from clipdistill.models.openclip_model import HF_TEXT_CONFIG, OPENCLIP_CONFIG, OpenCLIPDualEncoder, has_hf_text_model
+from clipdistill.models.openclip_model import (
+    FOLDER_EXTRAS,
+    HF_TEXT_CONFIG,
+    OPENCLIP_CONFIG,
+    OpenCLIPDualEncoder,
+    has_hf_text_model,
+)
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -151,7 +161,13 @@ def write_lit_folder(model: Any, out: Path) -> list[str]:
     with atomic_path(out / HF_TEXT_CONFIG) as tmp:
         tmp.write_bytes((source / HF_TEXT_CONFIG).read_bytes())
     tokenizer_files = _save_tokenizer(AutoTokenizer.from_pretrained(str(source)), out)
-    config = {"model_cfg": lit_model_cfg(model, out), "preprocess_cfg": lit_preprocess_cfg(model)}
+    config = {
+        "model_cfg": lit_model_cfg(model, out),
+        "preprocess_cfg": lit_preprocess_cfg(model),
+        # open_clip ignores keys it does not know; clipdistill runs these stages as the LiT
+        # teacher does (models/trunk_split.py), which makes the folder's outputs those of run:.
+        FOLDER_EXTRAS: {"frozen_stages": int(model.config.frozen_stages)} if model.splits_at_frozen() else {},
+    }
     atomic_write_json(out / OPENCLIP_CONFIG, config)
     return [WEIGHTS_FILE, HF_TEXT_CONFIG, *tokenizer_files, OPENCLIP_CONFIG]
 

@@ -117,6 +117,9 @@ class OpenCLIPDualEncoder(DualEncoder):
 
 
 OPENCLIP_CONFIG = "open_clip_config.json"
+#: The key of ``open_clip_config.json`` where clipdistill records how it runs the folder (open
+#: clip ignores it): ``frozen_stages`` of an exported LiT teacher's trunk.
+FOLDER_EXTRAS = "clipdistill"
 #: The Hugging Face config of a folder's own text model (an exported LiT teacher keeps MiniLM's here).
 HF_TEXT_CONFIG = "config.json"
 
@@ -163,6 +166,9 @@ def load_openclip_folder(directory: str | Path, *, spec: str = "") -> OpenCLIPDu
     encoder.model_cfg = model_cfg
     if raw.get("preprocess_cfg"):
         encoder.preprocess_cfg = raw["preprocess_cfg"]
+    frozen = int(raw.get(FOLDER_EXTRAS, {}).get("frozen_stages", 0))
+    if frozen:  # an exported LiT teacher: its frozen stages run as the LiT teacher runs them
+        encoder.freeze_trunk_stages(frozen)
     return encoder
 
 

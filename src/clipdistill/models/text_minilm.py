@@ -63,10 +63,15 @@ class MiniLMTextEncoder(nn.Module):
         self._memo_key = str(Path(source).resolve())
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        # Captions are cleaned as open_clip's tokenizers clean them (ftfy, HTML entities,
+        # whitespace), so the teacher reads the text the students read, and an exported LiT
+        # teacher (an open_clip folder, whose tokenizer always cleans) tokenises as this one.
         # Pad to the longest caption of the batch, not to context_length: the mask-weighted
         # mean ignores padding, so features are identical and short captions cost ~3x less.
+        from clipdistill.serve.tokenize import open_clip_clean
+
         encoded = self.tokenizer(
-            list(texts),
+            [open_clip_clean(text) for text in texts],
             padding="longest",
             truncation=True,
             max_length=self.context_length,

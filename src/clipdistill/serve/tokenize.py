@@ -7,8 +7,8 @@ captions tokenise differently), :class:`ClipBpeTokenizer` is a line-by-line port
 numpy, reading the same BPE merges file (copied into the export folder). It needs only
 ``ftfy`` and ``regex``, which open_clip already depends on. The LiT teacher's WordPiece
 tokenizer is served with the ``tokenizers`` library from its own ``tokenizer.json``; so is a
-student on open_clip's ``HFTokenizer`` (the ``lite0`` preset), after open_clip's text cleaning
-(``clean`` in the config: ``whitespace`` or ``lower``).
+student on open_clip's ``HFTokenizer`` (the ``lite0`` preset); both after open_clip's text
+cleaning (``clean`` in the config: ``whitespace`` or ``lower``).
 
 Both write fixed-width (B, context_length) int64 arrays padded with the pad id, which is what
 the exported text graphs take.
@@ -100,7 +100,7 @@ class ClipBpeTokenizer:
 
     @staticmethod
     def clean(text: str) -> str:
-        return _open_clip_clean(text, lower=True)
+        return open_clip_clean(text, lower=True)
 
     def _bpe(self, token: str) -> str:
         if token in self.special:
@@ -159,9 +159,11 @@ class ClipBpeTokenizer:
 CLEANS = (None, "whitespace", "lower")
 
 
-def _open_clip_clean(text: str, *, lower: bool) -> str:
+def open_clip_clean(text: str, *, lower: bool = False) -> str:
     """open_clip's ``_clean_whitespace`` / ``_clean_lower``: ftfy, HTML unescape twice, collapse
-    whitespace (and lowercase). Written out so serving needs no torch (open_clip imports it)."""
+    whitespace (and lowercase). Written out so serving needs no torch (open_clip imports it).
+    Every tokenizer of the project cleans captions this way (the LiT teacher's MiniLM too), so a
+    caption such as ``o’clock`` is one token sequence for teacher, student and service."""
     import ftfy
 
     text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).strip().split()).strip()
@@ -190,7 +192,7 @@ class WordPieceTokenizer:
             texts = [texts]
         out = np.full((len(texts), self.context_length), self.pad_token_id, dtype=np.int64)
         if self.clean is not None:
-            texts = [_open_clip_clean(text, lower=self.clean == "lower") for text in texts]
+            texts = [open_clip_clean(text, lower=self.clean == "lower") for text in texts]
         for row, encoding in enumerate(self.tokenizer.encode_batch(list(texts))):
             out[row, : len(encoding.ids)] = encoding.ids
         return out
