@@ -12,10 +12,10 @@ from clipdistill.train.trainer import Trainer
 original = Trainer.train_step
 
 
-def stop_before_second_step(self: Trainer, *args: Any) -> dict[str, float]:
+def stop_before_second_step(self: Trainer, *args: Any, **kwargs: Any) -> dict[str, float]:
     if self.global_step == 1:
         raise SystemExit(3)
-    return original(self, *args)
+    return original(self, *args, **kwargs)
 
 
 Trainer.train_step = stop_before_second_step  # type: ignore[method-assign]

@@ -126,8 +126,8 @@ def test_sigterm_finishes_the_step_saves_latest_and_restores_handlers(shapes_dat
     trainer = Trainer(_config(tmp_path, shapes_dataset_dir, optim={"epochs": 2, "batch_size": 2}), progress=False)
     original_step = trainer.train_step
 
-    def step_then_preempted(*args: object) -> dict[str, float]:
-        record = original_step(*args)
+    def step_then_preempted(*args: object, **kwargs: object) -> dict[str, float]:
+        record = original_step(*args, **kwargs)
         if trainer.global_step == 2:  # the 3rd step is in flight when the notice arrives
             os.kill(os.getpid(), signal.SIGTERM)
         return record

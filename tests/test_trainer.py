@@ -20,10 +20,10 @@ def interrupt_after_steps(trainer: Trainer, steps: int) -> None:
     """Run ``trainer.fit()`` and kill it (KeyboardInterrupt, as Ctrl-C) once ``steps`` steps are done."""
     original_step = trainer.train_step
 
-    def crash_after(*args: object) -> dict[str, float]:
+    def crash_after(*args: object, **kwargs: object) -> dict[str, float]:
         if trainer.global_step == steps:
             raise KeyboardInterrupt
-        return original_step(*args)
+        return original_step(*args, **kwargs)
 
     trainer.train_step = crash_after  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
@@ -79,6 +79,17 @@ def test_clip_run_writes_every_artifact(shapes_dataset_dir: Path, tmp_path: Path
     assert summary["best_epoch"] in (1, 2) and summary["model"] == f"local-dir:{run / 'model'}"
     plain = open_clip.create_model(f"local-dir:{run / 'model'}")  # loads with plain open_clip
     assert sum(p.numel() for p in plain.parameters()) > 0
+
+
+def test_the_trainer_records_each_epoch_s_terms(shapes_dataset_dir: Path, tmp_path: Path, tiny_teacher: str) -> None:
+    config = _config(tmp_path, shapes_dataset_dir, method="openclip", teacher__spec=tiny_teacher)
+    summary = train(config, progress=False)
+    results = [json.loads(line) for line in (config.run_dir / "results.jsonl").read_text().splitlines()]
+    assert [sorted(r["terms"]) for r in results] == [["distill_loss", "task_loss"]] * 2
+    distill = summary["terms"]["distill_loss"]
+    assert distill["measured"] == 2 and distill["grad_ratio"] > 0 and -1 <= distill["cos_task"] <= 1
+    steps = [json.loads(line) for line in (config.run_dir / "log.jsonl").read_text().splitlines()]
+    assert not [s for s in steps if "terms" in s]  # the step log keeps its flat floats
 
 
 @pytest.mark.parametrize("student", [None, {"preset": "lite0", "image_size": 32, "frozen_stages": 5}])

@@ -504,6 +504,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
                 **_entry(result),
                 "train_seconds": summary["train_seconds"],
                 "val_rsum": summary["val"]["rsum"],
+                "terms": summary.get("terms", {}),  # each loss term's gradient against the task term's
             }
         )
 

@@ -208,6 +208,7 @@ def markdown(report: dict[str, Any]) -> str:
         "## Methods",
         *[f"- `{r['method']}`: {method_line(r['method'])}{_weights(r)}" for r in rows],
     ]
+    lines += term_lines(report)
     fusion = report.get("fusion_teacher")
     if fusion and fusion.get("rerank_test"):
         rerank = fusion["rerank_test"]
@@ -245,6 +246,37 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines += _bad_samples_lines(report.get("bad_samples"))
     return "\n".join(lines) + "\n"
+
+
+def term_lines(report: dict[str, Any]) -> list[str]:
+    """ "Which terms did anything": each distillation term's gradient on the student's outputs
+    against the task term's (train/term_gradients.py), per method and seed; a term that stayed
+    under the threshold for the whole run is flagged."""
+    from clipdistill.train.term_gradients import INERT_RATIO
+
+    rows = []
+    for student in report["students"]:
+        for term, entry in sorted(student.get("terms", {}).items()):
+            if "grad_ratio" not in entry:
+                continue
+            flag = f"under {INERT_RATIO:.0%} of the task gradient all run" if entry["inert"] else ""
+            rows.append(
+                f"| `{student['method']}` | {student['seed']} | `{term}` | {entry['grad_ratio']:.3f} "
+                f"| {entry['cos_task']:+.2f} | {flag} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Which loss terms did anything",
+        "Each term's gradient on the student's outputs (image and caption embeddings) at the last step of every "
+        "epoch: its norm over the task term's (`grad_ratio`, mean over epochs) and its cosine with the task "
+        "gradient (`cos_task`; near 1: it repeats the task term).",
+        "",
+        "| method | seed | term | grad_ratio | cos_task | flag |",
+        "|---|---:|---|---:|---:|---|",
+        *rows,
+    ]
 
 
 def efficiency_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:

@@ -356,6 +356,7 @@ class TrainStep(nn.Module):
         student: Any = self.student
         image = student.encode_image(student.prepare_pixels(batch.unit_pixels))
         text = student.encode_text(tokens)
+        self.outputs = (image, text)  # what each loss term's gradient is measured on (term_gradients)
         if not self.ctx.enabled:
             return self.method(batch, StudentFeatures(image=image, text=text, logit_scale=student.logit_scale))
         global_batch = gather_batch(batch, self.ctx)

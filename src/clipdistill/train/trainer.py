@@ -67,6 +67,7 @@ from clipdistill.train.state import (
     record_bad_samples,
 )
 from clipdistill.train.sync_batchnorm import to_plain_batchnorm
+from clipdistill.train.term_gradients import summarise_terms, term_gradients
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
@@ -289,6 +290,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.best_rsum = float("-inf")
+        self.epoch_terms: dict[str, Any] = {}  # the current epoch's per-term gradients (term_gradients)
         self.seconds = 0.0
         self._stop = StopSignals()  # armed by fit()
 
@@ -374,7 +376,9 @@ class Trainer:
         )
         return batch, self.train_tokens[captions].to(self.device)
 
-    def train_step(self, batch: Batch, tokens: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: Batch, tokens: torch.Tensor, *, measure_terms: bool = False) -> dict[str, Any]:
+        """One optimiser step. ``measure_terms``: also each loss term's gradient on the student's
+        outputs (train/term_gradients.py; one process only), returned under ``terms``."""
         self.student.train()
         self.method.train()
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
@@ -383,6 +387,7 @@ class Trainer:
         if not torch.isfinite(total):
             terms = {k: float(v) for k, v in output.losses.items()}
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {terms}")
+        measured = term_gradients(output.losses, self.forward_step.outputs) if measure_terms else None
         grad_norm = update(total, self.optimizer, self.scheduler, self.config.optim.grad_clip, self.scaler)
         with torch.no_grad():
             self.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -391,6 +396,8 @@ class Trainer:
         record.update(output.report)
         if self.dist.local_loss:
             record = average_floats(record, self.dist)  # per-process shares -> whole-batch values
+        if measured is not None:
+            record["terms"] = measured
         return record
 
     @torch.no_grad()
@@ -467,8 +474,12 @@ class Trainer:
                 for index in rows:
                     started = time.perf_counter()  # the step clock includes waiting for decoded images
                     batch, tokens = self._assemble(index, plan, next(decoded))
-                    record = self.train_step(batch, tokens)
+                    # one process: DDP's forward hands back no per-process outputs to measure on
+                    last = self.step_in_epoch == self.steps_per_epoch - 1 and not self.dist.enabled
+                    record = self.train_step(batch, tokens, measure_terms=last)
                     self.seconds += time.perf_counter() - started
+                    if "terms" in record:
+                        self.epoch_terms = record.pop("terms")
                     self._after_step(record, bar)
             self.epoch += 1
             self.step_in_epoch = 0
@@ -485,8 +496,10 @@ class Trainer:
                     "step": self.global_step,
                     "val": metrics,
                     "train_seconds": round(self.seconds, 3),
+                    **({"terms": self.epoch_terms} if self.epoch_terms else {}),
                 },
             )
+            self.epoch_terms = {}
             if improved:
                 self._save(BEST)
             self._save(LATEST)
@@ -510,6 +523,7 @@ class Trainer:
             "train_seconds": round(self.seconds, 2),
             "steps": self.global_step,
             "model": f"local-dir:{self.run_dir / 'model'}",
+            "terms": summarise_terms([r["terms"] for r in results if "terms" in r]),
             **bad_samples_entry(self.dataset),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
