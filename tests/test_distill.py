@@ -38,7 +38,12 @@ def _print_config(*args: str) -> dict:
 def test_print_config_resolves_preset_flags_and_set_in_order() -> None:
     quick = _print_config()
     assert quick["teacher"]["spec"] == "lit:efficientnet-lite0" and quick["student"]["preset"] == "lite0"
-    assert quick["optim"]["epochs"] == 2 and quick["seeds"] == 1 and quick["default_variant"] == "tuned"
+    assert quick["optim"]["epochs"] == 2 and quick["seeds"] == 1 and quick["default_variant"] == "paper"
+    # every method's paper variant, and the tuned variants as rows of their own
+    from clipdistill.distill.methods import list_methods, method_variants
+
+    tuned = [f"{name}:tuned" for name in list_methods() if "tuned" in method_variants(name)]
+    assert tuned and quick["methods"] == [*list_methods(), *tuned]
     assert _print_config("--preset", "full")["seeds"] == 3
     given = _print_config(
         "--teacher", "openclip:ViT-B-32@laion2b_s34b_b79k", "--student", "tiny", "--methods", "clip,dcd:tuned",

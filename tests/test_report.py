@@ -217,3 +217,29 @@ def test_onnx_figures_without_their_measurement_settings_are_refused(onnx_report
     report = {k: v for k, v in onnx_report.items() if k != "efficiency"}
     with pytest.raises(ValueError, match="onnx_ms but no 'efficiency'"):
         results_table(report)
+
+
+def test_method_lines_name_the_variant_and_what_it_switches_off() -> None:
+    from clipdistill.report import _weights
+
+    tuned = {"variant": "tuned", "method_args": {"w_ref": 1.0, "w_align": 0.0, "temperature": 4.0}}
+    assert _weights(tuned) == "; variant `tuned`: w_ref=1.0, w_align=0.0, temperature=4.0 (switched off: w_align)"
+    assert _weights({"variant": "paper", "method_args": {}}) == "; variant `paper`"
+
+
+def test_terms_table_flags_a_term_under_five_percent_of_the_task_gradient(report: dict[str, Any]) -> None:
+    from clipdistill.report import term_lines
+
+    assert term_lines(report) == []  # students without measurements: no section
+    report["students"][2]["terms"] = {
+        "task_loss": {"measured": 3, "grad_norm": 1.0},
+        "dcd_distill_loss": {"grad_ratio": 0.6, "max_grad_ratio": 0.7, "cos_task": 0.78, "inert": False},
+        "dcd_self_loss": {"grad_ratio": 0.01, "max_grad_ratio": 0.02, "cos_task": 0.1, "inert": True},
+    }
+    lines = term_lines(report)
+    assert lines[1] == "## Which loss terms did anything"
+    rows = [line for line in lines if line.startswith("| `dcd`")]
+    assert rows == [
+        "| `dcd` | 0 | `dcd_distill_loss` | 0.600 | +0.78 |  |",
+        "| `dcd` | 0 | `dcd_self_loss` | 0.010 | +0.10 | under 5% of the task gradient all run |",
+    ]

@@ -55,7 +55,9 @@ def _weights(row: dict[str, Any]) -> str:
     if variant is None:  # reports written before variants were recorded: their weights were the val-tuned ones
         return f"; weights {', '.join(f'{k}={v}' for k, v in args.items())} (tuned on val)" if args else ""
     weights = f": {', '.join(f'{k}={v}' for k, v in args.items())}" if args else ""
-    return f"; variant `{variant}`{weights}"
+    off = [key for key, value in args.items() if key.startswith("w_") and value == 0]
+    switched_off = f" (switched off: {', '.join(off)})" if off else ""
+    return f"; variant `{variant}`{weights}{switched_off}"
 
 
 def _network_key(entry: dict[str, Any]) -> str:
