@@ -94,6 +94,15 @@ def speedup(teacher: dict[str, float], student: dict[str, float], batch: int) ->
     )
 
 
+def interval(student: dict[str, Any]) -> str:
+    """`` [low, high]``: a student's 95% interval of its method's difference with scratch (paired
+    bootstrap over the test queries), or nothing for a report without one."""
+    if "vs_scratch" not in student:
+        return ""
+    low, high = student["vs_scratch"]["ci95"]
+    return f" [{low:+.1f}, {high:+.1f}]"
+
+
 def render_demo(report: dict[str, Any], name: str) -> list[str]:
     """A demo report: per method test rsum (per seed, mean ± std), vs scratch, % of the teacher,
     val rsum, and the ONNX Runtime timing of the teacher and the student network."""
@@ -122,7 +131,7 @@ def render_demo(report: dict[str, Any], name: str) -> list[str]:
                 label,
                 per_seed(test),
                 mean_std(test),
-                "" if i == 0 else f"{statistics.mean(test) - scratch:+.1f}",
+                "" if i == 0 else f"{statistics.mean(test) - scratch:+.1f}" + interval(runs[0]),
                 f"{statistics.mean(test) / teacher_rsum:.0%}",
                 f1(statistics.mean(r["val_rsum"] for r in runs)),
                 *(timing(runs[0]) if i == 0 else ["", "", "", ""]),
@@ -139,7 +148,12 @@ def render_demo(report: dict[str, Any], name: str) -> list[str]:
         f"at {budget['student_image_size']} px, {budget['epochs']} epochs, {budget['seeds']} seed(s). The shipped "
         f"student is `{best['method']}` seed {best['seed']} (best {best['selected_by']}). Timing: ONNX Runtime fp32, "
         f"{eff.get('threads', '?')} threads, median of {eff.get('repeats', '?')}, ms per image + caption "
-        f"(measured {eff.get('measured_utc', '?')} UTC); every student is one network, timed once.",
+        f"(measured {eff.get('measured_utc', '?')} UTC); every student is one network, timed once."
+        + (
+            " vs scratch: mean difference over seeds [95% interval, paired bootstrap over the test queries]."
+            if any("vs_scratch" in s for s in report["students"])
+            else ""
+        ),
         "",
         *table(header, rows),
     ]

@@ -118,6 +118,14 @@ def _check_schema(report: dict, methods: list[str]) -> None:
         assert row["n_seeds"] == 1 and row["rsum_std"] == 0.0
         student = next(s for s in report["students"] if s["method"] == row["method"])
         assert row["rsum_mean"] == pytest.approx(student["metrics"]["rsum"])
+    scratch = report["students"][0]
+    assert scratch["method"] == "clip" and "vs_scratch" not in scratch
+    for student in report["students"][1:]:  # every method against scratch, with its interval
+        vs = student["vs_scratch"]
+        assert vs["mean"] == pytest.approx(student["metrics"]["rsum"] - scratch["metrics"]["rsum"], abs=1e-3)
+        assert vs["ci95"][0] <= vs["mean"] <= vs["ci95"][1]
+    for student in report["students"]:  # which loss terms did anything
+        assert "task_loss" in student["terms"] and student["terms"]["task_loss"]["measured"] >= 1
 
 
 @pytest.mark.e2e

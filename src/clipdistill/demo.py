@@ -294,9 +294,11 @@ def _train_student(config: Any, rows: EncodingMemo) -> dict[str, Any]:
     return train(config, resume=resume, encoding_memo=rows)
 
 
-def _test_metrics(spec: str, test: Any, pixels: Any, rows: EncodingMemo | None = None) -> dict[str, Any]:
+def _test_metrics(
+    spec: str, test: Any, pixels: Any, rows: EncodingMemo | None = None, *, ranks: bool = False
+) -> dict[str, Any]:
     """Recall@K of ``spec`` on the test split (no efficiency figures); ``rows``: frozen towers'
-    rows computed by earlier stages."""
+    rows computed by earlier stages; ``ranks``: every query's rank too (the paired bootstrap)."""
     from clipdistill.eval.evaluate import evaluate_loaded
     from clipdistill.models.encoding_memo import attach_encoding_memo
     from clipdistill.models.teachers import load_model
@@ -304,7 +306,7 @@ def _test_metrics(spec: str, test: Any, pixels: Any, rows: EncodingMemo | None =
     model = load_model(spec)
     if rows is not None:
         attach_encoding_memo(model, rows)
-    return evaluate_loaded(model, test, pixels=pixels, efficiency=False)
+    return evaluate_loaded(model, test, pixels=pixels, efficiency=False, ranks=ranks)
 
 
 def _evaluate(
@@ -328,7 +330,7 @@ def _evaluate(
 
     if path.is_file():
         return _read_json(path)
-    result = dict(metrics) if metrics is not None else _test_metrics(spec, test, pixels)
+    result = dict(metrics) if metrics is not None else _test_metrics(spec, test, pixels, ranks=True)
     if same_network is not None:
         result.update({key: same_network[key] for key in ("params", "flops", "latency_ms", "peak_mem_mb")})
     else:
@@ -364,6 +366,29 @@ def _summary(students: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _add_vs_scratch(students: list[dict[str, Any]], test_ranks: list[dict[str, Any] | None]) -> None:
+    """Each method's student entries gain ``vs_scratch``: its mean test rsum over seeds minus the
+    scratch baseline's, with a 95% interval from a paired bootstrap over the test queries
+    (eval/paired_bootstrap.py). Left out when a run has no ranks (a test_metrics.json written
+    without them)."""
+    from clipdistill.distill.methods import baseline_method
+    from clipdistill.eval.paired_bootstrap import rsum_difference
+
+    baseline = baseline_method()
+    by_method: dict[str, list[int]] = {}
+    for i, student in enumerate(students):
+        by_method.setdefault(student["method"], []).append(i)
+    if baseline not in by_method or any(ranks is None for ranks in test_ranks):
+        return
+    scratch = [test_ranks[i] for i in by_method[baseline]]
+    for method, indices in by_method.items():
+        if method == baseline:
+            continue
+        difference = rsum_difference([test_ranks[i] for i in indices], scratch)  # type: ignore[misc]
+        for i in indices:
+            students[i]["vs_scratch"] = difference
 
 
 def _best_student(students: list[dict[str, Any]]) -> dict[str, Any]:
@@ -488,11 +513,13 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     _say("evaluating teacher and students on the test split")
     teacher_result = _evaluate(teacher_spec, test, pixels, teacher_path, metrics=teacher_metrics)
     students: list[dict[str, Any]] = []
+    test_ranks: list[dict[str, Any] | None] = []
     first_student: dict[str, Any] | None = None
     for run, train_config, summary in runs:
         path = train_config.run_dir / "test_metrics.json"
         result = _evaluate(summary["model"], test, pixels, path, same_network=first_student)
         first_student = first_student or result
+        test_ranks.append(result.get("ranks"))
         students.append(
             {
                 "method": run.entry,
@@ -507,6 +534,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
                 "terms": summary.get("terms", {}),  # each loss term's gradient against the task term's
             }
         )
+    _add_vs_scratch(students, test_ranks)
 
     teacher_summary = out / "teacher" / "train_summary.json"
     report: dict[str, Any] = {

@@ -163,7 +163,15 @@ def results_table(report: dict[str, Any]) -> str:
         f"Students: `{budget['student']}` preset{_student_start(budget)}, {budget['epochs']} epochs, "
         f"batch {budget['batch_size']}, "
         f"lr {budget['lr']}, {budget['k_augmentations']} replayed augmentations, {budget['seeds']} seed(s), "
-        "identical for every method. " + _latency_line(report, source, missing) + measured,
+        "identical for every method. "
+        + (
+            "vs scratch: the mean test rsum difference with the scratch baseline over seeds, [its 95% interval "
+            "by a paired bootstrap over the test queries]. "
+            if any("vs_scratch" in row for row in rows)
+            else ""
+        )
+        + _latency_line(report, source, missing)
+        + measured,
         "",
         "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | vs scratch | params (M) "
         + header,
@@ -183,6 +191,9 @@ def results_table(report: dict[str, Any]) -> str:
         m = entry["metrics"]
         cells = [f"{m[k]:.1f}" for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")]
         delta = "" if scratch is None or entry is teacher else f"{m['rsum'] - scratch['metrics']['rsum']:+.1f}"
+        if "vs_scratch" in entry:  # with its 95% interval (paired bootstrap over the test queries)
+            low, high = entry["vs_scratch"]["ci95"]
+            delta += f" [{low:+.1f}, {high:+.1f}]"
         return (
             f"| {label} | {' | '.join(cells)} | {m['rsum']:.1f}{spread} | {delta} | "
             f"{entry['params']['total'] / 1e6:.2f} | {timing(entry)} |"

@@ -17,7 +17,7 @@ from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.splits import SplitOptions
 from clipdistill.device import resolve_device
 from clipdistill.eval.embed import embed_split
-from clipdistill.eval.retrieval import recall_at_k
+from clipdistill.eval.retrieval import recall_from_ranks, retrieval_ranks
 from clipdistill.models.base import DualEncoder
 
 
@@ -28,11 +28,16 @@ def evaluate_loaded(
     efficiency: bool = True,
     pixels: torch.Tensor | None = None,
     progress: bool = False,
+    ranks: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of an already-loaded model on an already-selected split."""
+    """Metrics of an already-loaded model on an already-selected split; ``ranks``: also every
+    query's rank (``ranks`` = {"i2t": per image, "t2i": per caption}), for paired comparisons."""
     started = time.perf_counter()
     image_emb, text_emb = embed_split(model.eval(), dataset, pixels=pixels, progress=progress)
-    result: dict[str, Any] = dict(recall_at_k(image_emb, text_emb, dataset.text_to_image()))
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, dataset.text_to_image())
+    result: dict[str, Any] = dict(recall_from_ranks(i2t, t2i))
+    if ranks:
+        result["ranks"] = {"i2t": i2t.tolist(), "t2i": t2i.tolist()}
     result["embed_seconds"] = round(time.perf_counter() - started, 3)
     if efficiency:
         from clipdistill.eval.efficiency import tower_efficiency

@@ -57,17 +57,36 @@ def recall_at_k(
     score, ties to the lowest index): the number of candidates with a strictly higher score
     plus those with an equal score and a lower index. It counts at k iff ``rank < k``.
     """
+    ks = _check_ks(ks)
+    i2t_ranks, t2i_ranks = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size=chunk_size)
+    return recall_from_ranks(i2t_ranks, t2i_ranks, ks)
+
+
+def retrieval_ranks(
+    image_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_image: Sequence[int] | ArrayLike,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i2t_ranks, t2i_ranks)``: each image's best caption's rank and each caption's image's
+    rank (0 = first), ranked as :func:`recall_at_k` says; what a per-query comparison of two
+    models (a paired bootstrap) needs."""
     images = _unit_rows(image_emb, "image_emb")
     texts = _unit_rows(text_emb, "text_emb")
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"embedding dims differ: images {images.shape[1]}, texts {texts.shape[1]}")
     owner = _check_text_to_image(text_to_image, n_texts=len(texts), n_images=len(images))
-    ks = _check_ks(ks)
-
     with torch.no_grad():
-        i2t_ranks = _image_to_text_ranks(images, texts, owner, chunk_size)
-        t2i_ranks = _text_to_image_ranks(images, texts, owner, chunk_size)
+        return _image_to_text_ranks(images, texts, owner, chunk_size), _text_to_image_ranks(
+            images, texts, owner, chunk_size
+        )
 
+
+def recall_from_ranks(
+    i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """The :func:`recall_at_k` metrics of given ranks."""
     metrics = {f"i2t_R@{k}": _percent_below(i2t_ranks, k) for k in ks}
     metrics |= {f"t2i_R@{k}": _percent_below(t2i_ranks, k) for k in ks}
     metrics["rsum"] = float(sum(metrics.values()))
