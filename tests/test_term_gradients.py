@@ -33,6 +33,14 @@ def test_ratios_and_cosines_against_the_task_term() -> None:
     assert measured["faint_loss"]["cos_task"] == pytest.approx(-1.0)
 
 
+def test_a_term_that_reads_one_of_the_outputs_only() -> None:
+    image, text = torch.zeros(4, requires_grad=True), torch.zeros(6, requires_grad=True)
+    losses = {"task_loss": image.sum() + text.sum(), "image_loss": 3.0 * image.sum()}
+    measured = term_gradients(losses, [image, text])
+    assert measured["image_loss"]["grad_ratio"] == pytest.approx(6.0 / 10**0.5)
+    assert measured["image_loss"]["cos_task"] == pytest.approx(2.0 / 10**0.5)
+
+
 def test_measuring_leaves_the_step_s_gradients_as_they_were() -> None:
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 4)

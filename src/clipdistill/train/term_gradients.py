@@ -36,8 +36,12 @@ def term_gradients(losses: dict[str, torch.Tensor], outputs: Sequence[torch.Tens
         if not loss.requires_grad:
             continue
         grads = torch.autograd.grad(loss, list(outputs), retain_graph=True, allow_unused=True)
-        parts = [g.detach().float().reshape(-1) for g in grads if g is not None]
-        flats[name] = torch.cat(parts) if parts else torch.zeros(1)
+        # an output a term does not read (ComKD's image-side terms, say) gets a zero gradient
+        parts = [
+            (g if g is not None else torch.zeros_like(o)).detach().float().reshape(-1)
+            for g, o in zip(grads, outputs, strict=True)
+        ]
+        flats[name] = torch.cat(parts)
     task = flats.get(TASK_TERM)
     task_norm = float(task.norm()) if task is not None else 0.0
     out: dict[str, dict[str, float]] = {}
