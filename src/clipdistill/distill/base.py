@@ -159,6 +159,9 @@ class DistillMethod(nn.Module):
     tuned: ClassVar[TunedArgs | None] = None
     #: The no-teacher baseline: the report's "scratch" row, which the others are compared with.
     baseline: ClassVar[bool] = False
+    #: The loss term that is the student's own contrastive task: every other term's gradient is
+    #: measured against it (train/term_gradients.py).
+    task_term: ClassVar[str] = "task_loss"
 
     @classmethod
     def teachers(cls) -> frozenset[str]:

@@ -27,9 +27,12 @@ INERT_RATIO = 0.05
 TASK_TERM = "task_loss"
 
 
-def term_gradients(losses: dict[str, torch.Tensor], outputs: Sequence[torch.Tensor]) -> dict[str, dict[str, float]]:
+def term_gradients(
+    losses: dict[str, torch.Tensor], outputs: Sequence[torch.Tensor], task_term: str = TASK_TERM
+) -> dict[str, dict[str, float]]:
     """``{term: {"grad_norm", "grad_ratio", "cos_task"}}`` of one step's terms on ``outputs``
-    (``grad_ratio`` and ``cos_task`` only when the step has a task term with a nonzero gradient).
+    (``grad_ratio`` and ``cos_task`` only when the step has its ``task_term`` with a nonzero
+    gradient; the method's ``task_term``).
     The graph is kept, so the caller's backward of the summed loss still runs."""
     flats: dict[str, torch.Tensor] = {}
     for name, loss in losses.items():
@@ -42,7 +45,7 @@ def term_gradients(losses: dict[str, torch.Tensor], outputs: Sequence[torch.Tens
             for g, o in zip(grads, outputs, strict=True)
         ]
         flats[name] = torch.cat(parts)
-    task = flats.get(TASK_TERM)
+    task = flats.get(task_term)
     task_norm = float(task.norm()) if task is not None else 0.0
     out: dict[str, dict[str, float]] = {}
     for name, flat in flats.items():
@@ -55,7 +58,9 @@ def term_gradients(losses: dict[str, torch.Tensor], outputs: Sequence[torch.Tens
     return out
 
 
-def summarise_terms(measurements: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+def summarise_terms(
+    measurements: Sequence[dict[str, dict[str, float]]], task_term: str = TASK_TERM
+) -> dict[str, dict[str, Any]]:
     """Per term over a run's measurements: mean ``grad_ratio`` and ``cos_task``, the largest
     ratio seen, and ``inert`` (never reached :data:`INERT_RATIO` of the task gradient)."""
     names = sorted({name for measured in measurements for name in measured})
@@ -64,7 +69,7 @@ def summarise_terms(measurements: Sequence[dict[str, dict[str, float]]]) -> dict
         rows = [measured[name] for measured in measurements if name in measured]
         entry: dict[str, Any] = {"measured": len(rows), "grad_norm": _mean([r["grad_norm"] for r in rows])}
         ratios = [r["grad_ratio"] for r in rows if "grad_ratio" in r]
-        if ratios and name != TASK_TERM:
+        if ratios and name != task_term:
             entry.update(
                 grad_ratio=_mean(ratios),
                 max_grad_ratio=max(ratios),

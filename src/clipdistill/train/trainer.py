@@ -387,7 +387,8 @@ class Trainer:
         if not torch.isfinite(total):
             terms = {k: float(v) for k, v in output.losses.items()}
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {terms}")
-        measured = term_gradients(output.losses, self.forward_step.outputs) if measure_terms else None
+        outputs = self.forward_step.outputs
+        measured = term_gradients(output.losses, outputs, self.method.task_term) if measure_terms else None
         grad_norm = update(total, self.optimizer, self.scheduler, self.config.optim.grad_clip, self.scaler)
         with torch.no_grad():
             self.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -523,7 +524,7 @@ class Trainer:
             "train_seconds": round(self.seconds, 2),
             "steps": self.global_step,
             "model": f"local-dir:{self.run_dir / 'model'}",
-            "terms": summarise_terms([r["terms"] for r in results if "terms" in r]),
+            "terms": summarise_terms([r["terms"] for r in results if "terms" in r], self.method.task_term),
             **bad_samples_entry(self.dataset),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)

@@ -159,6 +159,7 @@ class ConaClipMethod(DistillMethod):
 
     name = "conaclip"
     summary = "ConaCLIP: InfoNCE/feature/similarity losses on all four teacher-student edges of a full graph"
+    task_term = "css_infonce_loss"  # the student-student edge's InfoNCE is the contrastive task
     needs = frozenset({"teacher_embeddings"})
 
     @dataclass(frozen=True)
