@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from clipdistill.errors import UserError
 from clipdistill.io import atomic_write_json
 from clipdistill.run_config import RunConfig, RunDataConfig, differing_keys, run_config_dict, run_config_yaml
+from clipdistill.run_summary import add_vs_scratch, best_student, method_summary
 
 if TYPE_CHECKING:
     from clipdistill.models.encoding_memo import EncodingMemo
@@ -353,54 +353,6 @@ def _entry(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _summary(students: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for method in dict.fromkeys(s["method"] for s in students):
-        values = [s["metrics"]["rsum"] for s in students if s["method"] == method]
-        rows.append(
-            {
-                "method": method,
-                "rsum_mean": statistics.mean(values),
-                "rsum_std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-                "n_seeds": len(values),
-            }
-        )
-    return rows
-
-
-def _add_vs_scratch(students: list[dict[str, Any]], test_ranks: list[dict[str, Any] | None]) -> None:
-    """Each method's student entries gain ``vs_scratch``: its mean test rsum over seeds minus the
-    scratch baseline's, with a 95% interval from a paired bootstrap over the test queries
-    (eval/paired_bootstrap.py). Left out when a run has no ranks (a test_metrics.json written
-    without them)."""
-    from clipdistill.distill.methods import baseline_method
-    from clipdistill.eval.paired_bootstrap import rsum_difference
-
-    baseline = baseline_method()
-    by_method: dict[str, list[int]] = {}
-    for i, student in enumerate(students):
-        by_method.setdefault(student["method"], []).append(i)
-    if baseline not in by_method or any(ranks is None for ranks in test_ranks):
-        return
-    scratch = [test_ranks[i] for i in by_method[baseline]]
-    for method, indices in by_method.items():
-        if method == baseline:
-            continue
-        difference = rsum_difference([test_ranks[i] for i in indices], scratch)  # type: ignore[misc]
-        for i in indices:
-            students[i]["vs_scratch"] = difference
-
-
-def _best_student(students: list[dict[str, Any]]) -> dict[str, Any]:
-    """The student to ship: best mean **val** rsum over its seeds (test stays untouched by the
-    choice), then its best seed on val."""
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for student in students:
-        by_method.setdefault(student["method"], []).append(student)
-    method = max(by_method, key=lambda m: statistics.mean(s["val_rsum"] for s in by_method[m]))
-    return max(by_method[method], key=lambda s: s["val_rsum"])
-
-
 def _deploy(out: Path, spec: str, data: str, images: str | None, config: RunConfig) -> dict[str, Any]:
     from clipdistill.export.onnx import export_model, read_parity
     from clipdistill.serve.embed import embed_dataset
@@ -534,7 +486,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
                 "terms": summary.get("terms", {}),  # each loss term's gradient against the task term's
             }
         )
-    _add_vs_scratch(students, test_ranks)
+    add_vs_scratch(students, test_ranks)
 
     teacher_summary = out / "teacher" / "train_summary.json"
     report: dict[str, Any] = {
@@ -565,14 +517,14 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
         },
         "fusion_teacher": _fusion_entry(out, fusion_spec, trained=fusion_plan == "train"),
         "students": students,
-        "summary": _summary(students),
+        "summary": method_summary(students),
     }
     from clipdistill.eval.demo_efficiency import add_onnx_efficiency  # OUT/efficiency.json, memoised
 
     add_onnx_efficiency(  # onnx_ms etc. under teacher + students
         out, report, repeats=config.eval.onnx_repeats, threads=config.eval.onnx_threads, stage=_stage, say=_say
     )
-    best = _best_student(students)
+    best = best_student(students)
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
     report["deploy"] = _deploy(out, best["spec"], data_path, images_root, config)
     if config.data.path is not None and (out / "data" / "splits.json").is_file() and data_path == str(out / "data"):
