@@ -387,8 +387,9 @@ class Trainer:
         if not torch.isfinite(total):
             terms = {k: float(v) for k, v in output.losses.items()}
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: {terms}")
-        outputs = self.forward_step.outputs
-        measured = term_gradients(output.losses, outputs, self.method.task_term) if measure_terms else None
+        measured = None
+        if measure_terms:  # one process only: under DDP the step module is wrapped
+            measured = term_gradients(output.losses, self.forward_step.outputs, self.method.task_term)
         grad_norm = update(total, self.optimizer, self.scheduler, self.config.optim.grad_clip, self.scaler)
         with torch.no_grad():
             self.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
