@@ -9,7 +9,7 @@ graph (``torch.autograd.grad`` with the graph kept: the step's update is compute
 it), and records each term's norm, its norm over the task term's (``grad_ratio``) and its cosine
 with the task gradient (``cos_task``). The outputs, not the weights: every term reaches the
 weights only through them, and the measurement then costs the loss's own backward, not the
-network's (a few milliseconds instead of a second per term). The run's summary gives the means,
+network's. The run's summary gives the means,
 and flags a term that stayed under :data:`INERT_RATIO` of the task gradient at every
 measurement. No library reports per-term gradients of a summed loss, hence this module.
 """
