@@ -136,6 +136,15 @@ class OptimConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     amp: bool = True  # mixed precision on GPU only; ignored on CPU
+    # Peak lr of the method's scalars (learned temperatures, gates: train/schedule.py
+    # student_groups). AdamW moves a scalar by about its lr per step, so at the weights' lr a
+    # temperature cannot leave its initialisation in a short run; at 0.1 the quick preset's 44
+    # steps (warm-up + cosine: about 22 full steps) can move a log-temperature by up to ~2.
+    scalar_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.scalar_lr > 0:
+            raise ConfigError(f"key 'optim.scalar_lr' must be > 0, got {self.scalar_lr!r}")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,24 @@ def decay_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def student_groups(
+    student: torch.nn.Module, method: torch.nn.Module, weight_decay: float, scalar_lr: float
+) -> list[dict[str, Any]]:
+    """:func:`decay_groups` of the student and the method, with the method's scalars (0-dim
+    parameters: learned temperatures, gates, attention scales) moved to a third group at
+    ``scalar_lr``, without weight decay.
+
+    AdamW moves a parameter by about its learning rate per step whatever the gradient's size, so
+    at the weights' lr a temperature or gate can move only ~lr × steps: over a short run that
+    pins it at its initialisation and the mechanism it controls never acts. The third group is
+    always present (possibly empty), so the optimiser's state has one layout for every method."""
+    decay, no_decay = decay_groups([student, method], weight_decay)
+    scalar_ids = {id(param) for param in method.parameters() if param.requires_grad and param.ndim == 0}
+    scalars = [param for param in no_decay["params"] if id(param) in scalar_ids]
+    no_decay["params"] = [param for param in no_decay["params"] if id(param) not in scalar_ids]
+    return [decay, no_decay, {"params": scalars, "weight_decay": 0.0, "lr": scalar_lr}]
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter] | list[dict[str, Any]],
     settings: AdamWSettings,

@@ -57,7 +57,7 @@ from clipdistill.train.distributed import (
     process_device,
     wrap_ddp,
 )
-from clipdistill.train.schedule import AdamWSettings, build_optimizer, decay_groups, seed_everything, update
+from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_everything, student_groups, update
 from clipdistill.train.state import (
     StopSignals,
     TrainingStopped,
@@ -277,7 +277,7 @@ class Trainer:
         self.rows = local_rows(self.batch_size, self.dist)  # this process's share of each batch
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.optimizer, self.scheduler = build_optimizer(
-            decay_groups([self.student, self.method], optim.weight_decay),
+            student_groups(self.student, self.method, optim.weight_decay, optim.scalar_lr),
             # open_clip's betas and eps; fused: one kernel for all parameters (the per-tensor
             # loop dominated small-batch CPU steps)
             AdamWSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.98), eps=1e-6, fused=True),
