@@ -169,5 +169,5 @@ def test_dcd_read_outs_are_at_their_optimum_from_the_first_batch() -> None:
 
 
 def test_scalar_lr_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match="optim.scalar_lr"):
+    with pytest.raises(ConfigError, match=r"optim\.scalar_lr"):
         OptimConfig(scalar_lr=0.0)
