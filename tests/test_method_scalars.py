@@ -144,8 +144,10 @@ def test_only_the_methods_scalars_get_the_scalar_lr() -> None:
     assert any(p is student.logit_scale for p in no_decay["params"])  # the student's own scale: weights' lr
     assert all(p.ndim >= 2 for p in decay["params"])
     every = [p for group in (decay, no_decay, scalars) for p in group["params"]]
-    assert len(every) == len({id(p) for p in every}) == len(list(student.parameters())) + len(
-        [p for p in method.parameters() if p.requires_grad]
+    assert (
+        len(every)
+        == len({id(p) for p in every})
+        == len(list(student.parameters())) + len([p for p in method.parameters() if p.requires_grad])
     )
 
 
