@@ -252,3 +252,20 @@ def test_dcd_variants_differ_only_in_the_distillation_term_through_the_method() 
     assert torch.equal(outputs[False]["dcd_self_loss"], outputs[True]["dcd_self_loss"])
     assert torch.equal(outputs[False]["task_loss"], outputs[True]["task_loss"])
     assert not torch.equal(outputs[False]["dcd_distill_loss"], outputs[True]["dcd_distill_loss"])
+
+
+def test_dcd_temperature_is_refused_where_it_cancels() -> None:
+    """T²·MSE(z/T, s/T) = MSE(z, s): with the paper's MSE a temperature would be an option that does
+    nothing, so it is refused; with the KL it changes the loss."""
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(6, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    torch.testing.assert_close(
+        dcd_loss(teacher, student, distill="mse", temperature=3.0)["distill"], dcd_loss(teacher, student)["distill"]
+    )
+    with pytest.raises(MethodConfigError, match=r"method_args\.temperature"):
+        build("dcd", D, FusionFakeTeacher(with_fusion=False), {"temperature": 2.0})
+    build("dcd", D, FusionFakeTeacher(with_fusion=False), {"temperature": 2.0, "distill": "kl"})
+    assert not torch.allclose(
+        dcd_loss(teacher, student, distill="kl", temperature=3.0)["distill"],
+        dcd_loss(teacher, student, distill="kl")["distill"],
+    )

@@ -313,7 +313,7 @@ def dcd_loss(
     Returns ``{"loss", "distill", "self", "shares", "kd_weights"}``:
 
     - shares e_b: :func:`entropy_shares` of the teacher logits;
-    - distillation d = T²·MSE(z/T, s/T) (``distill="mse"``, the paper's), or *[ours]*
+    - distillation d = T²·MSE(z/T, s/T) = MSE(z, s) (``distill="mse"``, the paper's: T cancels), or *[ours]*
       (``distill="kl"``) T²·KL(softmax(z/T) ‖ softmax(s/T)) over each query's K candidates: the
       teacher's ranking of them, not its score values; *[ours]* ``distill="kl-negatives"`` the same
       KL over the negatives only (columns 1.., each side renormalised without the positive:
@@ -346,17 +346,16 @@ def dcd_loss(
         )
     teacher_rows = targets_all[rows]
     if distill == "mse":
-        per_query = ((teacher_rows / temperature - student_logits / temperature) ** 2).mean(dim=1)
+        per_query = ((teacher_rows - student_logits) ** 2).mean(dim=1)  # T²·MSE(z/T, s/T) = MSE(z, s)
     elif distill in ("kl", "kl-negatives"):
         # kl-negatives: the positive (column 0) left out of both distributions, so the teacher's
         # ranking of the negatives is distilled but not how much mass it gives the positive
         first = 1 if distill == "kl-negatives" else 0
         target_log = F.log_softmax(teacher_rows[:, first:] / temperature, dim=1)
         student_log = F.log_softmax(student_logits[:, first:] / temperature, dim=1)
-        per_query = (target_log.exp() * (target_log - student_log)).sum(dim=1)
+        per_query = (target_log.exp() * (target_log - student_log)).sum(dim=1) * temperature**2
     else:
         raise ValueError(f"dcd_loss distill must be 'mse', 'kl' or 'kl-negatives', got {distill!r}")
-    per_query = per_query * temperature**2
     distill = (kd_weights[rows] * per_query).sum() * share_factor
     targets = torch.zeros_like(student_logits)
     targets[:, 0] = 1.0

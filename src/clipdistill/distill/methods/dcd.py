@@ -129,7 +129,8 @@ class DCDMethod(DistillMethod):
       contrastive geometry).
     - Per direction (:func:`~clipdistill.distill.losses.dcd_loss`): entropy shares e_b,
       d = T²·MSE(z/T, s/T), n = Σ_b e_b·BCEWithLogits(s_b, [1, 0, …, 0]), loss = α·d + (1−α)·n,
-      α 0.2, T 1. *[ours]* ``distill: kl`` replaces the MSE by T²·KL(softmax(z/T) ‖ softmax(s/T))
+      α 0.2, T 1 (T cancels in the MSE: a ``temperature`` other than 1 is refused with it, and acts
+      only on the KLs below). *[ours]* ``distill: kl`` replaces the MSE by T²·KL(softmax(z/T) ‖ softmax(s/T))
       over each query's candidates: the teacher's ranking of its hard negatives, not their score
       values. The MSE is the term that pulls the student below scratch: the teacher's near-ties
       on its hardest negatives ask the student to narrow exactly the margins its task loss widens
@@ -190,6 +191,11 @@ class DCDMethod(DistillMethod):
             if self.distill not in ("mse", "kl", "kl-negatives"):
                 raise MethodConfigError(
                     f"key 'method_args.distill' must be 'mse', 'kl' or 'kl-negatives', got {self.distill!r}"
+                )
+            if self.distill == "mse" and self.temperature != 1.0:
+                raise MethodConfigError(
+                    f"key 'method_args.temperature' ({self.temperature!r}) acts only with distill 'kl' or "
+                    "'kl-negatives': the paper's T²·MSE(z/T, s/T) equals MSE(z, s) at every T"
                 )
             if not 0.0 <= self.alpha <= 1.0:
                 raise MethodConfigError(f"key 'method_args.alpha' must be in [0, 1], got {self.alpha!r}")
