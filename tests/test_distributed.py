@@ -366,7 +366,7 @@ def test_torchrun_entry_checkpoints_on_rank0_and_resumes_with_two_processes(
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # one writer: rank 0 (6 train images / batch 4 = 1 step x 2 epochs)
     assert [json.loads(line)["epoch"] for line in (run / "results.jsonl").read_text().splitlines()] == [1, 2]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "latest.prev.pt", "latest.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.pt"]  # keep_checkpoints: latest
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
     # The crashed-and-resumed run decodes each process's rows per batch in a worker (data.preload

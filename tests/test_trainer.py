@@ -12,7 +12,7 @@ import torch
 from clipdistill.config import ConfigError, TrainConfig, from_dict
 from clipdistill.distill.base import MethodConfigError
 from clipdistill.models.lit import LiTConfig, LiTModel
-from clipdistill.train.checkpoint import CheckpointError
+from clipdistill.train.checkpoint import CheckpointError, prune_finished
 from clipdistill.train.trainer import Trainer, train
 
 
@@ -66,11 +66,11 @@ def test_clip_run_writes_every_artifact(shapes_dataset_dir: Path, tmp_path: Path
         "results.jsonl",
         "summary.json",
         "checkpoints/latest.pt",
-        "checkpoints/best.pt",
         "model/open_clip_config.json",
         "model/open_clip_model.safetensors",
     ):
         assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.pt"]  # keep_checkpoints: latest
     steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 6 train images / batch 3 = 2 steps x 2 epochs
     assert {"task_loss", "total_loss", "lr", "grad_norm", "seconds"} <= set(steps[0])
@@ -123,6 +123,38 @@ def test_resume_with_a_different_config_is_refused(shapes_dataset_dir: Path, tmp
     changed = _config(tmp_path, shapes_dataset_dir, optim={"epochs": 1, "batch_size": 3, "lr": 0.5})
     with pytest.raises(CheckpointError, match=r"config differs in key.*optim"):
         Trainer(changed, progress=False).fit(resume="latest")
+
+
+def test_a_finished_run_keeping_no_checkpoint_is_not_trained_over(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    config = _config(tmp_path, shapes_dataset_dir, keep_checkpoints="none", optim={"epochs": 1, "batch_size": 3})
+    train(config, progress=False)
+    assert not list((config.run_dir / "checkpoints").iterdir())
+    assert (config.run_dir / "model" / "open_clip_model.safetensors").is_file()
+    for resume in (None, "latest"):
+        with pytest.raises(ConfigError, match=r"kept no checkpoint.*choose another 'name'"):
+            Trainer(config, progress=False).fit(resume=resume)
+    assert (config.run_dir / "summary.json").is_file() and (config.run_dir / "results.jsonl").is_file()
+
+
+@pytest.mark.parametrize(
+    ("keep", "left"),
+    [("all", ["best.pt", "latest.prev.pt", "latest.pt"]), ("latest", ["latest.pt"]), ("none", [])],
+)
+def test_prune_finished_keeps_what_was_asked(tmp_path: Path, keep: str, left: list[str]) -> None:
+    for name in ("best.pt", "latest.prev.pt", "latest.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    prune_finished(tmp_path, keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        _config(tmp_path, tmp_path, keep_checkpoints="best")
+
+
+def test_a_checkpoint_with_another_optimiser_layout_is_refused(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_config(tmp_path, shapes_dataset_dir), progress=False)
+    state = trainer.state_dict()
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:2]  # before scalars had a group
+    with pytest.raises(CheckpointError, match="2 optimiser parameter groups"):
+        trainer.load_state_dict(state)
 
 
 def test_method_needs_are_checked_before_work(shapes_dataset_dir: Path, tmp_path: Path) -> None:

@@ -166,6 +166,9 @@ class DistributedConfig:
     local_loss: bool = False  # open_clip's --local-loss: loss over this process's query rows only
 
 
+KEEP_CHECKPOINTS = ("latest", "all", "none")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"
@@ -176,12 +179,22 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 10  # steps between log.jsonl lines
     save_every: int = 0  # steps between `latest` checkpoints; 0 = at the end of each epoch only
+    # What a finished run keeps of checkpoints/ besides its model folder: "latest" (enough to
+    # extend it with more epochs), "all" (also best.pt and latest.prev.pt) or "none" (the model
+    # only). Each checkpoint holds the optimiser state, about three times the model's size.
+    keep_checkpoints: str = "latest"
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise ConfigError(
+                f"key 'keep_checkpoints' has value {self.keep_checkpoints!r}; valid: {', '.join(KEEP_CHECKPOINTS)}"
+            )
 
     @property
     def run_dir(self) -> Path:

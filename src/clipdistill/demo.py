@@ -265,6 +265,7 @@ def _student_config(
             "method_args": dict(run.args),
             "seed": seed,
             "device": config.device,
+            "keep_checkpoints": config.keep_checkpoints,
             "data": {
                 "path": data,
                 "images": images,

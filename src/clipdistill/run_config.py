@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from clipdistill.config import (
+    KEEP_CHECKPOINTS,
     AugmentConfig,
     ConfigError,
     OptimConfig,
@@ -131,6 +132,10 @@ class RunConfig:
     default_variant: str = "paper"  # the variant a method named without one trains
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, over its variant
     seeds: int = 1
+    # What each finished student keeps of its checkpoints besides its model folder (TrainConfig's
+    # keep_checkpoints): none by default, as a finished student's model and summary are all the
+    # run reads again; "latest" or "all" to fine-tune on from the optimiser state.
+    keep_checkpoints: str = "none"
     # Where the teacher cache is built and the students train (cpu, cuda, cuda:N; an absent device
     # is an error). The offline LiT teacher and its fusion head train on the CPU.
     device: str = "cpu"
@@ -141,6 +146,10 @@ class RunConfig:
     index: RunIndexConfig = field(default_factory=RunIndexConfig)
 
     def __post_init__(self) -> None:
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise ConfigError(
+                f"key 'keep_checkpoints' has value {self.keep_checkpoints!r}; valid: {', '.join(KEEP_CHECKPOINTS)}"
+            )
         if self.seeds < 1:
             raise ConfigError(f"key 'seeds' must be >= 1, got {self.seeds}")
         if self.methods is not None and not self.methods:

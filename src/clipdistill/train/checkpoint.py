@@ -83,6 +83,20 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], *, keep_previous: b
             _keep_previous(path)
 
 
+def prune_finished(checkpoints: str | Path, keep: str) -> list[Path]:
+    """Delete what a finished run does not keep (``keep_checkpoints``: ``latest`` drops
+    ``best.pt``, whose weights the model folder holds, and ``latest.prev.pt``; ``none`` also
+    ``latest.pt``; ``all`` nothing); returns the files removed."""
+    drop = {"all": (), "latest": (BEST, PREVIOUS), "none": (BEST, PREVIOUS, LATEST)}[keep]
+    removed = []
+    for name in drop:
+        path = Path(checkpoints) / name
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load with ``weights_only=True`` (no pickle code execution); errors name the file."""
     path = Path(path)

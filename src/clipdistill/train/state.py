@@ -16,14 +16,14 @@ from typing import Any
 from clipdistill.config import ConfigError, TrainConfig, read_yaml, save_config, to_dict
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.io import atomic_write_json, remove_stale_temp_files
-from clipdistill.train.checkpoint import LATEST, CheckpointError, find_resume_checkpoint
+from clipdistill.train.checkpoint import LATEST, PREVIOUS, CheckpointError, find_resume_checkpoint
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "run.lock"
 RUN_LOGS = ("log.jsonl", "results.jsonl")
 # Keys that change how a run executes, never what it computes (the same pixels either way):
 # a run may be resumed with other values, e.g. with decoding workers on a bigger machine.
-EXECUTION_KEYS = frozenset({"data.preload", "data.workers"})
+EXECUTION_KEYS = frozenset({"data.preload", "data.workers", "keep_checkpoints"})
 
 
 def _differing_keys(
@@ -99,6 +99,11 @@ def prepare_run_folder(config: TrainConfig, resume: str | None) -> dict[str, Any
     orphans = [path for folder in (checkpoints, run_dir, run_dir / "model") for path in remove_stale_temp_files(folder)]
     for orphan in orphans:
         print(f"removed {orphan}, left by a write that was killed before it finished", file=sys.stderr)
+    if (run_dir / "summary.json").is_file() and not any((checkpoints / name).exists() for name in (LATEST, PREVIOUS)):
+        raise ConfigError(
+            f"run folder {run_dir} holds a finished run that kept no checkpoint to continue from "
+            f"(keep_checkpoints: none); its student is in {run_dir / 'model'}; choose another 'name' to train again"
+        )
     if resume is not None:
         found = find_resume_checkpoint(checkpoints, resume)
         if found is not None:

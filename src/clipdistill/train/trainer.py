@@ -39,7 +39,9 @@ from clipdistill.models.openclip_model import OpenCLIPDualEncoder
 from clipdistill.train.checkpoint import (
     BEST,
     LATEST,
+    CheckpointError,
     load_checkpoint,
+    prune_finished,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -310,6 +312,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        groups = len(state["optimizer"]["param_groups"])
+        if groups != len(self.optimizer.param_groups):
+            raise CheckpointError(
+                f"checkpoint of run {self.run_dir} has {groups} optimiser parameter groups, this version "
+                f"{len(self.optimizer.param_groups)} (a method's scalars train in a group of their own); "
+                "finish it with the version that started it, or start a new run"
+            )
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -511,9 +520,12 @@ class Trainer:
         if not self.dist.is_main:
             barrier(self.dist)  # wait for rank 0's final save, then report the same summary
             return _read_summary(self.run_dir)
-        best = load_checkpoint(self.run_dir / "checkpoints" / BEST)
-        self.student.load_state_dict(best["student"])
-        save_student(self.student.eval(), self.run_dir / "model")
+        best_path = self.run_dir / "checkpoints" / BEST
+        if best_path.is_file() or not (self.run_dir / "model").is_dir():
+            self.student.load_state_dict(load_checkpoint(best_path)["student"])
+            save_student(self.student.eval(), self.run_dir / "model")
+        # else: a finished run extended with more epochs, none better than its best, whose best.pt
+        # was pruned: its model folder already holds the best weights
         results = read_jsonl(self.run_dir / "results.jsonl")
         best_epoch = max(results, key=lambda r: r["val"]["rsum"])
         summary = {
@@ -529,6 +541,7 @@ class Trainer:
             **bad_samples_entry(self.dataset),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
+        prune_finished(self.run_dir / "checkpoints", config.keep_checkpoints)  # after the summary: the run is done
         barrier(self.dist)
         return summary
 
