@@ -1,0 +1,79 @@
+"""Peak resident memory of this process, per stage of a run.
+
+A run's stages differ in what they hold (decoded images, a teacher, a cache, a student), and a
+user sizing a machine needs the largest of them, not only the run's overall peak. On Linux the
+kernel's high-water mark of resident memory (``VmHWM`` in ``/proc/self/status``) can be reset by
+writing ``5`` to ``/proc/self/clear_refs``, so each stage's own peak is measured exactly. Where
+that is not possible (another OS, a kernel that refuses the write), each stage reports the
+process's running peak instead and ``per_stage`` says ``"cumulative"``. No library exposes the
+reset (psutil reads VmHWM but cannot clear it), hence this module.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _high_water_mb() -> float | None:
+    """VmHWM in MiB, or None where /proc does not give it."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _running_peak_mb() -> float:
+    """The process's peak resident memory since it started (ru_maxrss: kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def _reset_high_water() -> bool:
+    """Reset VmHWM to the current resident size; whether the kernel allowed it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _high_water_mb() is not None
+
+
+class StagePeaks:
+    """Peak resident memory (MiB) of each named stage, and of the whole run.
+
+    Use ``with peaks.stage("teacher"): ...`` around each stage; a name used twice keeps the
+    larger peak. Only this process is measured: worker processes (image decoding) are not."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.exact = True
+        self._overall = 0.0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.exact = _reset_high_water() and self.exact
+        try:
+            yield
+        finally:
+            peak = _high_water_mb() if self.exact else None
+            value = _running_peak_mb() if peak is None else peak
+            self.stages[name] = max(self.stages.get(name, 0.0), value)
+            self._overall = max(self._overall, value)
+
+    def report(self) -> dict[str, Any]:
+        """``{"peak_rss_mb", "per_stage": "reset" | "cumulative", "stages": {name: MiB}}``."""
+        return {
+            "peak_rss_mb": round(self._overall, 1),
+            "per_stage": "reset" if self.exact else "cumulative",
+            "stages": {name: round(value, 1) for name, value in self.stages.items()},
+        }
