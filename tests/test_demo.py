@@ -145,6 +145,10 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     markdown = (out / "report.md").read_text()
     assert "| `clip` |" in markdown and "| `openclip` |" in markdown and "![quality vs latency](pareto.png)" in markdown
     assert "| ms b1 | ms b64 | speed-up b1 | speed-up b64 |" in markdown and "## Efficiency" in markdown
+    memory = report["memory"]  # each stage's peak resident memory, and the run's
+    assert {"data", "teacher", "cache", "students", "evaluation", "efficiency", "deploy"} <= set(memory["stages"])
+    assert memory["peak_rss_mb"] == max(memory["stages"].values()) > 0
+    assert "Peak resident memory:" in markdown
     index_manifest = json.loads((out / "index" / "manifest.json").read_text())
     assert index_manifest["count"] == 16
     best = report["best_student"]

@@ -243,3 +243,13 @@ def test_terms_table_flags_a_term_under_five_percent_of_the_task_gradient(report
         "| `dcd` | 0 | `dcd_distill_loss` | 0.600 | +0.78 |  |",
         "| `dcd` | 0 | `dcd_self_loss` | 0.010 | +0.10 | under 5% of the task gradient all run |",
     ]
+
+
+def test_memory_line_gives_the_peak_and_each_stage() -> None:
+    from clipdistill.report import _memory_lines
+
+    assert _memory_lines(None) == []
+    memory = {"peak_rss_mb": 3072.0, "per_stage": "reset", "stages": {"teacher": 3072.0, "students": 1536.0}}
+    assert _memory_lines(memory)[1] == "Peak resident memory: 3.0 GiB; per stage, GiB: teacher 3.0, students 1.5."
+    memory["per_stage"] = "cumulative"
+    assert "running peak" in _memory_lines(memory)[1]

@@ -421,6 +421,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     from dataclasses import replace
 
     from clipdistill.data.images import load_image_tensor
+    from clipdistill.memory import StagePeaks
     from clipdistill.models.encoding_memo import EncodingMemo
     from clipdistill.report import write_report
 
@@ -434,22 +435,27 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out, config)
 
-    dataset, data_path, images_root = _dataset(out, config.data)
+    peaks = StagePeaks()  # report.json's "memory": each stage's peak resident memory
+    with peaks.stage("data"):
+        dataset, data_path, images_root = _dataset(out, config.data)
     image_size = config.cache.image_size
     # The teacher, fusion and cache stages encode the same captions and images with the same
     # frozen towers: one memo carries the rows from each to the next, and is dropped after them.
     teacher_rows = EncodingMemo()
-    teacher_spec = _teacher(out, dataset, config, teacher_rows)
+    with peaks.stage("teacher"):
+        teacher_spec = _teacher(out, dataset, config, teacher_rows)
+    fusion_spec: str | None = fusion_plan
     if fusion_plan == "train":
-        fusion_spec: str | None = _fusion(out, dataset, teacher_spec, config, teacher_rows)
-    else:
-        fusion_spec = fusion_plan
-    cache = _cache(out, dataset, teacher_spec, fusion_spec, config, teacher_rows)
+        with peaks.stage("fusion"):
+            fusion_spec = _fusion(out, dataset, teacher_spec, config, teacher_rows)
+    with peaks.stage("cache"):
+        cache = _cache(out, dataset, teacher_spec, fusion_spec, config, teacher_rows)
     test = dataset.split("test")
-    pixels = load_image_tensor(test.image_paths(), image_size)
-    teacher_path = out / "teacher" / "test_metrics.json"
-    teacher_path.parent.mkdir(parents=True, exist_ok=True)
-    teacher_metrics = None if teacher_path.is_file() else _test_metrics(teacher_spec, test, pixels, teacher_rows)
+    with peaks.stage("evaluation"):
+        pixels = load_image_tensor(test.image_paths(), image_size)
+        teacher_path = out / "teacher" / "test_metrics.json"
+        teacher_path.parent.mkdir(parents=True, exist_ok=True)
+        teacher_metrics = None if teacher_path.is_file() else _test_metrics(teacher_spec, test, pixels, teacher_rows)
     teacher_rows.clear()
     teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}
 
@@ -460,7 +466,8 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     for run in runs_of:
         for seed in range(config.seeds):
             train_config = _student_config(out, run, seed, config, data_path, images_root, teacher)
-            runs.append((run, train_config, _train_student(train_config, student_rows)))
+            with peaks.stage("students"):
+                runs.append((run, train_config, _train_student(train_config, student_rows)))
     student_rows.clear()
 
     _say("evaluating teacher and students on the test split")
@@ -470,7 +477,8 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     first_student: dict[str, Any] | None = None
     for run, train_config, summary in runs:
         path = train_config.run_dir / "test_metrics.json"
-        result = _evaluate(summary["model"], test, pixels, path, same_network=first_student)
+        with peaks.stage("evaluation"):
+            result = _evaluate(summary["model"], test, pixels, path, same_network=first_student)
         first_student = first_student or result
         test_ranks.append(result.get("ranks"))
         students.append(
@@ -522,17 +530,20 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     }
     from clipdistill.eval.demo_efficiency import add_onnx_efficiency  # OUT/efficiency.json, memoised
 
-    add_onnx_efficiency(  # onnx_ms etc. under teacher + students
-        out, report, repeats=config.eval.onnx_repeats, threads=config.eval.onnx_threads, stage=_stage, say=_say
-    )
+    with peaks.stage("efficiency"):
+        add_onnx_efficiency(  # onnx_ms etc. under teacher + students
+            out, report, repeats=config.eval.onnx_repeats, threads=config.eval.onnx_threads, stage=_stage, say=_say
+        )
     best = best_student(students)
     report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
-    report["deploy"] = _deploy(out, best["spec"], data_path, images_root, config)
+    with peaks.stage("deploy"):
+        report["deploy"] = _deploy(out, best["spec"], data_path, images_root, config)
     if config.data.path is not None and (out / "data" / "splits.json").is_file() and data_path == str(out / "data"):
         report["splits"] = _read_json(out / "data" / "splits.json")  # how train/val/test were made
     if dataset.skipped is not None and dataset.skipped.samples:
         report["bad_samples"] = dataset.skipped.summary()
     report["config"] = run_config_dict(config)
+    report["memory"] = peaks.report()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     report["machine"] = _machine()
     report["finished_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")

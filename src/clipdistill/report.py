@@ -257,6 +257,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Whole run: {report['wall_seconds']:.0f} s (stages already finished are skipped and not counted).",
     ]
+    lines += _memory_lines(report.get("memory"))
     lines += _bad_samples_lines(report.get("bad_samples"))
     return "\n".join(lines) + "\n"
 
@@ -318,6 +319,15 @@ def efficiency_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list
         cells += [f"{100 * share[key]:.1f}%" for key in ("image_b64", "text_b64")]
         lines.append(f"| {label} | {' | '.join(cells)} |")
     return lines
+
+
+def _memory_lines(memory: dict[str, Any] | None) -> list[str]:
+    """Peak resident memory of the run and of each stage (``memory.py``)."""
+    if not memory:
+        return []
+    stages = ", ".join(f"{name} {mb / 1024:.1f}" for name, mb in memory["stages"].items())
+    how = "" if memory["per_stage"] == "reset" else " (running peak at each stage's end: no per-stage reset here)"
+    return ["", f"Peak resident memory: {memory['peak_rss_mb'] / 1024:.1f} GiB; per stage, GiB{how}: {stages}."]
 
 
 def _bad_samples_lines(bad: dict[str, Any] | None) -> list[str]:
