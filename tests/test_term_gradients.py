@@ -23,7 +23,7 @@ def _losses(outputs: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def test_ratios_and_cosines_against_the_task_term() -> None:
     outputs = torch.zeros(4, requires_grad=True)
-    measured = term_gradients(_losses(outputs), [outputs])
+    measured = term_gradients(_losses(outputs), [outputs], "task_loss")
     assert measured["task_loss"]["grad_ratio"] == pytest.approx(1.0)
     assert measured["twice_loss"]["grad_ratio"] == pytest.approx(2.0)
     assert measured["twice_loss"]["cos_task"] == pytest.approx(1.0)
@@ -36,7 +36,7 @@ def test_ratios_and_cosines_against_the_task_term() -> None:
 def test_a_term_that_reads_one_of_the_outputs_only() -> None:
     image, text = torch.zeros(4, requires_grad=True), torch.zeros(6, requires_grad=True)
     losses = {"task_loss": image.sum() + text.sum(), "image_loss": 3.0 * image.sum()}
-    measured = term_gradients(losses, [image, text])
+    measured = term_gradients(losses, [image, text], "task_loss")
     assert measured["image_loss"]["grad_ratio"] == pytest.approx(6.0 / 10**0.5)
     assert measured["image_loss"]["cos_task"] == pytest.approx(2.0 / 10**0.5)
 
@@ -51,7 +51,7 @@ def test_measuring_leaves_the_step_s_gradients_as_they_were() -> None:
         outputs = net(inputs)
         losses = _losses(outputs.sum(0))
         if measure:
-            term_gradients(losses, [outputs])
+            term_gradients(losses, [outputs], "task_loss")
         torch.stack(list(losses.values())).sum().backward()
         return [p.grad.clone() for p in net.parameters()]
 
@@ -65,9 +65,9 @@ def test_a_term_under_the_threshold_all_run_is_flagged() -> None:
         {**faint, "kl_loss": {"grad_norm": 0.01, "grad_ratio": 0.01, "cos_task": 0.5}},
         {**faint, "kl_loss": {"grad_norm": 0.03, "grad_ratio": 0.03, "cos_task": 0.7}},
     ]
-    summary = summarise_terms(runs)
+    summary = summarise_terms(runs, "task_loss")
     assert summary["kl_loss"]["inert"] and summary["kl_loss"]["grad_ratio"] == pytest.approx(0.02)
     assert summary["kl_loss"]["cos_task"] == pytest.approx(0.6) and summary["kl_loss"]["measured"] == 2
     assert "inert" not in summary["task_loss"]  # the reference itself
     runs[1]["kl_loss"]["grad_ratio"] = 2 * INERT_RATIO  # above it once: not inert
-    assert not summarise_terms(runs)["kl_loss"]["inert"]
+    assert not summarise_terms(runs, "task_loss")["kl_loss"]["inert"]

@@ -24,11 +24,10 @@ import torch
 
 #: A term whose gradient stays under this fraction of the task term's for a whole run is flagged.
 INERT_RATIO = 0.05
-TASK_TERM = "task_loss"
 
 
 def term_gradients(
-    losses: dict[str, torch.Tensor], outputs: Sequence[torch.Tensor], task_term: str = TASK_TERM
+    losses: dict[str, torch.Tensor], outputs: Sequence[torch.Tensor], task_term: str
 ) -> dict[str, dict[str, float]]:
     """``{term: {"grad_norm", "grad_ratio", "cos_task"}}`` of one step's terms on ``outputs``
     (``grad_ratio`` and ``cos_task`` only when the step has its ``task_term`` with a nonzero
@@ -58,9 +57,7 @@ def term_gradients(
     return out
 
 
-def summarise_terms(
-    measurements: Sequence[dict[str, dict[str, float]]], task_term: str = TASK_TERM
-) -> dict[str, dict[str, Any]]:
+def summarise_terms(measurements: Sequence[dict[str, dict[str, float]]], task_term: str) -> dict[str, dict[str, Any]]:
     """Per term over a run's measurements: mean ``grad_ratio`` and ``cos_task``, the largest
     ratio seen, and ``inert`` (never reached :data:`INERT_RATIO` of the task gradient)."""
     names = sorted({name for measured in measurements for name in measured})
