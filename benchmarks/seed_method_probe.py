@@ -80,7 +80,7 @@ def main() -> None:
             add("fusion_hard_negative", float(logits.gather(1, hard).mean()))
             add("dual_positive", float(kappa * dual.diag().mean()))
             add("dual_hard_negative", float((kappa * dual).gather(1, hard).mean()))
-            if fusion.pooled_dim is not None and fusion.caption_free_image_heads:
+            if fusion.pooled_dim is not None and fusion.own_side_heads:
                 v_hat = _targets(fusion, states, v, args.lam)
                 cos = F.cosine_similarity(v_hat, v, dim=-1)
                 add("mcad_cos_vhat_v_min", float(cos.min()))
@@ -91,7 +91,7 @@ def main() -> None:
                 entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=1).mean()
                 add(f"comkd_entropy_over_logB_{name}", float(entropy / math.log(n)))
 
-        if fusion.pooled_dim is not None and fusion.caption_free_image_heads:  # two captions of one image
+        if fusion.pooled_dim is not None and fusion.own_side_heads:  # two captions of one image
             counts = torch.bincount(owner)
             two = torch.nonzero(counts >= 2).flatten()[: args.batch]
             first = torch.tensor([int(torch.nonzero(owner == i)[0]) for i in two])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,12 @@ from typer.testing import CliRunner
 from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import load_image_tensor, to_unit
 from clipdistill.data.loading import load_dataset
-from clipdistill.distill.base import Batch
+from clipdistill.distill.base import Batch, MethodConfigError, TeacherSource, build_method_args
 from clipdistill.distill.cache import MANIFEST_FILE, CachedTeacher, CacheMismatchError, build_cache
 from clipdistill.distill.fusion_source import OnlineFusion
+from clipdistill.distill.methods import get_method
 from clipdistill.distill.teacher_source import OnlineTeacher
+from clipdistill.eval.paired_bootstrap import mean_difference
 from clipdistill.eval.rerank import rerank_from_states, rerank_recall
 from clipdistill.models.fusion import (
     CrossAttention,
@@ -31,7 +34,10 @@ from clipdistill.models.fusion import (
     FusionTeacher,
     dual_token_geometry,
     load_fusion,
+    load_fusion_encoder,
     pad_texts,
+    read_fusion_config,
+    save_fusion_encoder,
     score_pairs,
     unpad_texts,
 )
@@ -340,6 +346,24 @@ def test_rerank_recall_against_naive() -> None:
         expected = [100.0 * h / n_texts for h in hits[name]]
         assert [result[name][f"t2i_R@{c}"] for c in (1, 2, 5)] == pytest.approx(expected)
     assert result["reranked"]["t2i_R@5"] == result["dual"]["t2i_R@5"]  # beyond k nothing can change
+    # The R@1 gain's interval: a paired bootstrap over the caption queries of the same hits.
+    per_query = {
+        name: [100.0 * (owner[j] == order) for j, order in enumerate(firsts)]
+        for name, firsts in (
+            ("dual", [max(range(n_images), key=lambda i: (float(dual[j, i]), -i)) for j in range(n_texts)]),
+            ("reranked", [_reranked_first(dual[j], fusion_table[:, j], k) for j in range(n_texts)]),
+        )
+    }
+    expected_ci = mean_difference(per_query["reranked"], per_query["dual"], resamples=2000, seed=0)["ci95"]
+    assert result["gain_R@1_ci95"] == expected_ci
+    low, high = result["gain_R@1_ci95"]
+    assert low <= result["gain_R@1"] <= high and low < high
+
+
+def _reranked_first(dual: torch.Tensor, fusion: torch.Tensor, k: int) -> int:
+    """The image a caption's dual top-``k`` re-ranked by the fusion scores puts first."""
+    ranked = sorted(range(len(dual)), key=lambda i: (-float(dual[i]), i))
+    return sorted(ranked[:k], key=lambda i: (-float(fusion[i]), ranked.index(i)))[0]
 
 
 # ---------------------------------------------------------------- training and loading fusion: folders
@@ -371,7 +395,7 @@ def test_train_fusion_writes_a_loadable_teacher(fusion_dir: Path, teacher_spec: 
     summary = json.loads((fusion_dir / "train_summary.json").read_text())
     assert {"val", "test", "best_epoch", "teacher", "initial_val"} <= set(summary)
     assert summary["best_epoch"] >= 1  # a trained epoch, never the initialisation
-    assert set(summary["test"]) == {"k", "dual", "reranked", "gain_R@1", "fusion_dual_corr"}
+    assert set(summary["test"]) == {"k", "dual", "reranked", "gain_R@1", "gain_R@1_ci95", "fusion_dual_corr"}
     assert -1.0 <= summary["test"]["fusion_dual_corr"] <= 1.0  # corr(z(F), S): what MCAD's Ŝ adds
     config = json.loads((fusion_dir / "fusion_config.json").read_text())["config"]
     assert config["dual_spec"] == f"run:{Path(teacher_spec.removeprefix('run:')).resolve()}"
@@ -414,6 +438,86 @@ def test_fusion_teacher_refuses_a_retrained_dual_teacher(fusion_dir: Path, teach
     (moved / "fusion_config.json").write_text(json.dumps(meta))
     with pytest.raises(FusionError, match=r"trained on dual teacher .*now holds weights.*train-fusion"):
         load_fusion(f"fusion:{moved}")
+
+
+def _with_training(fusion_dir: Path, folder: Path, training: dict | None) -> str:
+    """A copy of ``fusion_dir`` whose ``fusion_config.json`` records ``training`` (``None``: no
+    record, as folders written before train-fusion recorded one)."""
+    shutil.copytree(fusion_dir, folder)
+    meta = json.loads((folder / "fusion_config.json").read_text())
+    meta.pop("training", None)
+    if training is not None:
+        meta["training"] = training
+    (folder / "fusion_config.json").write_text(json.dumps(meta))
+    return f"fusion:{folder}"
+
+
+class _FusionSource(TeacherSource):
+    """A teacher source that only carries a fusion teacher (methods check it when built)."""
+
+    def __init__(self, fusion: object) -> None:
+        self.fusion, self.embed_dim, self.spec = fusion, 384, "fake:teacher"  # type: ignore[assignment]
+
+
+def _build(method: str, fusion: object) -> object:
+    cls = get_method(method)
+    return cls(8, _FusionSource(fusion), build_method_args(cls, None))
+
+
+def test_train_fusion_records_the_training_it_kept(fusion_dir: Path) -> None:
+    summary = json.loads((fusion_dir / "train_summary.json").read_text())
+    training = json.loads((fusion_dir / "fusion_config.json").read_text())["training"]
+    assert training["epoch"] == summary["best_epoch"] and training["epochs_run"] == TINY.epochs
+    assert training["steps"] >= training["epoch"]  # every epoch up to the kept one took a step
+    assert load_fusion(f"fusion:{fusion_dir}", with_encoders=False).untrained() is None
+
+
+@pytest.mark.parametrize("method", ["mcad", "dcd"])
+def test_methods_that_read_a_fusion_teacher_refuse_an_untrained_head(
+    fusion_dir: Path, tmp_path: Path, method: str
+) -> None:
+    """A folder that records no training steps is refused, naming the folder and how to train
+    one; a folder without a record (written before train-fusion kept one) counts as trained
+    exactly when its logit's zero-initialised weights moved."""
+    untrained = _with_training(fusion_dir, tmp_path / "none", {"epoch": 0, "steps": 0, "epochs_run": 0})
+    with pytest.raises(MethodConfigError, match=rf"{tmp_path / 'none'}.*untrained pair head.*train-fusion"):
+        _build(method, load_fusion(untrained, with_encoders=False))
+
+    legacy_trained = _with_training(fusion_dir, tmp_path / "old", None)
+    fusion = load_fusion(legacy_trained, with_encoders=False)
+    assert fusion.untrained() is None
+    if method == "dcd":
+        _build(method, fusion)  # MCAD would go on to refuse its 384-d heads for this 8-d fake teacher
+
+    initial = tmp_path / "initial"
+    save_fusion_encoder(FusionEncoder(read_fusion_config(fusion_dir)), initial)  # the head as constructed
+    assert "training" not in json.loads((initial / "fusion_config.json").read_text())
+    with pytest.raises(MethodConfigError, match=r"still at their initialisation.*train-fusion"):
+        _build(method, load_fusion(f"fusion:{initial}", with_encoders=False))
+
+
+def test_a_pretrained_blip_itm_head_counts_as_trained(blip_dir: Path) -> None:
+    fusion = load_fusion(f"blip-itm:{blip_dir}")
+    assert fusion.untrained() is None
+    _build("dcd", fusion)
+
+
+def test_the_logit_offset_stays_at_its_centring_under_the_listwise_loss(
+    teacher_spec: str, dataset: PairedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A constant shift of one caption's candidates changes no softmax, so the listwise loss
+    gives ``dual_bias`` no gradient; left trainable, weight decay alone would move it."""
+    import clipdistill.train.fusion as fusion_training
+
+    real, centring = fusion_training._rerank, []
+
+    def spy(encoder: FusionEncoder, *args: object, **kwargs: object) -> dict:
+        centring.append(encoder.dual_bias.item())  # the first call measures the initial head
+        return real(encoder, *args, **kwargs)
+
+    monkeypatch.setattr(fusion_training, "_rerank", spy)
+    train_fusion_teacher(teacher_spec, dataset, tmp_path / "f", replace(TINY, epochs=1), progress=False)
+    assert load_fusion_encoder(tmp_path / "f", with_dual=False).dual_bias.item() == centring[0] != 0.0
 
 
 def test_fusion_specs_are_not_dual_encoders(fusion_dir: Path, teacher_spec: str) -> None:
@@ -580,6 +684,7 @@ def test_cli_train_fusion_and_cache_with_fusion(teacher_spec: str, shapes_datase
     result = runner.invoke(app, [*args, "--epochs", "1", "--batch-size", "4", "--width", "16", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert f"fusion:{out}" in _flat(result.output) and "re-ranked by the fusion teacher" in _flat(result.output)
+    assert "val: R@1 gain" in _flat(result.output) and "95% interval over the caption queries" in _flat(result.output)
     load_fusion(f"fusion:{out}")
 
     cache = tmp_path / "cache"

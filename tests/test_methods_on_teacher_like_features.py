@@ -98,6 +98,7 @@ def test_mcad_image_target_ignores_the_caption_and_is_a_bounded_nudge() -> None:
     torch.manual_seed(0)
     encoder = FusionEncoder(config)
     with torch.no_grad():  # heads far larger than the unit features (as the demo's: |g| ≈ 7.9)
+        torch.nn.init.normal_(encoder.itm.weight)  # a trained logit: methods refuse an untrained head
         encoder.image_head.weight.mul_(50.0)
         encoder.text_head.weight.mul_(50.0)
     teacher = FixedTeacher(image, text, math.log(20.0), FusionTeacher(encoder, spec="fusion:fake"), states)
@@ -274,9 +275,16 @@ def test_comkd_align_reduction_knob() -> None:
         build("comkd", 6, teacher, {"align_reduction": "max"})
 
 
-def test_a_fusion_folder_from_before_sides_heads_gives_mcad_no_fused_features() -> None:
-    """A fusion config written before ``heads_input`` has pair heads (g read the caption): MCAD
-    must not use them as image targets, and says so."""
+@pytest.mark.parametrize(
+    ("heads_input", "why"),
+    [(None, "image target would carry the caption"), ("sides", "text target would carry the image")],
+)
+def test_a_fusion_folder_whose_heads_read_the_other_side_gives_mcad_no_fused_features(
+    heads_input: str | None, why: str
+) -> None:
+    """A fusion config written before ``heads_input`` has pair heads (g read the caption), one
+    written with ``sides`` heads has h reading the paired image: MCAD must not use them as
+    targets, and says why."""
     raw = {
         "dual_spec": "fake:teacher",
         "image_token_dim": 5,
@@ -286,9 +294,9 @@ def test_a_fusion_folder_from_before_sides_heads_gives_mcad_no_fused_features() 
         "width": 8,
         "heads": 2,
     }
-    old = FusionConfig.from_dict(raw)
-    assert old.heads_input == "pair"
+    assert FusionConfig.from_dict(raw).heads_input == "pair"
     assert FusionConfig.from_dict({**raw, "heads_input": "sides"}).heads_input == "sides"
+    old = FusionConfig.from_dict(raw if heads_input is None else {**raw, "heads_input": heads_input})
     image, text = clustered(4, 8, 2, 1.0, seed=0)
     states = FusionStates(
         image=torch.randn(4, 3, 8),
@@ -297,8 +305,10 @@ def test_a_fusion_folder_from_before_sides_heads_gives_mcad_no_fused_features() 
         text_mask=torch.ones(4, 4, dtype=torch.bool),
         text_global=text,
     )
-    teacher = FixedTeacher(image, text, math.log(20.0), FusionTeacher(FusionEncoder(old), "fusion:old"), states)
-    with pytest.warns(UserWarning, match="carry the caption"):
+    encoder = FusionEncoder(old)
+    torch.nn.init.normal_(encoder.itm.weight)  # a trained logit: methods refuse an untrained head
+    teacher = FixedTeacher(image, text, math.log(20.0), FusionTeacher(encoder, "fusion:old"), states)
+    with pytest.warns(UserWarning, match=why):
         method = build("mcad", 8, teacher)
     assert not method.use_fusion_features
     assert (

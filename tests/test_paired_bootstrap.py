@@ -49,3 +49,23 @@ def test_a_model_against_itself_has_no_spread_and_a_better_one_excludes_zero() -
 def test_runs_on_other_queries_are_refused() -> None:
     with pytest.raises(ValueError, match="same test queries"):
         rsum_difference([_ranks(1)], [_ranks(2, n_texts=100)])
+
+
+def test_a_per_query_difference_gets_a_seeded_interval_around_its_mean() -> None:
+    """200 queries, 20 of which the method finds and the baseline misses (100 vs 0 points): the
+    mean gain is 10 points, and the interval is near the normal one, 10 ± 1.96·30/√200."""
+    from clipdistill.eval.paired_bootstrap import mean_difference
+
+    baseline = np.zeros(200)
+    method = baseline.copy()
+    method[::10] = 100.0
+    result = mean_difference(method, baseline, resamples=2000, seed=0)
+    assert result["mean"] == pytest.approx(10.0) and result["resamples"] == 2000
+    low, high = result["ci95"]
+    half = 1.96 * 30.0 / np.sqrt(200)
+    assert low == pytest.approx(10.0 - half, abs=0.8) and high == pytest.approx(10.0 + half, abs=0.8)
+    assert mean_difference(method, baseline, seed=0) == result  # seeded
+    assert mean_difference(method, baseline, block=300) == result  # the blocks do not change the draws
+    assert mean_difference(method, method)["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="equal-length"):
+        mean_difference(method, baseline[:-1])

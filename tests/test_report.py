@@ -253,3 +253,35 @@ def test_memory_line_gives_the_peak_and_each_stage() -> None:
     assert _memory_lines(memory)[1] == "Peak resident memory: 3.0 GiB; per stage, GiB: teacher 3.0, students 1.5."
     memory["per_stage"] = "cumulative"
     assert "running peak" in _memory_lines(memory)[1]
+
+
+def test_the_fusion_paragraph_gives_the_rerank_gain_with_its_interval(report: dict[str, Any]) -> None:
+    """report.json's fusion section carries val and test re-ranking, each gain with its 95%
+    interval, and report.md's fusion sentence states both; a summary from before the interval
+    gives the gain alone."""
+    from clipdistill.report import markdown
+
+    def rerank(dual: float, reranked: float, ci: list[float] | None) -> dict[str, Any]:
+        entry = {
+            "k": 16,
+            "dual": {"t2i_R@1": dual, "t2i_R@5": 50.0},
+            "reranked": {"t2i_R@1": reranked, "t2i_R@5": 50.0},
+            "gain_R@1": reranked - dual,
+        }
+        return entry if ci is None else {**entry, "gain_R@1_ci95": ci}
+
+    report["fusion_teacher"] = {
+        "spec": "fusion:out/fusion",
+        "params": 120_000,
+        "rerank_val": rerank(30.0, 33.5, [1.31, 5.74]),
+        "rerank_test": rerank(28.0, 29.0, [-1.5, 3.5]),
+    }
+    report["best_student"] = {"method": "clip", "seed": 0, "selected_by": "val rsum"}
+    parity = {name: {"recall": {"rsum": 30.0}} for name in ("torch", "onnx_fp32")}
+    report["deploy"] = {"spec": "local-dir:x", "export": "x", "index": "i", "parity": parity}
+    report["wall_seconds"], report["preset"] = 1.0, "quick"
+    text = markdown(report)
+    assert "R@1 gain (95% interval over the caption queries): val +3.5 [+1.3, +5.7], test +1.0 [-1.5, +3.5]." in text
+    report["fusion_teacher"]["rerank_test"] = rerank(28.0, 29.0, None)
+    del report["fusion_teacher"]["rerank_val"]
+    assert "R@1 gain (95% interval over the caption queries): test +1.0." in markdown(report)

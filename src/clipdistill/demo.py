@@ -603,8 +603,9 @@ def _machine() -> dict[str, Any]:
 
 
 def _fusion_entry(out: Path, fusion_spec: str | None, *, trained: bool) -> dict[str, Any] | None:
-    """What the fusion teacher adds: its test-split re-ranking of the dual teacher's top-k (for a
-    fusion teacher the run trained; a given one is named only)."""
+    """What the fusion teacher adds: its val- and test-split re-ranking of the dual teacher's
+    top-k, each with its R@1 gain's 95% interval (for a fusion teacher the run trained; a given
+    one is named only)."""
     if fusion_spec is None:
         return None
     if not trained:
@@ -617,6 +618,7 @@ def _fusion_entry(out: Path, fusion_spec: str | None, *, trained: bool) -> dict[
     return {
         "spec": fusion_spec,
         "params": count_parameters(encoder),
+        "rerank_val": summary.get("val"),
         "rerank_test": summary.get("test"),
         "train_seconds": summary.get("train_seconds"),
     }

@@ -93,3 +93,10 @@ def train_fusion_command(
             result = summary[split]
             print_metrics(f"{split}: dual teacher, text->image", result["dual"])
             print_metrics(f"{split}: dual top-{result['k']} re-ranked by the fusion teacher", result["reranked"])
+            low, high = result["gain_R@1_ci95"]
+            console.print(
+                f"{split}: R@1 gain {result['gain_R@1']:+.1f} (95% interval over the caption queries "
+                f"{low:+.1f} to {high:+.1f})",
+                highlight=False,
+                markup=False,
+            )

@@ -173,6 +173,8 @@ class DistillMethod(nn.Module):
         self.student_dim = student_dim
         self.teacher = teacher
         self.args = args
+        if teacher is not None and "fusion" in self.teachers():
+            require_trained_fusion(self.name, getattr(teacher, "fusion", None))
 
     def forward(self, batch: Batch, student: StudentFeatures) -> MethodOutput:
         raise NotImplementedError
@@ -183,6 +185,26 @@ class DistillMethod(nn.Module):
                 f"method {self.name!r} needs a teacher but none was configured (key 'teacher.spec')"
             )
         return self.teacher(batch)
+
+
+def require_trained_fusion(method: str, fusion: FusionTeacher | None) -> None:
+    """Refuse a fusion teacher whose pair head is untrained (``FusionTeacher.untrained``).
+
+    Every method that reads a fusion teacher's scores or features is built through
+    :class:`DistillMethod`, which calls this. An untrained ``fusion:`` head scores exactly like
+    the dual teacher and its heads g, h are random, so a run would report a fusion teacher that
+    adds nothing, or random feature targets. A stand-in without ``untrained`` counts as trained."""
+    untrained = getattr(fusion, "untrained", None)
+    why = untrained() if callable(untrained) else None
+    if why is None:
+        return
+    assert fusion is not None
+    dual = fusion.dual_spec or "DUAL_TEACHER"
+    raise MethodConfigError(
+        f"method {method!r}: fusion teacher {fusion.spec} (key 'teacher.fusion') has an untrained pair head "
+        f"({why}); train one with `clipdistill teacher train-fusion --teacher {dual} --data DATA --out FOLDER` "
+        "and set 'teacher.fusion' to fusion:FOLDER"
+    )
 
 
 def build_method_args(cls: type[DistillMethod], raw: Mapping[str, Any] | None) -> MethodArgs:

@@ -1,4 +1,5 @@
-"""A method against the scratch baseline: the rsum difference with a 95% interval.
+"""Paired bootstrap intervals: a method against the scratch baseline (the rsum difference), and
+any per-query difference of two rankings of one query set (the fusion teacher's re-ranking gain).
 
 Seeds say how much training noise moves a row; the test set's own sampling moves every row
 too. A paired bootstrap over the test queries covers the second: resample the caption queries
@@ -64,5 +65,35 @@ def rsum_difference(
         "mean": round(float(image_diff.sum() + text_diff.sum()), 3),
         "ci95": [round(float(low), 3), round(float(high), 3)],
         "seeds": [len(method), len(baseline)],
+        "resamples": resamples,
+    }
+
+
+def mean_difference(
+    method: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    block: int = 1 << 22,
+) -> dict[str, Any]:
+    """Mean over the queries of ``method − baseline`` (one value per query on each side, e.g.
+    100 for a hit at R@1 else 0) and its 95% interval by a paired bootstrap over the queries: both
+    sides read on the same resampled queries. ``block`` bounds the resample indices held at once."""
+    ours, theirs = np.asarray(method, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if ours.ndim != 1 or ours.shape != theirs.shape or len(ours) == 0:
+        raise ValueError(f"mean_difference needs two equal-length 1-D series, got shapes {ours.shape}, {theirs.shape}")
+    difference = ours - theirs
+    n = len(difference)
+    generator = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    rows = max(1, block // n)
+    for start in range(0, resamples, rows):
+        count = min(rows, resamples - start)
+        means[start : start + count] = difference[generator.integers(0, n, (count, n))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "mean": round(float(difference.mean()), 3),
+        "ci95": [round(float(low), 3), round(float(high), 3)],
         "resamples": resamples,
     }

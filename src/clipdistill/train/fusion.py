@@ -38,6 +38,7 @@ from clipdistill.io import append_jsonl, atomic_write_json
 from clipdistill.models.base import DualEncoder
 from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 from clipdistill.models.fusion import (
+    HEADS_INPUTS,
     FusionConfig,
     FusionEncoder,
     FusionError,
@@ -69,7 +70,7 @@ class FusionTrainConfig:
     negatives: int = 31  # hard negatives per positive (bce: per direction); listwise lists are 1 + 31 images
     heads_lambda: float = 0.3  # λ in norm(v + λ·g(f)) while training g, h (MCAD's default λ)
     w_heads: float = 1.0  # weight of the heads loss; 0 leaves g, h untrained
-    heads_input: str = "sides"  # FusionConfig.heads_input: g from the image alone, h from the caption's side
+    heads_input: str = "own"  # FusionConfig.heads_input: g from the image alone, h from the caption alone
     rerank_k: int = 16
     k_augmentations: int = 4  # replayed augmentations per training image (0 = the plain image)
     aug_seed: int = 0
@@ -88,9 +89,10 @@ class FusionTrainConfig:
                 raise FusionError(f"fusion training option {name!r} must be >= 1, got {getattr(self, name)}")
         if self.loss not in ("listwise", "bce"):
             raise FusionError(f"fusion training option 'loss' must be 'listwise' or 'bce', got {self.loss!r}")
-        if self.heads_input not in ("sides", "pair"):
+        if self.heads_input not in HEADS_INPUTS:
             raise FusionError(
-                f"fusion training option 'heads_input' must be 'sides' or 'pair', got {self.heads_input!r}"
+                f"fusion training option 'heads_input' must be one of {', '.join(map(repr, HEADS_INPUTS))}, "
+                f"got {self.heads_input!r}"
             )
         if self.batch_size < 2:
             raise FusionError(f"fusion training option 'batch_size' must be >= 2, got {self.batch_size}")
@@ -272,10 +274,12 @@ def _heads_loss(
 ) -> torch.Tensor:
     """Clip loss of (norm(v + λ·norm(g_i)), norm(t + λ·norm(h_i))) over the matched pairs (one per
     distinct image), at the dual teacher's scale: g, h learn the nudges that help each item find
-    its partner *among the other items of the batch*. *[ours]* With ``heads_input="sides"`` g_i
-    sees only image i's states and h_i only caption i's side of the cross-attention, so no code
-    of the pair can satisfy both (with ``heads_input="pair"`` g and h both read the pair feature
-    f, and the loss is minimised by g_i = h_i = one large code of the pair). g, h are
+    its partner *among the other items of the batch*. *[ours]* With ``heads_input="own"`` g_i
+    sees only image i's states and h_i only caption i's, so the loss can only be lowered by what
+    each side says alone. Any path from one side into the other head is a shortcut the loss takes:
+    with ``"sides"`` h_i reads caption i's cross-attention against image i, and ĝ_i, ĥ_i learn a
+    shared code of the image; with ``"pair"`` both read the pair feature f, and the loss is
+    minimised by g_i = h_i = one large code of the pair. g, h are
     unit-normalised as MCAD uses them, so λ keeps the nudge bounded. With ``match="cross"`` the
     states are detached, so the heads loss leaves the match logit a pure ITM score."""
     if encoder.config.match == "cross":
@@ -430,13 +434,19 @@ def train_fusion_teacher(
     Loss per step: ``itm`` (listwise CE over a caption's candidates, or ½[BCE(positives, 1) +
     BCE(hard negatives, 0)]) on the match logit, plus ``w_heads`` · the heads loss
     (:func:`_heads_loss`: a clip loss of (norm(v + λ·ĝ), norm(t + λ·ĥ)) over the batch's matched
-    pairs, g from the image alone and h from the caption's side, so a code of the pair cannot
-    win). The summary's ``fusion_dual_corr`` (val, test) is corr(F, S) over random batches. The dual cosine's weight
-    starts at the dual teacher's κ and its bias at minus κ times the midpoint of positive and
-    hard-negative cosines, so the untrained head already ranks exactly like the dual teacher.
+    pairs, by default g from the image alone and h from the caption alone, so a code of the pair
+    cannot win). The summary's ``fusion_dual_corr`` (val, test) is corr(F, S) over random batches,
+    its ``gain_R@1_ci95`` the re-ranking gain's 95% interval (paired bootstrap over the caption
+    queries). The dual cosine's weight starts at the dual teacher's κ and its bias at minus κ times
+    the midpoint of positive and hard-negative cosines, so the untrained head already ranks
+    exactly like the dual teacher. Under the listwise loss the bias stays there (frozen): a
+    constant shift of a caption's candidates changes no softmax, so it would get no gradient and
+    only weight decay would move it.
 
-    Writes ``out/fusion_config.json`` + ``fusion.safetensors`` (load with ``fusion:out``),
-    ``log.jsonl`` (per epoch), ``train_config.json`` and ``train_summary.json``; returns the summary.
+    Writes ``out/fusion_config.json`` (with the ``training`` record of the kept epoch: ``epoch``,
+    ``steps`` up to it, ``epochs_run``; methods refuse a head with no steps) + ``fusion.safetensors``
+    (load with ``fusion:out``), ``log.jsonl`` (per epoch), ``train_config.json`` and
+    ``train_summary.json``; returns the summary.
 
     A dual teacher without trained weights (``openclip:NAME`` with no tag, ``lit:``) is refused
     unless ``allow_random_teacher`` (:func:`~clipdistill.models.teachers.check_teacher_weights`).
@@ -503,9 +513,10 @@ def train_fusion_teacher(
         positive_cos = (plain[data.text_to_image] * data.text_global[data.caption_text]).sum(-1).mean()
         negative_cos = (plain[:, None, :] * data.text_global[hard_texts]).sum(-1).mean()
         encoder.dual_bias.fill_(-kappa * float(positive_cos + negative_cos) / 2)
+    listwise = config.loss == "listwise"
+    encoder.dual_bias.requires_grad_(not listwise)  # listwise: no gradient, so the offset stays the centring
 
     batch_size = min(config.batch_size, n_images)
-    listwise = config.loss == "listwise"
     n_captions = len(data.caption_text)
     steps_per_epoch = max(1, (n_captions if listwise else n_images) // batch_size)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
@@ -526,6 +537,7 @@ def train_fusion_teacher(
     initial = _rerank(encoder, val_data, config.rerank_k)
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] = {}
+    total_steps = 0
     epochs: Any = range(config.epochs)
     if progress:
         from tqdm import tqdm
@@ -560,6 +572,7 @@ def train_fusion_teacher(
             update(loss, optimizer, scheduler, config.grad_clip)
             totals["itm_loss"] += float(itm.detach())
             totals["heads_loss"] += float(heads.detach())
+        total_steps += steps_done
         result = _rerank(encoder, val_data, config.rerank_k)
         elapsed = time.perf_counter() - started
         record = {
@@ -573,7 +586,7 @@ def train_fusion_teacher(
         if progress:
             epochs.set_postfix(itm=f"{record['itm_loss']:.3f}", val_R1=f"{result['reranked']['t2i_R@1']:.1f}")
         if best is None or _selection_key(result) > _selection_key(best["val"]):
-            best = {"epoch": epoch + 1, "val": result}
+            best = {"epoch": epoch + 1, "val": result, "steps": total_steps}
             best_state = {name: value.clone() for name, value in encoder.head_state().items()}
         if out_of_time or (config.max_seconds is not None and elapsed > config.max_seconds):
             break
@@ -581,6 +594,7 @@ def train_fusion_teacher(
     assert best is not None  # epochs >= 1 (FusionTrainConfig) and every epoch takes a step
     encoder.load_state_dict(best_state, strict=False)
     encoder.eval()
+    encoder.training_record = {"epoch": best["epoch"], "steps": best["steps"], "epochs_run": record["epoch"]}
     save_fusion_encoder(encoder, out)
     summary: dict[str, Any] = {
         "teacher": dual_spec,

@@ -60,6 +60,13 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum()) / denominator if denominator > 0 else 0.0
 
 
+def _other_side(heads_input: str | None) -> str:
+    """Why heads that are not ``own`` make targets a student's tower cannot reach."""
+    if heads_input == "sides":
+        return "computes h from the caption attending to its paired image, so its text target would carry the image"
+    return "computes g and h from the image-caption pair, so its image target would carry the caption"
+
+
 @register_method
 class MCADMethod(DistillMethod):
     """MCAD: distribution + feature distillation from the fused teachers, plus the task loss.
@@ -74,19 +81,21 @@ class MCADMethod(DistillMethod):
     - Modified features *[ours]*: v̂_i = norm(v^T_i + λ·ĝ_i), t̂_i = norm(t^T_i + λ·ĥ_i), ĝ, ĥ the
       fusion teacher's heads into the dual space **unit-normalised**, so with λ 0.3 the target is
       a bounded nudge: cos(v̂, v^T) >= √(1 − λ²) ≈ 0.95. g_i is computed from image i's own states
-      (the teacher's ``heads_input: sides``), so the image target is the same whichever of the
-      image's captions is in the batch; h_i from caption i against its own image only. A fusion
-      teacher without such heads (``blip-itm``; a ``fusion:`` folder trained before ``sides``
-      heads, whose g read the pair), or ``use_fusion_features: false``, distils v^T, t^T instead
-      (report ``fusion_features`` = 0; a warning says why).
+      and h_i from caption i's own (the teacher's ``heads_input: own``), so each target is what
+      the student's tower for that side can see: the image target is the same whichever caption
+      is in the batch, the text target the same whichever image. A fusion teacher without such
+      heads (``blip-itm``; a ``fusion:`` folder with ``sides`` heads, whose h read the paired image,
+      or ``pair`` heads, whose g and h read the pair), or ``use_fusion_features: false``, distils
+      v^T, t^T instead (report ``fusion_features`` = 0; a warning says why).
     - Terms: ``dist_loss`` = w_dist · ½[KL(softmax(κ_T·Ŝ/T) ‖ softmax(L^S/T)) + t2i] (T = 1, T²
       factor), L^S the student's own logits; ``feat_loss`` = w_feat · [MSE(P_v(v^S), v̂) +
       MSE(P_t(t^S), t̂)], P linear projectors when dims differ, projected features re-normalised
       (w_feat 2000 as CLIP-KD's FD: MSE between unit vectors is tiny); ``task_loss`` = w_task ·
       clip loss of the student.
 
-    Needs a fusion teacher (key ``teacher.fusion``); its g, h must map into the space of the
-    configured dual teacher (checked by weights fingerprint). Report: ``logit_scale``,
+    Needs a trained fusion teacher (key ``teacher.fusion``; an untrained head is refused when the
+    method is built, :func:`~clipdistill.distill.base.require_trained_fusion`); its g, h must map
+    into the space of the configured dual teacher (checked by weights fingerprint). Report: ``logit_scale``,
     ``fused_pairs`` (fraction of the B² pairs scored by the fusion teacher), ``fusion_features``,
     ``fusion_dual_corr`` (corr(z(F), S) over the scored pairs of the batch)."""
 
@@ -139,11 +148,11 @@ class MCADMethod(DistillMethod):
             raise MethodConfigError(f"method {self.name!r} needs a fusion teacher: set key 'teacher.fusion'")
         teacher_dim = int(self.teacher.embed_dim)
         self.use_fusion_features = args.use_fusion_features and fusion.pooled_dim is not None
-        if self.use_fusion_features and args.w_feat > 0 and not fusion.caption_free_image_heads:
+        if self.use_fusion_features and args.w_feat > 0 and not fusion.own_side_heads:
             warnings.warn(
-                f"method {self.name!r}: fusion teacher {fusion.spec} computes g from the image-caption pair, so "
-                "its image target would carry the caption; distilling the dual teacher's features instead "
-                "(retrain it with `clipdistill teacher train-fusion` for image-side heads)",
+                f"method {self.name!r}: fusion teacher {fusion.spec} {_other_side(fusion.heads_input)}; "
+                "distilling the dual teacher's features instead (retrain it with `clipdistill teacher train-fusion`, "
+                "whose heads each read their own side)",
                 stacklevel=2,
             )
             self.use_fusion_features = False

@@ -23,7 +23,9 @@ Backends (the spec parser in :mod:`clipdistill.models.spec` names them):
   small width; the head is one cross-attention layer each way (caption→image and image→caption),
   pooled over its query tokens, an MLP giving the pooled pair feature f, and a logit that adds a learned correction to
   the dual teacher's own cosine (so re-ranking starts from the dual order and learns what the
-  dot product misses). Its fixed heads g, h map f into the dual teacher's space (MCAD uses them).
+  dot product misses). Its heads g, h map into the dual teacher's space (MCAD's feature targets),
+  each reading only its own side (``heads_input="own"``): g the image's projected tokens, h the
+  caption's.
   With ``match="pool"`` (what ``train-fusion`` builds by default) the logit is instead the dual
   teacher's own cosine recomputed with pair-conditioned pooling (:func:`pooled_cosine`): the
   image says which caption words it explains, the caption which patches matter. On emoji, whose
@@ -34,7 +36,15 @@ Backends (the spec parser in :mod:`clipdistill.models.spec` names them):
   cross-attention plus its ITM head. Its dual stage is BLIP's own ITC projections; it has no heads
   into another teacher's space, so it gives no pooled features for MCAD.
 
-The match logit is the log-odds that the pair matches (BLIP: logit[match] − logit[no match]).
+The match logit is a ranking score for the pair. ``train-fusion``'s default listwise loss trains
+only its differences between one caption's candidates, so its offset is arbitrary (``dual_bias``
+stays at the centring it starts from); only under ``loss: bce`` is it the log-odds that the pair
+matches. BLIP's (logit[match] − logit[no match]) is the log-odds of its ITM head.
+
+A ``fusion:`` folder records the training that produced it (``fusion_config.json``'s ``training``:
+kept ``epoch``, its ``steps``, ``epochs_run``); :meth:`FusionTeacher.untrained` says when a head
+is untrained (no steps recorded; or, without a record, the logit's zero-initialised weights still
+0), and distillation methods that read a fusion teacher refuse such a head.
 """
 
 from clipdistill.models.fusion.base import (
@@ -51,6 +61,7 @@ from clipdistill.models.fusion.base import (
 from clipdistill.models.fusion.blip import BlipItmBackend, load_blip_itm
 from clipdistill.models.fusion.encoder import (
     CONFIG_FILE,
+    HEADS_INPUTS,
     WEIGHTS_FILE,
     CrossAttention,
     FusionConfig,
@@ -58,6 +69,7 @@ from clipdistill.models.fusion.encoder import (
     dual_token_geometry,
     pooled_cosine,
     read_fusion_config,
+    read_fusion_training,
     save_fusion_encoder,
 )
 from clipdistill.models.fusion.factory import load_fusion, load_fusion_encoder, load_fusion_teacher
@@ -66,6 +78,7 @@ from clipdistill.models.fusion.identity import same_dual_teacher
 __all__ = [
     "CONFIG_FILE",
     "DENSE_FRACTION",
+    "HEADS_INPUTS",
     "PAIR_CHUNK",
     "WEIGHTS_FILE",
     "BlipItmBackend",
@@ -84,6 +97,7 @@ __all__ = [
     "pad_texts",
     "pooled_cosine",
     "read_fusion_config",
+    "read_fusion_training",
     "same_dual_teacher",
     "save_fusion_encoder",
     "score_pairs",

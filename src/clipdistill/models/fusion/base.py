@@ -122,8 +122,16 @@ class FusionBackend(nn.Module):
         """``(g(f), h(f))``: pooled pair features mapped into the dual teacher's space."""
         raise FusionError(f"the {self.kind} fusion teacher has no heads into a dual teacher's space")
 
-    #: Whether :meth:`pair_heads` gives an image's g from the image alone (MCAD needs that).
-    caption_free_image_heads: bool = False
+    #: Whether :meth:`pair_heads` gives g from the image alone and h from the caption alone:
+    #: MCAD's targets for a student's image and text towers, which each see one side only.
+    own_side_heads: bool = False
+    #: What the heads g, h read (``FusionConfig.heads_input``); ``None``: no such option.
+    heads_input: str | None = None
+
+    def untrained(self) -> str | None:
+        """Why the pair head counts as untrained (``None``: trained). A backend that loads
+        published weights (``blip-itm``) is trained."""
+        return None
 
     def pair_heads(
         self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
@@ -314,9 +322,17 @@ class FusionTeacher(nn.Module):
         return self.pair_logits(states, image_index, text_index).view(states.n_images, states.n_texts)
 
     @property
-    def caption_free_image_heads(self) -> bool:
-        """Whether g of an image depends on the image alone (not on the caption it is paired with)."""
-        return bool(self.backend.caption_free_image_heads)
+    def own_side_heads(self) -> bool:
+        """Whether g of an image depends on the image alone and h of a caption on the caption alone."""
+        return bool(self.backend.own_side_heads)
+
+    @property
+    def heads_input(self) -> str | None:
+        return self.backend.heads_input
+
+    def untrained(self) -> str | None:
+        """Why the pair head counts as untrained (``None``: trained), see ``FusionBackend.untrained``."""
+        return self.backend.untrained()
 
     @torch.no_grad()
     def matched_dual_features(self, states: FusionStates) -> tuple[torch.Tensor, torch.Tensor]:

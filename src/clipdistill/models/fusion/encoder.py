@@ -22,6 +22,8 @@ from clipdistill.models.spec import ModelSpecError
 
 CONFIG_FILE = "fusion_config.json"
 WEIGHTS_FILE = "fusion.safetensors"
+#: What the heads g, h may read (:attr:`FusionConfig.heads_input`).
+HEADS_INPUTS = ("own", "sides", "pair")
 
 
 # --- ours: a small cross-attention encoder over a dual teacher's tokens -----------------------------
@@ -47,19 +49,24 @@ class FusionConfig:
     #: acting in MiniLM's token space transfers to unseen concepts, where the cross-attention
     #: correction learnt the training concepts and lowered held-out recall.
     match: str = "cross"
-    #: What the heads g, h into the dual space read *[ours]*. ``"sides"``: g_i from image i's own
-    #: states (mean of its projected tokens), h_i from caption i's side of the cross-attention
-    #: against its own image, so MCAD's image target cannot depend on which caption is in the batch
-    #: and g_i, h_i cannot share a code of the pair. ``"pair"``: both from the pooled feature f of
-    #: the matched pair (what fusion folders written before this option hold; ``from_dict`` reads a
-    #: config without the key as ``"pair"``); MCAD does not use such heads.
-    heads_input: str = "sides"
+    #: What the heads g, h into the dual space read *[ours]*. ``"own"`` (what ``train-fusion``
+    #: builds): each head reads only its own side, g_i LN(mean of image i's projected tokens) and
+    #: h_i LN(masked mean of caption i's), so MCAD's image target cannot carry the caption nor its
+    #: text target the image: a student's towers each see one side, and a target that carries the
+    #: other is one they cannot reach. ``"sides"``: g as ``"own"``, h_i from caption i's side of the
+    #: cross-attention against its own image, so ĝ_i and ĥ_i can share a code of the image.
+    #: ``"pair"``: both from the pooled feature f of the matched pair. Folders written with
+    #: ``"sides"`` or ``"pair"`` load as what they are (``from_dict`` reads a config without the
+    #: key as ``"pair"``, which is what folders from before the key hold); MCAD uses only ``"own"``.
+    heads_input: str = "own"
 
     def __post_init__(self) -> None:
         if self.match not in ("cross", "pool"):
             raise FusionError(f"fusion match must be 'cross' or 'pool', got {self.match!r}")
-        if self.heads_input not in ("sides", "pair"):
-            raise FusionError(f"fusion heads_input must be 'sides' or 'pair', got {self.heads_input!r}")
+        if self.heads_input not in HEADS_INPUTS:
+            raise FusionError(
+                f"fusion heads_input must be one of {', '.join(map(repr, HEADS_INPUTS))}, got {self.heads_input!r}"
+            )
         if self.width < 1 or self.heads < 1 or self.width % self.heads:
             raise FusionError(f"fusion width {self.width} must be a positive multiple of heads {self.heads}")
         if self.mlp_ratio <= 0:
@@ -212,6 +219,7 @@ class FusionEncoder(FusionBackend):
         self.pooled_dim = config.embed_dim
         self.dual_spec = config.dual_spec
         self.dual_fingerprint = config.dual_fingerprint
+        self.heads_input = config.heads_input
         self.image_in = nn.Sequential(nn.LayerNorm(config.image_token_dim), nn.Linear(config.image_token_dim, width))
         self.image_pos = nn.Parameter(torch.randn(config.image_tokens, width) * 0.02)
         self.text_in = nn.Sequential(nn.LayerNorm(config.text_token_dim), nn.Linear(config.text_token_dim, width))
@@ -225,11 +233,19 @@ class FusionEncoder(FusionBackend):
         nn.init.zeros_(self.itm.weight)  # untrained, the logit is the dual teacher's own score
         nn.init.zeros_(self.itm.bias)
         self.dual_weight = nn.Parameter(torch.tensor(float(config.dual_logit_scale)))
+        # The logit's offset: under listwise training no gradient reaches it (a shift of all of a
+        # caption's candidates changes no softmax), so train-fusion freezes it at its centring;
+        # under BCE it is the intercept of the log-odds.
         self.dual_bias = nn.Parameter(torch.tensor(0.0))
         self.image_head = nn.Linear(width, config.embed_dim, bias=False)  # g
         self.text_head = nn.Linear(width, config.embed_dim, bias=False)  # h
-        if config.heads_input == "sides":
+        if config.heads_input in ("own", "sides"):
             self.image_side_norm = nn.LayerNorm(width)  # g reads LN(mean of the image's projected tokens)
+        if config.heads_input == "own":
+            self.text_side_norm = nn.LayerNorm(width)  # h reads LN(masked mean of the caption's projected tokens)
+        #: What ``train-fusion`` recorded of the training that produced these weights (the
+        #: ``training`` entry of ``fusion_config.json``); ``None`` when nothing was recorded.
+        self.training_record: dict[str, Any] | None = None
         if config.match == "pool":
             # The dual teacher's own linear heads, frozen copies (set by :meth:`copy_dual_heads`), so
             # the pooled cosine starts as the dual cosine and the states need no dual teacher.
@@ -454,18 +470,39 @@ class FusionEncoder(FusionBackend):
         return self.image_head(pooled), self.text_head(pooled)
 
     @property
-    def caption_free_image_heads(self) -> bool:
-        return self.config.heads_input == "sides"
+    def own_side_heads(self) -> bool:
+        return self.config.heads_input == "own"
+
+    def _zero_initialised(self) -> list[torch.Tensor]:
+        """The trained weights of the match logit that start at exactly 0 (``match="cross"``: the
+        ITM correction; ``"pool"``: the word and patch pooling weights): while all are 0 the
+        logit is the dual teacher's own score, and any training step moves them."""
+        if self.config.match == "pool":
+            return [self.word_score.weight, self.word_score.bias, self.word_image, self.patch_text]
+        return [self.itm.weight, self.itm.bias]
+
+    def untrained(self) -> str | None:
+        """Why the pair head counts as untrained, or ``None`` when it is trained. A folder's
+        training record (:attr:`training_record`) decides when there is one; without one (folders
+        written before ``train-fusion`` recorded its training, or an encoder built in code) the
+        head is untrained exactly when the logit's zero-initialised weights are all still 0."""
+        if self.training_record is not None:
+            steps = int(self.training_record.get("steps", 0))
+            return None if steps > 0 else f"its {CONFIG_FILE} records {steps} training steps"
+        if any(bool(weight.detach().ne(0).any()) for weight in self._zero_initialised()):
+            return None
+        return "its match logit's weights are still at their initialisation, so it scores like the dual teacher"
 
     def pair_heads(
         self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g, h)`` (unnormalised) for pairs (image_index[p], text_index[p]); gradients flow.
 
-        ``heads_input="sides"`` *[ours]*: g from the image's own projected tokens only, h from the
-        caption's queries attending to that image (the caption side of the cross-attention), so g
-        of an image is the same whichever caption it is paired with. ``"pair"``: both from the
-        pooled pair feature f (:meth:`dual_heads`)."""
+        ``heads_input="own"`` *[ours]*: g from the image's own projected tokens, h from the
+        caption's own (masked mean, padding is zero), so neither depends on the item it is paired
+        with. ``"sides"``: g as ``"own"``, h from the caption's queries attending to the paired
+        image (the caption side of the cross-attention). ``"pair"``: both from the pooled pair
+        feature f (:meth:`dual_heads`)."""
         if self.config.heads_input == "pair":
             _, pooled = score_pairs(self, states, image_index, text_index, pooled=True)
             assert pooled is not None
@@ -474,6 +511,10 @@ class FusionEncoder(FusionBackend):
         image = states.image[image_index][..., :width]
         text, mask = states.text[text_index][..., :width], states.text_mask[text_index]
         g = self.image_head(self.image_side_norm(image.mean(dim=1)))
+        if self.config.heads_input == "own":
+            weights = mask.unsqueeze(-1).to(text.dtype)
+            caption = (text * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+            return g, self.text_head(self.text_side_norm(caption))
         caption_side = self.text_to_image(
             self.text_to_image.project(text, mask), self.text_to_image.project(image), query_mask=mask
         )
@@ -505,18 +546,36 @@ def dual_token_geometry(dual: DualEncoder) -> dict[str, int]:
 
 
 def save_fusion_encoder(encoder: FusionEncoder, directory: str | Path) -> Path:
-    """Write ``fusion_config.json`` + ``fusion.safetensors`` (head only) atomically."""
+    """Write ``fusion_config.json`` + ``fusion.safetensors`` (head only) atomically; the config
+    carries the encoder's :attr:`~FusionEncoder.training_record` as ``training`` when it has one."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(encoder.head_state(), str(tmp))
-    atomic_write_json(directory / CONFIG_FILE, {"kind": "fusion", "config": asdict(encoder.config)})
+    meta: dict[str, Any] = {"kind": "fusion", "config": asdict(encoder.config)}
+    if encoder.training_record is not None:
+        meta["training"] = encoder.training_record
+    atomic_write_json(directory / CONFIG_FILE, meta)
     return directory
 
 
 def read_fusion_config(directory: str | Path) -> FusionConfig:
+    return FusionConfig.from_dict(_read_meta(directory)["config"])
+
+
+def read_fusion_training(directory: str | Path) -> dict[str, Any] | None:
+    """A ``fusion:`` folder's training record (``None``: written before ``train-fusion`` recorded
+    one); a malformed record is an error naming the file."""
+    record = _read_meta(directory).get("training")
+    steps = record.get("steps") if isinstance(record, dict) else None
+    if record is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+        raise FusionError(f"{Path(directory) / CONFIG_FILE}: field 'training' must hold an int 'steps' >= 0")
+    return record
+
+
+def _read_meta(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     file = directory / CONFIG_FILE
     if not file.is_file():
@@ -529,4 +588,4 @@ def read_fusion_config(directory: str | Path) -> FusionConfig:
     meta = json.loads(file.read_text(encoding="utf-8"))
     if meta.get("kind") != "fusion":
         raise FusionError(f"{file}: field 'kind' is {meta.get('kind')!r}, expected 'fusion'")
-    return FusionConfig.from_dict(meta["config"])
+    return meta

@@ -9,7 +9,7 @@ import torch
 from clipdistill.models.base import load_trained_weights
 from clipdistill.models.fusion.base import FusionBackend, FusionError, FusionTeacher
 from clipdistill.models.fusion.blip import load_blip_itm
-from clipdistill.models.fusion.encoder import WEIGHTS_FILE, FusionEncoder, read_fusion_config
+from clipdistill.models.fusion.encoder import WEIGHTS_FILE, FusionEncoder, read_fusion_config, read_fusion_training
 from clipdistill.models.spec import ModelSpec, parse_fusion_spec
 
 
@@ -47,6 +47,7 @@ def load_fusion_encoder(directory: str | Path, *, with_dual: bool = True) -> Fus
         dual = load_model(config.dual_spec)
     encoder = FusionEncoder(config, dual)
     load_trained_weights(encoder, directory / WEIGHTS_FILE, "dual.", FusionError)  # the dual teacher: its own folder
+    encoder.training_record = read_fusion_training(directory)
     return encoder.eval()
 
 
