@@ -468,6 +468,7 @@ def test_train_fusion_records_the_training_it_kept(fusion_dir: Path) -> None:
     summary = json.loads((fusion_dir / "train_summary.json").read_text())
     training = json.loads((fusion_dir / "fusion_config.json").read_text())["training"]
     assert training["epoch"] == summary["best_epoch"] and training["epochs_run"] == TINY.epochs
+    assert training["w_heads"] == TINY.w_heads > 0
     assert training["steps"] >= training["epoch"]  # every epoch up to the kept one took a step
     assert load_fusion(f"fusion:{fusion_dir}", with_encoders=False).untrained() is None
 

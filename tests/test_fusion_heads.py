@@ -146,3 +146,30 @@ def test_heads_trained_on_unrelated_pairs_find_the_partner_only_if_one_reads_the
         assert recall > 5 * chance
     else:
         assert recall < 2 * chance
+
+
+def test_mcad_does_not_distil_heads_that_were_never_trained() -> None:
+    """A head trained with ``w_heads: 0`` has a trained match logit but random g, h: MCAD uses
+    its scores and distils the dual features, with a warning naming why."""
+    dim = 8
+    config = FusionConfig(
+        dual_spec="fake:teacher", image_token_dim=5, image_tokens=3, text_token_dim=7, embed_dim=dim, width=8, heads=2
+    )
+    encoder = FusionEncoder(config)
+    encoder.training_record = {"epoch": 1, "steps": 10, "epochs_run": 1, "w_heads": 0.0}
+    fusion = FusionTeacher(encoder, spec="fusion:fake")
+    assert fusion.untrained() is None and "w_heads 0" in str(fusion.heads_untrained())
+    states = FusionStates(
+        image=torch.zeros(2, 3, 8),
+        image_global=torch.zeros(2, dim),
+        text=torch.zeros(2, 4, 8),
+        text_mask=torch.ones(2, 4, dtype=torch.bool),
+        text_global=torch.zeros(2, dim),
+    )
+    teacher = _Teacher(F.normalize(torch.ones(2, dim), dim=-1), F.normalize(torch.ones(2, dim), dim=-1), fusion, states)
+    cls = get_method("mcad")
+    with pytest.warns(UserWarning, match="never trained"):
+        method = cls(dim, teacher, build_method_args(cls, {}))
+    assert not method.use_fusion_features
+    encoder.training_record["w_heads"] = 1.0
+    assert get_method("mcad")(dim, teacher, build_method_args(cls, {})).use_fusion_features

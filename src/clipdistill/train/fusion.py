@@ -594,7 +594,12 @@ def train_fusion_teacher(
     assert best is not None  # epochs >= 1 (FusionTrainConfig) and every epoch takes a step
     encoder.load_state_dict(best_state, strict=False)
     encoder.eval()
-    encoder.training_record = {"epoch": best["epoch"], "steps": best["steps"], "epochs_run": record["epoch"]}
+    encoder.training_record = {
+        "epoch": best["epoch"],
+        "steps": best["steps"],
+        "epochs_run": record["epoch"],
+        "w_heads": config.w_heads,  # 0: g, h never trained (MCAD then distils the dual features)
+    }
     save_fusion_encoder(encoder, out)
     summary: dict[str, Any] = {
         "teacher": dual_spec,

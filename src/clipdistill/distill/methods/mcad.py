@@ -156,6 +156,14 @@ class MCADMethod(DistillMethod):
                 stacklevel=2,
             )
             self.use_fusion_features = False
+        heads_untrained = fusion.heads_untrained() if self.use_fusion_features and args.w_feat > 0 else None
+        if heads_untrained is not None:
+            warnings.warn(
+                f"method {self.name!r}: fusion teacher {fusion.spec}: {heads_untrained}; distilling the dual "
+                "teacher's features instead (retrain it with `clipdistill teacher train-fusion` and w_heads > 0)",
+                stacklevel=2,
+            )
+            self.use_fusion_features = False
         if self.use_fusion_features and args.w_feat > 0:
             from clipdistill.models.fusion import same_dual_teacher
 

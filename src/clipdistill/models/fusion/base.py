@@ -133,6 +133,10 @@ class FusionBackend(nn.Module):
         published weights (``blip-itm``) is trained."""
         return None
 
+    def heads_untrained(self) -> str | None:
+        """Why the heads g, h into the dual space count as untrained (``None``: trained or none)."""
+        return None
+
     def pair_heads(
         self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +337,10 @@ class FusionTeacher(nn.Module):
     def untrained(self) -> str | None:
         """Why the pair head counts as untrained (``None``: trained), see ``FusionBackend.untrained``."""
         return self.backend.untrained()
+
+    def heads_untrained(self) -> str | None:
+        """Why the heads g, h count as untrained (``None``: trained), see ``FusionBackend.heads_untrained``."""
+        return self.backend.heads_untrained()
 
     @torch.no_grad()
     def matched_dual_features(self, states: FusionStates) -> tuple[torch.Tensor, torch.Tensor]:

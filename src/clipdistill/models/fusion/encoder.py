@@ -493,6 +493,13 @@ class FusionEncoder(FusionBackend):
             return None
         return "its match logit's weights are still at their initialisation, so it scores like the dual teacher"
 
+    def heads_untrained(self) -> str | None:
+        """Why the heads g, h count as untrained (``None``: trained or unknown): a training record
+        with ``w_heads`` 0 says the heads loss never ran, so g, h are their random initialisation."""
+        if self.training_record is not None and float(self.training_record.get("w_heads", 1.0)) == 0.0:
+            return f"its {CONFIG_FILE} records w_heads 0: its heads g, h were never trained"
+        return None
+
     def pair_heads(
         self, states: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
