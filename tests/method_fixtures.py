@@ -67,13 +67,13 @@ def make_student(dim: int, seed: int = 1) -> Student:
     )
 
 
-def make_batch() -> Batch:
+def make_batch(size: int = B) -> Batch:
     return Batch(
-        unit_pixels=torch.zeros(B, 3, 4, 4),
-        texts=[f"caption {i}" for i in range(B)],
-        image_ids=[str(i) for i in range(B)],
-        caption_ids=[f"{i}_0" for i in range(B)],
-        aug_ids=torch.zeros(B, dtype=torch.int64),
+        unit_pixels=torch.zeros(size, 3, 4, 4),
+        texts=[f"caption {i}" for i in range(size)],
+        image_ids=[str(i) for i in range(size)],
+        caption_ids=[f"{i}_0" for i in range(size)],
+        aug_ids=torch.zeros(size, dtype=torch.int64),
     )
 
 

@@ -27,6 +27,7 @@ from clipdistill.distill.base import (
 )
 from clipdistill.distill.methods import get_method
 from clipdistill.train.schedule import AdamWSettings, build_optimizer, student_groups, update
+from method_fixtures import make_batch
 
 B, DIM = 32, 16
 QUICK_STEPS, QUICK_WARMUP, QUICK_LR = 44, 10, 2e-3  # presets/quick.yaml: 2 epochs of 22 steps
@@ -55,16 +56,6 @@ class LeafStudent(nn.Module):
         return StudentFeatures(F.normalize(self.image, dim=-1), F.normalize(self.text, dim=-1), self.logit_scale)
 
 
-def batch() -> Batch:
-    return Batch(
-        unit_pixels=torch.zeros(B, 3, 4, 4),
-        texts=[f"caption {i}" for i in range(B)],
-        image_ids=[str(i) for i in range(B)],
-        caption_ids=[f"{i}_0" for i in range(B)],
-        aug_ids=torch.zeros(B, dtype=torch.int64),
-    )
-
-
 def unit(seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(B, DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
@@ -76,7 +67,7 @@ def train_quick(method: DistillMethod, student: LeafStudent, scalar_lr: float) -
         QUICK_WARMUP,
         QUICK_STEPS,
     )
-    data = batch()
+    data = make_batch(B)
     for _ in range(QUICK_STEPS):
         update(method(data, student.features()).total(), optimizer, scheduler, grad_clip=1.0)
 
