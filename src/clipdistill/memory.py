@@ -7,6 +7,10 @@ writing ``5`` to ``/proc/self/clear_refs``, so each stage's own peak is measured
 that is not possible (another OS, a kernel that refuses the write), each stage reports the
 process's running peak instead and ``per_stage`` says ``"cumulative"``. No library exposes the
 reset (psutil reads VmHWM but cannot clear it), hence this module.
+
+The reset lowers the high-water mark the kernel later reports as the process's ``ru_maxrss``
+(what ``/usr/bin/time`` prints), so after a run that used it only these per-stage figures hold
+the run's peak.
 """
 
 from __future__ import annotations
