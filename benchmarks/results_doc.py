@@ -157,24 +157,21 @@ def render_demo(report: dict[str, Any], name: str) -> list[str]:
         "",
         *table(header, rows),
     ]
+    from clipdistill.report import fusion_gain_sentence, memory_sentence
+
     fusion_entry = report.get("fusion_teacher") or {}
     fusion = fusion_entry.get("rerank_test")
     if fusion:
-        gains = [
-            f"{split} {entry['gain_R@1']:+.1f} [{entry['gain_R@1_ci95'][0]:+.1f}, {entry['gain_R@1_ci95'][1]:+.1f}]"
-            for split, entry in (("val", fusion_entry.get("rerank_val")), ("test", fusion))
-            if entry and "gain_R@1_ci95" in entry
-        ]
         lines += [
             "",
-            f"Fusion teacher, re-ranking the dual teacher's top-{fusion['k']}: test t2i R@1 "
-            f"{fusion['dual']['t2i_R@1']:.1f} -> {fusion['reranked']['t2i_R@1']:.1f}"
-            + (f"; R@1 gain [95% interval over the caption queries]: {', '.join(gains)}." if gains else "."),
+            (
+                f"Fusion teacher, re-ranking the dual teacher's top-{fusion['k']}: test t2i R@1 "
+                f"{fusion['dual']['t2i_R@1']:.1f} -> {fusion['reranked']['t2i_R@1']:.1f}. "
+                + fusion_gain_sentence(fusion_entry)
+            ).rstrip(),
         ]
-    memory = report.get("memory")
-    if memory:
-        stages = ", ".join(f"{name} {mb / 1024:.1f}" for name, mb in memory["stages"].items())
-        lines += ["", f"Peak resident memory {memory['peak_rss_mb'] / 1024:.1f} GiB; per stage, GiB: {stages}."]
+    if report.get("memory"):
+        lines += ["", memory_sentence(report["memory"])]
     parity = (report.get("deploy") or {}).get("parity")
     if parity and "rsum" in parity:
         lines += [

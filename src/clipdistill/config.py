@@ -169,6 +169,13 @@ class DistributedConfig:
 KEEP_CHECKPOINTS = ("latest", "all", "none")
 
 
+def check_keep_checkpoints(value: str) -> None:
+    """``keep_checkpoints`` (of a training run, or of every student of a ``distill`` run) is one of
+    :data:`KEEP_CHECKPOINTS`."""
+    if value not in KEEP_CHECKPOINTS:
+        raise ConfigError(f"key 'keep_checkpoints' has value {value!r}; valid: {', '.join(KEEP_CHECKPOINTS)}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"
@@ -191,10 +198,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
-        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
-            raise ConfigError(
-                f"key 'keep_checkpoints' has value {self.keep_checkpoints!r}; valid: {', '.join(KEEP_CHECKPOINTS)}"
-            )
+        check_keep_checkpoints(self.keep_checkpoints)
 
     @property
     def run_dir(self) -> Path:

@@ -335,13 +335,15 @@ def efficiency_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list
     return lines
 
 
-def _memory_lines(memory: dict[str, Any] | None) -> list[str]:
-    """Peak resident memory of the run and of each stage (``memory.py``)."""
-    if not memory:
-        return []
+def memory_sentence(memory: dict[str, Any]) -> str:
+    """Peak resident memory of the run and of each stage (report.json's ``memory``, ``memory.py``)."""
     stages = ", ".join(f"{name} {mb / 1024:.1f}" for name, mb in memory["stages"].items())
     how = "" if memory["per_stage"] == "reset" else " (running peak at each stage's end: no per-stage reset here)"
-    return ["", f"Peak resident memory: {memory['peak_rss_mb'] / 1024:.1f} GiB; per stage, GiB{how}: {stages}."]
+    return f"Peak resident memory: {memory['peak_rss_mb'] / 1024:.1f} GiB; per stage, GiB{how}: {stages}."
+
+
+def _memory_lines(memory: dict[str, Any] | None) -> list[str]:
+    return ["", memory_sentence(memory)] if memory else []
 
 
 def _bad_samples_lines(bad: dict[str, Any] | None) -> list[str]:

@@ -32,12 +32,12 @@ from typing import Any
 import yaml
 
 from clipdistill.config import (
-    KEEP_CHECKPOINTS,
     AugmentConfig,
     ConfigError,
     OptimConfig,
     StudentConfig,
     apply_override,
+    check_keep_checkpoints,
     deep_merge,
     from_dict,
     read_yaml,
@@ -146,10 +146,7 @@ class RunConfig:
     index: RunIndexConfig = field(default_factory=RunIndexConfig)
 
     def __post_init__(self) -> None:
-        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
-            raise ConfigError(
-                f"key 'keep_checkpoints' has value {self.keep_checkpoints!r}; valid: {', '.join(KEEP_CHECKPOINTS)}"
-            )
+        check_keep_checkpoints(self.keep_checkpoints)
         if self.seeds < 1:
             raise ConfigError(f"key 'seeds' must be >= 1, got {self.seeds}")
         if self.methods is not None and not self.methods:

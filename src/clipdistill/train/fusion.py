@@ -444,7 +444,8 @@ def train_fusion_teacher(
     only weight decay would move it.
 
     Writes ``out/fusion_config.json`` (with the ``training`` record of the kept epoch: ``epoch``,
-    ``steps`` up to it, ``epochs_run``; methods refuse a head with no steps) + ``fusion.safetensors``
+    ``steps`` up to it, ``epochs_run``, ``w_heads``; methods refuse a head with no steps, and MCAD
+    does not distil heads trained at ``w_heads`` 0) + ``fusion.safetensors``
     (load with ``fusion:out``), ``log.jsonl`` (per epoch), ``train_config.json`` and
     ``train_summary.json``; returns the summary.
 
