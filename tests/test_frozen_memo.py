@@ -154,6 +154,30 @@ def test_onnx_prefix_rows_do_not_depend_on_their_batch() -> None:
         assert torch.equal(runner(pixels[rows]), whole[rows])
 
 
+def test_onnx_prefix_runs_a_large_batch_in_bounded_calls(monkeypatch) -> None:
+    """A batch larger than ROWS_PER_CALL runs as several calls (the session's arena keeps its
+    largest activations: a 1,024-image call left gigabytes resident), with the same bits."""
+    import clipdistill.models.frozen_stages as frozen_stages
+
+    student = _lite0(5)
+    runner = FrozenStages(student.frozen_prefix.modules, torch.device("cpu"))
+    pixels = torch.randn(9, 3, 32, 32)
+    whole = runner(pixels)
+    session = runner.sessions[(32, 32)]
+    batches: list[int] = []
+
+    class Counting:
+        def run(self, names, feeds):
+            batches.append(len(feeds["pixels"]))
+            return session.run(names, feeds)
+
+    runner.sessions[(32, 32)] = Counting()
+    monkeypatch.setattr(frozen_stages, "ROWS_PER_CALL", 4)
+    chunked = runner(pixels)
+    assert batches == [4, 4, 1]
+    assert torch.equal(chunked, whole) and chunked.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_frozen_stages_key_builds_and_rejects_other_trunks(tmp_path) -> None:
     base = {"name": "s", "out_dir": str(tmp_path), "method": "clip", "data": {"path": str(tmp_path)}}
     config = from_dict(TrainConfig, {**base, "student": {"preset": "lite0", "image_size": 32, "frozen_stages": 3}})

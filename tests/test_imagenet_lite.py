@@ -156,6 +156,10 @@ def test_the_presets_train_the_teacher_that_teacher_train_trains() -> None:
         teacher = resolve_run_config(preset=name).teacher
         assert teacher.spec == DEFAULT_TEACHER_SPEC and teacher.frozen_stages is None and teacher.lr is None
         assert teacher_train_config(teacher.spec, teacher.frozen_stages) == pretrained_teacher_config()
+    for text in ("", "+minilm", "+mpnet"):  # the text tower does not change the trunk's budget
+        pretrained = teacher_train_config(f"lit:efficientnet-lite0{text}")
+        assert pretrained.epochs == pretrained_teacher_config().epochs and pretrained.model.frozen_stages == 5
+        assert pretrained.model.text_model == (text.removeprefix("+") or "minilm")
     scratch = teacher_train_config("lit:resnet10t")
     assert (
         scratch.model.image_model == "resnet10t"

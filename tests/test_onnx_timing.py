@@ -71,3 +71,20 @@ def test_speedup_is_time_per_image_plus_caption() -> None:
     teacher = {"image_b1": 8.0, "text_b1": 2.0}
     student = {"image_b1": 1.5, "text_b1": 0.5}
     assert speedup(teacher, student, 1) == 5.0
+
+
+def test_only_the_named_towers_of_a_model_are_timed(tmp_path) -> None:
+    """A model that differs from another only in its input size needs its image tower alone."""
+    student = build_student(student_config("tiny", image_size=32))
+    report = onnx_efficiency(
+        {"full": student, "image": student},
+        batch_sizes=(1,),
+        repeats=30,
+        work_dir=tmp_path,
+        towers={"image": ["image"]},
+    )
+    assert set(report["models"]["full"]["onnx_ms"]) == {"image_b1", "text_b1"}
+    assert set(report["models"]["image"]["onnx_ms"]) == {"image_b1"}
+    assert set(report["models"]["image"]["flops"]) == {"image"}
+    with pytest.raises(ValueError, match="towers must be a non-empty subset"):
+        onnx_efficiency({"a": student}, repeats=30, towers={"a": ["audio"]})

@@ -188,7 +188,9 @@ def test_pareto_x_axis_is_onnx_ms_at_batch_1(
     figures: list[Any] = []
     monkeypatch.setattr(report_module, "_save", lambda figure, path: figures.append(figure))
     plot_pareto(onnx_report if with_onnx else report, Path("unused.png"))
-    (axes,) = figures[0].axes
+    panels = figures[0].axes
+    assert len(panels) == (2 if with_onnx else 1)  # batch 64 too where the report has it
+    axes = panels[0]
     xs = sorted(float(x) for collection in axes.collections for x, _ in collection.get_offsets())
     if with_onnx:
         assert "ONNX Runtime fp32, batch 1" in axes.get_xlabel()
@@ -285,3 +287,26 @@ def test_the_fusion_paragraph_gives_the_rerank_gain_with_its_interval(report: di
     report["fusion_teacher"]["rerank_test"] = rerank(28.0, 29.0, None)
     del report["fusion_teacher"]["rerank_val"]
     assert "R@1 gain (95% interval over the caption queries): test +1.0." in markdown(report)
+
+
+def test_pareto_draws_the_frontier_the_smaller_inputs_and_beaten_students(
+    onnx_report: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib
+
+    import clipdistill.report as report_module
+    from clipdistill.eval.frontier import frontier_points
+
+    matplotlib.use("Agg")
+    figures: list[Any] = []
+    monkeypatch.setattr(report_module, "_save", lambda figure, path: figures.append(figure))
+    onnx_report["teacher"]["smaller_inputs"] = [
+        {"image_size": 32, "metrics": {"rsum": 50.0}, **_onnx(2.0, 2.0, 1.0, 1.0)}
+    ]
+    onnx_report["frontier"] = frontier_points(onnx_report, baseline="clip")
+    plot_pareto(onnx_report, Path("unused.png"))
+    for axes in figures[0].axes:  # batch 1 and batch 64
+        legend = [text.get_text() for text in axes.get_legend().get_texts()]
+        assert sorted(legend) == ["a cheaper alternative scores more", "frontier", "teacher at smaller inputs"]
+        (curve,) = [line for line in axes.lines if line.get_label() == "teacher at smaller inputs"]
+        assert list(curve.get_ydata()) == [50.0, 90.0]  # teacher@32, then the teacher, by cost

@@ -2,7 +2,8 @@
 stage, each stage skipped when its finished output exists.
 
 config -> data (splits carved when missing) -> teacher (a ``lit:`` one trained first) -> fusion
-teacher -> teacher cache -> one student per method entry and seed (identical budgets) ->
+teacher -> teacher cache -> one student per method entry and seed (identical budgets), on
+each student variant of a ladder (``students``, student_ladder.py) ->
 test-split evaluation + ONNX timing -> export of the best student -> embeddings -> index ->
 report (``report.json``, ``report.md``, plots). Every stage writes its output with a completion
 marker (a model file, ``summary.json``, ``export.json``, ``manifest.json``), so a rerun after a
@@ -15,6 +16,7 @@ Layout of ``OUT``::
     teacher/  fusion/     the trained teachers (a given teacher is used where it is)
     cache/                teacher outputs (+ fusion states) for the train split
     students/<method>[-<variant>]-s<seed>/   normal training runs (+ test_metrics.json)
+    students/<label>/<method>[-<variant>]-s<seed>/   the same, per student variant of a ladder
     export/  embeddings/  index/ the best student, deployed
     efficiency.json       teacher + students timed in ONNX Runtime (eval/demo_efficiency.py)
     report.json report.md pareto.png curves.png examples.png
@@ -32,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 from clipdistill.errors import UserError
 from clipdistill.io import atomic_write_json
 from clipdistill.run_config import RunConfig, RunDataConfig, differing_keys, run_config_dict, run_config_yaml
-from clipdistill.run_summary import add_vs_scratch, best_student, method_summary
+from clipdistill.run_summary import add_vs_scratch, best_student, method_summary, shipped
+from clipdistill.student_ladder import StudentVariant, ladder_budget, parse_students, student_name, student_variants
 
 if TYPE_CHECKING:
     from clipdistill.models.encoding_memo import EncodingMemo
@@ -249,7 +252,14 @@ def method_runs(config: RunConfig, names: list[str]) -> list[MethodRun]:
 
 
 def _student_config(
-    out: Path, run: MethodRun, seed: int, config: RunConfig, data: str, images: str | None, teacher: dict[str, Any]
+    out: Path,
+    variant: StudentVariant,
+    run: MethodRun,
+    seed: int,
+    config: RunConfig,
+    data: str,
+    images: str | None,
+    teacher: dict[str, Any],
 ) -> Any:
     from clipdistill.config import TrainConfig, from_dict, to_dict
     from clipdistill.data.bad_samples import default_policy
@@ -260,7 +270,7 @@ def _student_config(
         TrainConfig,
         {
             "name": f"{run.folder}-s{seed}",
-            "out_dir": str(out / "students"),
+            "out_dir": str(out / variant.students_dir),
             "method": run.method,
             "method_args": dict(run.args),
             "seed": seed,
@@ -272,7 +282,7 @@ def _student_config(
                 "image_size": config.cache.image_size,
                 "on_bad_sample": default_policy(),  # `clipdistill --on-bad-sample skip distill`
             },
-            "student": to_dict(config.student),
+            "student": to_dict(variant.config),
             "teacher": {
                 "spec": teacher["spec"],
                 "cache": teacher["cache"],
@@ -385,10 +395,12 @@ def run_demo(
     methods: str | None = None,
     seeds: int | None = None,
     splits: Any = None,
+    students: str | None = None,
 ) -> dict[str, Any]:
     """``clipdistill demo``: :func:`run_distill` with a preset (a name or a :class:`RunConfig`,
     for tests and sweeps), the builtin emoji data unless ``data`` is given, and the demo's flags
-    (``splits``: :class:`~clipdistill.data.splits.SplitOptions` for a ``data`` without splits)."""
+    (``splits``: :class:`~clipdistill.data.splits.SplitOptions` for a ``data`` without splits;
+    ``students``: a ladder, ``lite0@64,lite0@96``)."""
     from clipdistill.run_config import resolve_run_config
 
     values: dict[str, Any] = {"data": {}}
@@ -405,6 +417,8 @@ def run_demo(
         values["methods"] = parse_methods(methods)
     if seeds is not None:
         values["seeds"] = seeds
+    if students is not None:
+        values["students"] = parse_students(students)
     if isinstance(preset, RunConfig):
         from clipdistill.config import deep_merge, from_dict
 
@@ -421,6 +435,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     from dataclasses import replace
 
     from clipdistill.data.images import load_image_tensor
+    from clipdistill.eval.frontier import frontier_points, teacher_smaller_inputs
     from clipdistill.memory import StagePeaks
     from clipdistill.models.encoding_memo import EncodingMemo
     from clipdistill.report import write_report
@@ -428,6 +443,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     names = parse_methods(config.methods)
     config = replace(config, methods=names)  # the list it trains, written out: a new method later changes nothing
     runs_of = method_runs(config, names)
+    variants = student_variants(config.student, config.students)
     fusion_plan = _fusion_plan(config, names)
     _check_teacher(config)
     started = _STARTED[0] = time.perf_counter()
@@ -456,6 +472,9 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
         teacher_path = out / "teacher" / "test_metrics.json"
         teacher_path.parent.mkdir(parents=True, exist_ok=True)
         teacher_metrics = None if teacher_path.is_file() else _test_metrics(teacher_spec, test, pixels, teacher_rows)
+        smaller_inputs = teacher_smaller_inputs(
+            teacher_spec, test, pixels, config.eval.teacher_image_sizes, teacher_path.parent, say=_say
+        )
     teacher_rows.clear()
     teacher = {"spec": teacher_spec, "cache": cache, "fusion": fusion_spec}
 
@@ -463,27 +482,29 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     # same batches: their exact rows and grids are shared through one memo.
     student_rows = EncodingMemo()
     runs = []
-    for run in runs_of:
-        for seed in range(config.seeds):
-            train_config = _student_config(out, run, seed, config, data_path, images_root, teacher)
-            with peaks.stage("students"):
-                runs.append((run, train_config, _train_student(train_config, student_rows)))
-    student_rows.clear()
+    for variant in variants:
+        for run in runs_of:
+            for seed in range(config.seeds):
+                train_config = _student_config(out, variant, run, seed, config, data_path, images_root, teacher)
+                with peaks.stage("students"):
+                    runs.append((variant, run, train_config, _train_student(train_config, student_rows)))
+        student_rows.clear()  # another variant's network or input size gives other rows
 
     _say("evaluating teacher and students on the test split")
     teacher_result = _evaluate(teacher_spec, test, pixels, teacher_path, metrics=teacher_metrics)
     students: list[dict[str, Any]] = []
     test_ranks: list[dict[str, Any] | None] = []
-    first_student: dict[str, Any] | None = None
-    for run, train_config, summary in runs:
+    first_student: dict[str | None, dict[str, Any]] = {}  # per variant: one network, timed once
+    for variant, run, train_config, summary in runs:
         path = train_config.run_dir / "test_metrics.json"
         with peaks.stage("evaluation"):
-            result = _evaluate(summary["model"], test, pixels, path, same_network=first_student)
-        first_student = first_student or result
+            result = _evaluate(summary["model"], test, pixels, path, same_network=first_student.get(variant.label))
+        first_student.setdefault(variant.label, result)
         test_ranks.append(result.get("ranks"))
         students.append(
             {
                 "method": run.entry,
+                **variant.report_fields(),  # with a ladder: its label, as the report and the frontier group
                 "variant": run.variant,
                 "method_args": dict(train_config.method_args),
                 "seed": train_config.seed,
@@ -505,7 +526,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
         "n_texts": test.n_texts(),
         "preset": preset,
         "budget": {
-            "student": _student_name(config),
+            "student": student_name(config.student),
             "epochs": config.optim.epochs,
             "batch_size": config.optim.batch_size,
             "lr": config.optim.lr,
@@ -516,6 +537,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
             "text_init": config.student.text_init,
             "teacher_model": config.teacher.spec,
             "seeds": config.seeds,
+            **ladder_budget(variants),
         },
         "teacher": {
             "spec": teacher_spec,
@@ -523,6 +545,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
             "train_seconds": _read_json(teacher_summary)["train_seconds"]
             if trains_teacher(config.teacher.spec)
             else None,
+            "smaller_inputs": smaller_inputs,  # the teacher read at smaller inputs, not retrained
         },
         "fusion_teacher": _fusion_entry(out, fusion_spec, trained=fusion_plan == "train"),
         "students": students,
@@ -534,8 +557,9 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
         add_onnx_efficiency(  # onnx_ms etc. under teacher + students
             out, report, repeats=config.eval.onnx_repeats, threads=config.eval.onnx_threads, stage=_stage, say=_say
         )
+    report["frontier"] = frontier_points(report)  # what each point costs and keeps; what beats a student
     best = best_student(students)
-    report["best_student"] = {"method": best["method"], "seed": best["seed"], "selected_by": "val rsum"}
+    report["best_student"] = shipped(best)
     with peaks.stage("deploy"):
         report["deploy"] = _deploy(out, best["spec"], data_path, images_root, config)
     if config.data.path is not None and (out / "data" / "splits.json").is_file() and data_path == str(out / "data"):
@@ -552,12 +576,6 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     write_report(out, report, dataset)
     _say("done")
     return report
-
-
-def _student_name(config: RunConfig) -> str:
-    """The student as the config names it: its preset, model-config file or starting checkpoint."""
-    student = config.student
-    return student.init or student.model_config or student.preset
 
 
 def _write_config(out: Path, config: RunConfig) -> None:

@@ -11,7 +11,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from clipdistill.eval.frontier import frontier_lines
 from clipdistill.io import atomic_path, atomic_write_text
+from clipdistill.run_summary import row_key, row_label
 
 EXAMPLE_QUERIES = 4
 TOP = 5
@@ -36,7 +38,7 @@ def latency_source(report: dict[str, Any]) -> tuple[str, list[str]]:
     ``onnx_ms`` (the demo's ONNX Runtime stage, ``eval/demo_efficiency.py``), else
     ``("eager", [entries without it])``: a report.json from before that stage still renders,
     with its eager-torch ``latency_ms`` labelled as such."""
-    entries = [("teacher", report["teacher"])] + [(f"{s['method']}-s{s['seed']}", s) for s in report["students"]]
+    entries = [("teacher", report["teacher"])] + [(f"{row_label(s)}-s{s['seed']}", s) for s in report["students"]]
     missing = [name for name, entry in entries if "onnx_ms" not in entry]
     return ("eager", missing) if missing else ("onnx", [])
 
@@ -80,14 +82,14 @@ def shared_latency(students: list[dict[str, Any]]) -> dict[str, dict[str, float]
 
 
 def method_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per method: metrics averaged over seeds, size of the first seed (same network),
-    eager latency the median over every student with that network (see :func:`shared_latency`);
-    ``onnx_ms`` is the first seed's too, already one measurement per network
-    (``eval/demo_efficiency.py``)."""
+    """One row per method (per method and student variant with a ladder): metrics averaged over
+    seeds, size of the first seed (same network), eager latency the median over every student
+    with that network (see :func:`shared_latency`); ``onnx_ms`` is the first seed's too, already
+    one measurement per network (``eval/demo_efficiency.py``)."""
     latency = shared_latency(report["students"])
     rows = []
     for summary in report["summary"]:
-        runs = [s for s in report["students"] if s["method"] == summary["method"]]
+        runs = [s for s in report["students"] if row_key(s) == row_key(summary)]
         metrics = {k: statistics.mean(r["metrics"][k] for r in runs) for k in runs[0]["metrics"]}
         rows.append(
             {
@@ -142,8 +144,13 @@ def results_table(report: dict[str, Any]) -> str:
     teacher = report["teacher"]
     rows = method_rows(report)
     baseline = scratch_method()
-    scratch = next((r for r in rows if r["method"] == baseline), None)
+    scratch = {r.get("student"): r for r in rows if r["method"] == baseline}  # per student variant
+    ladder = len({r.get("student") for r in rows}) > 1  # a student column only when there is a choice
     budget = report["budget"]
+    labels = budget.get("students")
+    students = (
+        ", ".join(f"`{x}`" for x in labels) if labels else f"`{budget['student']}` preset{_student_start(budget)}"
+    )
     source, missing = latency_source(report)
     machine = report.get("machine")
     measured = (
@@ -154,13 +161,13 @@ def results_table(report: dict[str, Any]) -> str:
     )
     if source == "onnx":
         header = "| ms b1 | ms b64 | speed-up b1 | speed-up b64 |"
-        n_columns = 14
+        n_columns = 14 + ladder
     else:
         header = "| latency ms (eager torch) | speed-up (eager torch) |"
-        n_columns = 12
+        n_columns = 12 + ladder
     lines = [
         f"Test split: {report['n_images']} images, {report['n_texts']} captions (concepts unseen in training). "
-        f"Students: `{budget['student']}` preset{_student_start(budget)}, {budget['epochs']} epochs, "
+        f"Students: {students}, {budget['epochs']} epochs, "
         f"batch {budget['batch_size']}, "
         f"lr {budget['lr']}, {budget['k_augmentations']} replayed augmentations, {budget['seeds']} seed(s), "
         "identical for every method. "
@@ -173,7 +180,9 @@ def results_table(report: dict[str, Any]) -> str:
         + _latency_line(report, source, missing)
         + measured,
         "",
-        "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | vs scratch | params (M) "
+        "| model "
+        + ("| student " if ladder else "")
+        + "| i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | rsum | vs scratch | params (M) "
         + header,
         "|" + "---|" * n_columns,
     ]
@@ -190,12 +199,14 @@ def results_table(report: dict[str, Any]) -> str:
     def row(label: str, entry: dict[str, Any], spread: str = "") -> str:
         m = entry["metrics"]
         cells = [f"{m[k]:.1f}" for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")]
-        delta = "" if scratch is None or entry is teacher else f"{m['rsum'] - scratch['metrics']['rsum']:+.1f}"
+        base = None if entry is teacher else scratch.get(entry.get("student"))  # scratch on the same variant
+        delta = "" if base is None else f"{m['rsum'] - base['metrics']['rsum']:+.1f}"
         if "vs_scratch" in entry:  # with its 95% interval (paired bootstrap over the test queries)
             low, high = entry["vs_scratch"]["ci95"]
             delta += f" [{low:+.1f}, {high:+.1f}]"
+        student = (f" `{entry['student']}` |" if "student" in entry else "  |") if ladder else ""
         return (
-            f"| {label} | {' | '.join(cells)} | {m['rsum']:.1f}{spread} | {delta} | "
+            f"| {label} |{student} {' | '.join(cells)} | {m['rsum']:.1f}{spread} | {delta} | "
             f"{entry['params']['total'] / 1e6:.2f} | {timing(entry)} |"
         )
 
@@ -209,17 +220,18 @@ def results_table(report: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """``report.md``: the table, the method lines, the fusion re-ranking, the plots, how to serve."""
     rows = method_rows(report)
+    per_method = {r["method"]: r for r in rows}.values()  # a method trains every student variant alike
     best = report["best_student"]
     lines = [
         f"# clipdistill demo: {report['dataset']} ({report['preset']} preset)",
         "",
         results_table(report).rstrip("\n"),
         "",
-        f"Shipped: `{best['method']}` (seed {best['seed']}), chosen by {best['selected_by']}, "
+        f"Shipped: `{row_label(best)}` (seed {best['seed']}), chosen by {best['selected_by']}, "
         "so the test numbers above stay an honest estimate.",
         "",
         "## Methods",
-        *[f"- `{r['method']}`: {method_line(r['method'])}{_weights(r)}" for r in rows],
+        *[f"- `{r['method']}`: {method_line(r['method'])}{_weights(r)}" for r in per_method],
     ]
     lines += term_lines(report)
     fusion = report.get("fusion_teacher")
@@ -233,12 +245,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
         lines += ["", "## Fusion teacher", (sentence + fusion_gain_sentence(fusion)).rstrip()]
     lines += efficiency_lines(report, rows)
+    lines += frontier_lines(report.get("frontier") or [])
     deploy = report["deploy"]
     parity = deploy["parity"]
     lines += [
         "",
         "## Plots",
-        "![quality vs latency](pareto.png)",
+        "![quality against cost, batch 1 and 64](pareto.png)",
         "",
         "![validation rsum per epoch](curves.png)",
         "",
@@ -289,7 +302,7 @@ def term_lines(report: dict[str, Any]) -> list[str]:
                 continue
             flag = f"under {INERT_RATIO:.0%} of the task gradient all run" if entry["inert"] else ""
             rows.append(
-                f"| `{student['method']}` | {student['seed']} | `{term}` | {entry['grad_ratio']:.3f} "
+                f"| `{row_label(student)}` | {student['seed']} | `{term}` | {entry['grad_ratio']:.3f} "
                 f"| {entry['cos_task']:+.2f} | {flag} |"
             )
     if not rows:
@@ -325,7 +338,7 @@ def efficiency_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list
         "|" + "---|" * 9,
     ]
     for label, entry in [(f"teacher `{report['teacher']['spec']}`", report["teacher"])] + [
-        (f"`{row['method']}`", row) for row in rows
+        (f"`{row_label(row)}`", row) for row in rows
     ]:
         ms, flops, share = entry["onnx_ms"], entry["flops_per_item"], entry["peak_share"]
         cells = [f"{flops['image'] / 1e6:.1f}", f"{flops['text'] / 1e6:.1f}"]
@@ -380,72 +393,132 @@ def _method_colours(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def curves_by_method(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per method: each seed's (epochs, val rsum) from its ``results.jsonl``, and the mean over
-    seeds at every epoch all seeds reached (a run stopped early shortens the mean, not skews it)."""
+    """Per method (``clip [lite0@64]`` per student variant of a ladder): each seed's (epochs, val
+    rsum) from its ``results.jsonl``, and the mean over seeds at every epoch all seeds reached (a
+    run stopped early shortens the mean, not skews it); ``key``: its (method, student label)."""
     from clipdistill.io import read_jsonl
 
     runs: dict[str, list[tuple[list[int], list[float]]]] = {}
+    keys = {row_label(student): row_key(student) for student in report["students"]}
     for student in report["students"]:
         results = read_jsonl(Path(student["run_dir"]) / "results.jsonl")
         epochs = [int(r["epoch"]) for r in results]
-        runs.setdefault(student["method"], []).append((epochs, [float(r["val"]["rsum"]) for r in results]))
+        runs.setdefault(row_label(student), []).append((epochs, [float(r["val"]["rsum"]) for r in results]))
     curves = {}
-    for method, seeds in runs.items():
+    for name, seeds in runs.items():
         shared = sorted(set.intersection(*(set(epochs) for epochs, _ in seeds)))
         by_epoch = [dict(zip(epochs, values, strict=True)) for epochs, values in seeds]
         mean = [statistics.fmean(values[epoch] for values in by_epoch) for epoch in shared]
-        curves[method] = {"runs": seeds, "epochs": shared, "mean": mean}
+        curves[name] = {"key": keys[name], "runs": seeds, "epochs": shared, "mean": mean}
     return curves
 
 
 def plot_pareto(report: dict[str, Any], path: Path) -> None:
-    """Test rsum against per-pair latency at batch 1 (``onnx_ms``; eager torch for an older
-    report, said on the axis): every student seed as a dot in its method's colour, the method
-    named once at its seeds' mean, the teacher as a star."""
+    """Test rsum against per-pair cost at batch 1 and at batch 64, one panel each (``onnx_ms``;
+    eager torch for an older report, said on the axis; batch 1 alone where a report has no
+    batch-64 figures): every student seed as a dot in its
+    method's colour, the method named once at its seeds' mean, the teacher as a star and, from
+    report.json's ``frontier``, the teacher at smaller inputs as a curve, students a cheaper
+    alternative beats circled in red, and the frontier as a step line."""
     import matplotlib.pyplot as plt
 
     colours = _method_colours(report)
     source, _ = latency_source(report)
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    for method, colour in colours.items():
-        seeds = [student for student in report["students"] if student["method"] == method]
-        xs = [pair_ms(student, source) for student in seeds]
-        ys = [student["metrics"]["rsum"] for student in seeds]
-        axes.scatter(xs, ys, s=30, color=colour, alpha=0.8)
-        mean = (statistics.fmean(xs), statistics.fmean(ys))
-        axes.annotate(method, mean, textcoords="offset points", xytext=(5, 3), fontsize=8, color=colour)
-    teacher = report["teacher"]
-    axes.scatter(pair_ms(teacher, source), teacher["metrics"]["rsum"], marker="*", s=220, color="black")
-    axes.annotate(
-        "teacher",
-        (pair_ms(teacher, source), teacher["metrics"]["rsum"]),
-        xytext=(6, -10),
-        textcoords="offset points",
-        fontsize=9,
-    )
-    axes.set_xscale("log")
-    runtime = "ONNX Runtime fp32" if source == "onnx" else "eager torch"
-    axes.set_xlabel(f"CPU latency, {runtime}, batch 1: one image + one caption (ms, log)")
-    axes.set_ylabel("test rsum")
-    axes.set_title(f"{report['dataset']}: quality vs latency")
-    axes.grid(alpha=0.3)
+    frontier = report.get("frontier") or []
+    rows: dict[str, list[dict[str, Any]]] = {}  # a method on each student of a ladder is its own row
+    for student in report["students"]:
+        label = f"{student['method']} [{student['student']}]" if student.get("student") else student["method"]
+        rows.setdefault(label, []).append(student)
+    entries = [report["teacher"], *report["students"]]
+    has_b64 = all("image_b64" in (e["onnx_ms"] if source == "onnx" else e["latency_ms"]) for e in entries)
+    batches = (1, 64) if has_b64 else (1,)  # an older report timed batch 1 only
+    figure, panels = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.8), sharey=True, squeeze=False)
+    for axes, batch in zip(panels[0], batches, strict=True):
+        for label, seeds in rows.items():
+            colour = colours[seeds[0]["method"]]
+            xs = [pair_ms(student, source, batch) for student in seeds]
+            ys = [student["metrics"]["rsum"] for student in seeds]
+            axes.scatter(xs, ys, s=30, color=colour, alpha=0.8)
+            mean = (statistics.fmean(xs), statistics.fmean(ys))
+            axes.annotate(label, mean, textcoords="offset points", xytext=(5, 3), fontsize=8, color=colour)
+        teacher = report["teacher"]
+        at = (pair_ms(teacher, source, batch), teacher["metrics"]["rsum"])
+        axes.scatter(*at, marker="*", s=220, color="black", zorder=3)
+        axes.annotate("teacher", at, xytext=(6, -10), textcoords="offset points", fontsize=9)
+        _frontier_marks(axes, frontier, f"b{batch}")
+        axes.set_xscale("log")
+        runtime = "ONNX Runtime fp32" if source == "onnx" else "eager torch"
+        axes.set_xlabel(f"CPU ms per image + caption, {runtime}, batch {batch} (log)")
+        axes.set_title(f"batch {batch}")
+        axes.grid(alpha=0.3)
+    panels[0][0].set_ylabel("test rsum")
+    figure.suptitle(f"{report['dataset']}: quality against cost")
     _save(figure, path)
 
 
+def _frontier_marks(axes: Any, frontier: list[dict[str, Any]], key: str) -> None:
+    """The frontier's extra layers on one panel: the teacher-at-smaller-input curve (through the
+    teacher at its own size), beaten students circled, the frontier as a step line."""
+    resized = sorted(
+        (p for p in frontier if p["kind"] in ("teacher", "teacher_smaller_input")), key=lambda p: p["onnx_ms"][key]
+    )
+    if len(resized) > 1:
+        xs, ys = [p["onnx_ms"][key] for p in resized], [p["rsum"] for p in resized]
+        axes.plot(xs, ys, color="grey", linestyle="--", marker="s", markersize=4, label="teacher at smaller inputs")
+        for point in resized[:-1] if resized[-1]["kind"] == "teacher" else resized:
+            if point["kind"] == "teacher_smaller_input":
+                axes.annotate(
+                    f"{point['image_size']} px",
+                    (point["onnx_ms"][key], point["rsum"]),
+                    xytext=(4, -10),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="grey",
+                )
+    beaten = [p for p in frontier if p["kind"] == "student" and (p.get("beaten_by") or {}).get(key)]
+    if beaten:
+        axes.scatter(
+            [p["onnx_ms"][key] for p in beaten],
+            [p["rsum"] for p in beaten],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.2,
+            label="a cheaper alternative scores more",
+        )
+    best = sorted((p for p in frontier if p["on_frontier"][key]), key=lambda p: p["onnx_ms"][key])
+    if best:
+        axes.step(
+            [p["onnx_ms"][key] for p in best],
+            [p["rsum"] for p in best],
+            where="post",
+            color="black",
+            linewidth=0.8,
+            alpha=0.6,
+            label="frontier",
+        )
+    if frontier:
+        axes.legend(fontsize=7, loc="lower right")
+
+
 def plot_curves(report: dict[str, Any], path: Path) -> None:
-    """Validation rsum after each epoch: one colour per method, its mean over seeds as the thick
-    line and each seed as a thin one (21 runs as 21 colours could not be told apart)."""
+    """Validation rsum after each epoch: one colour per method (one line style per student
+    variant of a ladder), its mean over seeds as the thick line and each seed as a thin one (21
+    runs as 21 colours could not be told apart)."""
     import matplotlib.pyplot as plt
 
     colours = _method_colours(report)
+    variants = list(dict.fromkeys(student.get("student") for student in report["students"]))
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    for method, curve in curves_by_method(report).items():
-        colour = colours[method]
+    for name, curve in curves_by_method(report).items():
+        method, student = curve["key"]
+        colour, style = colours[method], ("-", "--", ":", "-.")[variants.index(student) % 4]
         for epochs, values in curve["runs"]:
-            axes.plot(epochs, values, color=colour, linewidth=0.8, alpha=0.35)
+            axes.plot(epochs, values, color=colour, linestyle=style, linewidth=0.8, alpha=0.35)
         seeds = len(curve["runs"])
-        label = method + (f" (mean of {seeds})" if seeds > 1 else "")
-        axes.plot(curve["epochs"], curve["mean"], color=colour, linewidth=2.2, marker="o", markersize=4, label=label)
+        label = name + (f" (mean of {seeds})" if seeds > 1 else "")
+        mean = {"color": colour, "linestyle": style, "linewidth": 2.2, "marker": "o", "markersize": 4, "label": label}
+        axes.plot(curve["epochs"], curve["mean"], **mean)
     axes.set_xlabel("epoch")
     axes.set_ylabel("val rsum")
     axes.set_title("training curves (validation split; thin lines: single seeds)")
@@ -471,13 +544,14 @@ def plot_examples(report: dict[str, Any], dataset: Any, path: Path) -> None:
     queries = list(range(0, step * EXAMPLE_QUERIES, step))[:EXAMPLE_QUERIES]
     models = [("teacher", report["teacher"]["spec"])]
     baseline = scratch_method()
-    scratch = [s for s in report["students"] if s["method"] == baseline]
     distilled = [s for s in report["students"] if s["method"] != baseline]
+    best = max(distilled, key=lambda s: s["val_rsum"]) if distilled else report["students"][0]
+    # scratch on the best distilled student's variant: the same network without a teacher
+    scratch = [s for s in report["students"] if row_key(s) == (baseline, best.get("student"))]
     if scratch:
-        models.append((f"scratch ({baseline})", scratch[0]["spec"]))
+        models.append((f"scratch ({row_label(scratch[0])})", scratch[0]["spec"]))
     if distilled:
-        best = max(distilled, key=lambda s: s["val_rsum"])
-        models.append((f"best distilled ({best['method']})", best["spec"]))
+        models.append((f"best distilled ({row_label(best)})", best["spec"]))
     pixels = load_image_tensor(test.image_paths(), report["budget"]["image_size"])
     top: dict[str, torch.Tensor] = {}
     for label, spec in models:

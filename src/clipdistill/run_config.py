@@ -9,7 +9,7 @@ A run is resolved in layers, each a deep-merged mapping checked against :class:`
 2. a preset, a YAML file shipped in ``clipdistill/presets/`` (``quick``, ``full``) holding only
    what differs from those defaults;
 3. ``--config FILE.yaml`` files, in order;
-4. the command's flags (``--teacher``, ``--student``, ``--methods``, ``--data``, ...);
+4. the command's flags (``--teacher``, ``--student``, ``--students``, ``--methods``, ``--data``, ...);
 5. ``--set key=value`` overrides.
 
 The resolved config is written to ``OUT/config.yaml`` and is complete, so
@@ -43,6 +43,7 @@ from clipdistill.config import (
     read_yaml,
     to_dict,
 )
+from clipdistill.student_ladder import student_variants
 
 #: The teacher a run trains when none is given: the ImageNet EfficientNet-Lite0 trunk aligned to
 #: frozen all-MiniLM-L6-v2 on the run's own data (``lit:`` = "train this LiT teacher first").
@@ -107,6 +108,15 @@ class RunEvalConfig:
 
     onnx_repeats: int = 30  # timed calls per graph and batch size; the median is reported
     onnx_threads: int | None = None  # ONNX Runtime intra-op threads; None: the cores this process may use
+    # The teacher also read at these smaller inputs, without retraining: the cheapest alternative
+    # to a student, on the report's quality/cost frontier (sizes at or above its own are skipped;
+    # a teacher with a fixed input size, such as a ViT, gets none).
+    teacher_image_sizes: list[int] = field(default_factory=lambda: [160, 128, 96])
+
+    def __post_init__(self) -> None:
+        small = [size for size in self.teacher_image_sizes if size < 32]
+        if small:
+            raise ConfigError(f"key 'eval.teacher_image_sizes': sizes must be >= 32 px, got {small}")
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,10 @@ class RunConfig:
     fusion: RunFusionConfig = field(default_factory=RunFusionConfig)
     cache: RunCacheConfig = field(default_factory=RunCacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    # A ladder of students (student_ladder.py): each entry a mapping of `student` keys over it,
+    # plus an optional `label` (else derived: lite0@64). Every method x seed trains on each, with
+    # the same budget, into students/<label>/. None or empty: `student` alone, in students/.
+    students: list[dict[str, Any]] | None = None
     methods: list[str] | None = None  # None: every registered method, in registration order
     default_variant: str = "paper"  # the variant a method named without one trains
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, over its variant
@@ -151,6 +165,7 @@ class RunConfig:
             raise ConfigError(f"key 'seeds' must be >= 1, got {self.seeds}")
         if self.methods is not None and not self.methods:
             raise ConfigError("key 'methods' is empty; leave it out for every method, or list some")
+        student_variants(self.student, self.students)  # each entry checked as `student` is, and labelled
 
 
 def preset_names() -> list[str]:

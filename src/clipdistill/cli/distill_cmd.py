@@ -33,6 +33,14 @@ MethodsOpt = Annotated[
     ),
 ]
 SeedsOpt = Annotated[int | None, typer.Option("--seeds", min=1, help="Seeds per method (default: the preset's).")]
+StudentsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--students",
+        help="A ladder of students, comma-separated PRESET[@SIZE] or open_clip model-config JSON files "
+        "(e.g. lite0@64,lite0@96,lite0@128): every method and seed trains on each, into students/<label>/.",
+    ),
+]
 
 
 def _student_values(student: str) -> dict[str, Any]:
@@ -104,6 +112,7 @@ def distill_command(
             "file, or a checkpoint spec to start from (local-dir:PATH, hf-hub:..., openclip:NAME@TAG).",
         ),
     ] = None,
+    students: StudentsOpt = None,
     methods: MethodsOpt = None,
     seeds: SeedsOpt = None,
     data: Annotated[
@@ -140,13 +149,16 @@ def distill_command(
     """The main job: your teacher and your data -> a small student, evaluated, exported, indexed.
 
     Stages: data (splits carved when missing) -> teacher (a lit: one trained first) -> fusion
-    teacher -> teacher cache -> one student per method and seed -> test evaluation + ONNX timing ->
-    export + index of the best student (by val) -> report. Finished stages are skipped, so a rerun
-    resumes. The resolved config is written to OUT/config.yaml; `--config OUT/config.yaml` reruns it.
+    teacher -> teacher cache -> one student per method and seed (on each --students variant) ->
+    test evaluation + ONNX timing -> export + index of the best student (by val) -> report.
+    Finished stages are skipped, so a rerun resumes. The resolved config is written to
+    OUT/config.yaml; `--config OUT/config.yaml` reruns it.
     """
     from clipdistill.run_config import resolve_run_config, run_config_yaml
+    from clipdistill.student_ladder import parse_students
 
     values = _flag_values(
+        students=None if students is None else parse_students(students),
         teacher__spec=teacher,
         teacher__allow_random=True if allow_random_teacher else None,
         fusion__spec=fusion,
@@ -185,6 +197,7 @@ def demo_command(
     preset: Annotated[str, typer.Option("--preset", help="quick | full")] = "quick",
     methods: MethodsOpt = None,
     seeds: SeedsOpt = None,
+    students: StudentsOpt = None,
 ) -> None:
     """The main job with the builtin emoji data and the offline LiT teacher: `distill` with a
     preset's defaults. Finished stages are skipped, so a rerun resumes where a run stopped."""
@@ -194,7 +207,9 @@ def demo_command(
 
     splits = split_options(val_data, test_data, split_seed, group_by)
     try:
-        report = run_demo(out, data=data, images=images, preset=preset, methods=methods, seeds=seeds, splits=splits)
+        report = run_demo(
+            out, data=data, images=images, preset=preset, methods=methods, seeds=seeds, splits=splits, students=students
+        )
     except TrainingStopped as stopped:  # SIGTERM/Ctrl-C during a student: its checkpoint is saved
         exit_stopped(stopped, f"demo stopped: {stopped}; rerun the same demo command to continue")
     print_run_summary(report, out)
@@ -202,9 +217,11 @@ def demo_command(
 
 def print_run_summary(report: dict[str, Any], out: Path) -> None:
     """The terminal's last word: the table and the commands that use the result."""
+    from rich.markup import escape
     from rich.table import Table
 
     from clipdistill.report import latency_source, method_rows, pair_ms
+    from clipdistill.run_summary import row_label
 
     source, _ = latency_source(report)  # report.md's latency: ONNX Runtime, or eager torch for an older run
     latency = "ms b1 (ONNX)" if source == "onnx" else "latency ms (eager torch)"
@@ -215,7 +232,7 @@ def print_run_summary(report: dict[str, Any], out: Path) -> None:
     def add(label: str, entry: dict[str, Any], rsum: str) -> None:
         m = entry["metrics"]
         table.add_row(
-            label,
+            escape(label),  # "clip [lite0@64]" is a name, not markup
             *(f"{m[k]:.1f}" for k in ("t2i_R@1", "t2i_R@10", "i2t_R@1", "i2t_R@10")),
             rsum,
             f"{pair_ms(entry, source):.2f}",
@@ -225,10 +242,11 @@ def print_run_summary(report: dict[str, Any], out: Path) -> None:
     add("teacher", report["teacher"], f"{report['teacher']['metrics']['rsum']:.1f}")
     for row in method_rows(report):  # the report.md rows: means over seeds, shared latency
         spread = f" ± {row['rsum_std']:.1f}" if row["n_seeds"] > 1 else ""
-        add(row["method"], row, f"{row['metrics']['rsum']:.1f}{spread}")
+        add(row_label(row), row, f"{row['metrics']['rsum']:.1f}{spread}")
     Console(emoji=False).print(table)
     best, deploy = report["best_student"], report["deploy"]
-    console.print(f"best student: {best['method']} (seed {best['seed']}, by {best['selected_by']})", highlight=False)
+    shipped = f"best student: {row_label(best)} (seed {best['seed']}, by {best['selected_by']})"
+    console.print(shipped, highlight=False, markup=False)  # "clip [lite0@64]" is a name, not markup
     console.print(f"report: {out / 'report.md'}   config: {out / 'config.yaml'}", highlight=False)
     console.print(f"serve it:  clipdistill serve {deploy['index']}", highlight=False, markup=False)
     query = "a red heart" if report["dataset"] == "emoji" else "YOUR QUERY"

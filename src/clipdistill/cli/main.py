@@ -111,13 +111,15 @@ def teacher_train(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=2)] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", min=16)] = None,
-    text_proj: Annotated[str | None, typer.Option("--text-proj", help="none (keep MiniLM space) | linear")] = None,
+    text_proj: Annotated[
+        str | None, typer.Option("--text-proj", help="none (keep the text tower's space) | linear")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     max_seconds: Annotated[
         float | None, typer.Option("--max-seconds", help="Stop after the epoch that passes this.")
     ] = None,
 ) -> None:
-    """Train the LiT teacher: an image tower against the frozen all-MiniLM-L6-v2 text tower.
+    """Train the LiT teacher: an image tower against a frozen text tower (MiniLM-L6 or mpnet-base).
 
     By default the ImageNet EfficientNet-Lite0 trunk (``lit:efficientnet-lite0``, 224 px, stages
     0-4 frozen; ``train.lit.pretrained_teacher_config``); ``--image-model`` trains a timm trunk

@@ -73,10 +73,13 @@ def group_networks(specs: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _request(teacher_spec: str, groups: Mapping[str, list[str]], repeats: int, threads: int) -> dict[str, Any]:
+def _request(
+    teacher_spec: str, groups: Mapping[str, list[str]], repeats: int, threads: int, teacher_sizes: Sequence[int]
+) -> dict[str, Any]:
     """Everything the memoised figures depend on; a different request means a fresh measurement."""
     return {
         "teacher": network_key(teacher_spec),
+        "teacher_sizes": list(teacher_sizes),
         "students": sorted(groups),  # names are hashes of the networks' keys
         "repeats": repeats,
         "threads": threads,
@@ -108,12 +111,15 @@ def measure_networks(
     threads: int | None = None,
     stage: Callable[[str, bool], bool] | None = None,
     say: Callable[[str], None] = print,
+    teacher_sizes: Sequence[int] = (),
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The stage itself: ``(measurement, {student spec: network name})``.
 
-    The measurement is ``onnx_efficiency``'s report (models ``teacher`` and one per student
-    network) plus ``request``, ``timed_specs`` and ``measured_utc``, read from
-    ``OUT/efficiency.json`` when it answers the same request, else measured and written there.
+    The measurement is ``onnx_efficiency``'s report (models ``teacher``, ``teacher@SIZE`` for each
+    of ``teacher_sizes`` and one per student network) plus ``request``, ``timed_specs`` and
+    ``measured_utc``, read from ``OUT/efficiency.json`` when it answers the same request, else
+    measured and written there. A ``teacher@SIZE`` differs from the teacher only in its image
+    input, so only its image tower is timed and its text figures are the teacher's.
     ``stage(name, done)`` announces the stage (the demo's ``_stage``)."""
     from clipdistill.eval import onnx_timing
 
@@ -121,9 +127,10 @@ def measure_networks(
     groups = group_networks(student_specs)
     membership = {spec: name for name, specs in groups.items() for spec in specs}
     threads = len(os.sched_getaffinity(0)) if threads is None else threads
-    request = _request(teacher_spec, groups, repeats, threads)
+    request = _request(teacher_spec, groups, repeats, threads, teacher_sizes)
     stored = _memo(path, request, say)
-    label = f"efficiency (ONNX Runtime: teacher + {len(groups)} student network(s), {repeats} repeats)"
+    sizes = f" at {1 + len(teacher_sizes)} input sizes" if teacher_sizes else ""
+    label = f"efficiency (ONNX Runtime: teacher{sizes} + {len(groups)} student network(s), {repeats} repeats)"
     if stage is not None:
         stage(label, stored is not None)
     if stored is not None:
@@ -135,7 +142,20 @@ def measure_networks(
 
     timed = {TEACHER: teacher_spec, **{name: specs[0] for name, specs in groups.items()}}
     models = {name: load_model(spec) for name, spec in timed.items()}
-    result = onnx_timing.onnx_efficiency(models, batch_sizes=BATCH_SIZES, repeats=repeats, threads=threads)
+    resized = {f"{TEACHER}@{size}": load_model(teacher_spec).at_image_size(size) for size in teacher_sizes}
+    result = onnx_timing.onnx_efficiency(
+        {**models, **resized},
+        batch_sizes=BATCH_SIZES,
+        repeats=repeats,
+        threads=threads,
+        towers={name: ("image",) for name in resized},
+    )
+    teacher_row = result["models"][TEACHER]
+    for name in resized:  # the same text tower as the teacher's: its figures are the teacher's
+        row = result["models"][name]
+        for table in ("onnx_ms", "gflops_per_s", "peak_share"):
+            row[table].update({key: value for key, value in teacher_row[table].items() if key.startswith("text_")})
+        row["flops"]["text"] = teacher_row["flops"]["text"]
     result["request"] = request
     result["timed_specs"] = timed
     result["measured_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
@@ -161,10 +181,11 @@ def add_onnx_efficiency(
     stage: Callable[[str, bool], bool] | None = None,
     say: Callable[[str], None] = print,
 ) -> None:
-    """Run (or reuse) the stage for ``report``'s teacher and students and write its figures
-    into the report: ``onnx_ms``, ``flops_per_item`` and ``peak_share`` under ``teacher`` and
-    every student, ``efficiency`` (matmul peak, threads, repeats, when) at the top level. The
-    eager ``latency_ms`` entries stay as they are (other readers use them)."""
+    """Run (or reuse) the stage for ``report``'s teacher (and its ``smaller_inputs``) and
+    students and write its figures into the report: ``onnx_ms``, ``flops_per_item`` and
+    ``peak_share`` under ``teacher``, each of its smaller inputs and every student (with the
+    ``network`` it runs), ``efficiency`` (matmul peak, threads, repeats, when) at the top level.
+    The eager ``latency_ms`` entries stay as they are (other readers use them)."""
     students = report["students"]
     result, membership = measure_networks(
         out,
@@ -174,10 +195,14 @@ def add_onnx_efficiency(
         threads=threads,
         stage=stage,
         say=say,
+        teacher_sizes=[smaller["image_size"] for smaller in report["teacher"].get("smaller_inputs", [])],
     )
     report["teacher"].update(_entry_figures(result["models"][TEACHER]))
+    for smaller in report["teacher"].get("smaller_inputs", []):
+        smaller.update(_entry_figures(result["models"][f"{TEACHER}@{smaller['image_size']}"]))
     for student in students:
         student.update(_entry_figures(result["models"][membership[student["spec"]]]))
+        student["network"] = membership[student["spec"]]
     report["efficiency"] = {
         "matmul_peak_gflops": result["matmul_peak_gflops"],
         "threads": result["threads"],

@@ -172,11 +172,14 @@ def onnx_efficiency(
     repeats: int = 30,
     threads: int = 2,
     work_dir: str | Path | None = None,
+    towers: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Per model: ``onnx_ms`` = {``image_b1``, ``text_b1``, ``image_b64``, ``text_b64``} (ms per
     item, median of ``repeats``), ``flops`` per item and tower, ``gflops_per_s`` and
     ``peak_share`` per timed entry; plus the run's ``matmul_peak_gflops``, ``threads`` and
-    ``repeats``. All graphs live in one process and are timed interleaved (module docstring)."""
+    ``repeats``. All graphs live in one process and are timed interleaved (module docstring).
+    ``towers``: the towers to time for a model named in it (default both), e.g. only the image
+    tower of a model that differs from another only in its input size."""
     from clipdistill.export.onnx import export_tower
 
     _check_repeats(repeats)
@@ -186,8 +189,12 @@ def onnx_efficiency(
         flops: dict[str, dict[str, int]] = {}
         for name, model in models.items():
             model.eval()
-            flops[name] = {tower: _flops_per_item(model, tower) for tower in TOWERS}
-            for tower in TOWERS:
+            timed = tuple((towers or {}).get(name, TOWERS))
+            unknown = set(timed) - set(TOWERS)
+            if unknown or not timed:
+                raise ValueError(f"{name}: towers must be a non-empty subset of {TOWERS}, got {timed}")
+            flops[name] = {tower: _flops_per_item(model, tower) for tower in timed}
+            for tower in timed:
                 path = root / f"{len(graphs)}_{tower}.onnx"
                 export_tower(model, tower, path)
                 graphs[f"{name}|{tower}"] = (path, {batch: _inputs(model, tower, batch) for batch in batch_sizes})

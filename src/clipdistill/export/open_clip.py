@@ -1,17 +1,17 @@
 """A trained model as a plain open_clip folder (``clipdistill export --format open_clip``).
 
 A student is already an open_clip folder, so it is copied. A LiT teacher (models/lit.py: a
-timm trunk + linear head, the frozen all-MiniLM-L6-v2 tower from its package) is written in
-open_clip's own vocabulary, so ``open_clip.create_model_and_transforms("local-dir:DIR")``
-loads it with no clipdistill code and no hub access:
+timm trunk + linear head, a frozen text tower from its package) is written in open_clip's own
+vocabulary, so ``open_clip.create_model_and_transforms("local-dir:DIR")`` loads it with no
+clipdistill code and no hub access:
 
 * image: ``vision_cfg.timm_model_name`` = the LiT trunk, the trunk's own global pooling,
   ``timm_proj: linear`` with a bias (the LiT ``image_proj``);
-* text: ``text_cfg.hf_model_name`` = MiniLM with ``hf_model_pretrained: false`` (its weights are
+* text: ``text_cfg.hf_model_name`` = the tower with ``hf_model_pretrained: false`` (its weights are
   in the folder's checkpoint), ``hf_pooler_type: mean_pooler`` (the sentence-transformers mean
   over non-padding tokens, as LiT pools) and ``hf_proj_type`` = ``null`` (identity) for the
   default LiT (``text_proj: none``) or ``linear`` (no bias) for ``text_proj: linear``;
-* tokenizer: MiniLM's WordPiece files in the folder with ``context_length`` = the LiT one (open_clip
+* tokenizer: the tower's WordPiece files in the folder with ``context_length`` = the LiT one (open_clip
   always reads a ``local-dir:`` folder's tokenizer from the folder, and cleans text as the LiT
   tokenizer does); pixels: the LiT size, mean and std with bicubic resizing, so
   ``prepare_pixels`` is the LiT one;
@@ -21,7 +21,7 @@ loads it with no clipdistill code and no hub access:
 
 What open_clip requires of ``hf_model_name``: it calls ``AutoConfig.from_pretrained`` on it as
 written, a hub id or a path taken relative to the *working directory*, never to the folder. The
-folder therefore holds MiniLM's ``config.json`` itself and the exported config names the folder
+folder therefore holds the tower's ``config.json`` itself and the exported config names the folder
 by its absolute path, so plain open_clip loads it from any working directory as long as the
 folder stays where it was exported. A moved or copied folder still loads with clipdistill
 (``local-dir:DIR``: :func:`~clipdistill.models.openclip_model.load_openclip_folder` points
@@ -31,6 +31,11 @@ folder stays where it was exported. A moved or copied folder still loads with cl
         "local-dir:DIR", text_cfg={**cfg["model_cfg"]["text_cfg"], "hf_model_name": "DIR"})
 
 (``cfg`` = the folder's ``open_clip_config.json``), or by exporting again at the new place.
+
+open_clip builds a Hugging Face text tower only for the model types in its
+``open_clip.hf_configs.arch_dict`` (BERT, RoBERTa, XLM-R, mT5, M2M-100 in 3.3): MiniLM is a BERT,
+but all-mpnet-base-v2 (``lit:TRUNK+mpnet``) is an ``mpnet``, so such a teacher is refused up
+front, before anything is written, naming the ONNX export that does serve it.
 
 Every export is checked before it is reported done: the folder is loaded by open_clip itself
 and must give the source model's image and text embeddings (cosine >= ``MIN_COSINE``).
@@ -87,10 +92,22 @@ def _timm_pool(trunk: torch.nn.Module) -> str:
     return kind if isinstance(kind, str) else ""
 
 
+def check_lit_text_tower(model: Any) -> None:
+    """Refuse a LiT teacher whose text tower open_clip cannot build (see the module docstring)."""
+    import open_clip
+    from open_clip.hf_configs import arch_dict
+
+    model_type = str(model.text.model.config.model_type)
+    if model_type not in arch_dict:
+        raise OpenCLIPExportError(
+            f"{model.spec or 'the LiT teacher'}: its text tower {model.text_entry.name} is a Hugging Face "
+            f"{model_type!r} model, which open_clip {open_clip.__version__} cannot build (its text towers: "
+            f"{', '.join(arch_dict)}); export it with --format onnx instead"
+        )
+
+
 def lit_model_cfg(model: Any, folder: Path) -> dict[str, Any]:
     """The open_clip ``model_cfg`` of a LiT teacher whose text model config is in ``folder``."""
-    from clipdistill.models.students import MINILM_TOKENIZER
-
     config = model.config
     return {
         "embed_dim": int(config.embed_dim),
@@ -104,7 +121,7 @@ def lit_model_cfg(model: Any, folder: Path) -> dict[str, Any]:
         },
         "text_cfg": {
             "hf_model_name": str(folder.resolve()),
-            "hf_tokenizer_name": MINILM_TOKENIZER,
+            "hf_tokenizer_name": model.text_entry.hub_id,
             "hf_model_pretrained": False,
             "hf_pooler_type": "mean_pooler",
             "hf_proj_type": "linear" if config.text_proj == "linear" else None,
@@ -125,7 +142,7 @@ def lit_preprocess_cfg(model: Any) -> dict[str, Any]:
 
 
 def lit_state(model: Any) -> dict[str, torch.Tensor]:
-    """The LiT weights under open_clip's ``CustomTextCLIP`` names (MiniLM's unused pooler left out)."""
+    """The LiT weights under open_clip's ``CustomTextCLIP`` names (the tower's unused pooler left out)."""
     renames = (
         ("trunk.", "visual.trunk."),
         ("image_proj.", "visual.head.proj."),
@@ -153,14 +170,13 @@ def write_lit_folder(model: Any, out: Path) -> list[str]:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from clipdistill.models.text_minilm import minilm_path
-
-    source = minilm_path()
+    check_lit_text_tower(model)
+    source = model.text_folder
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(lit_state(model), str(tmp))
     with atomic_path(out / HF_TEXT_CONFIG) as tmp:
         tmp.write_bytes((source / HF_TEXT_CONFIG).read_bytes())
-    tokenizer_files = _save_tokenizer(AutoTokenizer.from_pretrained(str(source)), out)
+    tokenizer_files = _save_tokenizer(AutoTokenizer.from_pretrained(str(source), local_files_only=True), out)
     config = {
         "model_cfg": lit_model_cfg(model, out),
         "preprocess_cfg": lit_preprocess_cfg(model),
@@ -291,6 +307,7 @@ def export_open_clip(spec: str, out: str | Path, *, stage: Stage | None = None) 
         model = load_model(spec)
     if isinstance(model, LiTModel):
         kind = "lit"
+        check_lit_text_tower(model)
         with stage("writing the LiT teacher as an open_clip folder"):
             _prepare_out(out)
             files = write_lit_folder(model, out)

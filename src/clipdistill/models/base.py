@@ -52,6 +52,9 @@ class DualEncoder(nn.Module):
     image_std: tuple[float, float, float]
     embed_dim: int
     spec: str = ""
+    # Whether the image tower runs at any input size (a convolutional trunk ending in global
+    # pooling): a ViT's position embeddings fix its size, so such a model keeps this False.
+    resizable_image_input: bool = False
 
     # --- to implement -------------------------------------------------------------------
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -72,6 +75,21 @@ class DualEncoder(nn.Module):
         raise NotImplementedError
 
     # --- shared behaviour -----------------------------------------------------------------
+    def at_image_size(self, size: int) -> DualEncoder:
+        """This model, reading its images at ``size`` px from now on (returned for chaining).
+
+        The cheapest alternative to distilling is the teacher itself at a smaller input, without
+        retraining: the report's frontier measures it. Refused for a tower whose size is fixed."""
+        if not self.resizable_image_input:
+            raise ValueError(
+                f"{type(self).__name__} ({self.spec or 'no spec'}) has a fixed input size "
+                f"{self.image_size[0]}x{self.image_size[1]}; it cannot run at {size} px"
+            )
+        if size < 32:
+            raise ValueError(f"image size must be >= 32 px, got {size}")
+        self.image_size = (size, size)
+        return self
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self._encode_image(pixels)
         return F.normalize(features, dim=-1) if normalize else features

@@ -1,32 +1,35 @@
 """The offline teacher: LiT-style ("locked text") dual encoder.
 
-No pretrained CLIP weights are reachable here, so the teacher is built from the one
-pretrained model we have: all-MiniLM-L6-v2 as a frozen text tower, and a timm image tower
-trained from scratch to land in MiniLM's sentence space. Because the text space is already
-semantic, the image tower generalises to concepts whose images it never saw, which is what
-makes the unseen-concept test split meaningful.
+No pretrained CLIP weights are reachable here, so the teacher is built from pretrained
+sentence encoders installed as packages: a frozen text tower (all-MiniLM-L6-v2 by default;
+all-mpnet-base-v2, CLIP-B-sized, with ``+mpnet``: :data:`TEXT_TOWERS`), and a timm image tower
+trained to land in that tower's sentence space. Because the text space is already semantic,
+the image tower generalises to concepts whose images it never saw, which is what makes the
+unseen-concept test split meaningful.
 
 A saved teacher is a folder with ``clipdistill_model.json`` and ``model.safetensors``
-holding only the trained parameters; the frozen MiniLM weights come from the installed
-package (its checksum is recorded and checked so a different MiniLM is refused).
+holding only the trained parameters; the frozen text weights come from the installed
+packages (the config names the tower, its checksum is recorded and checked so different
+text weights are refused).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
-from clipdistill.hashing import file_sha256
 from clipdistill.io import atomic_path, atomic_write_json
 from clipdistill.models.base import DualEncoder, load_trained_weights
 from clipdistill.models.encoding_memo import EncodingMemo, module_key, tensor_key, usable_memo
 from clipdistill.models.text_minilm import MINILM_DIM, MiniLMTextEncoder, minilm_path
+from clipdistill.models.text_mpnet import MPNET_DIM, MPNET_HUB_ID, MPNET_NAME, weights_sha256
 from clipdistill.models.trunk_split import (
     FrozenPrefix,
     is_efficientnet,
@@ -41,10 +44,49 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _mpnet_path() -> Path:
+    from clipdistill.models.text_mpnet import mpnet_path
+
+    return mpnet_path()
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """A frozen, mean-pooled sentence-transformers text tower the LiT teacher can lock to.
+
+    ``width`` is known without loading the weights, so a config is checked before any load;
+    ``path`` is called only when the tower is built (the mpnet folder is extracted then)."""
+
+    key: str  # LiTConfig.text_model and the spec's +TEXT
+    name: str  # recorded in a saved teacher
+    label: str  # in messages
+    hub_id: str  # the tokenizer name an exported open_clip folder records (never fetched)
+    width: int
+    path: Callable[[], Path]
+
+
+TEXT_TOWERS: Mapping[str, TextTower] = MappingProxyType(
+    {
+        "minilm": TextTower(
+            "minilm", "all-MiniLM-L6-v2", "MiniLM", "sentence-transformers/all-MiniLM-L6-v2", MINILM_DIM, minilm_path
+        ),
+        "mpnet": TextTower("mpnet", MPNET_NAME, "MPNet", MPNET_HUB_ID, MPNET_DIM, _mpnet_path),
+    }
+)
+
+
+def get_text_tower(key: str) -> TextTower:
+    """The registered tower ``key`` names; an unknown one is an error listing the valid ones."""
+    if key not in TEXT_TOWERS:
+        raise ValueError(f"LiTConfig.text_model must be one of {', '.join(TEXT_TOWERS)}, got {key!r}")
+    return TEXT_TOWERS[key]
+
+
 @dataclass(frozen=True)
 class LiTConfig:
-    """Architecture of the LiT teacher. ``text_proj='none'`` keeps MiniLM's space untouched
-    (best zero-shot transfer); ``'linear'`` adds a trainable map into ``embed_dim``."""
+    """Architecture of the LiT teacher. ``text_proj='none'`` keeps the text tower's space
+    untouched (best zero-shot transfer; ``embed_dim`` is then the tower's width); ``'linear'``
+    adds a trainable map from the tower's width into ``embed_dim``."""
 
     # the scratch trunk: best recall per CPU-second of the timm trunks compared (docs/results.md, "Teacher")
     image_model: str = "resnet10t"
@@ -61,12 +103,18 @@ class LiTConfig:
     # Leading trunk stages kept frozen (stem + ``blocks[:n]``, BatchNorm statistics included):
     # low-level ImageNet filters transfer as they are, and a frozen stage costs no backward.
     frozen_stages: int = 0
+    # The frozen text tower (TEXT_TOWERS); a saved teacher without this key is a MiniLM one.
+    text_model: str = "minilm"
 
     def __post_init__(self) -> None:
         if self.text_proj not in ("none", "linear"):
             raise ValueError(f"LiTConfig.text_proj must be 'none' or 'linear', got {self.text_proj!r}")
-        if self.text_proj == "none" and self.embed_dim != MINILM_DIM:
-            raise ValueError(f"LiTConfig.embed_dim must be {MINILM_DIM} when text_proj='none', got {self.embed_dim}")
+        width = get_text_tower(self.text_model).width
+        if self.text_proj == "none" and self.embed_dim != width:
+            raise ValueError(
+                f"LiTConfig.embed_dim must be {width} (the {self.text_model} tower's width) when text_proj='none', "
+                f"got {self.embed_dim}"
+            )
         if self.image_pretrained:
             from clipdistill.models.imagenet_lite import lite_variant
 
@@ -92,17 +140,30 @@ class LiTConfig:
         return cls(**values)
 
 
+def split_lit_spec(identifier: str) -> tuple[str, str, str]:
+    """``(TRUNK, SIZE, TEXT)`` of ``TRUNK[@SIZE][+TEXT]``; a part not given is ``""``."""
+    body, plus, text = identifier.partition("+")
+    if plus and text.strip() not in TEXT_TOWERS:
+        raise ValueError(
+            f"lit:{identifier}: unknown text tower {text.strip()!r} after '+'; valid: {', '.join(TEXT_TOWERS)}"
+        )
+    trunk, _, size = body.partition("@")
+    return trunk.strip(), size.strip(), text.strip()
+
+
 def lit_config_from_spec(identifier: str, frozen_stages: int = 0) -> LiTConfig:
-    """The architecture ``lit:TRUNK[@SIZE]`` names, with the frozen MiniLM text tower.
+    """The architecture ``lit:TRUNK[@SIZE][+TEXT]`` names.
 
     ``TRUNK`` is ImageNet weights (``efficientnet-lite0/1/2``: their timm trunk, its own pixel
     statistics, at ``SIZE`` px, default the weights' native size, where their filters were
     trained), or any timm model name, trained from scratch (``lit:resnet10t``; default size
-    :class:`LiTConfig`'s). Its image projection is untrained: ``teacher train`` aligns it."""
+    :class:`LiTConfig`'s). ``TEXT`` is the frozen text tower (:data:`TEXT_TOWERS`, default
+    ``minilm``), whose space the embedding keeps (``text_proj='none'``, ``embed_dim`` = its
+    width). Its image projection is untrained: ``teacher train`` aligns it."""
     from clipdistill.models.imagenet_lite import LITE_MEAN, LITE_STD, LITE_VARIANTS, lite_variant
 
-    weights, _, size = identifier.partition("@")
-    weights = weights.strip()
+    weights, size, text = split_lit_spec(identifier)
+    text_config = {"text_model": text, "embed_dim": TEXT_TOWERS[text].width} if text else {}
     if size and not size.strip().isdigit():
         raise ValueError(f"lit:{identifier}: the size after '@' must be a number of pixels, got {size!r}")
     if weights not in LITE_VARIANTS:
@@ -113,7 +174,7 @@ def lit_config_from_spec(identifier: str, frozen_stages: int = 0) -> LiTConfig:
                 f"lit:{identifier}: {weights!r} is neither pretrained image weights ({', '.join(LITE_VARIANTS)}) "
                 "nor a timm model name (a trunk trained from scratch)"
             )
-        scratch = LiTConfig(image_model=weights, frozen_stages=frozen_stages)
+        scratch = LiTConfig(image_model=weights, frozen_stages=frozen_stages, **text_config)
         return replace(scratch, image_size=int(size)) if size else scratch
     variant = lite_variant(weights)
     return LiTConfig(
@@ -123,11 +184,12 @@ def lit_config_from_spec(identifier: str, frozen_stages: int = 0) -> LiTConfig:
         image_mean=LITE_MEAN,
         image_std=LITE_STD,
         frozen_stages=frozen_stages,
+        **text_config,
     )
 
 
 class LiTModel(DualEncoder):
-    """timm image trunk + linear head, frozen MiniLM text tower (+ optional projection)."""
+    """timm image trunk + linear head, frozen text tower (+ optional projection)."""
 
     #: Rows shared with other stages of a run (models/encoding_memo.py): the frozen stages'
     #: rows, and without gradients the whole trunk's.
@@ -163,15 +225,28 @@ class LiTModel(DualEncoder):
         for module in self.frozen_trunk:
             module.requires_grad_(False)
         self.image_proj = nn.Linear(self.trunk.num_features, config.embed_dim)
-        self.text = MiniLMTextEncoder(context_length=config.context_length)
+        self.text_entry = get_text_tower(config.text_model)  # text_tower() is DualEncoder's tower view
+        self.text_folder = self.text_entry.path()
+        # The same mean-pooled encoder loads every tower: MiniLM (BERT) and MPNet differ only in
+        # the folder's config, vocabulary and pad id, which it reads from the folder.
+        self.text = MiniLMTextEncoder(context_length=config.context_length, path=self.text_folder)
+        if self.text.width != self.text_entry.width:
+            raise ValueError(
+                f"{self.text_folder / 'config.json'}: hidden_size {self.text.width}, but the "
+                f"{self.text_entry.name} tower is {self.text_entry.width} wide"
+            )
         self.text.requires_grad_(False)
+        width = self.text_entry.width
         self.text_proj: nn.Module = (
-            nn.Linear(MINILM_DIM, config.embed_dim, bias=False) if config.text_proj == "linear" else nn.Identity()
+            nn.Linear(width, config.embed_dim, bias=False) if config.text_proj == "linear" else nn.Identity()
         )
         if isinstance(self.text_proj, nn.Linear):
-            with torch.no_grad():  # start as the identity map so training begins in MiniLM's space
-                self.text_proj.weight.copy_(torch.eye(config.embed_dim, MINILM_DIM))
+            with torch.no_grad():  # start as the identity map so training begins in the tower's space
+                self.text_proj.weight.copy_(torch.eye(config.embed_dim, width))
         self.log_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        # A timm trunk ending in global pooling runs at any size; one with position embeddings
+        # (a ViT named as the trunk) does not.
+        self.resizable_image_input = not hasattr(self.trunk, "pos_embed")
 
     def train(self, mode: bool = True) -> LiTModel:
         super().train(mode)
@@ -242,7 +317,8 @@ class LiTModel(DualEncoder):
         return torch.nn.functional.normalize(embedding, dim=-1) if normalize else embedding
 
     def minilm_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen MiniLM sentence features (before ``text_proj``); cacheable during training."""
+        """The frozen text tower's sentence features (before ``text_proj``), MiniLM's or MPNet's;
+        cacheable during training."""
         with torch.no_grad():
             return self.text(tokens)
 
@@ -276,7 +352,7 @@ class LiTModel(DualEncoder):
         return torch.nn.functional.pad(mask, (0, self.config.context_length - mask.shape[1]), value=False)
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """MiniLM's last hidden state (B, context_length, 384), zero at padding.
+        """The text tower's last hidden state (B, context_length, width), zero at padding.
 
         Always padded to ``context_length`` (whatever padding ``tokens`` has), so features of
         batches tokenised to different lengths can be stacked (the token cache does); the
@@ -284,10 +360,10 @@ class LiTModel(DualEncoder):
         return self.encode_text_and_tokens(tokens)[1]
 
     def encode_text_and_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(embedding, token_features, mask)`` from one MiniLM pass: the unit text embedding
+        """``(embedding, token_features, mask)`` from one text-tower pass: the unit text embedding
         (as :meth:`encode_text`), :meth:`encode_text_tokens` and :meth:`text_token_mask`.
 
-        MiniLM is the expensive part of the text side, so the fusion teacher, which needs the
+        The frozen tower is the expensive part of the text side, so the fusion teacher, which needs the
         sentence embedding and the tokens, gets both for the price of one forward."""
         if tokens.shape[1] > self.config.context_length:
             raise ValueError(f"{tokens.shape[1]} tokens exceed context_length {self.config.context_length}")
@@ -308,7 +384,7 @@ class LiTModel(DualEncoder):
         return name.startswith(("trunk.", "image_proj."))
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen MiniLM weights (they come from the installed package)."""
+        """Everything but the frozen text tower's weights (they come from the installed packages)."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("text.")}
 
     def save(self, directory: str | Path) -> Path:
@@ -323,24 +399,31 @@ class LiTModel(DualEncoder):
         meta = {
             "kind": "lit",
             "config": config,
-            "text_model": {"name": "all-MiniLM-L6-v2", "sha256": file_sha256(minilm_path() / "model.safetensors")},
+            "text_model": {"name": self.text_entry.name, "sha256": weights_sha256(self.text_folder)},
         }
         atomic_write_json(directory / MODEL_FILE, meta)
         return directory
 
 
 def load_lit(directory: str | Path, spec: str = "") -> LiTModel:
-    """Load a saved LiT teacher; refuses a folder whose MiniLM checksum differs from ours."""
+    """Load a saved LiT teacher with the text tower its config names (MiniLM when it names
+    none); refuses a folder whose text weights' checksum differs from the installed ones."""
     directory = Path(directory)
     meta = json.loads((directory / MODEL_FILE).read_text(encoding="utf-8"))
     if meta.get("kind") != "lit":
         raise ValueError(f"{directory / MODEL_FILE}: field 'kind' is {meta.get('kind')!r}, expected 'lit'")
+    try:
+        config = LiTConfig.from_dict(meta["config"])
+    except ValueError as error:
+        raise ValueError(f"{directory / MODEL_FILE}: field 'config': {error}") from error
+    tower = get_text_tower(config.text_model)
     expected = meta.get("text_model", {}).get("sha256")
-    actual = file_sha256(minilm_path() / "model.safetensors")
+    actual = weights_sha256(tower.path())
     if expected and expected != actual:
         raise ValueError(
-            f"{directory}: trained against a different MiniLM (sha256 {expected[:12]}…, installed {actual[:12]}…)"
+            f"{directory}: trained against a different {tower.label} (sha256 {expected[:12]}…, "
+            f"installed {actual[:12]}…)"
         )
-    model = LiTModel(LiTConfig.from_dict(meta["config"]), spec=spec, load_pretrained=False)
-    load_trained_weights(model, directory / WEIGHTS_FILE, "text.")  # MiniLM comes from its package
+    model = LiTModel(config, spec=spec, load_pretrained=False)
+    load_trained_weights(model, directory / WEIGHTS_FILE, "text.")  # the text tower comes from its packages
     return model.eval()

@@ -31,6 +31,14 @@
   - the text projection ``P^T`` when the student's embedding has MiniLM's 384 dims, so the
     student's text embedding starts in MiniLM's coordinates; otherwise it stays random.
 
+  A LiT teacher locked to another tower (``lit:TRUNK+mpnet``, all-mpnet-base-v2) still gives
+  MiniLM's layers, recorded as ``text_weights`` in what :func:`apply_tower_init` returns: the
+  student reads MiniLM's WordPiece ids, the rows the inherited embeddings are indexed by, and
+  MPNet's vocabulary numbers the same words differently (30527 ids, ``<s>``/``<pad>``/``</s>``
+  first); its 12 x 768 layers would also exceed every preset's text tower. MiniLM is always
+  installed, so the student starts from a pretrained English encoder in MiniLM's coordinates
+  (which distillation then moves to the teacher's) rather than from random weights.
+
   MiniLM is a post-LayerNorm BERT (``x = LN(x + f(x))``) pooled by a mean over tokens; open_clip's
   text block is pre-LayerNorm (``x = x + f(LN(x))``) pooled at [CLS]. So the inheritance is an
   *initialisation* that keeps the teacher's vocabulary geometry, heads and units, not an exact
@@ -55,6 +63,8 @@ from clipdistill.models.students import MINILM_TOKENIZER, StudentConfigError
 IMAGE_INITS = ("random", "imagenet", "teacher")
 TEXT_INITS = ("random", "teacher")
 TEACHER_HEAD_DIM = 32  # all-MiniLM-L6-v2: 12 heads x 32 = 384
+#: The model ``text_init: teacher`` inherits from, whatever the teacher's text tower (see above).
+TEXT_INIT_SOURCE = "all-MiniLM-L6-v2"
 
 
 class TowerInitError(StudentConfigError):
@@ -76,6 +86,7 @@ def apply_tower_init(
         done["image_weights"] = init_image_from_teacher(student, teacher_spec)
     if text_init == "teacher":
         done["text_layers"] = init_text_from_minilm(student)
+        done["text_weights"] = TEXT_INIT_SOURCE
     return done
 
 

@@ -165,7 +165,7 @@ def run_random(spec: ModelSpec) -> str | None:
 
 # --- lit: the LiT architecture before training ------------------------------------------------
 def load_lit_architecture(spec: ModelSpec, *, load_weights: bool = True) -> Any:
-    """``lit:WEIGHTS[@SIZE]``: the untrained LiT teacher (ImageNet trunk + MiniLM)."""
+    """``lit:WEIGHTS[@SIZE][+TEXT]``: the untrained LiT teacher (ImageNet trunk + frozen text tower)."""
     from clipdistill.models.lit import LiTModel, lit_config_from_spec
 
     try:
@@ -244,7 +244,10 @@ register_kind(
 register_kind(
     TeacherKind(
         name="lit",
-        syntax="lit:WEIGHTS[@SIZE]  (LiT teacher to train: ImageNet trunk + MiniLM, e.g. lit:efficientnet-lite2@260)",
+        syntax=(
+            "lit:WEIGHTS[@SIZE][+TEXT]  (LiT teacher to train: ImageNet trunk + frozen MiniLM, or +mpnet for "
+            "all-mpnet-base-v2, e.g. lit:efficientnet-lite2@260+mpnet)"
+        ),
         load=load_lit_architecture,
         weight_files=no_weight_files,
         random_weights=lit_random,

@@ -5,10 +5,16 @@ with transformers from that path (never from a hub), so the offline teacher has 
 that already knows English and generalises to concepts it never saw paired with images.
 Pooling follows the sentence-transformers recipe the model was trained with: mean over the
 non-padding tokens.
+
+:class:`MiniLMTextEncoder` reads everything model-specific (architecture, vocabulary, pad id,
+width) from the folder it loads, so it also runs other mean-pooled sentence-transformers
+folders given as ``path``: the LiT teacher's all-mpnet-base-v2 tower (models/text_mpnet.py).
+Only safetensors weights are loaded, never a pickle, and never code from the folder.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,8 +48,21 @@ def minilm_path() -> Path:
     return path
 
 
+def check_mean_pooling(folder: Path) -> None:
+    """Refuse a sentence-transformers folder whose pooling (``1_Pooling/config.json``) is not the
+    mean over tokens: the encoder pools that way, so another mode would give other features."""
+    config_path = folder / "1_Pooling" / "config.json"
+    if not config_path.is_file():
+        return
+    pooling = json.loads(config_path.read_text(encoding="utf-8"))
+    modes = sorted(key for key, value in pooling.items() if key.startswith("pooling_mode_") and value is True)
+    if modes != ["pooling_mode_mean_tokens"]:
+        raise ValueError(f"{config_path}: pooling {', '.join(modes) or 'none'}; this encoder pools by the mean only")
+
+
 class MiniLMTextEncoder(nn.Module):
-    """MiniLM with mean pooling; ``tokenize`` pads to ``context_length`` with its own WordPiece."""
+    """A sentence-transformers folder (MiniLM unless ``path`` names another) with mean pooling;
+    ``tokenize`` pads with the folder's own tokenizer (WordPiece for MiniLM and MPNet)."""
 
     #: Rows shared with other stages of a run (models/encoding_memo.py), read while frozen.
     encoding_memo: EncodingMemo | None = None
@@ -55,8 +74,9 @@ class MiniLMTextEncoder(nn.Module):
 
         hf_logging.disable_progress_bar()  # a per-load weights bar is noise in every command
         source = path or minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(source))
-        self.model = AutoModel.from_pretrained(str(source))
+        check_mean_pooling(Path(source))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(source), local_files_only=True, use_safetensors=True)
         self.context_length = context_length
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.width = int(self.model.config.hidden_size)

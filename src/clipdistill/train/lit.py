@@ -92,14 +92,15 @@ def pretrained_teacher_config(
 
 
 def teacher_train_config(spec: str, frozen_stages: int | None = None) -> TeacherTrainConfig:
-    """The training run of any ``lit:TRUNK[@SIZE]`` spec with its defaults: a pretrained trunk
+    """The training run of any ``lit:TRUNK[@SIZE][+TEXT]`` spec with its defaults: a pretrained trunk
     gets :func:`pretrained_teacher_config` (stages 0-4 frozen), a timm trunk trained from scratch
     :class:`TeacherTrainConfig`'s own budget (nothing frozen). ``frozen_stages`` overrides."""
     from clipdistill.models.imagenet_lite import LITE_VARIANTS
+    from clipdistill.models.lit import split_lit_spec
     from clipdistill.models.spec import parse_spec
 
     parsed = parse_spec(spec)
-    if parsed.schema == "lit" and parsed.name.partition("@")[0].strip() in LITE_VARIANTS:
+    if parsed.schema == "lit" and split_lit_spec(parsed.name)[0] in LITE_VARIANTS:
         return pretrained_teacher_config(spec, DEFAULT_FROZEN_STAGES if frozen_stages is None else frozen_stages)
     return TeacherTrainConfig(model=_lit_model_config(spec, frozen_stages or 0))
 
