@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+import clipdistill.io as clipdistill_io
 from clipdistill.hashing import file_sha256
 from clipdistill.models import lit as lit_module
 from clipdistill.models import text_mpnet
@@ -374,7 +375,7 @@ def test_half_extracted_folders_are_never_used(fake_parts, tmp_path: Path) -> No
     cache = tmp_path / "cache"
     gone = subprocess.Popen(["true"])
     gone.wait()
-    host = text_mpnet._host_tag()
+    host = clipdistill_io._host_tag()
     dead = cache / f".all-mpnet-base-v2.{host}.{gone.pid}-abc.tmp"  # a killed extraction's leftovers
     live = cache / f".all-mpnet-base-v2.{host}.{os.getpid()}-def.tmp"  # this process's own: kept
     for folder in (dead, live):

@@ -64,6 +64,12 @@ _TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9]+)\.(?P<pid>\d+)-[^.]*\.tmp
 _swept: set[str] = set()  # folders this process has already cleared of orphans
 
 
+def temp_prefix(name: str) -> str:
+    """``.NAME.HOST.PID-``: the start of every temp name made for ``name`` (a file or a folder;
+    ``mkstemp``/``mkdtemp`` add the random part and ``.tmp``), so a leftover names its writer."""
+    return f".{name}.{_host_tag()}.{os.getpid()}-"
+
+
 def _pid_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -74,16 +80,20 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def left_by_killed_writer(name: str) -> bool:
+    """Whether ``name`` is a temp name of :func:`temp_prefix` whose writer, a process of this
+    host other than this one, is no longer running (names of other hosts are never judged)."""
+    match = _TEMP_NAME.match(name)
+    if not match or match["host"] != _host_tag():
+        return False
+    pid = int(match["pid"])
+    return pid != os.getpid() and not _pid_running(pid)
+
+
 def orphaned_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
     """Temp files in ``directory`` left by a killed :func:`atomic_path` of this host: their
     process is no longer running. Files of live processes and of other hosts are not listed."""
-    host = _host_tag()
-    found = []
-    for path in stale_temp_files(directory):
-        match = _TEMP_NAME.match(path.name)
-        if match and match["host"] == host and int(match["pid"]) != os.getpid() and not _pid_running(int(match["pid"])):
-            found.append(path)
-    return found
+    return [path for path in stale_temp_files(directory) if left_by_killed_writer(path.name)]
 
 
 def _sweep_orphans(directory: Path) -> None:
@@ -108,8 +118,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_orphans(target.parent)
-    prefix = f".{target.name}.{_host_tag()}.{os.getpid()}-"
-    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -465,7 +465,7 @@ def _frontier_marks(axes: Any, frontier: list[dict[str, Any]], key: str) -> None
     if len(resized) > 1:
         xs, ys = [p["onnx_ms"][key] for p in resized], [p["rsum"] for p in resized]
         axes.plot(xs, ys, color="grey", linestyle="--", marker="s", markersize=4, label="teacher at smaller inputs")
-        for point in resized[:-1] if resized[-1]["kind"] == "teacher" else resized:
+        for point in resized:
             if point["kind"] == "teacher_smaller_input":
                 axes.annotate(
                     f"{point['image_size']} px",

@@ -26,6 +26,7 @@ re-times everything, since the figures of one run must not be mixed with another
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -142,7 +143,8 @@ def measure_networks(
 
     timed = {TEACHER: teacher_spec, **{name: specs[0] for name, specs in groups.items()}}
     models = {name: load_model(spec) for name, spec in timed.items()}
-    resized = {f"{TEACHER}@{size}": load_model(teacher_spec).at_image_size(size) for size in teacher_sizes}
+    # Shallow copies share the loaded teacher's weights; each reads its own input size.
+    resized = {f"{TEACHER}@{size}": copy.copy(models[TEACHER]).at_image_size(size) for size in teacher_sizes}
     result = onnx_timing.onnx_efficiency(
         {**models, **resized},
         batch_sizes=BATCH_SIZES,

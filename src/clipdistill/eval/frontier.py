@@ -118,10 +118,10 @@ def frontier_points(report: Mapping[str, Any], baseline: str | None = None) -> l
             }
         )
     points += _student_points(report["students"], baseline)
+    alternatives = [p for p in points if p["kind"] != "student" or p["scratch"]]  # what costs no training
     for point in points:
         point["on_frontier"] = {key: _undominated(point, points, key) for key in point["onnx_ms"]}
         if point["kind"] == "student":
-            alternatives = [p for p in points if p["kind"] != "student" or p.get("scratch")]
             point["beaten_by"] = {key: _best_cheaper(point, alternatives, key) for key in point["onnx_ms"]}
     return points
 

