@@ -172,6 +172,7 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     memory = report["memory"]  # each stage's peak resident memory, and the run's
     assert {"data", "teacher", "cache", "students", "evaluation", "efficiency", "deploy"} <= set(memory["stages"])
     assert memory["peak_rss_mb"] == max(memory["stages"].values()) > 0
+    assert set(memory["seconds"]) == set(memory["stages"]) and sum(memory["seconds"].values()) > 0
     assert "Peak resident memory:" in markdown
     index_manifest = json.loads((out / "index" / "manifest.json").read_text())
     assert index_manifest["count"] == 16

@@ -64,6 +64,20 @@ def test_memo_reuses_frozen_rows_and_matches_a_plain_forward(teacher: LiTModel, 
     torch.testing.assert_close(reordered[:3], plain_embedding[[3, 4, 0]], atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_frozen_rows_are_the_memos_own_tensors(teacher: LiTModel) -> None:
+    """A caller keeping rows (the teacher's frozen bank) holds the memo's tensors, not copies;
+    without a memo the rows are those of one plain pass."""
+    pixels = torch.randn(3, 3, 64, 64)
+    plain = teacher.frozen_rows(pixels)
+    memo = EncodingMemo()
+    attach_encoding_memo(teacher, memo)
+    first, again = teacher.frozen_rows(pixels), teacher.frozen_rows(pixels)
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, plain, strict=True))
+    assert torch.equal(torch.stack(first), teacher.frozen_features(pixels))
+
+
 def test_memo_is_off_without_a_memo_and_while_gradients_flow(teacher: LiTModel, monkeypatch) -> None:
     pixels = teacher.prepare_pixels(torch.rand(2, 3, 48, 48))
     rows = _count_frozen_rows(teacher, monkeypatch)
@@ -155,7 +169,7 @@ def test_onnx_prefix_rows_do_not_depend_on_their_batch() -> None:
 
 
 def test_onnx_prefix_runs_a_large_batch_in_bounded_calls(monkeypatch) -> None:
-    """A batch larger than ROWS_PER_CALL runs as several calls (the session's arena keeps its
+    """A batch larger than rows_per_call runs as several calls (the session's arena keeps its
     largest activations: a 1,024-image call left gigabytes resident), with the same bits."""
     import clipdistill.models.frozen_stages as frozen_stages
 
@@ -172,10 +186,18 @@ def test_onnx_prefix_runs_a_large_batch_in_bounded_calls(monkeypatch) -> None:
             return session.run(names, feeds)
 
     runner.sessions[(32, 32)] = Counting()
-    monkeypatch.setattr(frozen_stages, "ROWS_PER_CALL", 4)
+    monkeypatch.setattr(frozen_stages, "PIXELS_PER_CALL", 4 * 32 * 32 + 100)
     chunked = runner(pixels)
     assert batches == [4, 4, 1]
     assert torch.equal(chunked, whole) and chunked.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_rows_per_call_keeps_the_pixels_of_a_call_bounded() -> None:
+    from clipdistill.models.frozen_stages import PIXELS_PER_CALL, rows_per_call
+
+    assert rows_per_call(224, 224) == 8  # the teacher's input: about 15 MB of activations per row
+    assert rows_per_call(96, 96) * 96 * 96 <= PIXELS_PER_CALL < (rows_per_call(96, 96) + 1) * 96 * 96
+    assert rows_per_call(4096, 4096) == 1  # a huge input still runs, one row at a time
 
 
 def test_frozen_stages_key_builds_and_rejects_other_trunks(tmp_path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,29 @@ def test_teacher_training_on_the_frozen_cache(shapes_dataset_dir, tmp_path) -> N
     assert not torch.equal(
         loaded.trunk.blocks[5][0].conv_pw.weight, create_lite_trunk("efficientnet-lite0").blocks[5][0].conv_pw.weight
     )
+
+
+def test_an_encoding_memo_changes_nothing_the_teacher_learns(shapes_dataset_dir: Path, tmp_path: Path) -> None:
+    """With a memo the frozen bank holds the memo's rows instead of its own copy: the same
+    rows, so the same steps and the same saved weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from clipdistill.data.loading import load_dataset
+    from clipdistill.models.encoding_memo import EncodingMemo
+    from clipdistill.models.lit import lit_config_from_spec
+    from clipdistill.train.lit import TeacherTrainConfig, train_lit_teacher
+
+    dataset = load_dataset(shapes_dataset_dir / "dataset.json")
+    config = TeacherTrainConfig(
+        model=lit_config_from_spec("efficientnet-lite0@64", frozen_stages=5), epochs=1, batch_size=16, warmup_steps=2
+    )
+    memo = EncodingMemo()
+    train_lit_teacher(dataset, tmp_path / "plain", config, progress=False)
+    train_lit_teacher(dataset, tmp_path / "memo", config, progress=False, encoding_memo=memo)
+    plain, memoised = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "memo"))
+    assert plain.keys() == memoised.keys()
+    assert all(torch.equal(plain[key], memoised[key]) for key in plain)
+    assert any(key.startswith("lit-frozen:") and tower.rows for key, tower in memo.towers.items())
 
 
 def test_the_presets_train_the_teacher_that_teacher_train_trains() -> None:

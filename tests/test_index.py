@@ -50,7 +50,7 @@ def test_embed_resumes_and_skips_finished_shards(tmp_path: Path, export_dir: Pat
         embed_dataset(export_dir, shapes_dataset_dir, tmp_path, split="all", shard_size=4, progress=False)
 
 
-def test_index_manifest_and_bundled_encoders(tmp_path: Path, emb_dir: Path) -> None:
+def test_index_manifest_and_bundled_encoders(tmp_path: Path, emb_dir: Path, export_dir: Path) -> None:
     manifest = build_index(emb_dir, tmp_path / "index", factory="Flat")
     assert read_manifest(tmp_path / "index") == manifest
     assert manifest["metric"] == "inner_product" and manifest["count"] == 12
@@ -58,6 +58,22 @@ def test_index_manifest_and_bundled_encoders(tmp_path: Path, emb_dir: Path) -> N
     assert set(manifest["data"]) >= {"dataset_sha256", "embeddings_sha256", "metadata_sha256", "index_sha256"}
     assert (tmp_path / "index" / "encoders" / "image_encoder.onnx").is_file()
     assert len(list((tmp_path / "index" / "thumbs").glob("*.jpg"))) == 12
+    # The graphs are linked, not copied: one file on disk for the export and the index.
+    linked = tmp_path / "index" / "encoders" / "image_encoder.onnx"
+    assert linked.stat().st_ino == (export_dir / "image_encoder.onnx").stat().st_ino
+
+
+def test_encoders_are_copied_where_links_fail(tmp_path: Path, emb_dir: Path, export_dir: Path, monkeypatch) -> None:
+    import os
+
+    def refuse(source: object, target: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    build_index(emb_dir, tmp_path / "index", factory="Flat", thumb_size=16)
+    copied = tmp_path / "index" / "encoders" / "image_encoder.onnx"
+    assert copied.stat().st_ino != (export_dir / "image_encoder.onnx").stat().st_ino
+    assert copied.read_bytes() == (export_dir / "image_encoder.onnx").read_bytes()
 
 
 @pytest.mark.parametrize("factory", ["HNSW8", "IVF2,Flat", "IVF2,PQ8x2"])

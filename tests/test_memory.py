@@ -23,6 +23,17 @@ def test_each_stage_reports_its_own_peak() -> None:
     assert report["per_stage"] == "reset"
     assert report["stages"]["big"] - report["stages"]["small"] > 250
     assert report["peak_rss_mb"] == report["stages"]["big"]
+    assert set(report["seconds"]) == {"big", "small"} and report["seconds"]["big"] >= 0.0
+
+
+def test_a_stage_entered_twice_sums_its_seconds() -> None:
+    clock = iter([10.0, 12.5, 20.0, 21.0])
+    peaks = StagePeaks(clock=lambda: next(clock))
+    with peaks.stage("students"):
+        pass
+    with peaks.stage("students"):
+        pass
+    assert peaks.report()["seconds"] == {"students": 3.5}
 
 
 def test_without_a_reset_each_stage_reports_the_running_peak(monkeypatch: pytest.MonkeyPatch) -> None:

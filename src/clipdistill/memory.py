@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,17 +81,21 @@ class StagePeaks:
     larger peak. Only this process is measured: worker processes (image decoding) are not. After
     each stage the heap's free pages go back to the OS (:func:`release_free_memory`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # wall seconds per stage; a test hands its own
         self.stages: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
         self.exact = True
         self._overall = 0.0
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.exact = _reset_high_water() and self.exact
+        started = self.clock()
         try:
             yield
         finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - started
             peak = _high_water_mb() if self.exact else None
             value = _running_peak_mb() if peak is None else peak
             self.stages[name] = max(self.stages.get(name, 0.0), value)
@@ -98,9 +103,12 @@ class StagePeaks:
             release_free_memory()  # the next stage starts from what is alive, not from this peak
 
     def report(self) -> dict[str, Any]:
-        """``{"peak_rss_mb", "per_stage": "reset" | "cumulative", "stages": {name: MiB}}``."""
+        """``{"peak_rss_mb", "per_stage": "reset" | "cumulative", "stages": {name: MiB},
+        "seconds": {name: wall seconds}}``: a stage entered twice sums its seconds, so a user sees
+        where a run's time goes beside where its memory goes (``benchmarks/growth.py`` reads both)."""
         return {
             "peak_rss_mb": round(self._overall, 1),
             "per_stage": "reset" if self.exact else "cumulative",
             "stages": {name: round(value, 1) for name, value in self.stages.items()},
+            "seconds": {name: round(value, 1) for name, value in self.seconds.items()},
         }

@@ -27,7 +27,7 @@ import numpy as np
 
 from clipdistill.eval.efficiency import count_flops
 from clipdistill.models.base import DualEncoder
-from clipdistill.ort_session import cpu_session
+from clipdistill.ort_session import cpu_session, release_shared_arena
 
 TOWERS = ("image", "text")
 _CAPTIONS = (
@@ -46,8 +46,9 @@ def _session(path: Path, threads: int) -> Any:
     spin on the cores while the next one is timed, which lowers the matmul reference, inflates
     latencies and pushes peak shares above 100% (docs/results.md, "ONNX timing and spinning
     threads"). Each call pays the pool's wake-up instead, as a request that arrives at an idle
-    service does."""
-    return cpu_session(str(path), threads, inter_op_threads=1, spin=False)
+    service does. All timed sessions share one memory arena (``ort_session``): they are alive
+    together, and separate arenas would add up."""
+    return cpu_session(str(path), threads, inter_op_threads=1, spin=False, shared_arena=True)
 
 
 def _matmul_graph(path: Path, side: int) -> None:
@@ -130,21 +131,11 @@ def _check_repeats(repeats: int) -> None:
         raise ValueError(f"repeats must be >= 30 for a stable median, got {repeats}")
 
 
-def time_onnx_graphs(
-    graphs: Mapping[str, tuple[str | Path, Mapping[int, np.ndarray]]],
-    *,
-    repeats: int = 30,
-    threads: int = 2,
-    work_dir: str | Path | None = None,
-) -> tuple[dict[str, float], float]:
-    """Median ms **per item** of every graph at every batch, timed interleaved with this run's
-    fp32 matmul peak reference (module docstring); returns ({``NAME_bBATCH``: ms}, peak GFLOP/s).
-
-    ``graphs`` maps a name to (ONNX file, {batch size: the input array of that batch}); each
-    graph gets one non-spinning ONNX Runtime session of ``threads`` intra-op threads. Whatever
-    times ONNX graphs (``onnx_efficiency``'s exported towers, ``clipdistill eval`` of an export
-    folder) goes through here, so their numbers are measured alike."""
-    _check_repeats(repeats)
+def _timed_calls(
+    graphs: Mapping[str, tuple[str | Path, Mapping[int, np.ndarray]]], threads: int, work_dir: str | Path | None
+) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
+    """One call per graph and batch (``NAME_bBATCH``) plus the matmul reference
+    (``|matmul_peak``), each on its own session; and each call's batch size."""
     calls: dict[str, Callable[[], Any]] = {}
     batches: dict[str, int] = {}
     for name, (path, feeds) in graphs.items():
@@ -160,7 +151,30 @@ def time_onnx_graphs(
         peak_session = _session(peak_path, threads)
     peak_feed = {"x": np.random.default_rng(1).standard_normal((_PEAK_SIDE, _PEAK_SIDE)).astype(np.float32)}
     calls["|matmul_peak"] = lambda: peak_session.run(None, peak_feed)
-    times = time_interleaved(calls, repeats=repeats)
+    return calls, batches
+
+
+def time_onnx_graphs(
+    graphs: Mapping[str, tuple[str | Path, Mapping[int, np.ndarray]]],
+    *,
+    repeats: int = 30,
+    threads: int = 2,
+    work_dir: str | Path | None = None,
+) -> tuple[dict[str, float], float]:
+    """Median ms **per item** of every graph at every batch, timed interleaved with this run's
+    fp32 matmul peak reference (module docstring); returns ({``NAME_bBATCH``: ms}, peak GFLOP/s).
+
+    ``graphs`` maps a name to (ONNX file, {batch size: the input array of that batch}); each
+    graph gets one non-spinning ONNX Runtime session of ``threads`` intra-op threads. Whatever
+    times ONNX graphs (``onnx_efficiency``'s exported towers, ``clipdistill eval`` of an export
+    folder) goes through here, so their numbers are measured alike."""
+    _check_repeats(repeats)
+    calls, batches = _timed_calls(graphs, threads, work_dir)
+    try:
+        times = time_interleaved(calls, repeats=repeats)
+    finally:
+        calls.clear()  # the sessions go with their calls, then the arena they shared
+        release_shared_arena()
     peak_gflops = 2 * _PEAK_SIDE**3 / (statistics.median(times.pop("|matmul_peak")) / 1000) / 1e9
     return {key: statistics.median(samples) / batches[key] for key, samples in times.items()}, peak_gflops
 

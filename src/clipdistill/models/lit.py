@@ -270,19 +270,33 @@ class LiTModel(DualEncoder):
         other trunks train end to end."""
         return bool(self.frozen_trunk) and self.efficientnet_trunk
 
+    def _require_frozen_split(self) -> None:
+        if not self.splits_at_frozen():
+            stages = self.config.frozen_stages
+            raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
+
     @torch.no_grad()
     def frozen_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The frozen stem and stages on model-normalised pixels: a pure function of the image
         (frozen weights, BatchNorm in eval), so teacher training computes it once per view, and
         with an :attr:`encoding_memo` attached every later pass (fusion teacher, cache,
         evaluation) reuses the rows it has already seen."""
-        if not self.splits_at_frozen():
-            stages = self.config.frozen_stages
-            raise ValueError(f"{self.config.image_model} with frozen_stages {stages} has no frozen split")
+        self._require_frozen_split()
         memo = usable_memo(self.encoding_memo)
         if memo is None:
             return self.frozen_prefix.run(pixels)
         return self.frozen_prefix.memoised(pixels, memo)
+
+    @torch.no_grad()
+    def frozen_rows(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`frozen_features` as one tensor per row, without a stacked copy: with a memo
+        attached these are the memo's own rows, so a caller keeping every row of the train split
+        (teacher training's frozen bank, half a GB at 224 px) does not hold them twice."""
+        self._require_frozen_split()
+        memo = usable_memo(self.encoding_memo)
+        if memo is None:
+            return list(self.frozen_prefix.run(pixels).unbind(0))
+        return self.frozen_prefix.memoised_rows(pixels, memo)
 
     def _upper_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``trunk.forward_features`` (before pooling); with a memo attached and nothing

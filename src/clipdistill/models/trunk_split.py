@@ -89,10 +89,18 @@ class FrozenPrefix:
     def memoised(self, pixels: torch.Tensor, memo: EncodingMemo, row_keys: list[bytes] | None = None) -> torch.Tensor:
         """:meth:`run`, each row computed once per weights in ``memo``. ``row_keys``: the rows'
         :func:`tensor_key`, when the caller already hashed them."""
+        rows = self.memoised_rows(pixels, memo, row_keys)
+        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
+
+    def memoised_rows(
+        self, pixels: torch.Tensor, memo: EncodingMemo, row_keys: list[bytes] | None = None
+    ) -> list[torch.Tensor]:
+        """The memo's own row tensors (on the CPU) for ``pixels``: a caller that keeps many rows
+        (the teacher's frozen bank) holds them once, with the memo, instead of a stacked copy."""
         weights = self.key()
         keys = row_keys if row_keys is not None else [tensor_key(row) for row in pixels]
         forward = lambda missing: self.run(pixels[missing], weights)  # noqa: E731
-        return memoised_feature_maps(memo, weights, keys, forward, pixels.device)
+        return memoised_rows(memo, weights, keys, forward)
 
 
 def memoised_feature_maps(
@@ -107,8 +115,16 @@ def memoised_feature_maps(
     stored on the CPU and returned stacked on ``device``, channels-last (the trunk's layout).
     Shared by the frozen prefix and the LiT teacher's whole-trunk memo."""
 
+    rows = memoised_rows(memo, tower, keys, forward)
+    return torch.stack(rows).to(device).contiguous(memory_format=torch.channels_last)
+
+
+def memoised_rows(
+    memo: EncodingMemo, tower: str, keys: list[bytes], forward: Callable[[list[int]], torch.Tensor]
+) -> list[torch.Tensor]:
+    """:func:`memoised_feature_maps` before stacking: the memo's row tensors themselves (CPU)."""
+
     def compute(missing: list[int]) -> list[torch.Tensor]:
         return [row.to("cpu").clone() for row in forward(missing)]
 
-    rows = memo.tower(tower).fetch(keys, compute)
-    return torch.stack(rows).to(device).contiguous(memory_format=torch.channels_last)
+    return memo.tower(tower).fetch(keys, compute)

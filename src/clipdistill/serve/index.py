@@ -18,6 +18,7 @@ because a query embedded by a different model returns confident nonsense, not an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -56,7 +57,10 @@ __all__ = [
 
 
 def _copy_encoders(export_dir: Path, target: Path) -> None:
-    """Copy an export folder's serving files (not parity.json's inputs) into the index."""
+    """Put an export folder's serving files (not parity.json's inputs) into the index, so the
+    index serves on its own. Hard links where the file system allows (the ONNX graphs are most
+    of a run's deploy folder; every write in this project replaces a file by rename, so a linked
+    file is never changed under the index), copies elsewhere (another device, no link support)."""
     config = read_export_config(export_dir)
     listed = f"{export_dir / EXPORT_CONFIG}: files key"
     names = [(name, listed) for name in config["files"]]
@@ -68,7 +72,15 @@ def _copy_encoders(export_dir: Path, target: Path) -> None:
     for name, what in names:
         source = resolve_inside(export_dir, name, what=what, error=IndexBuildError)  # names come from the export
         with atomic_path(target / name) as tmp:
-            shutil.copyfile(source, tmp)
+            _link_or_copy(source, tmp)
+
+
+def _link_or_copy(source: Path, tmp: Path) -> None:
+    tmp.unlink()  # atomic_path made it; a link needs the name free
+    try:
+        os.link(source, tmp)
+    except OSError:  # cross-device or a file system without hard links: the same bytes, copied
+        shutil.copyfile(source, tmp)
 
 
 THUMB_STAMPS = "stamps.json"  # row -> what its thumbnail was made from (thumbs/stamps.json)

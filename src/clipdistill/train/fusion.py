@@ -138,7 +138,10 @@ def _encode_split(
     device = next(dual.parameters()).device
     image_ids = [record.image_id for record in split.images]
     pixels = load_image_tensor(split.image_paths(), image_size, progress=progress)
-    tokens, image_global = [], []
+    # The token rows are filled into one tensor as they come: a list of chunks joined at the
+    # end would hold them twice at the join (0.7 GB each for the emoji train split at 224 px).
+    image_tokens: torch.Tensor | None = None
+    image_global = []
     rows = [(i, a) for i in range(len(image_ids)) for a in range(k)]
     step = config.encode_batch_size
     for start in range(0, len(rows), step):
@@ -153,7 +156,10 @@ def _encode_split(
             max_shift=config.aug_max_shift,
         ).to(device)
         prepared = dual.prepare_pixels(unit)
-        tokens.append(dual.encode_image_tokens(prepared))  # type: ignore[attr-defined]
+        chunk_tokens = dual.encode_image_tokens(prepared)  # type: ignore[attr-defined]
+        if image_tokens is None:
+            image_tokens = chunk_tokens.new_empty((len(rows), *chunk_tokens.shape[1:]))
+        image_tokens[start : start + len(chunk)] = chunk_tokens
         image_global.append(dual.encode_image(prepared))
 
     captions = split.texts()
@@ -167,12 +173,12 @@ def _encode_split(
         ids = dual.tokenize([distinct[u] for u in chunk]).to(device)
         embedding, hidden, mask = dual.encode_text_and_tokens(ids)  # type: ignore[attr-defined]
         text_global[chunk] = embedding
-        for row, u in enumerate(chunk):
-            hidden_rows[u] = hidden[row, : int(mask[row].sum())]
+        for row, u in enumerate(chunk):  # a copy: a view would keep the whole padded batch alive
+            hidden_rows[u] = hidden[row, : int(mask[row].sum())].clone()
     lengths = torch.tensor([len(row) for row in hidden_rows])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(device)
     return _Encoded(
-        image_tokens=torch.cat(tokens),
+        image_tokens=image_tokens,
         image_global=torch.cat(image_global),
         texts=distinct,
         text_hidden=torch.cat(hidden_rows),

@@ -150,17 +150,39 @@ def _augment(pixels: torch.Tensor, config: TeacherTrainConfig, generator: torch.
     return random_scale_translate(pixels, scale=config.aug_scale, max_shift=config.aug_shift, generator=generator)
 
 
+class FrozenBank:
+    """The frozen stages' output for ``views`` augmented views of every train image: view v of
+    an image is its replayed augmentation v (0 = as it is). Computed once, so the (dominant)
+    cost of the early high-resolution stages is paid ``views`` times per image instead of once
+    per epoch. Rows are kept one tensor each (with an encoding memo attached, the memo's own
+    tensors: the later stages read the same rows, and a stacked copy would hold them twice)."""
+
+    def __init__(self, views: list[list[torch.Tensor]]) -> None:
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def gather(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``views[view[i]][index[i]]`` as one channels-last batch (the trunk's layout)."""
+        rows = [self.views[v][i] for v, i in zip(view.tolist(), index.tolist(), strict=True)]
+        return torch.stack(rows).contiguous(memory_format=torch.channels_last)
+
+    def stacked(self, view: int) -> torch.Tensor:
+        """Every row of one view as one batch (for evaluation)."""
+        return torch.stack(self.views[view]).contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def _frozen_bank(
     model: LiTModel, pixels: torch.Tensor, image_ids: list[str], views: int, config: TeacherTrainConfig
-) -> torch.Tensor:
-    """(views, N, C, h, w) outputs of the frozen stages: view v of each image is its replayed
-    augmentation v (0 = as it is). Computed once, so the (dominant) cost of the early
-    high-resolution stages is paid ``views`` times per image instead of once per epoch."""
+) -> FrozenBank:
+    """The :class:`FrozenBank` of ``pixels``: each view's replayed augmentations through the
+    frozen stages, 64 images at a time."""
     model.eval()
     bank = []
     for view in range(views):
-        chunks = []
+        rows: list[torch.Tensor] = []
         for start in range(0, len(pixels), 64):
             ids = image_ids[start : start + 64]
             unit = replay_augmentation(
@@ -171,9 +193,9 @@ def _frozen_bank(
                 scale=config.aug_scale,
                 max_shift=config.aug_shift,
             )
-            chunks.append(model.frozen_features(model.prepare_pixels(unit)))  # NHWC inside (LiTModel)
-        bank.append(torch.cat(chunks))
-    return torch.stack(bank)
+            rows += model.frozen_rows(model.prepare_pixels(unit))  # NHWC inside (LiTModel)
+        bank.append(rows)
+    return FrozenBank(bank)
 
 
 def train_lit_teacher(
@@ -219,12 +241,12 @@ def train_lit_teacher(
         model.trunk.to(memory_format=torch.channels_last)
         train_pixels = train_pixels.contiguous(memory_format=torch.channels_last)
         val_pixels = val_pixels.contiguous(memory_format=torch.channels_last)
-    frozen_bank: torch.Tensor | None = None
+    frozen_bank: FrozenBank | None = None
     if model.splits_at_frozen() and config.frozen_views > 0:
         views = config.frozen_views if config.augment else 1
         frozen_bank = _frozen_bank(model, train_pixels, [r.image_id for r in train.images], views, config)
         val_ids = [r.image_id for r in val.images]
-        val_pixels = _frozen_bank(model, val_pixels, val_ids, 1, config)[0]  # _evaluate reads features
+        val_pixels = _frozen_bank(model, val_pixels, val_ids, 1, config).stacked(0)  # _evaluate reads features
         del train_pixels  # the bank replaces them
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -255,7 +277,7 @@ def train_lit_teacher(
             pick = first[index] + (torch.rand(len(index), generator=generator) * counts[index]).long()
             if frozen_bank is not None:
                 view = torch.randint(len(frozen_bank), (len(index),), generator=generator)
-                image = model.encode_from_frozen(frozen_bank[view, index])
+                image = model.encode_from_frozen(frozen_bank.gather(view, index))
             else:
                 pixels = to_unit(train_pixels[index])
                 if config.augment:
