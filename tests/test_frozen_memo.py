@@ -65,6 +65,22 @@ def test_memo_reuses_frozen_rows_and_matches_a_plain_forward(teacher: LiTModel, 
 
 
 @torch.no_grad()
+def test_a_whole_trunk_row_replaces_its_frozen_row_in_the_memo(teacher: LiTModel) -> None:
+    """Later passes ask for the whole trunk: once that row is memoised, the frozen row it was
+    computed from leaves the memo (and its bytes with it)."""
+    memo = EncodingMemo()
+    attach_encoding_memo(teacher, memo)
+    pixels = teacher.prepare_pixels(torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(1)))
+    teacher.frozen_rows(pixels[:2])  # teacher training's bank: two images' frozen rows
+    frozen = memo.tower(teacher.frozen_prefix.key())
+    assert len(frozen.rows) == 2 and frozen.bytes > 0
+    teacher.encode_image(pixels)
+    (trunk,) = [rows for key, rows in memo.towers.items() if key.startswith("lit-trunk:")]
+    assert len(trunk.rows) == 4
+    assert len(frozen.rows) == 0 and frozen.bytes == 0
+
+
+@torch.no_grad()
 def test_frozen_rows_are_the_memos_own_tensors(teacher: LiTModel) -> None:
     """A caller keeping rows (the teacher's frozen bank) holds the memo's tensors, not copies;
     without a memo the rows are those of one plain pass."""

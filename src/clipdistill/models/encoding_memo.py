@@ -64,6 +64,13 @@ class RowMemo:
             _, dropped = self.rows.popitem(last=False)
             self.bytes -= dropped.numel() * dropped.element_size()
 
+    def discard(self, keys: list[bytes]) -> None:
+        """Drop the rows of ``keys`` (those present): rows no reader will ask for again."""
+        for key in keys:
+            dropped = self.rows.pop(key, None)
+            if dropped is not None:
+                self.bytes -= dropped.numel() * dropped.element_size()
+
     def fetch(self, keys: list[bytes], compute: Callable[[list[int]], list[torch.Tensor]]) -> list[torch.Tensor]:
         """The row of every key: memoised ones from the memo, the others from ``compute``
         (given the positions of the rows to compute, a repeated key only once; it returns one

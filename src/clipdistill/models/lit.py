@@ -311,11 +311,16 @@ class LiTModel(DualEncoder):
         """Every row of ``forward_features`` once per trunk weights: the cache's dual pass and the
         fusion teacher's token and embedding calls ask for the same rows of a frozen teacher,
         and the trained stages at 224 px were half of the cache stage. A miss runs the trained
-        stages on the (memoised) frozen rows; both memos share one hash of each pixel row."""
+        stages on the (memoised) frozen rows; both memos share one hash of each pixel row. Once
+        a row's whole trunk is memoised its frozen row is dropped from the memo: every later
+        reader of that pixel row (fusion teacher, cache, evaluation) asks for the whole trunk,
+        and the frozen rows of the train split are half a GB at 224 px."""
         keys = [tensor_key(row) for row in pixels]
 
         def forward(missing: list[int]) -> torch.Tensor:
-            frozen = self.frozen_prefix.memoised(pixels[missing], memo, [keys[i] for i in missing])
+            missing_keys = [keys[i] for i in missing]
+            frozen = self.frozen_prefix.memoised(pixels[missing], memo, missing_keys)
+            memo.tower(self.frozen_prefix.key()).discard(missing_keys)
             return self._upper_from_frozen(frozen)
 
         return memoised_feature_maps(memo, module_key("lit-trunk", [self.trunk]), keys, forward, pixels.device)

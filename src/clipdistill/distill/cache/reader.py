@@ -208,8 +208,8 @@ class CachedTeacher(TeacherSource):
         caption_ids: list[str] = manifest["caption_ids"]
 
         def load(kind: str, tensor: str) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-            parts, keys, augs = [], [], []
-            extra: dict[str, list[torch.Tensor]] = {}
+            files, keys = [], []
+            extra_names: list[str] = []
             for entry in manifest["shards"][kind]:
                 file = path / entry["file"]
                 if not file.is_file():
@@ -232,16 +232,13 @@ class CachedTeacher(TeacherSource):
                     header = manifest["shard_headers"][header_kind]
                     if meta.get("header") != header or shard_keys != expected:
                         raise CacheCorruptError(f"teacher cache shard {file} belongs to another build; rebuild")
-                    parts.append(handle.get_tensor(tensor))
-                    if kind == "images":
-                        augs.append(handle.get_tensor("aug_ids"))
                     if kind in FUSION_KINDS:
-                        names = [name for name in handle.keys() if name != tensor]  # noqa: SIM118 (not a dict)
-                        for name in names:
-                            extra.setdefault(name, []).append(handle.get_tensor(name))
+                        extra_names = [name for name in handle.keys() if name != tensor]  # noqa: SIM118 (not a dict)
+                files.append(file)
                 keys.extend(shard_keys)
-            loaded_extra[kind] = {name: torch.cat(values) for name, values in extra.items()}
-            return torch.cat(parts), keys, torch.cat(augs) if augs else None
+            loaded_extra[kind] = {name: stack_shards(files, name) for name in extra_names}
+            augs = stack_shards(files, "aug_ids") if kind == "images" else None
+            return stack_shards(files, tensor), keys, augs
 
         loaded_extra: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -335,3 +332,28 @@ class CachedTeacher(TeacherSource):
             text_mask=mask,
             text_global=tables["text_global"].index_select(0, text_rows),
         )
+
+
+def stack_shards(files: list[Path], name: str) -> torch.Tensor:
+    """Tensor ``name`` of every shard in ``files``, rows in order, in one tensor allocated once.
+
+    Parts joined with ``torch.cat`` would hold every row twice at the join, and a fusion cache's
+    tables are over a GB for the emoji set; the shapes come from the shards' headers first."""
+    from safetensors import safe_open
+
+    lengths = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            lengths.append(int(handle.get_slice(name).get_shape()[0]))
+    table: torch.Tensor | None = None
+    offset = 0
+    for file, length in zip(files, lengths, strict=True):
+        with safe_open(str(file), framework="pt") as handle:
+            part = handle.get_tensor(name)
+        if table is None:
+            table = part.new_empty((sum(lengths), *part.shape[1:]))
+        table[offset : offset + length] = part
+        offset += length
+    if table is None:
+        raise CacheCorruptError(f"no shard holds {name!r}; rebuild the cache")
+    return table
