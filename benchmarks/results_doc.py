@@ -11,6 +11,7 @@ touched, so the prose around a table is written by hand and the numbers come fro
 
 The blocks of a demo table (``demo-quick``, ``demo-full``) are rendered only when their report
 is given (``--demo``, ``--full``); without it they are left as they are, and ``--check`` says so.
+So are the blocks in ``NOT_YET_MEASURED`` while their benchmark's JSON does not exist yet.
 """
 
 from __future__ import annotations
@@ -550,6 +551,84 @@ def render_serve_memory(name: str, data: dict[str, Any]) -> list[str]:
     return [caption([(name, data)]), "", head, "", *table(header, rows)]
 
 
+def render_growth(name: str, data: dict[str, Any]) -> list[str]:
+    """``growth.py``: per copy factor of the emoji set, the run's peak memory and largest stage,
+    the stages' summed seconds, the job's wall clock and the run folder's disk use; then one
+    sentence of how much each grows from the smallest factor to the largest."""
+    settings, budget = data["settings"], data["settings"]["budget"]
+    rows = []
+    for r in data["rows"]:
+        memory = r.get("memory") or {}
+        stages = memory.get("stages") or {}
+        largest = max(stages, key=stages.__getitem__) if stages else None
+        splits = " / ".join(f"{r['splits'].get(split, 0):,}" for split in ("train", "val", "test"))
+        rows.append(
+            [
+                f"x{r['factor']}",
+                f"{r['images']:,} ({splits})",
+                f"{r['captions']:,} ({r['distinct_captions']:,})",
+                f"{memory['peak_rss_mb']:.0f}" if "peak_rss_mb" in memory else "",
+                f"{largest} {stages[largest]:.0f}" if largest else "",
+                f"{sum((memory.get('seconds') or {}).values()):.0f}" if memory.get("seconds") else "",
+                f"{r['process_wall_s']:.0f}",
+                f"{r['disk']['total_bytes'] / 1e6:.1f}",
+            ]
+        )
+    base = data["dataset"].get("base_images")
+    epochs = " / ".join(str(budget[k]) for k in ("teacher_epochs", "fusion_epochs", "student_epochs"))
+    head = (
+        f"`--preset {settings['preset']}`, methods {', '.join(f'`{m}`' for m in settings['methods'])}, "
+        f"{settings['seeds']} seed; epochs teacher / fusion / students {epochs}"
+        + (f"; overrides {', '.join(f'`{o}`' for o in settings['overrides'])}" if settings["overrides"] else "")
+        + f". The first copy is {'the first ' + format(base, ',') + ' images of ' if base else ''}the emoji set, "
+        "the others pixel variants of it (same concepts). Memory: `report.json`'s peaks (MiB); "
+        "seconds: the stages' own, summed, and the whole `clipdistill distill` process; disk: the run folder."
+        + ("" if data.get("complete", True) else " Incomplete: the benchmark stopped after the last row.")
+    )
+    header = ["copies", "images (train / val / test)", "captions (distinct)", "peak MiB", "largest stage MiB"]
+    header += ["stage s (sum)", "job wall s", "disk MB"]
+    lines = [caption([(name, data)]), "", head, "", *table(header, rows)]
+    ratios = data.get("ratios") or {}
+    if ratios:
+        lines += ["", growth_sentence(ratios, data["rows"])]
+    return lines
+
+
+def growth_sentence(ratios: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """``growth.py``'s ratios (last factor over first) in one sentence, each with the stage or
+    run-folder entry that added the most (a ratio alone would name a stage of 0.1 s that took 0.4)."""
+    figures = ratios["figures"]
+    first, last = rows[0], rows[-1]
+
+    def memory(row: dict[str, Any], key: str) -> dict[str, float]:
+        return (row.get("memory") or {}).get(key) or {}
+
+    def most_added(before: dict[str, float], after: dict[str, float], unit: str, scale: float = 1.0) -> str:
+        if not after:
+            return ""
+        top = max(after, key=lambda k: after[k] - before.get(k, 0.0))
+        grown = f", {after[top] / before[top]:.1f}x" if before.get(top) else ""
+        return f" (most added: {top} {(after[top] - before.get(top, 0.0)) / scale:+.0f} {unit}{grown})"
+
+    parts = []
+    if "peak_rss_mb" in figures:
+        added = most_added(memory(first, "stages"), memory(last, "stages"), "MiB")
+        parts.append(f"peak memory grows {figures['peak_rss_mb']:.1f}x{added}")
+    if "stage_seconds_total" in figures:
+        added = most_added(memory(first, "seconds"), memory(last, "seconds"), "s")
+        parts.append(f"the stages' summed time {figures['stage_seconds_total']:.1f}x{added}")
+    if "process_wall_s" in figures:
+        parts.append(f"the job's wall clock {figures['process_wall_s']:.1f}x")
+    if "disk_bytes" in figures:
+        added = most_added(first["disk"]["entries"], last["disk"]["entries"], "MB", 1e6)
+        parts.append(f"the run folder {figures['disk_bytes']:.1f}x{added}")
+    listed = ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
+    return (
+        f"From x{ratios['from_factor']} to x{ratios['to_factor']} ({figures['images']:.1f}x the images, "
+        f"{figures.get('distinct_captions', 0):.1f}x the distinct captions): {listed}."
+    )
+
+
 # --- which block is which ---------------------------------------------------------------------
 def single(
     render: Callable[[str, dict[str, Any]], list[str]],
@@ -593,11 +672,16 @@ BLOCKS: dict[str, tuple[list[str], Callable[[list[tuple[str, dict[str, Any]]]], 
     "scale": (["scale_1thread.json", "scale.json"], render_scale),
     "scale-projection": (["scale_1thread.json"], single(render_lines("projection"))),
     "data-loading": (["data_loading.json"], single(render_lines("table"))),
+    "growth": (["growth.json"], single(render_growth)),
 }
+# Blocks whose benchmark takes long enough that its doc section comes before its first result:
+# skipped, and said so, while their JSON does not exist; any other missing JSON is an error.
+NOT_YET_MEASURED = {"growth"}
 
 
 def render_block(name: str, results: Path, reports: dict[str, Path | None]) -> str | None:
-    """The block's new body, or None when it needs a demo report that was not given."""
+    """The block's new body, or None when it needs a demo report that was not given or is in
+    ``NOT_YET_MEASURED`` and its JSON does not exist yet."""
     if name not in BLOCKS:
         raise SystemExit(f"unknown generated block {name!r} (known: {', '.join(BLOCKS)})")
     files, render = BLOCKS[name]
@@ -611,6 +695,8 @@ def render_block(name: str, results: Path, reports: dict[str, Path | None]) -> s
         else:
             path = results / file
             label = f"benchmarks/results/{file}"
+            if name in NOT_YET_MEASURED and not path.is_file():
+                return None
         sources.append((label, json.loads(path.read_text(encoding="utf-8"))))
     return "\n".join(render(sources)) + "\n"
 
@@ -655,8 +741,13 @@ def main(argv: list[str] | None = None) -> int:
         label = doc.resolve().relative_to(ROOT) if doc.resolve().is_relative_to(ROOT) else doc
         new, changed, skipped = rewrite(text, args.results, reports)
         for name in skipped:
-            option = BLOCKS[name][0][0].lstrip("@")
-            print(f"{label}: block {name} skipped: it needs a demo report (--{option} REPORT); left as it is")
+            first = BLOCKS[name][0][0]
+            why = (
+                f"it needs a demo report (--{first.lstrip('@')} REPORT)"
+                if first.startswith("@")
+                else f"{args.results / first} does not exist yet"
+            )
+            print(f"{label}: block {name} skipped: {why}; left as it is")
         for name in changed:
             print(f"{label}: block {name} {'differs from its data' if args.check else 'rewritten'}")
         if changed and args.check:

@@ -244,3 +244,13 @@ def test_a_copied_frozen_student_builds_its_own_runner() -> None:
         twin.encoding_memo = EncodingMemo()  # rows not yet computed: the copy's own runner runs
         torch.testing.assert_close(twin.encode_image(pixels), expected)
         assert twin.frozen_prefix._runner is not None
+
+
+@torch.no_grad()
+def test_a_released_runner_is_built_again_with_the_same_output(teacher: LiTModel) -> None:
+    pixels = torch.randn(2, 3, 64, 64)
+    before = teacher.frozen_features(pixels)
+    assert teacher.frozen_prefix._runner is not None
+    teacher.frozen_prefix.release()
+    assert teacher.frozen_prefix._runner is None  # its session (and arena) gone
+    assert torch.equal(teacher.frozen_features(pixels), before)

@@ -316,7 +316,7 @@ def test_frozen_fusion_teacher_stays_frozen() -> None:
 
 
 # ---------------------------------------------------------------- re-ranking vs a naive loop
-def test_rerank_recall_against_naive() -> None:
+def test_rerank_recall_against_naive(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(3)
     n_images, n_texts, k = 6, 12, 3
     states = FusionStates(
@@ -332,7 +332,17 @@ def test_rerank_recall_against_naive() -> None:
     def score(_: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
         return fusion_table[image_index, text_index]
 
-    result = rerank_from_states(states, owner, score, k=k, ks=(1, 2, 5))
+    calls: list[int] = []
+
+    def counted(s: FusionStates, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        calls.append(len(image_index))
+        return score(s, image_index, text_index)
+
+    import clipdistill.eval.rerank as rerank
+
+    monkeypatch.setattr(rerank, "PAIRS_PER_CALL", 8)  # 36 pairs in calls of 8: the same result
+    result = rerank_from_states(states, owner, counted, k=k, ks=(1, 2, 5))
+    assert calls == [8, 8, 8, 8, 4]
     dual = states.text_global @ states.image_global.t()
     hits = {"dual": [0, 0, 0], "reranked": [0, 0, 0]}
     for j in range(n_texts):

@@ -55,6 +55,7 @@ KNOWN: dict[str, str] = {
     "clipdistill.faults:_hits": "how often each named failpoint was passed (crash tests)",
     "clipdistill.io:_swept": "folders this process already cleared of killed writes' temp files",
     "clipdistill.models.hub:_probed": "whether the hub answered its one probe (an offline hub fails fast)",
+    "clipdistill.ort_session:_register_shared_arena": "ONNX Runtime's shared CPU arena, registered once",
     "clipdistill.serve.tokenize:_bytes_to_unicode": "the constant byte-to-unicode table of CLIP's BPE, built once",
     "clipdistill.data.bad_samples:_default_policy": "the process's --on-bad-sample option, set once by the CLI",
     "clipdistill.train.state:_locks": "the run-folder locks this process holds (one descriptor each)",

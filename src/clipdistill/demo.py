@@ -479,6 +479,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
         fresh = EncodingMemo()
         teacher_metrics = None if teacher_path.is_file() else _test_metrics(teacher_spec, test, pixels, fresh)
         fresh.clear()
+        teacher_result = _evaluate(teacher_spec, test, pixels, teacher_path, metrics=teacher_metrics)
         smaller_inputs = teacher_smaller_inputs(
             teacher_spec, test, pixels, config.eval.teacher_image_sizes, teacher_path.parent, say=_say
         )
@@ -496,8 +497,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
                     runs.append((variant, run, train_config, _train_student(train_config, student_rows)))
         student_rows.clear()  # another variant's network or input size gives other rows
 
-    _say("evaluating teacher and students on the test split")
-    teacher_result = _evaluate(teacher_spec, test, pixels, teacher_path, metrics=teacher_metrics)
+    _say("evaluating the students on the test split")
     students: list[dict[str, Any]] = []
     test_ranks: list[dict[str, Any] | None] = []
     first_student: dict[str | None, dict[str, Any]] = {}  # per variant: one network, timed once

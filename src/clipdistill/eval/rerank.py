@@ -28,6 +28,9 @@ def _recalls(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     return {f"t2i_R@{k}": float((ranks < k).double().mean() * 100.0) for k in ks}
 
 
+PAIRS_PER_CALL = 2048
+
+
 @torch.no_grad()
 def rerank_from_states(
     states: FusionStates,
@@ -61,7 +64,14 @@ def rerank_from_states(
 
     shortlist = torch.sort(-dual, dim=1, stable=True).indices[:, :k]  # (texts, k) in dual order
     text_index = torch.arange(n_texts, device=dual.device).repeat_interleave(k)
-    logits = score(states, shortlist.reshape(-1), text_index).view(n_texts, k)
+    pairs = shortlist.reshape(-1)
+    # Scored in chunks: each pair gathers its image's patch states (49 x 384 floats on the emoji
+    # set), and all 29k validation pairs at once held 0.5 GB for one call.
+    chunks = [
+        score(states, pairs[start : start + PAIRS_PER_CALL], text_index[start : start + PAIRS_PER_CALL])
+        for start in range(0, len(pairs), PAIRS_PER_CALL)
+    ]
+    logits = torch.cat(chunks).view(n_texts, k)
     reordered = shortlist.gather(1, torch.sort(-logits, dim=1, stable=True).indices)
     hit = reordered == owner[:, None]  # a positive outside the shortlist keeps its dual rank (>= k)
     reranked_rank = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), dual_rank)

@@ -248,6 +248,7 @@ def train_lit_teacher(
         val_ids = [r.image_id for r in val.images]
         val_pixels = _frozen_bank(model, val_pixels, val_ids, 1, config).stacked(0)  # _evaluate reads features
         del train_pixels  # the bank replaces them
+        model.frozen_prefix.release()  # training runs the trained stages only; the test pass rebuilds it
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = max(1, len(train) // config.batch_size)
