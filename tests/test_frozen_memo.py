@@ -254,3 +254,19 @@ def test_a_released_runner_is_built_again_with_the_same_output(teacher: LiTModel
     teacher.frozen_prefix.release()
     assert teacher.frozen_prefix._runner is None  # its session (and arena) gone
     assert torch.equal(teacher.frozen_features(pixels), before)
+
+
+@torch.no_grad()
+def test_image_token_rows_are_views_of_the_memos_rows(teacher: LiTModel) -> None:
+    """The fusion teacher keeps every token row of its split: with a memo they share the memo's
+    storage instead of being a second copy, and equal the batched tokens."""
+    pixels = teacher.prepare_pixels(torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(2)))
+    plain = teacher.encode_image_tokens(pixels)
+    memo = EncodingMemo()
+    attach_encoding_memo(teacher, memo)
+    rows = teacher.image_token_rows(pixels)
+    (trunk,) = [tower for key, tower in memo.towers.items() if key.startswith("lit-trunk:")]
+    stored = {row.untyped_storage().data_ptr() for row in trunk.rows.values()}
+    assert {row.untyped_storage().data_ptr() for row in rows} == stored
+    torch.testing.assert_close(torch.stack(rows), plain, atol=1e-5, rtol=1e-4)
+    assert torch.equal(torch.stack(rows), teacher.encode_image_tokens(pixels))  # the memo's own rows

@@ -34,7 +34,7 @@ from clipdistill.models.trunk_split import (
     FrozenPrefix,
     is_efficientnet,
     leading_stages,
-    memoised_feature_maps,
+    memoised_rows,
     upper_features,
 )
 
@@ -315,6 +315,11 @@ class LiTModel(DualEncoder):
         a row's whole trunk is memoised its frozen row is dropped from the memo: every later
         reader of that pixel row (fusion teacher, cache, evaluation) asks for the whole trunk,
         and the frozen rows of the train split are half a GB at 224 px."""
+        rows = self._memoised_upper_rows(pixels, memo)
+        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
+
+    def _memoised_upper_rows(self, pixels: torch.Tensor, memo: EncodingMemo) -> list[torch.Tensor]:
+        """:meth:`_memoised_upper` before stacking: the memo's own (C, h, w) rows (CPU)."""
         keys = [tensor_key(row) for row in pixels]
 
         def forward(missing: list[int]) -> torch.Tensor:
@@ -323,7 +328,7 @@ class LiTModel(DualEncoder):
             memo.tower(self.frozen_prefix.key()).discard(missing_keys)
             return self._upper_from_frozen(frozen)
 
-        return memoised_feature_maps(memo, module_key("lit-trunk", [self.trunk]), keys, forward, pixels.device)
+        return memoised_rows(memo, module_key("lit-trunk", [self.trunk]), keys, forward)
 
     def _upper_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         """The trained stages and the head convolution on :meth:`frozen_features`: the rest of
@@ -364,6 +369,17 @@ class LiTModel(DualEncoder):
         if features.dim() != 3:
             raise ValueError(f"{self.config.image_model}.forward_features gave shape {tuple(features.shape)}")
         return features
+
+    @torch.no_grad()
+    def image_token_rows(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`encode_image_tokens` as one (N, C) tensor per image. With a memo attached they
+        are views of the memo's own whole-trunk rows, so a caller that keeps every row (the
+        fusion teacher's training split, 0.7 GB at 224 px) does not hold them a second time."""
+        memo = usable_memo(self.encoding_memo)
+        if not (self.splits_at_frozen() and memo is not None):
+            return list(self.encode_image_tokens(pixels).unbind(0))
+        maps = self._memoised_upper_rows(pixels, memo)
+        return [row.permute(1, 2, 0).reshape(-1, row.shape[0]) for row in maps]  # (C, h, w) -> (h·w, C)
 
     def text_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, context_length) bool: which positions of :meth:`encode_text_tokens` are real tokens."""

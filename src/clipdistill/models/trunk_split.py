@@ -109,26 +109,12 @@ class FrozenPrefix:
         return memoised_rows(memo, weights, keys, forward)
 
 
-def memoised_feature_maps(
-    memo: EncodingMemo,
-    tower: str,
-    keys: list[bytes],
-    forward: Callable[[list[int]], torch.Tensor],
-    device: torch.device,
-) -> torch.Tensor:
-    """The batch of per-row feature maps whose row keys are ``keys``, from ``memo``'s rows of
-    ``tower``; ``forward(missing)`` computes the rows at those positions as one batch. Rows are
-    stored on the CPU and returned stacked on ``device``, channels-last (the trunk's layout).
-    Shared by the frozen prefix and the LiT teacher's whole-trunk memo."""
-
-    rows = memoised_rows(memo, tower, keys, forward)
-    return torch.stack(rows).to(device).contiguous(memory_format=torch.channels_last)
-
-
 def memoised_rows(
     memo: EncodingMemo, tower: str, keys: list[bytes], forward: Callable[[list[int]], torch.Tensor]
 ) -> list[torch.Tensor]:
-    """:func:`memoised_feature_maps` before stacking: the memo's row tensors themselves (CPU)."""
+    """The rows whose keys are ``keys``, from ``memo``'s rows of ``tower``: the memo's own
+    tensors, stored on the CPU; ``forward(missing)`` computes the rows at those positions as one
+    batch. Shared by the frozen prefix and the LiT teacher's whole-trunk memo."""
 
     def compute(missing: list[int]) -> list[torch.Tensor]:
         return [row.to("cpu").clone() for row in forward(missing)]

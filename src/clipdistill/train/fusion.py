@@ -98,6 +98,25 @@ class FusionTrainConfig:
             raise FusionError(f"fusion training option 'batch_size' must be >= 2, got {self.batch_size}")
 
 
+class TokenRows:
+    """A split's image token rows, one (N, C) tensor each, gathered into a batch on demand.
+
+    With the LiT teacher's encoding memo the rows are views of the memo's own rows, which the
+    cache stage reads again: one (rows, N, C) tensor beside them held the split twice (0.7 GB
+    each for the emoji train split at 224 px)."""
+
+    def __init__(self, rows: list[torch.Tensor], device: torch.device) -> None:
+        self.rows = rows
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        picked = self.rows[index] if isinstance(index, slice) else [self.rows[i] for i in index.tolist()]
+        return torch.stack(picked).to(self.device)
+
+
 @dataclass
 class _Encoded:
     """The frozen dual teacher's raw outputs for one split, computed once.
@@ -106,7 +125,7 @@ class _Encoded:
     text (``caption_text[j]`` is caption j's distinct-text index), and their token features are
     stored ragged (``text_hidden[offsets[u]:offsets[u+1]]``) since most captions are short."""
 
-    image_tokens: torch.Tensor  # (rows, N, C)
+    image_tokens: TokenRows  # rows of (N, C)
     image_global: torch.Tensor  # (rows, D)
     texts: list[str]
     text_hidden: torch.Tensor  # (total tokens, C_text)
@@ -138,9 +157,7 @@ def _encode_split(
     device = next(dual.parameters()).device
     image_ids = [record.image_id for record in split.images]
     pixels = load_image_tensor(split.image_paths(), image_size, progress=progress)
-    # The token rows are filled into one tensor as they come: a list of chunks joined at the
-    # end would hold them twice at the join (0.7 GB each for the emoji train split at 224 px).
-    image_tokens: torch.Tensor | None = None
+    token_rows: list[torch.Tensor] = []
     image_global = []
     rows = [(i, a) for i in range(len(image_ids)) for a in range(k)]
     step = config.encode_batch_size
@@ -156,10 +173,11 @@ def _encode_split(
             max_shift=config.aug_max_shift,
         ).to(device)
         prepared = dual.prepare_pixels(unit)
-        chunk_tokens = dual.encode_image_tokens(prepared)  # type: ignore[attr-defined]
-        if image_tokens is None:
-            image_tokens = chunk_tokens.new_empty((len(rows), *chunk_tokens.shape[1:]))
-        image_tokens[start : start + len(chunk)] = chunk_tokens
+        rows_of = getattr(dual, "image_token_rows", None)  # the LiT teacher's: views of its memo's rows
+        if callable(rows_of):
+            token_rows += rows_of(prepared)
+        else:
+            token_rows += dual.encode_image_tokens(prepared).unbind(0)  # type: ignore[attr-defined]
         image_global.append(dual.encode_image(prepared))
 
     captions = split.texts()
@@ -178,7 +196,7 @@ def _encode_split(
     lengths = torch.tensor([len(row) for row in hidden_rows])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(device)
     return _Encoded(
-        image_tokens=image_tokens,
+        image_tokens=TokenRows(token_rows, device),
         image_global=torch.cat(image_global),
         texts=distinct,
         text_hidden=torch.cat(hidden_rows),
