@@ -5,7 +5,8 @@ share one memory arena.
 Each session has its own CPU memory arena by default, which keeps the largest activations the
 session has ever held until the session is dropped. Timing interleaves many sessions that are
 alive at once (a teacher at batch 64 and 224 px, its smaller inputs, the students), so their
-arenas add up: 4.3 GB against 3.1 GB with one arena shared by all of them (2026-12-07). ONNX
+arenas add up: a peak of 4.2 GiB against 3.1 GiB with one arena shared by all of them
+(docs/results.md, "Memory"). ONNX
 Runtime's environment allocator is that shared arena; it lives as long as the process, so
 whoever is done with it hands its free memory back (:func:`release_shared_arena`).
 """

@@ -61,15 +61,17 @@ class RowMemo:
         self.rows[key] = value
         self.bytes += value.numel() * value.element_size()
         while self.bytes > self.max_bytes and self.rows:
-            _, dropped = self.rows.popitem(last=False)
-            self.bytes -= dropped.numel() * dropped.element_size()
+            self._remove(next(iter(self.rows)))  # the least recently used
 
     def discard(self, keys: list[bytes]) -> None:
         """Drop the rows of ``keys`` (those present): rows no reader will ask for again."""
         for key in keys:
-            dropped = self.rows.pop(key, None)
-            if dropped is not None:
-                self.bytes -= dropped.numel() * dropped.element_size()
+            if key in self.rows:
+                self._remove(key)
+
+    def _remove(self, key: bytes) -> None:
+        dropped = self.rows.pop(key)
+        self.bytes -= dropped.numel() * dropped.element_size()
 
     def fetch(self, keys: list[bytes], compute: Callable[[list[int]], list[torch.Tensor]]) -> list[torch.Tensor]:
         """The row of every key: memoised ones from the memo, the others from ``compute``

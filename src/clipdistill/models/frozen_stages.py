@@ -26,7 +26,7 @@ from clipdistill.ort_session import cpu_session
 # largest activations it has ever held, and at 224 px the early stages hold about 15 MB per
 # image: one call on the 1,024 images an evaluation decoded at once left 6.7 GB resident for the
 # rest of the process. Calls of 8 images at 224 px keep the arena near 0.3 GB (32 images: 0.9 GB)
-# for about 10% more time per image; smaller inputs get proportionally more rows per call
+# for about 12% more time per image; smaller inputs get proportionally more rows per call
 # (docs/results.md, "Memory").
 PIXELS_PER_CALL = 8 * 224 * 224
 

@@ -35,6 +35,7 @@ from clipdistill.models.trunk_split import (
     is_efficientnet,
     leading_stages,
     memoised_rows,
+    stack_rows,
     upper_features,
 )
 
@@ -315,8 +316,7 @@ class LiTModel(DualEncoder):
         a row's whole trunk is memoised its frozen row is dropped from the memo: every later
         reader of that pixel row (fusion teacher, cache, evaluation) asks for the whole trunk,
         and the frozen rows of the train split are half a GB at 224 px."""
-        rows = self._memoised_upper_rows(pixels, memo)
-        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
+        return stack_rows(self._memoised_upper_rows(pixels, memo), pixels.device)
 
     def _memoised_upper_rows(self, pixels: torch.Tensor, memo: EncodingMemo) -> list[torch.Tensor]:
         """:meth:`_memoised_upper` before stacking: the memo's own (C, h, w) rows (CPU)."""

@@ -95,8 +95,7 @@ class FrozenPrefix:
     def memoised(self, pixels: torch.Tensor, memo: EncodingMemo, row_keys: list[bytes] | None = None) -> torch.Tensor:
         """:meth:`run`, each row computed once per weights in ``memo``. ``row_keys``: the rows'
         :func:`tensor_key`, when the caller already hashed them."""
-        rows = self.memoised_rows(pixels, memo, row_keys)
-        return torch.stack(rows).to(pixels.device).contiguous(memory_format=torch.channels_last)
+        return stack_rows(self.memoised_rows(pixels, memo, row_keys), pixels.device)
 
     def memoised_rows(
         self, pixels: torch.Tensor, memo: EncodingMemo, row_keys: list[bytes] | None = None
@@ -107,6 +106,13 @@ class FrozenPrefix:
         keys = row_keys if row_keys is not None else [tensor_key(row) for row in pixels]
         forward = lambda missing: self.run(pixels[missing], weights)  # noqa: E731
         return memoised_rows(memo, weights, keys, forward)
+
+
+def stack_rows(rows: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """Per-row (C, h, w) feature maps as one batch, channels-last (the trunk's layout), on
+    ``device`` (None: where the rows are)."""
+    batch = torch.stack(rows)
+    return (batch if device is None else batch.to(device)).contiguous(memory_format=torch.channels_last)
 
 
 def memoised_rows(

@@ -25,6 +25,7 @@ from clipdistill.eval.retrieval import recall_at_k
 from clipdistill.io import append_jsonl, atomic_write_json
 from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 from clipdistill.models.lit import LiTConfig, LiTModel
+from clipdistill.models.trunk_split import stack_rows
 from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_everything, update
 
 
@@ -165,12 +166,11 @@ class FrozenBank:
 
     def gather(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows ``views[view[i]][index[i]]`` as one channels-last batch (the trunk's layout)."""
-        rows = [self.views[v][i] for v, i in zip(view.tolist(), index.tolist(), strict=True)]
-        return torch.stack(rows).contiguous(memory_format=torch.channels_last)
+        return stack_rows([self.views[v][i] for v, i in zip(view.tolist(), index.tolist(), strict=True)])
 
     def stacked(self, view: int) -> torch.Tensor:
         """Every row of one view as one batch (for evaluation)."""
-        return torch.stack(self.views[view]).contiguous(memory_format=torch.channels_last)
+        return stack_rows(self.views[view])
 
 
 @torch.no_grad()
