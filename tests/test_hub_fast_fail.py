@@ -92,6 +92,31 @@ def test_the_probe_is_made_once(silent_endpoint: str) -> None:
     assert middle - started < hub.PROBE_SECONDS + 1 and time.perf_counter() - middle < 0.1
 
 
+@pytest.mark.parametrize("raised", [TimeoutError("timed out"), "url-error"])
+def test_a_socket_timeout_reads_like_a_silent_hub(monkeypatch: pytest.MonkeyPatch, raised: object) -> None:
+    """The socket's timeout and the probe's own limit race: whichever fires, one wording."""
+    import urllib.error
+    import urllib.request
+
+    error = urllib.error.URLError(TimeoutError("timed out")) if raised == "url-error" else raised
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise error  # type: ignore[misc]
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    assert hub._probe("http://127.0.0.1:9", 2.0) == "no answer within 2 s"
+
+
+def test_a_refused_connection_names_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    assert hub._probe("http://127.0.0.1:9", 2.0) == "ConnectionRefusedError: [Errno 111] Connection refused"
+
+
 def test_hf_hub_offline_is_honoured_without_a_request(monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 

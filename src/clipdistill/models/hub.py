@@ -57,6 +57,7 @@ def _probe(url: str, timeout: float) -> str | None:
     import urllib.request
 
     outcome: list[str | None] = []
+    silent = f"no answer within {timeout:g} s"
 
     def ask() -> None:
         try:
@@ -65,14 +66,17 @@ def _probe(url: str, timeout: float) -> str | None:
         except urllib.error.HTTPError:
             outcome.append(None)  # it answered: reachable, whatever the status
         except Exception as error:  # DNS failure, refused, reset, timeout, TLS
-            outcome.append(f"{type(error).__name__}: {error}")
+            reason = getattr(error, "reason", error)
+            # The socket's own timeout and the join below race at the same limit: one wording for both.
+            timed_out = isinstance(error, TimeoutError) or isinstance(reason, TimeoutError)
+            outcome.append(silent if timed_out else f"{type(error).__name__}: {error}")
 
     # A thread bounds the DNS lookup too, which the socket timeout does not cover.
     thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
     thread.start()
     thread.join(timeout)
     if not outcome:
-        return f"no answer within {timeout:g} s"
+        return silent
     return outcome[0]
 
 
