@@ -7,6 +7,8 @@ plain open_clip one (same weights, same function, same saved folder)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -257,16 +259,52 @@ def test_a_released_runner_is_built_again_with_the_same_output(teacher: LiTModel
 
 
 @torch.no_grad()
-def test_image_token_rows_are_views_of_the_memos_rows(teacher: LiTModel) -> None:
-    """The fusion teacher keeps every token row of its split: with a memo they share the memo's
-    storage instead of being a second copy, and equal the batched tokens."""
-    pixels = teacher.prepare_pixels(torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(2)))
+def test_image_token_keys_read_back_the_batched_tokens_from_memory_and_disk(teacher: LiTModel, tmp_path: Path) -> None:
+    """The fusion teacher keeps the keys of its split's token rows, not the rows: read back from
+    the memo (here mostly from its spill file) they equal the batched tokens bit for bit."""
+    pixels = teacher.prepare_pixels(torch.rand(5, 3, 48, 48, generator=torch.Generator().manual_seed(2)))
     plain = teacher.encode_image_tokens(pixels)
-    memo = EncodingMemo()
+    memo = EncodingMemo(max_bytes=1, spill_dir=tmp_path)  # every row past the first goes to disk
     attach_encoding_memo(teacher, memo)
-    rows = teacher.image_token_rows(pixels)
-    (trunk,) = [tower for key, tower in memo.towers.items() if key.startswith("lit-trunk:")]
-    stored = {row.untyped_storage().data_ptr() for row in trunk.rows.values()}
-    assert {row.untyped_storage().data_ptr() for row in rows} == stored
-    torch.testing.assert_close(torch.stack(rows), plain, atol=1e-5, rtol=1e-4)
-    assert torch.equal(torch.stack(rows), teacher.encode_image_tokens(pixels))  # the memo's own rows
+    try:
+        keys = teacher.image_token_keys(pixels)
+        assert keys is not None and len(keys) == 5
+        (trunk,) = [tower for key, tower in memo.towers.items() if key.startswith("lit-trunk:")]
+        assert trunk.spill is not None and len(trunk.spill.placed) >= 4
+        rows = teacher.image_tokens_reader()(keys[::-1])
+        assert torch.equal(torch.stack(rows[::-1]), teacher.encode_image_tokens(pixels))  # the memo's own rows
+        torch.testing.assert_close(torch.stack(rows[::-1]), plain, atol=1e-4, rtol=1e-4)
+    finally:
+        attach_encoding_memo(teacher, None)
+        memo.clear()
+
+
+@torch.no_grad()
+def test_frozen_keys_read_back_the_frozen_rows(teacher: LiTModel, tmp_path: Path) -> None:
+    """Teacher training's bank holds keys: the rows read back equal the frozen stages' output."""
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    memo = EncodingMemo(max_bytes=1, spill_dir=tmp_path)
+    attach_encoding_memo(teacher, memo)
+    try:
+        keys = teacher.frozen_keys(pixels)
+        assert keys is not None
+        assert torch.equal(torch.stack(teacher.frozen_rows_reader()(keys)), teacher.frozen_prefix.run(pixels))
+    finally:
+        attach_encoding_memo(teacher, None)
+        memo.clear()
+    assert teacher.frozen_keys(pixels) is None
+
+
+@torch.no_grad()
+def test_a_token_row_dropped_by_a_memo_without_spill_is_a_clear_error(teacher: LiTModel) -> None:
+    pixels = teacher.prepare_pixels(torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(3)))
+    memo = EncodingMemo(max_bytes=1, spill=False)
+    attach_encoding_memo(teacher, memo)
+    try:
+        keys = teacher.image_token_keys(pixels)
+        assert keys is not None
+        with pytest.raises(RuntimeError, match="no longer in the encoding memo"):
+            teacher.image_tokens_reader()(keys)
+    finally:
+        attach_encoding_memo(teacher, None)
+    assert teacher.image_token_keys(pixels) is None  # no memo: the caller keeps the rows itself

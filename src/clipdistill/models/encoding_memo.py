@@ -29,6 +29,7 @@ so a student's trainer never attaches a memo to its teachers' towers.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -36,38 +37,57 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Per tower. MiniLM: ~90k captions of 16 tokens; a demo run on the emoji set needs ~0.4 GiB.
-#: Lite0's frozen stages at 224 px: 88 KB per image, ~6.5k images (2 views of train, val, test) ~0.6 GiB.
-DEFAULT_MAX_BYTES = 2 << 30
+from clipdistill.models.row_spill import RowSpill
+
+#: Rows per tower kept in memory; the least recently used beyond it go to the tower's spill file
+#: (models/row_spill.py), so what a run holds does not grow with its images. Lite0's whole-trunk
+#: rows at 224 px are 245 KB per image view: about a thousand stay resident, a few batches' worth.
+DEFAULT_MAX_BYTES = 256 << 20
 
 
 class RowMemo:
-    """Tensors per row key, least recently used evicted first once ``max_bytes`` is exceeded."""
+    """Tensors per row key, least recently used moved out first once ``max_bytes`` is exceeded:
+    to ``spill`` (on disk, read back on request) when given, else dropped."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, spill: RowSpill | None = None) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.spill = spill
 
     def get(self, key: bytes) -> torch.Tensor | None:
         value = self.rows.get(key)
         if value is not None:
             self.rows.move_to_end(key)
-        return value
+            return value
+        # a spilled row is read back, not moved in: it would only push another row out
+        return self.spill.read(key) if self.spill is not None else None
 
     def put(self, key: bytes, value: torch.Tensor) -> None:
-        if key in self.rows:
+        if key in self.rows or (self.spill is not None and key in self.spill):
             return
         self.rows[key] = value
         self.bytes += value.numel() * value.element_size()
         while self.bytes > self.max_bytes and self.rows:
-            self._remove(next(iter(self.rows)))  # the least recently used
+            oldest = next(iter(self.rows))  # the least recently used
+            if self.spill is not None:
+                self.spill.write(oldest, self.rows[oldest])
+            self._remove(oldest)
 
     def discard(self, keys: list[bytes]) -> None:
         """Drop the rows of ``keys`` (those present): rows no reader will ask for again."""
         for key in keys:
             if key in self.rows:
                 self._remove(key)
+            if self.spill is not None:
+                self.spill.discard(key)
+
+    def close(self) -> None:
+        """Drop every row, in memory and on disk."""
+        self.rows.clear()
+        self.bytes = 0
+        if self.spill is not None:
+            self.spill.close()
 
     def _remove(self, key: bytes) -> None:
         dropped = self.rows.pop(key)
@@ -90,31 +110,40 @@ class RowMemo:
 
 
 class EncodingMemo:
-    """The rows of every frozen tower one run's stages share: a :class:`RowMemo` per tower key.
+    """The rows of every frozen tower one run's stages share: a :class:`RowMemo` per tower key,
+    each with ``max_bytes`` in memory and the rest in a spill file under ``spill_dir`` (default:
+    ``TMPDIR``); ``spill=False`` drops rows past ``max_bytes`` instead (computed again if asked).
 
     A cache, not model state: a copy of a model (``copy.deepcopy``) shares its memo, and a
     pickled one starts with an empty memo."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, max_bytes: int = DEFAULT_MAX_BYTES, *, spill: bool = True, spill_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         self.max_bytes = max_bytes
+        self.spill = spill
+        self.spill_dir = None if spill_dir is None else str(spill_dir)
         self.towers: dict[str, RowMemo] = {}
 
     def tower(self, key: str, max_bytes: int | None = None) -> RowMemo:
         """The memo of ``key`` (a name of the frozen weights), created on first use with
         ``max_bytes`` (default: this memo's)."""
         if key not in self.towers:
-            self.towers[key] = RowMemo(self.max_bytes if max_bytes is None else max_bytes)
+            spill = RowSpill(self.spill_dir) if self.spill else None
+            self.towers[key] = RowMemo(self.max_bytes if max_bytes is None else max_bytes, spill)
         return self.towers[key]
 
     def clear(self) -> None:
-        """Drop every row (frees the memory once the passes that share them are over)."""
+        """Drop every row, in memory and on disk (once the passes that share them are over)."""
+        for tower in self.towers.values():
+            tower.close()
         self.towers.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EncodingMemo:
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_bytes": self.max_bytes, "towers": {}}
+        return {"max_bytes": self.max_bytes, "spill": self.spill, "spill_dir": self.spill_dir, "towers": {}}
 
 
 def attach_encoding_memo(model: nn.Module, memo: EncodingMemo | None) -> nn.Module:

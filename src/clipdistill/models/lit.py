@@ -189,6 +189,18 @@ def lit_config_from_spec(identifier: str, frozen_stages: int = 0) -> LiTConfig:
     )
 
 
+def _lost_rows(what: str) -> Callable[[list[int]], list[torch.Tensor]]:
+    """A memo ``compute`` for rows that must already be there: a clear error instead."""
+
+    def lost(missing: list[int]) -> list[torch.Tensor]:
+        raise RuntimeError(
+            f"{len(missing)} {what} row(s) are no longer in the encoding memo (a memo without spill drops "
+            "rows past its budget); build it with spill=True"
+        )
+
+    return lost
+
+
 class LiTModel(DualEncoder):
     """timm image trunk + linear head, frozen text tower (+ optional projection)."""
 
@@ -289,6 +301,26 @@ class LiTModel(DualEncoder):
         return self.frozen_prefix.memoised(pixels, memo)
 
     @torch.no_grad()
+    def frozen_keys(self, pixels: torch.Tensor) -> list[bytes] | None:
+        """Memoise the frozen stages' rows of ``pixels`` and return their keys for
+        :meth:`frozen_rows_reader` (``None`` without a memo): teacher training reads every train
+        row each epoch, and holding the keys instead of the rows leaves them to the memo (most on
+        disk), so its memory does not grow with the images."""
+        self._require_frozen_split()
+        memo = usable_memo(self.encoding_memo)
+        if memo is None:
+            return None
+        keys = [tensor_key(row) for row in pixels]
+        self.frozen_prefix.memoised_rows(pixels, memo, keys)
+        return keys
+
+    def frozen_rows_reader(self) -> Callable[[list[bytes]], list[torch.Tensor]]:
+        """Reads the rows of keys from :meth:`frozen_keys` back from the memo (for these frozen weights)."""
+        tower = self._attached_memo("frozen_rows_reader").tower(self.frozen_prefix.key())
+        lost = _lost_rows("frozen-stage")
+        return lambda keys: tower.fetch(keys, lost)
+
+    @torch.no_grad()
     def frozen_rows(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """:meth:`frozen_features` as one tensor per row, without a stacked copy: with a memo
         attached these are the memo's own rows, so a caller keeping every row of the train split
@@ -318,9 +350,11 @@ class LiTModel(DualEncoder):
         and the frozen rows of the train split are half a GB at 224 px."""
         return stack_rows(self._memoised_upper_rows(pixels, memo), pixels.device)
 
-    def _memoised_upper_rows(self, pixels: torch.Tensor, memo: EncodingMemo) -> list[torch.Tensor]:
+    def _memoised_upper_rows(
+        self, pixels: torch.Tensor, memo: EncodingMemo, row_keys: list[bytes] | None = None
+    ) -> list[torch.Tensor]:
         """:meth:`_memoised_upper` before stacking: the memo's own (C, h, w) rows (CPU)."""
-        keys = [tensor_key(row) for row in pixels]
+        keys = row_keys if row_keys is not None else [tensor_key(row) for row in pixels]
 
         def forward(missing: list[int]) -> torch.Tensor:
             missing_keys = [keys[i] for i in missing]
@@ -328,7 +362,10 @@ class LiTModel(DualEncoder):
             memo.tower(self.frozen_prefix.key()).discard(missing_keys)
             return self._upper_from_frozen(frozen)
 
-        return memoised_rows(memo, module_key("lit-trunk", [self.trunk]), keys, forward)
+        return memoised_rows(memo, self._trunk_memo_key(), keys, forward)
+
+    def _trunk_memo_key(self) -> str:
+        return module_key("lit-trunk", [self.trunk])
 
     def _upper_from_frozen(self, features: torch.Tensor) -> torch.Tensor:
         """The trained stages and the head convolution on :meth:`frozen_features`: the rest of
@@ -371,15 +408,34 @@ class LiTModel(DualEncoder):
         return features
 
     @torch.no_grad()
-    def image_token_rows(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`encode_image_tokens` as one (N, C) tensor per image. With a memo attached they
-        are views of the memo's own whole-trunk rows, so a caller that keeps every row (the
-        fusion teacher's training split, 0.7 GB at 224 px) does not hold them a second time."""
+    def image_token_keys(self, pixels: torch.Tensor) -> list[bytes] | None:
+        """Memoise the whole-trunk rows of ``pixels`` and return their keys for
+        :meth:`image_tokens_of_keys` (``None`` without a memo): a caller that reads every row of
+        the train split again and again (the fusion teacher's training) keeps keys, and the
+        memo keeps the rows, most of them on disk."""
         memo = usable_memo(self.encoding_memo)
         if not (self.splits_at_frozen() and memo is not None):
-            return list(self.encode_image_tokens(pixels).unbind(0))
-        maps = self._memoised_upper_rows(pixels, memo)
-        return [row.permute(1, 2, 0).reshape(-1, row.shape[0]) for row in maps]  # (C, h, w) -> (h·w, C)
+            return None
+        keys = [tensor_key(row) for row in pixels]
+        self._memoised_upper_rows(pixels, memo, keys)
+        return keys
+
+    def image_tokens_reader(self) -> Callable[[list[bytes]], list[torch.Tensor]]:
+        """Reads the (N, C) token rows of keys from :meth:`image_token_keys` back from the memo
+        (for these trunk weights)."""
+        tower = self._attached_memo("image_tokens_reader").tower(self._trunk_memo_key())
+        lost = _lost_rows("image token")
+
+        def read(keys: list[bytes]) -> list[torch.Tensor]:
+            return [row.permute(1, 2, 0).reshape(-1, row.shape[0]) for row in tower.fetch(keys, lost)]  # (h·w, C)
+
+        return read
+
+    def _attached_memo(self, caller: str) -> EncodingMemo:
+        memo = usable_memo(self.encoding_memo)
+        if memo is None:
+            raise RuntimeError(f"{caller} needs the encoding memo that holds the rows")
+        return memo
 
     def text_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, context_length) bool: which positions of :meth:`encode_text_tokens` are real tokens."""

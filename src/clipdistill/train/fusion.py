@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,20 +102,32 @@ class FusionTrainConfig:
 class TokenRows:
     """A split's image token rows, one (N, C) tensor each, gathered into a batch on demand.
 
-    With the LiT teacher's encoding memo the rows are views of the memo's own rows, which the
-    cache stage reads again: one (rows, N, C) tensor beside them held the split twice (0.7 GB
-    each for the emoji train split at 224 px)."""
+    With the LiT teacher's encoding memo only the rows' keys are held and each batch is read from
+    the memo (most rows on disk): the train split's tokens are 0.7 GB per view at 224 px on the
+    emoji set and grow with the images, and the cache stage reads the same rows again."""
 
-    def __init__(self, rows: list[torch.Tensor], device: torch.device) -> None:
-        self.rows = rows
+    def __init__(self, count: int, read: Callable[[list[int]], list[torch.Tensor]], device: torch.device) -> None:
+        self.count = count
+        self.read = read
         self.device = device
 
+    @classmethod
+    def held(cls, rows: list[torch.Tensor], device: torch.device) -> TokenRows:
+        return cls(len(rows), lambda picked: [rows[i] for i in picked], device)
+
+    @classmethod
+    def memoised(
+        cls, keys: list[bytes], read: Callable[[list[bytes]], list[torch.Tensor]], device: torch.device
+    ) -> TokenRows:
+        """Rows of ``keys`` read back by ``read`` (the LiT teacher's ``image_tokens_reader()``)."""
+        return cls(len(keys), lambda picked: read([keys[i] for i in picked]), device)
+
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.count
 
     def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
-        picked = self.rows[index] if isinstance(index, slice) else [self.rows[i] for i in index.tolist()]
-        return torch.stack(picked).to(self.device)
+        picked = list(range(self.count)[index]) if isinstance(index, slice) else index.tolist()
+        return torch.stack(self.read(picked)).to(self.device)
 
 
 @dataclass
@@ -158,6 +171,8 @@ def _encode_split(
     image_ids = [record.image_id for record in split.images]
     pixels = load_image_tensor(split.image_paths(), image_size, progress=progress)
     token_rows: list[torch.Tensor] = []
+    token_keys: list[bytes] = []
+    keys_of = getattr(dual, "image_token_keys", None)  # the LiT teacher's: rows kept by its memo
     image_global = []
     rows = [(i, a) for i in range(len(image_ids)) for a in range(k)]
     step = config.encode_batch_size
@@ -173,9 +188,9 @@ def _encode_split(
             max_shift=config.aug_max_shift,
         ).to(device)
         prepared = dual.prepare_pixels(unit)
-        rows_of = getattr(dual, "image_token_rows", None)  # the LiT teacher's: views of its memo's rows
-        if callable(rows_of):
-            token_rows += rows_of(prepared)
+        keys = keys_of(prepared) if callable(keys_of) else None
+        if keys is not None:
+            token_keys += keys
         else:
             token_rows += dual.encode_image_tokens(prepared).unbind(0)  # type: ignore[attr-defined]
         image_global.append(dual.encode_image(prepared))
@@ -196,7 +211,11 @@ def _encode_split(
     lengths = torch.tensor([len(row) for row in hidden_rows])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(device)
     return _Encoded(
-        image_tokens=TokenRows(token_rows, device),
+        image_tokens=(
+            TokenRows.memoised(token_keys, dual.image_tokens_reader(), device)  # type: ignore[attr-defined]
+            if token_keys
+            else TokenRows.held(token_rows, device)
+        ),
         image_global=torch.cat(image_global),
         texts=distinct,
         text_hidden=torch.cat(hidden_rows),

@@ -9,6 +9,7 @@ captions drawn at random, so all captions are used over the epochs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,22 +156,24 @@ class FrozenBank:
     """The frozen stages' output for ``views`` augmented views of every train image: view v of
     an image is its replayed augmentation v (0 = as it is). Computed once, so the (dominant)
     cost of the early high-resolution stages is paid ``views`` times per image instead of once
-    per epoch. Rows are kept one tensor each (with an encoding memo attached, the memo's own
-    tensors: the later stages read the same rows, and a stacked copy would hold them twice)."""
+    per epoch. With an encoding memo attached the bank holds the rows' keys and reads each batch
+    back from the memo (most rows on disk): the rows are 0.5 GB for the emoji train split at
+    224 px and grow with the images; without one it holds the rows."""
 
-    def __init__(self, views: list[list[torch.Tensor]]) -> None:
+    def __init__(self, views: list[list[Any]], read: Callable[[list[Any]], list[torch.Tensor]]) -> None:
         self.views = views
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.views)
 
     def gather(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Rows ``views[view[i]][index[i]]`` as one channels-last batch (the trunk's layout)."""
-        return stack_rows([self.views[v][i] for v, i in zip(view.tolist(), index.tolist(), strict=True)])
+        return stack_rows(self.read([self.views[v][i] for v, i in zip(view.tolist(), index.tolist(), strict=True)]))
 
     def stacked(self, view: int) -> torch.Tensor:
         """Every row of one view as one batch (for evaluation)."""
-        return stack_rows(self.views[view])
+        return stack_rows(self.read(self.views[view]))
 
 
 @torch.no_grad()
@@ -180,9 +183,9 @@ def _frozen_bank(
     """The :class:`FrozenBank` of ``pixels``: each view's replayed augmentations through the
     frozen stages, 64 images at a time."""
     model.eval()
-    bank = []
+    bank: list[list[Any]] = []
     for view in range(views):
-        rows: list[torch.Tensor] = []
+        entries: list[Any] = []
         for start in range(0, len(pixels), 64):
             ids = image_ids[start : start + 64]
             unit = replay_augmentation(
@@ -193,9 +196,12 @@ def _frozen_bank(
                 scale=config.aug_scale,
                 max_shift=config.aug_shift,
             )
-            rows += model.frozen_rows(model.prepare_pixels(unit))  # NHWC inside (LiTModel)
-        bank.append(rows)
-    return FrozenBank(bank)
+            prepared = model.prepare_pixels(unit)  # NHWC inside (LiTModel)
+            keys = model.frozen_keys(prepared)
+            entries += keys if keys is not None else model.frozen_rows(prepared)
+        bank.append(entries)
+    keyed = bool(bank) and bool(bank[0]) and isinstance(bank[0][0], bytes)
+    return FrozenBank(bank, model.frozen_rows_reader() if keyed else list)
 
 
 def train_lit_teacher(
