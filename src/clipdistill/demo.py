@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipdistill.errors import UserError
-from clipdistill.io import atomic_write_json
+from clipdistill.io import atomic_write_json, atomic_write_text
 from clipdistill.run_config import RunConfig, RunDataConfig, differing_keys, run_config_dict, run_config_yaml
 from clipdistill.run_summary import add_vs_scratch, best_student, method_summary, shipped
 from clipdistill.student_ladder import StudentVariant, ladder_budget, parse_students, student_name, student_variants
@@ -438,7 +438,7 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     from clipdistill.eval.frontier import frontier_points, teacher_smaller_inputs
     from clipdistill.memory import StagePeaks
     from clipdistill.models.encoding_memo import EncodingMemo
-    from clipdistill.report import write_report
+    from clipdistill.report import markdown, write_plots
 
     names = parse_methods(config.methods)
     config = replace(config, methods=names)  # the list it trains, written out: a new method later changes nothing
@@ -573,13 +573,15 @@ def run_distill(config: RunConfig, out: str | Path, *, preset: str = "custom") -
     if dataset.skipped is not None and dataset.skipped.samples:
         report["bad_samples"] = dataset.skipped.summary()
     report["config"] = run_config_dict(config)
+    _say("writing report.md and plots")
+    with peaks.stage("report"):  # the example figure runs every model it shows: measured too
+        write_plots(out, report, dataset)
     report["memory"] = peaks.report()
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     report["machine"] = _machine()
     report["finished_utc"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     atomic_write_json(out / "report.json", report)
-    _say("writing report.md and plots")
-    write_report(out, report, dataset)
+    atomic_write_text(out / "report.md", markdown(report))
     _say("done")
     return report
 
@@ -588,8 +590,6 @@ def _write_config(out: Path, config: RunConfig) -> None:
     """``OUT/config.yaml``; a rerun into the same folder with another config says which keys
     changed (finished stages are still skipped by their outputs, as for any rerun)."""
     import yaml
-
-    from clipdistill.io import atomic_write_text
 
     path = out / "config.yaml"
     if path.is_file():

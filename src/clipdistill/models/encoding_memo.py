@@ -40,9 +40,11 @@ from torch import nn
 from clipdistill.models.row_spill import RowSpill
 
 #: Rows per tower kept in memory; the least recently used beyond it go to the tower's spill file
-#: (models/row_spill.py), so what a run holds does not grow with its images. Lite0's whole-trunk
-#: rows at 224 px are 245 KB per image view: about a thousand stay resident, a few batches' worth.
-DEFAULT_MAX_BYTES = 256 << 20
+#: (models/row_spill.py), so what a run holds does not grow with its images. 64 MiB is one batch
+#: of 256 of Lite0's whole-trunk rows at 224 px (245 KB per image view): a row is read back from
+#: the page cache for the cost of a copy, so a larger budget only held memory (0.7 GB at 256 MiB
+#: across the teacher's three towers).
+DEFAULT_MAX_BYTES = 64 << 20
 
 
 class RowMemo:
