@@ -170,7 +170,9 @@ def test_demo_on_a_karpathy_dataset_writes_the_report_and_resumes(scenes: Path, 
     assert "## Quality against cost" in markdown and "| teacher_smaller_input | `teacher@48` |" in markdown
     assert "| ms b1 | ms b64 | speed-up b1 | speed-up b64 |" in markdown and "## Efficiency" in markdown
     memory = report["memory"]  # each stage's peak resident memory, and the run's
-    assert {"data", "teacher", "cache", "students", "evaluation", "efficiency", "deploy", "report"} <= set(memory["stages"])
+    assert {"data", "teacher", "cache", "students", "evaluation", "efficiency", "deploy", "report"} <= set(
+        memory["stages"]
+    )
     assert memory["peak_rss_mb"] == max(memory["stages"].values()) > 0
     assert set(memory["seconds"]) == set(memory["stages"]) and sum(memory["seconds"].values()) > 0
     assert "Peak resident memory:" in markdown
