@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipdistill.data.augment import replay_augmentation
 from clipdistill.data.dataset import PairedDataset
-from clipdistill.data.images import load_image_tensor, to_unit
 from clipdistill.distill.losses import clip_loss
 from clipdistill.eval.rerank import rerank_from_states
 from clipdistill.io import append_jsonl, atomic_write_json
-from clipdistill.models.base import DualEncoder
 from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 from clipdistill.models.fusion import (
     HEADS_INPUTS,
@@ -45,10 +41,10 @@ from clipdistill.models.fusion import (
     FusionError,
     FusionStates,
     dual_token_geometry,
-    pad_texts,
     save_fusion_encoder,
     score_pairs,
 )
+from clipdistill.train.fusion_split import Augmentation, EncodedSplit, encode_split
 from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_everything, update
 
 
@@ -98,133 +94,8 @@ class FusionTrainConfig:
         if self.batch_size < 2:
             raise FusionError(f"fusion training option 'batch_size' must be >= 2, got {self.batch_size}")
 
-
-class TokenRows:
-    """A split's image token rows, one (N, C) tensor each, gathered into a batch on demand.
-
-    With the LiT teacher's encoding memo only the rows' keys are held and each batch is read from
-    the memo (most rows on disk): the train split's tokens are 0.7 GB per view at 224 px on the
-    emoji set and grow with the images, and the cache stage reads the same rows again."""
-
-    def __init__(self, count: int, read: Callable[[list[int]], list[torch.Tensor]], device: torch.device) -> None:
-        self.count = count
-        self.read = read
-        self.device = device
-
-    @classmethod
-    def held(cls, rows: list[torch.Tensor], device: torch.device) -> TokenRows:
-        return cls(len(rows), lambda picked: [rows[i] for i in picked], device)
-
-    @classmethod
-    def memoised(
-        cls, keys: list[bytes], read: Callable[[list[bytes]], list[torch.Tensor]], device: torch.device
-    ) -> TokenRows:
-        """Rows of ``keys`` read back by ``read`` (the LiT teacher's ``image_tokens_reader()``)."""
-        return cls(len(keys), lambda picked: read([keys[i] for i in picked]), device)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
-        picked = list(range(self.count)[index]) if isinstance(index, slice) else index.tolist()
-        return torch.stack(self.read(picked)).to(self.device)
-
-
-@dataclass
-class _Encoded:
-    """The frozen dual teacher's raw outputs for one split, computed once.
-
-    Image rows are image-major (row = image · k + augmentation); captions are deduplicated by
-    text (``caption_text[j]`` is caption j's distinct-text index), and their token features are
-    stored ragged (``text_hidden[offsets[u]:offsets[u+1]]``) since most captions are short."""
-
-    image_tokens: TokenRows  # rows of (N, C)
-    image_global: torch.Tensor  # (rows, D)
-    texts: list[str]
-    text_hidden: torch.Tensor  # (total tokens, C_text)
-    offsets: torch.Tensor  # (distinct texts + 1,)
-    text_global: torch.Tensor  # (distinct texts, D)
-    caption_text: torch.Tensor  # (captions,)
-    text_to_image: torch.Tensor  # (captions,)
-    k: int
-    image_patches: torch.Tensor | None = None  # (rows, N, D): the frozen patch_proj of image_tokens, once
-
-    def add_patches(self, encoder: FusionEncoder, chunk: int = 256) -> None:
-        """Compute the encoder's frozen ``patch_proj`` of every image row once (``match="pool"``)."""
-        if encoder.config.match == "pool":
-            with torch.no_grad():
-                tokens = self.image_tokens
-                self.image_patches = torch.cat(
-                    [encoder.patch_proj(tokens[i : i + chunk]) for i in range(0, len(tokens), chunk)]
-                )
-
-    def text_batch(self, distinct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        starts, stops = self.offsets[distinct].tolist(), self.offsets[distinct + 1].tolist()
-        return pad_texts([self.text_hidden[a:b] for a, b in zip(starts, stops, strict=True)])
-
-
-@torch.no_grad()
-def _encode_split(
-    dual: DualEncoder, split: PairedDataset, config: FusionTrainConfig, image_size: int, k: int, progress: bool
-) -> _Encoded:
-    device = next(dual.parameters()).device
-    image_ids = [record.image_id for record in split.images]
-    pixels = load_image_tensor(split.image_paths(), image_size, progress=progress)
-    token_rows: list[torch.Tensor] = []
-    token_keys: list[bytes] = []
-    keys_of = getattr(dual, "image_token_keys", None)  # the LiT teacher's: rows kept by its memo
-    image_global = []
-    rows = [(i, a) for i in range(len(image_ids)) for a in range(k)]
-    step = config.encode_batch_size
-    for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
-        index = torch.tensor([i for i, _ in chunk])
-        unit = replay_augmentation(
-            to_unit(pixels[index]),
-            [image_ids[i] for i, _ in chunk],
-            [a for _, a in chunk],
-            seed=config.aug_seed,
-            scale=config.aug_scale,
-            max_shift=config.aug_max_shift,
-        ).to(device)
-        prepared = dual.prepare_pixels(unit)
-        keys = keys_of(prepared) if callable(keys_of) else None
-        if keys is not None:
-            token_keys += keys
-        else:
-            token_rows += dual.encode_image_tokens(prepared).unbind(0)  # type: ignore[attr-defined]
-        image_global.append(dual.encode_image(prepared))
-
-    captions = split.texts()
-    distinct = list(dict.fromkeys(captions))
-    where = {text: u for u, text in enumerate(distinct)}
-    by_length = sorted(range(len(distinct)), key=lambda u: len(distinct[u]))  # little padding per batch
-    hidden_rows: list[torch.Tensor] = [torch.empty(0)] * len(distinct)
-    text_global = torch.empty(len(distinct), dual.embed_dim, device=device)
-    for start in range(0, len(by_length), step):
-        chunk = by_length[start : start + step]
-        ids = dual.tokenize([distinct[u] for u in chunk]).to(device)
-        embedding, hidden, mask = dual.encode_text_and_tokens(ids)  # type: ignore[attr-defined]
-        text_global[chunk] = embedding
-        for row, u in enumerate(chunk):  # a copy: a view would keep the whole padded batch alive
-            hidden_rows[u] = hidden[row, : int(mask[row].sum())].clone()
-    lengths = torch.tensor([len(row) for row in hidden_rows])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(device)
-    return _Encoded(
-        image_tokens=(
-            TokenRows.memoised(token_keys, dual.image_tokens_reader(), device)  # type: ignore[attr-defined]
-            if token_keys
-            else TokenRows.held(token_rows, device)
-        ),
-        image_global=torch.cat(image_global),
-        texts=distinct,
-        text_hidden=torch.cat(hidden_rows),
-        offsets=offsets,
-        text_global=text_global,
-        caption_text=torch.tensor([where[text] for text in captions], device=device),
-        text_to_image=torch.tensor(split.text_to_image(), device=device),
-        k=k,
-    )
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.aug_seed, self.aug_scale, self.aug_max_shift)
 
 
 def _mine(scores: torch.Tensor, excluded: list[set[int]], top: int, what: str) -> torch.Tensor:
@@ -243,7 +114,7 @@ def _mine(scores: torch.Tensor, excluded: list[set[int]], top: int, what: str) -
 
 
 def _states(
-    encoder: FusionEncoder, data: _Encoded, rows: torch.Tensor, distinct: torch.Tensor, logits_only: bool = False
+    encoder: FusionEncoder, data: EncodedSplit, rows: torch.Tensor, distinct: torch.Tensor, logits_only: bool = False
 ) -> FusionStates:
     """States of image rows ``rows`` and distinct captions ``distinct``. ``logits_only`` (a
     ``match="pool"`` encoder with precomputed patches, scored without pooled features): the
@@ -269,7 +140,7 @@ def _states(
 
 
 @torch.no_grad()
-def _rerank(encoder: FusionEncoder, data: _Encoded, k: int) -> dict[str, Any]:
+def _rerank(encoder: FusionEncoder, data: EncodedSplit, k: int) -> dict[str, Any]:
     """Re-ranking on a split encoded with one (plain) image row per image."""
     encoder.eval()
     states = _states(encoder, data, torch.arange(len(data.image_tokens)), data.caption_text)
@@ -342,7 +213,7 @@ def _heads_loss(
 
 def _listwise_step(
     encoder: FusionEncoder,
-    data: _Encoded,
+    data: EncodedSplit,
     config: FusionTrainConfig,
     captions: torch.Tensor,
     hard_images: torch.Tensor,
@@ -399,7 +270,7 @@ def _listwise_step(
 
 def _bce_step(
     encoder: FusionEncoder,
-    data: _Encoded,
+    data: EncodedSplit,
     config: FusionTrainConfig,
     images: torch.Tensor,
     mined: tuple[torch.Tensor, torch.Tensor],
@@ -517,8 +388,10 @@ def train_fusion_teacher(
         raise FusionError(f"dual teacher {dual_spec} takes {height}x{width} images; set image_size explicitly")
 
     train, val = dataset.split("train"), dataset.split("val")
-    data = _encode_split(dual, train, config, image_size, config.k_augmentations, progress)
-    val_data = _encode_split(dual, val, config, image_size, 1, progress)
+    data = encode_split(
+        dual, train, config.augmentation(), config.encode_batch_size, image_size, config.k_augmentations, progress
+    )
+    val_data = encode_split(dual, val, config.augmentation(), config.encode_batch_size, image_size, 1, progress)
     kappa = float(dual.logit_scale.detach().exp().clamp(max=100.0))
     fusion_config = FusionConfig(
         dual_spec=dual_spec,
@@ -655,7 +528,9 @@ def train_fusion_teacher(
         "model": f"fusion:{out}",
     }
     if "test" in dataset.split_counts():
-        test_data = _encode_split(dual, dataset.split("test"), config, image_size, 1, progress=False)
+        test_data = encode_split(
+            dual, dataset.split("test"), config.augmentation(), config.encode_batch_size, image_size, 1, progress=False
+        )
         test_data.add_patches(encoder)
         summary["test"] = _rerank(encoder, test_data, config.rerank_k)
     atomic_write_json(out / "train_summary.json", summary)
