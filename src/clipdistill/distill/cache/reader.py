@@ -31,6 +31,7 @@ from clipdistill.distill.cache.manifest import (
     rebuild_hint,
     same_teacher,
 )
+from clipdistill.distill.cache.shard_rows import ShardRows
 from clipdistill.hashing import file_sha256
 from clipdistill.models.fingerprint import teacher_fingerprint
 
@@ -38,9 +39,12 @@ from clipdistill.models.fingerprint import teacher_fingerprint
 class CachedTeacher(TeacherSource):
     """Serves cached teacher outputs by id; a drop-in for :class:`OnlineTeacher`.
 
-    All shards are held in memory (embeddings of a few thousand images are a few MB) and a
-    batch is a dict lookup per row plus one ``index_select``, which is what keeps training
-    from the cache close to the cost of training the student alone.
+    The embeddings are held in memory (a few thousand images' are a few MB) and a batch is a
+    dict lookup per row plus one ``index_select``, which is what keeps training from the cache
+    close to the cost of training the student alone. Token features and fusion states, tens of
+    KB per row, stay in the shard files on the CPU and a batch reads its rows
+    (:class:`~clipdistill.distill.cache.shard_rows.ShardRows`); on an accelerator they are moved
+    there whole.
     """
 
     def __init__(
@@ -51,10 +55,10 @@ class CachedTeacher(TeacherSource):
         image_rows: dict[tuple[str, int], int],
         text_table: torch.Tensor,
         text_rows: dict[str, int],
-        image_tokens: torch.Tensor | None = None,
-        text_tokens: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | ShardRows | None = None,
+        text_tokens: torch.Tensor | ShardRows | None = None,
         device: str | torch.device = "cpu",
-        fusion_tables: dict[str, torch.Tensor] | None = None,
+        fusion_tables: dict[str, torch.Tensor | ShardRows] | None = None,
         fusion: Any = None,
     ) -> None:
         self.path = path
@@ -64,7 +68,7 @@ class CachedTeacher(TeacherSource):
         self.k_augmentations: int = int(manifest["preprocessing"]["k_augmentations"])
         self._image_rows = image_rows
         self._text_rows = text_rows
-        self._tables: dict[str, torch.Tensor | None] = {
+        self._tables: dict[str, torch.Tensor | ShardRows | None] = {
             "image": image_table,
             "text": text_table,
             "image_tokens": image_tokens,
@@ -73,7 +77,7 @@ class CachedTeacher(TeacherSource):
         }
         # Fusion states: image rows (rows, N, ...) and globals; captions ragged: ``text_flat``
         # rows [text_offsets[j], text_offsets[j] + text_lengths[j]) are caption j's tokens.
-        self._fusion_tables: dict[str, torch.Tensor] = dict(fusion_tables or {})
+        self._fusion_tables: dict[str, torch.Tensor | ShardRows] = dict(fusion_tables or {})
         self.fusion = fusion  # the frozen fusion teacher whose pair head scores the states
         self._device = torch.device("cpu")
         self.device = device
@@ -207,7 +211,7 @@ class CachedTeacher(TeacherSource):
         image_ids: list[str] = manifest["image_ids"]
         caption_ids: list[str] = manifest["caption_ids"]
 
-        def load(kind: str, tensor: str) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        def load(kind: str, tensor: str, on_disk: bool = False) -> tuple[Any, list[str], torch.Tensor | None]:
             files, keys = [], []
             extra_names: list[str] = []
             for entry in manifest["shards"][kind]:
@@ -238,7 +242,7 @@ class CachedTeacher(TeacherSource):
                 keys.extend(shard_keys)
             loaded_extra[kind] = {name: stack_shards(files, name) for name in extra_names}
             augs = stack_shards(files, "aug_ids") if kind == "images" else None
-            return stack_shards(files, tensor), keys, augs
+            return (ShardRows(files, tensor) if on_disk else stack_shards(files, tensor)), keys, augs
 
         loaded_extra: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -247,13 +251,14 @@ class CachedTeacher(TeacherSource):
         assert aug_ids is not None
         image_rows = {(key, int(a)): row for row, (key, a) in enumerate(zip(image_keys, aug_ids.tolist(), strict=True))}
         text_rows = {key: row for row, key in enumerate(text_keys)}
-        image_tokens = load("image_tokens", "tokens")[0] if token_features else None
-        text_tokens = load("text_tokens", "tokens")[0] if token_features else None
-        fusion_tables: dict[str, torch.Tensor] = {}
+        # Token features and fusion states stay in the shards (ShardRows): a batch reads its rows.
+        image_tokens = load("image_tokens", "tokens", on_disk=True)[0] if token_features else None
+        text_tokens = load("text_tokens", "tokens", on_disk=True)[0] if token_features else None
+        fusion_tables: dict[str, torch.Tensor | ShardRows] = {}
         if fusion:
-            fusion_tables["image"] = load("fusion_images", "states")[0]
+            fusion_tables["image"] = load("fusion_images", "states", on_disk=True)[0]
             fusion_tables["image_global"] = loaded_extra["fusion_images"]["global"]
-            fusion_tables["text_flat"] = load("fusion_texts", "states")[0]
+            fusion_tables["text_flat"] = load("fusion_texts", "states", on_disk=True)[0]
             lengths = loaded_extra["fusion_texts"]["lengths"]
             fusion_tables["text_lengths"] = lengths
             fusion_tables["text_offsets"] = torch.cumsum(lengths, 0) - lengths
