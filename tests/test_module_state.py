@@ -33,6 +33,7 @@ KNOWN: dict[str, str] = {
     "clipdistill.data.loading:_READERS": CONSTANT,
     "clipdistill.distill.base:TEACHER_OF_NEED": CONSTANT,
     "clipdistill.distill.cache.format:HEADER_OF": CONSTANT,
+    "clipdistill.distill.cache.shard_rows:DTYPES": CONSTANT,
     "clipdistill.distill.methods.conaclip:DEFAULT_LOSS_WEIGHTS": CONSTANT,
     "clipdistill.models.imagenet_lite:LITE_VARIANTS": CONSTANT,
     "clipdistill.models.imagenet_lite:_EXPANDED": CONSTANT,
