@@ -6,6 +6,7 @@ Python's finalisation and can abort the process at exit."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -28,4 +29,6 @@ if __name__ == "__main__":
 
     during = gloo_threads()
     shutdown(created)
-    print(f"rank {ctx.rank}: during={during} after={gloo_threads()}", flush=True)
+    # one write per line: two ranks share the pipe, and print's separate newline can interleave
+    sys.stdout.write(f"rank {ctx.rank}: during={during} after={gloo_threads()}\n")
+    sys.stdout.flush()

@@ -394,7 +394,7 @@ def test_leaving_the_group_stops_its_threads_even_after_open_clip_is_imported() 
     """A group kept alive past shutdown (torch.distributed.nn binds it as default arguments
     when first imported after init) leaves gloo threads that abort the process at exit."""
     result = _torchrun(str(WORKER.with_name("ddp_shutdown_worker.py")), timeout=300)
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted(re.findall(r"rank \d+: during=\[[^\]]*\] after=\[[^\]]*\]", result.stdout))
     assert len(lines) == 2, result.stdout + result.stderr
     for line in lines:
         assert "during=['gloo_tcp_loop'" in line, line  # the check sees gloo's threads at all
