@@ -410,7 +410,7 @@ class LiTModel(DualEncoder):
     @torch.no_grad()
     def image_token_keys(self, pixels: torch.Tensor) -> list[bytes] | None:
         """Memoise the whole-trunk rows of ``pixels`` and return their keys for
-        :meth:`image_tokens_of_keys` (``None`` without a memo): a caller that reads every row of
+        :meth:`image_tokens_reader` (``None`` without a memo): a caller that reads every row of
         the train split again and again (the fusion teacher's training) keeps keys, and the
         memo keeps the rows, most of them on disk."""
         memo = usable_memo(self.encoding_memo)
