@@ -197,3 +197,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {number} is not valid JSON") from None
     return records
+
+
+def pread_exactly(fd: int, target: memoryview, offset: int) -> bool:
+    """Fill ``target`` from file ``fd`` at ``offset`` (``os.preadv`` may return fewer bytes than
+    asked); ``False`` when the file ends first, for the caller to name what is missing."""
+    while target:
+        read = os.preadv(fd, [target], offset)
+        if read == 0:
+            return False
+        target, offset = target[read:], offset + read
+    return True

@@ -20,6 +20,7 @@ from typing import IO
 import torch
 
 from clipdistill.errors import UserError
+from clipdistill.io import pread_exactly
 
 
 class MemoSpillError(UserError, OSError):
@@ -81,13 +82,9 @@ class RowSpill:
         if placed is None:
             return None
         buffer = torch.empty(placed.nbytes, dtype=torch.uint8)
-        target, offset = memoryview(buffer.numpy()), placed.offset
         assert self._file is not None
-        while target:
-            read = os.preadv(self._file.fileno(), [target], offset)
-            if read == 0:
-                raise MemoSpillError(f"encoding-memo spill file in {self.directory} ended early at byte {offset}")
-            target, offset = target[read:], offset + read
+        if not pread_exactly(self._file.fileno(), memoryview(buffer.numpy()), placed.offset):
+            raise MemoSpillError(f"encoding-memo spill file in {self.directory} ends inside the row at {placed.offset}")
         dense = buffer.view(placed.dtype).reshape(placed.shape)
         return dense.permute(_inverse(placed.order))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import IO
 import torch
 
 from clipdistill.distill.cache.format import CacheCorruptError
+from clipdistill.io import pread_exactly
 
 #: safetensors dtype names -> torch dtypes (the ones a cache writes, and their neighbours).
 DTYPES = {
@@ -145,12 +145,8 @@ class ShardRows:
             take = min(count - done, part.rows - local)
             target = memoryview(into[done : done + take].numpy()).cast("B")
             offset = part.offset + local * self.row_bytes
-            handle = self._handle(part.file)
-            while target:
-                got = os.preadv(handle.fileno(), [target], offset)
-                if got == 0:
-                    raise CacheCorruptError(f"teacher cache shard {part.file} ends before row {local} of {self.name!r}")
-                target, offset = target[got:], offset + got
+            if not pread_exactly(self._handle(part.file).fileno(), target, offset):
+                raise CacheCorruptError(f"teacher cache shard {part.file} ends before row {local} of {self.name!r}")
             done += take
 
     def _handle(self, file: Path) -> IO[bytes]:
