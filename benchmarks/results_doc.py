@@ -9,8 +9,9 @@ touched, so the prose around a table is written by hand and the numbers come fro
     .venv/bin/python benchmarks/results_doc.py --check               # exit 1 where a block differs
     .venv/bin/python benchmarks/results_doc.py --demo runs/demo/report.json --full runs/full/report.json
 
-The blocks of a demo table (``demo-quick``, ``demo-full``) are rendered only when their report
-is given (``--demo``, ``--full``); without it they are left as they are, and ``--check`` says so.
+The blocks of a demo table (``demo-quick``, ``demo-full``, ``demo-big``) are rendered only when
+their report is given (``--demo``, ``--full``, ``--big``); without it they are left as they are,
+and ``--check`` says so.
 So are the blocks in ``NOT_YET_MEASURED`` while their benchmark's JSON does not exist yet.
 """
 
@@ -35,6 +36,7 @@ RECALL_HEADER = [k.replace("_", " ") for k in RECALLS]
 DEMO_COMMANDS = {
     "quick": "clipdistill demo --preset quick --out runs/demo",
     "full": "clipdistill demo --preset full --out runs/full",
+    "big": "make install-big && clipdistill demo --preset big --out runs/big",
 }
 
 
@@ -105,16 +107,16 @@ def interval(student: dict[str, Any]) -> str:
 
 
 def render_demo(report: dict[str, Any], name: str) -> list[str]:
-    """A demo report: per method test rsum (per seed, mean ± std), vs scratch, % of the teacher,
-    val rsum, and the ONNX Runtime timing of the teacher and the student network."""
+    """A demo report: per method (and per student size, with a ladder) test rsum (per seed,
+    mean ± std), vs scratch on the same student, % of the teacher, val rsum, and the ONNX Runtime
+    timing of the teacher and of each student network."""
     teacher = report["teacher"]
     teacher_rsum = teacher["metrics"]["rsum"]
-    methods: dict[str, list[dict[str, Any]]] = {}
+    budget, eff, best = report["budget"], report.get("efficiency", {}), report["best_student"]
+    labels: list[str | None] = list(budget.get("students") or [None])
+    groups: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
     for student in report["students"]:
-        methods.setdefault(student["method"], []).append(student)
-    scratch = statistics.mean(s["metrics"]["rsum"] for s in next(iter(methods.values())))
-    best = report["best_student"]
-    budget, eff = report["budget"], report.get("efficiency", {})
+        groups.setdefault((student.get("student"), student["method"]), []).append(student)
 
     def timing(entry: dict[str, Any]) -> list[str]:
         if "onnx_ms" not in entry:
@@ -123,40 +125,53 @@ def render_demo(report: dict[str, Any], name: str) -> list[str]:
         ratios = [speedup(teacher["onnx_ms"], entry["onnx_ms"], b) for b in (1, 64)]
         return [f"{ms[0]:.2f}", f"{ms[1]:.2f}", f"{ratios[0]:.1f}x", f"{ratios[1]:.1f}x"]
 
-    rows = [["teacher", f1(teacher_rsum), "", "", "", "", *timing(teacher)]]
-    for i, (method, runs) in enumerate(methods.items()):
-        test = [r["metrics"]["rsum"] for r in runs]
-        label = f"`{method}`" + (" (scratch)" if i == 0 else "") + (" (shipped)" if method == best["method"] else "")
-        rows.append(
-            [
-                label,
-                per_seed(test),
-                mean_std(test),
-                "" if i == 0 else f"{statistics.mean(test) - scratch:+.1f}" + interval(runs[0]),
-                f"{statistics.mean(test) / teacher_rsum:.0%}",
-                f1(statistics.mean(r["val_rsum"] for r in runs)),
-                *(timing(runs[0]) if i == 0 else ["", "", "", ""]),
-            ]
-        )
-    header = ["model", "test rsum per seed", "mean ± std", "vs scratch", "% of teacher", "val rsum"]
-    header += ["ms b1", "ms b64", "speed-up b1", "speed-up b64"]
+    ladder = labels != [None]
+    rows = [["teacher", *([""] if ladder else []), f1(teacher_rsum), "", "", "", "", *timing(teacher)]]
+    for label in labels:
+        methods = [(method, runs) for (of, method), runs in groups.items() if of == label]
+        scratch = statistics.mean(s["metrics"]["rsum"] for s in methods[0][1])
+        for i, (method, runs) in enumerate(methods):
+            test = [r["metrics"]["rsum"] for r in runs]
+            shipped = method == best["method"] and label == best.get("student")
+            rows.append(
+                [
+                    f"`{method}`" + (" (scratch)" if i == 0 else "") + (" (shipped)" if shipped else ""),
+                    *([f"`{label}`"] if ladder else []),
+                    per_seed(test),
+                    mean_std(test),
+                    "" if i == 0 else f"{statistics.mean(test) - scratch:+.1f}" + interval(runs[0]),
+                    f"{statistics.mean(test) / teacher_rsum:.0%}",
+                    f1(statistics.mean(r["val_rsum"] for r in runs)),
+                    *(timing(runs[0]) if i == 0 else ["", "", "", ""]),
+                ]
+            )
+    header = ["model", *(["student"] if ladder else []), "test rsum per seed", "mean ± std", "vs scratch"]
+    header += ["% of teacher", "val rsum", "ms b1", "ms b64", "speed-up b1", "speed-up b64"]
+    networks = (
+        ", ".join(f"`{label}`" for label in labels)
+        if ladder
+        else f"`{budget['student']}` at {budget['student_image_size']} px"
+    )
+    shipped_on = f" on `{best['student']}`" if ladder else ""
+    teacher_name = budget.get("teacher_model", teacher["spec"])  # the spec it was trained from
     lines = [
         f"Generated from `{name}` (`--preset {report['preset']}`; {machine(report)}; finished "
         f"{report.get('finished_utc', '?')} UTC, job {report.get('wall_seconds', 0) / 60:.0f} min). "
         f"Reproduce: `{DEMO_COMMANDS.get(report['preset'], 'clipdistill demo --preset ' + report['preset'])}`.",
         "",
-        f"Test split: {report['n_images']} images, {report['n_texts']} captions. Students: `{budget['student']}` "
-        f"at {budget['student_image_size']} px, {budget['epochs']} epochs, {budget['seeds']} seed(s). The shipped "
-        f"student is `{best['method']}` seed {best['seed']} (best {best['selected_by']}). Timing: ONNX Runtime fp32, "
-        f"{eff.get('threads', '?')} threads, median of {eff.get('repeats', '?')}, ms per image + caption "
-        f"(measured {eff.get('measured_utc', '?')} UTC); every student is one network, timed once."
+        f"Test split: {report['n_images']} images, {report['n_texts']} captions. Teacher `{teacher_name}`. "
+        f"Students: {networks}, {budget['epochs']} epochs, {budget['seeds']} seed(s). The shipped "
+        f"student is `{best['method']}`{shipped_on} seed {best['seed']} (best {best['selected_by']}). Timing: "
+        f"ONNX Runtime fp32, {eff.get('threads', '?')} threads, median of {eff.get('repeats', '?')}, ms per image + "
+        f"caption (measured {eff.get('measured_utc', '?')} UTC); every student network is timed once."
         + (
-            " vs scratch: mean difference over seeds [95% interval, paired bootstrap over the test queries]."
+            " vs scratch: mean difference over seeds with scratch on the same student [95% interval, paired "
+            "bootstrap over the test queries]."
             if any("vs_scratch" in s for s in report["students"])
             else ""
         ),
         "",
-        *table(header, rows),
+        *table(header, rows, right=2 if ladder else 1),
     ]
     from clipdistill.report import fusion_gain_sentence, memory_sentence
 
@@ -182,6 +197,15 @@ def render_demo(report: dict[str, Any], name: str) -> list[str]:
             + ".",
         ]
     return lines
+
+
+def render_frontier(report: dict[str, Any], name: str) -> list[str]:
+    """A demo report's ``frontier``: every point's test rsum and ONNX cost, whether it is on the
+    frontier, and the cheap alternative (teacher at a smaller input, scratch) that beats a student."""
+    from clipdistill.eval.frontier import frontier_lines
+
+    table_lines = [line for line in frontier_lines(report["frontier"]) if line.startswith("|")]
+    return [f"Generated from `{name}` (`--preset {report['preset']}`; {machine(report)}).", "", *table_lines]
 
 
 def render_methods_seeds(name: str, data: dict[str, Any]) -> list[str]:
@@ -640,6 +664,8 @@ W_ALIGN = {"comkd": "w_align"}
 BLOCKS: dict[str, tuple[list[str], Callable[[list[tuple[str, dict[str, Any]]]], list[str]]]] = {
     "demo-quick": (["@demo"], single(lambda name, report: render_demo(report, name))),
     "demo-full": (["@full"], single(lambda name, report: render_demo(report, name))),
+    "demo-big": (["@big"], single(lambda name, report: render_demo(report, name))),
+    "demo-big-frontier": (["@big"], single(lambda name, report: render_frontier(report, name))),
     "methods-quick-lite0": (["methods_quick_lite0.json"], single(render_methods_seeds)),
     "methods-seeds-xeon": (["methods_seeds_xeon.json"], single(render_methods_seeds)),
     "methods-seeds-amd": (["methods_seeds_amd.json"], single(render_methods_seeds)),
@@ -726,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--demo", type=Path, help="report.json of a quick demo (block demo-quick)")
     parser.add_argument("--full", type=Path, help="report.json of a full-preset demo (block demo-full)")
+    parser.add_argument("--big", type=Path, help="report.json of a big-preset demo (blocks demo-big, demo-big-frontier)")
     parser.add_argument(
         "--doc",
         type=Path,
@@ -734,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmark JSONs")
     args = parser.parse_args(argv)
-    reports = {"demo": args.demo, "full": args.full}
+    reports = {"demo": args.demo, "full": args.full, "big": args.big}
     stale = []
     for doc in args.doc or DOCS:
         text = doc.read_text(encoding="utf-8")

@@ -45,6 +45,13 @@ def test_print_config_resolves_preset_flags_and_set_in_order() -> None:
     tuned = [f"{name}:tuned" for name in list_methods() if "tuned" in method_variants(name)]
     assert tuned and quick["methods"] == [*list_methods(), *tuned]
     assert _print_config("--preset", "full")["seeds"] == 3
+    big = _print_config("--preset", "big")  # a ladder of two sizes under the mpnet teacher
+    assert big["teacher"]["spec"] == "lit:efficientnet-lite0+mpnet" and big["seeds"] == 3
+    assert big["students"] == [{"image_size": 64}, {"image_size": 96}] and big["methods"] == [
+        "clip",
+        "clipkd",
+        "conaclip",
+    ]
     given = _print_config(
         "--teacher", "openclip:ViT-B-32@laion2b_s34b_b79k", "--student", "tiny", "--methods", "clip,dcd:tuned",
         "--set", "optim.epochs=5", "--set", "student.image_size=80", "--data", "table.csv", "--split-seed", "3",

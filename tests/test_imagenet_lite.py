@@ -177,10 +177,13 @@ def test_the_presets_train_the_teacher_that_teacher_train_trains() -> None:
     from clipdistill.run_config import preset_names, resolve_run_config
     from clipdistill.train.lit import DEFAULT_TEACHER_SPEC, pretrained_teacher_config, teacher_train_config
 
-    for name in preset_names():
-        teacher = resolve_run_config(preset=name).teacher
-        assert teacher.spec == DEFAULT_TEACHER_SPEC and teacher.frozen_stages is None and teacher.lr is None
-        assert teacher_train_config(teacher.spec, teacher.frozen_stages) == pretrained_teacher_config()
+    specs = {name: resolve_run_config(preset=name).teacher for name in preset_names()}
+    assert specs["quick"].spec == specs["full"].spec == DEFAULT_TEACHER_SPEC
+    assert specs["big"].spec == "lit:efficientnet-lite0+mpnet"  # full's trunk, a CLIP-B-sized caption tower
+    for teacher in specs.values():
+        assert teacher.frozen_stages is None and teacher.lr is None
+        trained = teacher_train_config(teacher.spec, teacher.frozen_stages)
+        assert (trained.lr, trained.model.frozen_stages) == (pretrained_teacher_config().lr, 5)
     for text in ("", "+minilm", "+mpnet"):  # the text tower does not change the trunk's budget
         pretrained = teacher_train_config(f"lit:efficientnet-lite0{text}")
         assert pretrained.epochs == pretrained_teacher_config().epochs and pretrained.model.frozen_stages == 5

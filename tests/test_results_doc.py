@@ -86,6 +86,7 @@ def test_demo_block_needs_a_report(tmp_path: Path) -> None:
         "n_texts": 15,
         "budget": {"student": "lite0", "student_image_size": 96, "epochs": 2, "seeds": 1},
         "teacher": {
+            "spec": "lit:efficientnet-lite0",
             "metrics": {"rsum": 200.0},
             "onnx_ms": {"image_b1": 8, "text_b1": 8, "image_b64": 6, "text_b64": 6},
         },
@@ -113,9 +114,28 @@ def test_demo_block_needs_a_report(tmp_path: Path) -> None:
     assert "| `clip` (scratch) | 100.0 | 100.0 |  | 50% | 90.0 | 4.00 | 2.00 | 4.0x | 6.0x |" in new
     assert "| `conaclip` (shipped) | 150.0 | 150.0 | +50.0 | 75% | 140.0 |" in new
 
+    # A ladder: a student column, scratch per size, each network timed, the shipped (method, size).
+    small, large = "lite0@64", "lite0@96"
+    fast = {"image_b1": 2, "text_b1": 2, "image_b64": 0.5, "text_b64": 0.5}
+    ladder = dict(report, preset="big", students=[
+        {**report["students"][0], "student": small, "onnx_ms": fast},
+        {**report["students"][1], "student": small, "metrics": {"rsum": 120.0}},
+        {**report["students"][0], "student": large, "metrics": {"rsum": 110.0}},
+        {**report["students"][1], "student": large},
+    ])  # fmt: skip
+    ladder["budget"] = {**report["budget"], "students": [small, large]}
+    ladder["best_student"] = {**report["best_student"], "student": large}
+    path.write_text(json.dumps(ladder))
+    new, changed, skipped = module.rewrite(text, tmp_path, {"demo": path, "full": None})
+    assert "Students: `lite0@64`, `lite0@96`, 2 epochs" in new and "`conaclip` on `lite0@96` seed 0" in new
+    assert "| `clip` (scratch) | `lite0@64` | 100.0 | 100.0 |  | 50% | 90.0 | 4.00 | 1.00 | 4.0x | 12.0x |" in new
+    assert "| `conaclip` | `lite0@64` | 120.0 | 120.0 | +20.0 | 60% | 140.0 |" in new
+    assert "| `clip` (scratch) | `lite0@96` | 110.0 | 110.0 |  | 55% | 90.0 | 4.00 | 2.00 | 4.0x | 6.0x |" in new
+    assert "| `conaclip` (shipped) | `lite0@96` | 150.0 | 150.0 | +40.0 | 75% | 140.0 |" in new
+
 
 def test_repository_docs_match_their_data() -> None:
     """docs/results.md and docs/scale.md agree with benchmarks/results/ (demo blocks: no report given)."""
     result = _run("--check")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "demo-quick skipped" in result.stdout and "demo-full skipped" in result.stdout
+    assert all(f"demo-{name} skipped" in result.stdout for name in ("quick", "full", "big"))

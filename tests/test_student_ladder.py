@@ -50,6 +50,8 @@ def test_each_variant_is_its_keys_over_the_student_with_a_label_from_what_differ
     # Variants of one architecture and size are told apart by the keys whose values differ.
     inits = student_variants(StudentConfig(preset="lite0"), [{"image_init": "imagenet"}, {}])
     assert [v.label for v in inits] == ["lite0-img=imagenet", "lite0-img=random"]
+    widths = student_variants(StudentConfig(preset="lite0"), [{"embed_dim": 768}, {}])
+    assert [v.label for v in widths] == ["lite0-dim=768", "lite0-dim=None"]
 
 
 def test_a_variant_naming_an_architecture_drops_the_base_keys_it_conflicts_with() -> None:
@@ -59,6 +61,8 @@ def test_a_variant_naming_an_architecture_drops_the_base_keys_it_conflicts_with(
     file, checkpoint, preset = student_variants(
         base, [{"model_config": "/configs/my_student.json"}, {"init": "hf-hub:org/TinyCLIP-x"}, {"preset": "tiny"}]
     )
+    wide = student_variants(StudentConfig(preset="lite0", embed_dim=768), [{"model_config": "/c/s.json"}])
+    assert wide[0].config.embed_dim is None  # a model-config file brings its own width
     assert (file.label, file.config.image_size, file.config.model_config) == (
         "my_student",
         None,
@@ -83,6 +87,7 @@ def test_a_variant_naming_an_architecture_drops_the_base_keys_it_conflicts_with(
         ),
         ([{}, {"image_size": "big"}], r"key 'students\[1\]\.image_size' must be an integer, got str 'big'"),
         ([{"image_size": 8}], r"key 'students\[0\]\.image_size' must be >= 16 pixels, got 8"),
+        ([{"embed_dim": 0}], r"key 'students\[0\]\.embed_dim' must be >= 1, got 0"),
         ([{"text_init": "imagenet"}], r"key 'students\[0\]\.text_init' has value 'imagenet'"),
         ([{"preset": "lite00"}], r"key 'students\[0\]\.preset': unknown student preset 'lite00'.*'lite0'"),
         (["lite0@64"], r"key 'students\[0\]' must be a mapping, got str 'lite0@64'"),

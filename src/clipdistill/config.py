@@ -75,6 +75,10 @@ class StudentConfig:
     # `data.image_size` and the student resizes to this, so teacher and student can see the
     # same picture at different resolutions (resolution is a distillation lever).
     image_size: int | None = None
+    # The preset's shared embedding width (None: the preset's own). A student that inherits the
+    # teacher's image tower (image_init: teacher) inherits its projection too, so its embedding
+    # must be as wide as the teacher's (768 for an all-mpnet-base-v2 LiT teacher; lite0 has 384).
+    embed_dim: int | None = None
     # Pretrained starting points for a preset's towers (models/student_towers.py). image_init:
     # random | imagenet (the ImageNet EfficientNet-Lite weights; a tf_efficientnet_lite trunk such
     # as preset lite0). text_init: random | teacher (TinyCLIP-style inheritance from the teacher's
@@ -95,6 +99,13 @@ class StudentConfig:
                 f"key 'student.image_size' ({self.image_size}) resizes a preset; 'student.init'/'student.model_config' "
                 "give their own size"
             )
+        if self.embed_dim is not None and (self.init or self.model_config):
+            raise ConfigError(
+                f"key 'student.embed_dim' ({self.embed_dim}) widens a preset; 'student.init'/'student.model_config' "
+                "give their own width"
+            )
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise ConfigError(f"key 'student.embed_dim' must be >= 1, got {self.embed_dim}")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"key 'student.image_size' must be >= 16 pixels, got {self.image_size}")
         for key, value, valid in (

@@ -35,12 +35,14 @@ LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]*")
 _REPLACES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "preset": ("model_config", "init"),
-        "model_config": ("init", "image_size"),
-        "init": ("model_config", "image_size", "image_init", "text_init"),
+        "model_config": ("init", "image_size", "embed_dim"),
+        "init": ("model_config", "image_size", "embed_dim", "image_init", "text_init"),
     }
 )
 #: Keys that may tell variants of one architecture and size apart, as they appear in a label.
-_LABEL_KEYS: Mapping[str, str] = MappingProxyType({"image_init": "img", "text_init": "txt", "frozen_stages": "frozen"})
+_LABEL_KEYS: Mapping[str, str] = MappingProxyType(
+    {"embed_dim": "dim", "image_init": "img", "text_init": "txt", "frozen_stages": "frozen"}
+)
 _DEFAULTS: Mapping[str, Any] = MappingProxyType(to_dict(StudentConfig()))
 
 
@@ -139,7 +141,7 @@ def check_preset(name: str, where: str) -> None:
 
 
 def _derived_label(config: StudentConfig, differing: list[str]) -> str:
-    """``NAME[@SIZE]`` plus ``-img=…``/``-txt=…``/``-frozen=…`` for the ``differing`` keys; NAME
+    """``NAME[@SIZE]`` plus ``-dim=…``/``-img=…``/``-txt=…``/``-frozen=…`` for the ``differing`` keys; NAME
     is the preset, the model-config file's stem or the checkpoint's last path component."""
     if config.init:
         name = config.init.partition(":")[2].rstrip("/").rsplit("/", 1)[-1] or config.init

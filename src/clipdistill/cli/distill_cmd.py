@@ -23,6 +23,9 @@ from clipdistill.cli.common import (
     console,
     exit_stopped,
 )
+from clipdistill.run_config import preset_names
+
+_PRESETS = " | ".join(preset_names())  # the YAML files shipped in clipdistill/presets/
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: every stage's output, config.yaml, report.")]
 MethodsOpt = Annotated[
@@ -129,7 +132,7 @@ def distill_command(
     ] = None,
     group_by: GroupByOpt = None,
     preset: Annotated[
-        str, typer.Option("--preset", help="The run preset the config starts from (quick | full).")
+        str, typer.Option("--preset", help=f"The run preset the config starts from ({_PRESETS}).")
     ] = "quick",
     config: Annotated[
         list[Path] | None, typer.Option("--config", help="A run config YAML (e.g. an earlier OUT/config.yaml).")
@@ -194,7 +197,7 @@ def demo_command(
     test_data: TestDataOpt = None,
     split_seed: SplitSeedOpt = 0,
     group_by: GroupByOpt = None,
-    preset: Annotated[str, typer.Option("--preset", help="quick | full")] = "quick",
+    preset: Annotated[str, typer.Option("--preset", help=_PRESETS)] = "quick",
     methods: MethodsOpt = None,
     seeds: SeedsOpt = None,
     students: StudentsOpt = None,

@@ -149,6 +149,12 @@ def init_image_from_teacher(student: OpenCLIPDualEncoder, teacher_spec: str | No
             f"student's {student_trunk}; {_INSTEAD}"
         )
     teacher_trunk_module, teacher_proj = _teacher_image_modules(load_model(teacher_spec))
+    wide, own = teacher_proj.weight.shape[0], proj.weight.shape[0]
+    if wide != own:
+        raise TowerInitError(
+            f"key 'student.image_init' is 'teacher': the teacher {teacher_spec} embeds in {wide} dims, the student "
+            f"in {own}, so its projection cannot be inherited; set student.embed_dim={wide}"
+        )
     try:  # strict: a projection of another shape, or with/without a bias, is refused by torch itself
         trunk.load_state_dict(teacher_trunk_module.state_dict(), strict=True)
         proj.load_state_dict(teacher_proj.state_dict(), strict=True)

@@ -64,8 +64,11 @@ class StudentConfigError(UserError, ValueError):
     """An unknown preset or a student config open_clip cannot build."""
 
 
-def student_config(preset: str, *, image_size: int | None = None, **text_overrides: int) -> dict[str, Any]:
-    """A deep copy of a preset's open_clip model config, optionally resized.
+def student_config(
+    preset: str, *, image_size: int | None = None, embed_dim: int | None = None, **text_overrides: int
+) -> dict[str, Any]:
+    """A deep copy of a preset's open_clip model config, optionally resized (``image_size``) and
+    with another shared embedding width (``embed_dim``: both towers' projections change shape).
 
     ``preset`` is a preset name (:data:`PRESETS`) or the path of an open_clip model-config JSON
     file (open_clip's ``model_configs/NAME.json``, or a folder's ``open_clip_config.json``), so an
@@ -74,6 +77,8 @@ def student_config(preset: str, *, image_size: int | None = None, **text_overrid
     config = copy.deepcopy(PRESETS[preset]) if preset in PRESETS else _config_file(preset)
     if image_size is not None:
         config["vision_cfg"]["image_size"] = image_size
+    if embed_dim is not None:
+        config["embed_dim"] = embed_dim
     for key, value in text_overrides.items():
         if key not in config["text_cfg"]:
             raise StudentConfigError(f"unknown text_cfg key {key!r}; known: {', '.join(config['text_cfg'])}")

@@ -192,7 +192,11 @@ def _initial_student(config: TrainConfig) -> OpenCLIPDualEncoder:
         raw = json.loads(path.read_text(encoding="utf-8"))
         student = build_student(raw.get("model_cfg", raw))
     else:
-        student = build_student(student_config(config.student.preset, image_size=config.student.image_size))
+        student = build_student(
+            student_config(
+                config.student.preset, image_size=config.student.image_size, embed_dim=config.student.embed_dim
+            )
+        )
     try:
         apply_tower_init(student, config.student.image_init, config.student.text_init, config.teacher.spec)
     except StudentConfigError as error:
