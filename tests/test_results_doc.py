@@ -139,3 +139,34 @@ def test_repository_docs_match_their_data() -> None:
     result = _run("--check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(f"demo-{name} skipped" in result.stdout for name in ("quick", "full", "big"))
+
+
+def test_frontier_block_lists_every_point_and_what_beats_it(tmp_path: Path) -> None:
+    module = _module()
+    text = "<!-- generated: demo-big-frontier -->\n<!-- end generated -->\n"
+
+    def point(kind: str, name: str, rsum: float, b1: float, b64: float, **extra: object) -> dict:
+        on = {"b1": extra.pop("on_b1", True), "b64": extra.pop("on_b64", True)}
+        return {"kind": kind, "name": name, "rsum": rsum, "onnx_ms": {"b1": b1, "b64": b64}, "on_frontier": on, **extra}
+
+    report = {
+        "preset": "big",
+        "machine": {"cpu": "Some CPU", "cores": 2, "torch": "2.14.1"},
+        "frontier": [
+            point(
+                "student", "clip [lite0@64]", 90.0, 4.0, 1.0, on_b1=False, beaten_by={"b1": "teacher@96", "b64": None}
+            ),
+            point("teacher", "teacher", 200.0, 40.0, 20.0),
+            point("teacher_smaller_input", "teacher@96", 120.0, 3.5, 2.0, on_b64=False),
+        ],
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    new, changed, skipped = module.rewrite(text, tmp_path, {"demo": None, "full": None, "big": path})
+    assert changed == ["demo-big-frontier"] and not skipped
+    rows = [line for line in new.splitlines() if line.startswith("| ") and not line.startswith("| kind")]
+    assert rows == [
+        "| teacher | `teacher` | 200.0 | 40.00 | 20.00 | yes / yes |  |",
+        "| teacher_smaller_input | `teacher@96` | 120.0 | 3.50 | 2.00 | yes / no |  |",
+        "| student | `clip [lite0@64]` | 90.0 | 4.00 | 1.00 | no / yes | teacher@96 / - |",
+    ]
