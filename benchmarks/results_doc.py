@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--demo", type=Path, help="report.json of a quick demo (block demo-quick)")
     parser.add_argument("--full", type=Path, help="report.json of a full-preset demo (block demo-full)")
-    parser.add_argument("--big", type=Path, help="report.json of a big-preset demo (blocks demo-big, demo-big-frontier)")
+    parser.add_argument("--big", type=Path, help="report.json of a big-preset demo (demo-big, demo-big-frontier)")
     parser.add_argument(
         "--doc",
         type=Path,
