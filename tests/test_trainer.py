@@ -92,6 +92,15 @@ def test_the_trainer_records_each_epoch_s_terms(shapes_dataset_dir: Path, tmp_pa
     assert not [s for s in steps if "terms" in s]  # the step log keeps its flat floats
 
 
+def test_importing_clipdistill_asks_mkl_for_alignment_independent_results() -> None:
+    """Exact resume needs it on Intel CPUs: without it MKL's kernels depend on buffer alignment."""
+    import os
+
+    import clipdistill  # noqa: F401  (sets the variable at import)
+
+    assert os.environ.get("MKL_CBWR", "").endswith("STRICT")
+
+
 @pytest.mark.parametrize("student", [None, {"preset": "lite0", "image_size": 32, "frozen_stages": 5}])
 def test_resume_after_interruption_is_bitwise_identical(
     shapes_dataset_dir: Path, tmp_path: Path, tiny_teacher: str, student: dict | None
