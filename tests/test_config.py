@@ -43,10 +43,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("augment.scale=[0.5]", r"key 'augment.scale' must be a list of 2 values"),
         ("data=3", r"key 'data' must be a mapping"),
         ("optim.lr", r"must look like key=value"),
+        ("student.image_size=64", r"key 'student.image_size' \(64\) resizes a preset; .* give their own size"),
+        ("student.embed_dim=768", r"key 'student.embed_dim' \(768\) widens a preset; .* give their own width"),
     ],
 )
 def test_bad_keys_and_types_name_the_key(tmp_path: Path, override: str, message: str) -> None:
-    base = _write(tmp_path / "c.yaml", {"data": {"path": "d"}})
+    base = _write(tmp_path / "c.yaml", {"data": {"path": "d"}, "student": {"model_config": "tiny.json"}})
     with pytest.raises(ConfigError, match=message):
         load_config(base, [override])
 

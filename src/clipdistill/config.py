@@ -94,16 +94,15 @@ class StudentConfig:
     def __post_init__(self) -> None:
         if self.frozen_stages < 0:
             raise ConfigError(f"key 'student.frozen_stages' must be >= 0, got {self.frozen_stages}")
-        if self.image_size is not None and (self.init or self.model_config):
-            raise ConfigError(
-                f"key 'student.image_size' ({self.image_size}) resizes a preset; 'student.init'/'student.model_config' "
-                "give their own size"
-            )
-        if self.embed_dim is not None and (self.init or self.model_config):
-            raise ConfigError(
-                f"key 'student.embed_dim' ({self.embed_dim}) widens a preset; 'student.init'/'student.model_config' "
-                "give their own width"
-            )
+        for key, value, verb, what in (
+            ("image_size", self.image_size, "resizes", "size"),
+            ("embed_dim", self.embed_dim, "widens", "width"),
+        ):
+            if value is not None and (self.init or self.model_config):
+                raise ConfigError(
+                    f"key 'student.{key}' ({value}) {verb} a preset; 'student.init'/'student.model_config' "
+                    f"give their own {what}"
+                )
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ConfigError(f"key 'student.embed_dim' must be >= 1, got {self.embed_dim}")
         if self.image_size is not None and self.image_size < 16:
