@@ -47,6 +47,7 @@ def test_print_config_resolves_preset_flags_and_set_in_order() -> None:
     assert _print_config("--preset", "full")["seeds"] == 3
     big = _print_config("--preset", "big")  # a ladder of two sizes under the mpnet teacher
     assert big["teacher"]["spec"] == "lit:efficientnet-lite0+mpnet" and big["seeds"] == 3
+    assert big["teacher"]["text_proj"] == "linear"  # the map that lifts the mpnet teacher above `full`'s
     assert big["students"] == [{"image_size": 64}, {"image_size": 96}] and big["methods"] == [
         "clip",
         "clipkd",

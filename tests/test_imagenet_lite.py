@@ -194,3 +194,21 @@ def test_the_presets_train_the_teacher_that_teacher_train_trains() -> None:
         and scratch.model.frozen_stages == 0
         and not scratch.model.image_pretrained
     )
+
+
+def test_a_run_sets_its_teachers_text_projection() -> None:
+    """`teacher.text_proj` reaches the LiT teacher a run trains, with the run's budget; a value
+    the teacher cannot build is refused when the config is read, naming the key."""
+    from dataclasses import replace
+
+    from clipdistill.config import ConfigError
+    from clipdistill.run_config import RunTeacherConfig
+    from clipdistill.train.lit import run_teacher_train_config
+
+    base = RunTeacherConfig(spec="lit:efficientnet-lite0+mpnet")
+    assert run_teacher_train_config(base).model.text_proj == "none"
+    linear = run_teacher_train_config(replace(base, text_proj="linear", epochs=20), decode_size=128)
+    assert (linear.model.text_proj, linear.model.embed_dim, linear.model.text_model) == ("linear", 768, "mpnet")
+    assert (linear.epochs, linear.decode_size, linear.model.frozen_stages) == (20, 128, 5)
+    with pytest.raises(ConfigError, match=r"key 'teacher.text_proj' must be none or linear, got 'mlp'"):
+        RunTeacherConfig(text_proj="mlp")

@@ -119,10 +119,8 @@ def trains_teacher(spec: str) -> bool:
 
 
 def _teacher(out: Path, dataset: Any, config: RunConfig, rows: EncodingMemo) -> str:
-    from dataclasses import replace
-
     from clipdistill.models.lit import MODEL_FILE
-    from clipdistill.train.lit import teacher_train_config, train_lit_teacher
+    from clipdistill.train.lit import run_teacher_train_config, train_lit_teacher
 
     teacher = config.teacher
     if not trains_teacher(teacher.spec):
@@ -133,13 +131,8 @@ def _teacher(out: Path, dataset: Any, config: RunConfig, rows: EncodingMemo) -> 
         f"teacher ({teacher.spec}, trained on the data)",
         (teacher_dir / MODEL_FILE).is_file() and (teacher_dir / "train_summary.json").is_file(),
     ):
-        budget = {"epochs": teacher.epochs, "lr": teacher.lr}
-        train_config = replace(
-            teacher_train_config(teacher.spec, teacher.frozen_stages),
-            max_seconds=teacher.max_seconds,
-            decode_size=config.cache.image_size,  # the cache's pixels: its frozen rows are reused (EncodingMemo)
-            **{key: value for key, value in budget.items() if value is not None},
-        )
+        # decoded at the cache's size: its frozen rows serve the later stages (EncodingMemo)
+        train_config = run_teacher_train_config(teacher, decode_size=config.cache.image_size)
         train_lit_teacher(dataset, teacher_dir, train_config, encoding_memo=rows)
     return f"run:{teacher_dir}"
 

@@ -75,7 +75,14 @@ class RunTeacherConfig:
     epochs: int | None = None
     lr: float | None = None
     frozen_stages: int | None = None
+    # ``linear``: a trainable map on the frozen text tower's sentence features (LiTConfig.text_proj);
+    # ``none`` keeps the tower's own space. ``None`` = the architecture's default (``none``).
+    text_proj: str | None = None
     max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.text_proj not in (None, "none", "linear"):
+            raise ConfigError(f"key 'teacher.text_proj' must be none or linear, got {self.text_proj!r}")
 
 
 @dataclass(frozen=True)

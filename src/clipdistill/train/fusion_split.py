@@ -3,7 +3,9 @@
 The dual teacher is frozen, so its token features for every training image (x k replayed
 augmentations) and every distinct caption are computed once; each training step then reads the
 rows it needs. With the LiT teacher's encoding memo the image token rows stay in the memo (most
-on disk) and only their keys are held here.
+on disk) and only their keys are held here; every other per-row tensor (another teacher's image
+tokens, the frozen patch projections, the captions' token states) is kept on disk too
+(:class:`SpilledRows`), so the stage's memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from clipdistill.data.dataset import PairedDataset
 from clipdistill.data.images import load_image_tensor, to_unit
 from clipdistill.models.base import DualEncoder
 from clipdistill.models.fusion import FusionEncoder, pad_texts
+from clipdistill.models.row_spill import RowSpill
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,38 @@ class Augmentation:
     seed: int
     scale: Sequence[float]
     max_shift: float
+
+
+class SpilledRows:
+    """A split's per-row tensors on disk (one unlinked temporary file, models/row_spill.py), read
+    back by position with the same bits. Held in memory, the fusion stage's rows grew with the
+    images: the patch projections and the captions' token states took 2.5 GB of the stage's
+    7.0 GiB at 14,520 images (docs/results.md, "Memory, disk and time against the number of
+    images"). A batch's rows come back from the page cache at the cost of a copy."""
+
+    def __init__(self) -> None:
+        self._spill = RowSpill()
+        self._count = 0
+
+    def put(self, index: int, row: torch.Tensor) -> None:
+        """Keep ``row`` as row ``index`` (rows may come in any order)."""
+        self._spill.write(index.to_bytes(8, "little"), row)
+        self._count = max(self._count, index + 1)
+
+    def append(self, row: torch.Tensor) -> None:
+        self.put(self._count, row)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def read(self, picked: Sequence[int]) -> list[torch.Tensor]:
+        rows = []
+        for index in picked:
+            row = self._spill.read(int(index).to_bytes(8, "little")) if 0 <= index < self._count else None
+            if row is None:
+                raise IndexError(f"row {index} of {self._count} spilled rows")
+            rows.append(row)
+        return rows
 
 
 class TokenRows:
@@ -42,8 +77,9 @@ class TokenRows:
         self.device = device
 
     @classmethod
-    def held(cls, rows: list[torch.Tensor], device: torch.device) -> TokenRows:
-        return cls(len(rows), lambda picked: [rows[i] for i in picked], device)
+    def spilled(cls, rows: SpilledRows, device: torch.device) -> TokenRows:
+        """Rows kept on disk by ``rows`` (a teacher without the LiT memo; the patch projections)."""
+        return cls(len(rows), rows.read, device)
 
     @classmethod
     def memoised(
@@ -65,32 +101,34 @@ class EncodedSplit:
     """The frozen dual teacher's raw outputs for one split, computed once.
 
     Image rows are image-major (row = image · k + augmentation); captions are deduplicated by
-    text (``caption_text[j]`` is caption j's distinct-text index), and their token features are
-    stored ragged (``text_hidden[offsets[u]:offsets[u+1]]``) since most captions are short."""
+    text (``caption_text[j]`` is caption j's distinct-text index), and each distinct text's token
+    features are one row of ``text_hidden`` as long as its tokens, since most captions are short."""
 
     image_tokens: TokenRows  # rows of (N, C)
     image_global: torch.Tensor  # (rows, D)
     texts: list[str]
-    text_hidden: torch.Tensor  # (total tokens, C_text)
-    offsets: torch.Tensor  # (distinct texts + 1,)
+    text_hidden: SpilledRows  # one (L_u, C_text) row per distinct text
     text_global: torch.Tensor  # (distinct texts, D)
     caption_text: torch.Tensor  # (captions,)
     text_to_image: torch.Tensor  # (captions,)
     k: int
-    image_patches: torch.Tensor | None = None  # (rows, N, D): the frozen patch_proj of image_tokens, once
+    image_patches: TokenRows | None = None  # rows of (N, D): the frozen patch_proj of image_tokens, once
 
     def add_patches(self, encoder: FusionEncoder, chunk: int = 256) -> None:
         """Compute the encoder's frozen ``patch_proj`` of every image row once (``match="pool"``)."""
         if encoder.config.match == "pool":
+            patches = SpilledRows()
             with torch.no_grad():
                 tokens = self.image_tokens
-                self.image_patches = torch.cat(
-                    [encoder.patch_proj(tokens[i : i + chunk]) for i in range(0, len(tokens), chunk)]
-                )
+                for start in range(0, len(tokens), chunk):
+                    for row in encoder.patch_proj(tokens[start : start + chunk]):
+                        patches.append(row)
+            self.image_patches = TokenRows.spilled(patches, self.image_global.device)
 
     def text_batch(self, distinct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        starts, stops = self.offsets[distinct].tolist(), self.offsets[distinct + 1].tolist()
-        return pad_texts([self.text_hidden[a:b] for a, b in zip(starts, stops, strict=True)])
+        hidden, mask = pad_texts(self.text_hidden.read(distinct.tolist()))
+        device = self.image_global.device
+        return hidden.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -108,7 +146,7 @@ def encode_split(
     device = next(dual.parameters()).device
     image_ids = [record.image_id for record in split.images]
     pixels = load_image_tensor(split.image_paths(), image_size, progress=progress)
-    token_rows: list[torch.Tensor] = []
+    token_rows = SpilledRows()
     token_keys: list[bytes] = []
     keys_of = getattr(dual, "image_token_keys", None)  # the LiT teacher's: rows kept by its memo
     image_global = []
@@ -130,34 +168,32 @@ def encode_split(
         if keys is not None:
             token_keys += keys
         else:
-            token_rows += dual.encode_image_tokens(prepared).unbind(0)  # type: ignore[attr-defined]
+            for row in dual.encode_image_tokens(prepared):  # type: ignore[attr-defined]
+                token_rows.append(row)
         image_global.append(dual.encode_image(prepared))
 
     captions = split.texts()
     distinct = list(dict.fromkeys(captions))
     where = {text: u for u, text in enumerate(distinct)}
     by_length = sorted(range(len(distinct)), key=lambda u: len(distinct[u]))  # little padding per batch
-    hidden_rows: list[torch.Tensor] = [torch.empty(0)] * len(distinct)
+    text_hidden = SpilledRows()
     text_global = torch.empty(len(distinct), dual.embed_dim, device=device)
     for start in range(0, len(by_length), step):
         chunk = by_length[start : start + step]
         ids = dual.tokenize([distinct[u] for u in chunk]).to(device)
         embedding, hidden, mask = dual.encode_text_and_tokens(ids)  # type: ignore[attr-defined]
         text_global[chunk] = embedding
-        for row, u in enumerate(chunk):  # a copy: a view would keep the whole padded batch alive
-            hidden_rows[u] = hidden[row, : int(mask[row].sum())].clone()
-    lengths = torch.tensor([len(row) for row in hidden_rows])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(device)
+        for row, u in enumerate(chunk):
+            text_hidden.put(u, hidden[row, : int(mask[row].sum())])
     return EncodedSplit(
         image_tokens=(
             TokenRows.memoised(token_keys, dual.image_tokens_reader(), device)  # type: ignore[attr-defined]
             if token_keys
-            else TokenRows.held(token_rows, device)
+            else TokenRows.spilled(token_rows, device)
         ),
         image_global=torch.cat(image_global),
         texts=distinct,
-        text_hidden=torch.cat(hidden_rows),
-        offsets=offsets,
+        text_hidden=text_hidden,
         text_global=text_global,
         caption_text=torch.tensor([where[text] for text in captions], device=device),
         text_to_image=torch.tensor(split.text_to_image(), device=device),

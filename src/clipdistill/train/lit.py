@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from clipdistill.models.encoding_memo import EncodingMemo, attach_encoding_memo
 from clipdistill.models.lit import LiTConfig, LiTModel
 from clipdistill.models.trunk_split import stack_rows
 from clipdistill.train.schedule import AdamWSettings, build_optimizer, seed_everything, update
+
+if TYPE_CHECKING:
+    from clipdistill.run_config import RunTeacherConfig
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,22 @@ def teacher_train_config(spec: str, frozen_stages: int | None = None) -> Teacher
     if parsed.schema == "lit" and split_lit_spec(parsed.name)[0] in LITE_VARIANTS:
         return pretrained_teacher_config(spec, DEFAULT_FROZEN_STAGES if frozen_stages is None else frozen_stages)
     return TeacherTrainConfig(model=_lit_model_config(spec, frozen_stages or 0))
+
+
+def run_teacher_train_config(teacher: RunTeacherConfig, decode_size: int | None = None) -> TeacherTrainConfig:
+    """How a ``clipdistill distill``/``demo`` run trains its ``lit:`` teacher: the defaults of
+    :func:`teacher_train_config` for the spec, with the run's ``teacher.*`` keys that are set,
+    so a preset and ``teacher train`` with the same options train the same teacher."""
+    defaults = teacher_train_config(teacher.spec, teacher.frozen_stages)
+    model = defaults.model if teacher.text_proj is None else replace(defaults.model, text_proj=teacher.text_proj)
+    budget = {"epochs": teacher.epochs, "lr": teacher.lr}
+    return replace(
+        defaults,
+        model=model,
+        max_seconds=teacher.max_seconds,
+        decode_size=decode_size,
+        **{key: value for key, value in budget.items() if value is not None},
+    )
 
 
 @torch.no_grad()
