@@ -86,8 +86,9 @@ def get_text_tower(key: str) -> TextTower:
 @dataclass(frozen=True)
 class LiTConfig:
     """Architecture of the LiT teacher. ``text_proj='none'`` keeps the text tower's space
-    untouched (best zero-shot transfer; ``embed_dim`` is then the tower's width); ``'linear'``
-    adds a trainable map from the tower's width into ``embed_dim``."""
+    untouched (LiT's locked-text recipe; ``embed_dim`` is then the tower's width); ``'linear'``
+    adds a trainable map from the tower's width into ``embed_dim``, which scored higher with
+    MPNet on the emoji set's unseen concepts (docs/results.md, "Teacher")."""
 
     # the scratch trunk: best recall per CPU-second of the timm trunks compared (docs/results.md, "Teacher")
     image_model: str = "resnet10t"
