@@ -34,10 +34,11 @@ class Augmentation:
 
 class SpilledRows:
     """A split's per-row tensors on disk (one unlinked temporary file, models/row_spill.py), read
-    back by position with the same bits. Held in memory, the fusion stage's rows grew with the
-    images: the patch projections and the captions' token states took 2.5 GB of the stage's
-    7.0 GiB at 14,520 images (docs/results.md, "Memory, disk and time against the number of
-    images"). A batch's rows come back from the page cache at the cost of a copy."""
+    back by position with the same bits. Held in memory, the patch projections and the captions'
+    token states made the fusion stage grow with the images: on 7,260 images it peaked at 4.5 GiB
+    with them in memory and 3.6 GiB with them here (docs/results.md, "Memory, disk and time
+    against the number of images"). A batch's rows come back from the page cache at the cost of a
+    copy."""
 
     def __init__(self) -> None:
         self._spill = RowSpill()
